@@ -1,0 +1,127 @@
+"""Build the embedded default model (version `base`) from nothing, offline, in a few minutes on 2 cores.
+
+LLaVA's own recipe, shrunk: (0) a tokenizer trained on the task texts, (1) a vision encoder pre-trained on
+its own (here: auxiliary classification of the synthetic scenes, standing in for CLIP's pre-training;
+end-to-end training from scratch never learns shapes at this size), then frozen, (2) projector + language
+model trained on the base mixture (captioning + simple QA = alignment + instruction tuning), run as an
+ordinary `seq` stage through the same tuner every other stage uses. Deterministic for a seed.
+"""
+from __future__ import annotations
+
+import random
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from . import coin_mini
+from .model import TinySpec, build_model, build_processor, count_parameters, save_pretrained, train_tokenizer
+from .paths import llaca_home
+from .versions import Registry, Version
+
+VISION_STEPS = 600
+VISION_BATCH = 64
+BASE_STEPS = 900
+BASE_BATCH = 32
+BASE_LR = 3e-3
+
+
+def pretrain_vision(model, processor, steps: int, seed: int, on_event=None) -> float:
+    """Train the CLIP tower + linear heads on `coin_mini.aux_batch` labels; return final head accuracy."""
+    vision = model.model.vision_tower
+    n_tokens = (processor.image_processor.size["height"] // model.config.vision_config.patch_size) ** 2
+    width = model.config.vision_config.hidden_size
+    torch.manual_seed(seed)
+    heads = torch.nn.ModuleDict({k: torch.nn.Linear(n_tokens * width, n) for k, n in coin_mini.AUX_HEADS.items()})
+    params = list(vision.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
+    rng = random.Random(seed)
+    vision.train()
+    acc = 0.0
+    for step in tqdm(range(steps), desc="vision pre-training", leave=False):
+        images, labels = coin_mini.aux_batch(rng, VISION_BATCH)
+        pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
+        # The features LLaVA reads: last hidden layer, CLS dropped ("default" strategy).
+        feats = vision(pixels, output_hidden_states=True).hidden_states[-1][:, 1:].flatten(1)
+        logits = {k: h(feats) for k, h in heads.items()}
+        loss = sum(torch.nn.functional.cross_entropy(logits[k], labels[k]) for k in heads)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if step >= steps - 20:  # mean head accuracy over the last batches
+            acc += sum((logits[k].argmax(-1) == labels[k]).float().mean().item() for k in heads) / len(heads) / 20
+        if on_event and step % 10 == 0:
+            on_event({"type": "step", "phase": "vision", "step": step + 1, "total_steps": steps, "loss": loss.item()})
+    vision.eval()
+    return acc * 100
+
+
+def build_base(registry: Registry | None = None, seed: int = 0, spec: TinySpec = TinySpec(),
+               vision_steps: int = VISION_STEPS, base_steps: int = BASE_STEPS, n_train: int = 6000,
+               n_test: int = 150, on_event=None, version_id: str = "base") -> Version:
+    """Build the base model and register it as `version_id` (default `base`)."""
+    from .tuner import StageConfig, run_stage
+
+    registry = registry or Registry()
+    t0 = time.time()
+    torch.manual_seed(seed)
+    data_root = registry.home / "datasets" / f"base-mixture-seed{seed}"
+    if not (data_root / "base" / "test" / "data.json").is_file():
+        coin_mini.write_base_mixture(data_root, seed=seed, n_train=n_train, n_test=n_test)
+    tokenizer = train_tokenizer(coin_mini.all_texts(seed) + ["USER: ASSISTANT:"], spec.vocab_size)
+    processor = build_processor(tokenizer, spec)
+    model = build_model(processor, spec, seed=seed)
+    vision_acc = pretrain_vision(model, processor, vision_steps, seed, on_event)
+    t_vision = time.time() - t0
+
+    # Stage the initial model in a scratch registry, learn the base mixture as a seq stage, then publish.
+    with tempfile.TemporaryDirectory(dir=registry.home, prefix=".build-") as scratch:
+        scratch_reg = Registry(scratch)
+        scratch_reg.create({"name": "init", "parent": None, "weights": "full"},
+                           lambda tmp: save_pretrained(model, processor, tmp / "model"), version_id="init")
+        cfg = StageConfig(data=str(data_root / "base" / "train"), method="seq", parent="init", lr=BASE_LR,
+                          batch_size=BASE_BATCH, max_steps=base_steps, warmup_ratio=0.05, seed=seed,
+                          checkpoint_every=0, name="base")
+        built = run_stage(cfg, scratch_reg, on_event=on_event)
+        meta = {k: v for k, v in built.meta.items() if k not in ("id", "created")}
+        test = meta["metrics"].get("test", {})
+        meta.update(
+            parent=None,
+            method="pretrain",
+            metrics={**meta["metrics"], "base_accuracy": next(iter(test.values()), {}).get("accuracy"),
+                     "vision_aux_accuracy": round(vision_acc, 2)},
+            build={"seed": seed, "vision_steps": vision_steps, "base_steps": base_steps, "seconds": round(time.time() - t0, 1),
+                   "vision_seconds": round(t_vision, 1), "parameters": count_parameters(model), "spec": spec.__dict__},
+        )
+
+        def write(tmp: Path):
+            for item in built.path.iterdir():
+                if item.name != "meta.json":
+                    shutil.move(str(item), tmp / item.name)
+
+        return registry.create(meta, write, version_id=version_id)
+
+
+def ensure_base(registry: Registry | None = None, on_event=None) -> Version:
+    """The base version: already registered, else copied from a shipped `assets/base`, else built."""
+    from .paths import ASSETS_DIR
+
+    registry = registry or Registry()
+    if registry.exists("base"):
+        return registry.get("base")
+    shipped = ASSETS_DIR / "base"
+    if (shipped / "meta.json").is_file():
+        import json
+
+        meta = json.loads((shipped / "meta.json").read_text())
+        meta.pop("id", None)
+        return registry.create(meta, lambda tmp: shutil.copytree(shipped / "model", tmp / "model"), version_id="base")
+    with registry.lock("build-base"):
+        if registry.exists("base"):  # another process built it while we waited
+            return registry.get("base")
+        return build_base(registry, on_event=on_event)

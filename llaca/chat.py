@@ -1,0 +1,83 @@
+"""Chat with a version: multi-turn, one image, streamed tokens (transformers' TextIteratorStreamer).
+
+This is the model-worker side of LLaVA's serve/ split: the UI passes plain text, an image and settings,
+and gets strings back; it never touches tensors.
+"""
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+
+import torch
+from PIL import Image
+from transformers import TextIteratorStreamer
+
+from .data import load_image, to_messages
+
+
+def _prepare(processor, image: Image.Image, history: list[tuple[str, str]], question: str):
+    turns = list(history) + [(question, None)]
+    prompt = processor.apply_chat_template(to_messages(turns, with_image=image is not None), add_generation_prompt=True)
+    kwargs = {"text": [prompt], "return_tensors": "pt"}
+    if image is not None:
+        kwargs["images"] = [image.convert("RGB")]
+    return processor(**kwargs)
+
+
+def _generation_kwargs(processor, max_new_tokens: int, temperature: float) -> dict:
+    kw = {"max_new_tokens": max_new_tokens, "pad_token_id": processor.tokenizer.pad_token_id}
+    if temperature and temperature > 0:
+        kw.update(do_sample=True, temperature=temperature, top_p=0.95)
+    else:
+        kw.update(do_sample=False)
+    return kw
+
+
+def stream_answer(model, processor, image: Image.Image | None, question: str, history=(), max_new_tokens: int = 64,
+                  temperature: float = 0.0, stop_event: threading.Event | None = None) -> Iterator[str]:
+    """Yield the answer as it grows (cumulative text), token by token."""
+    inputs = _prepare(processor, image, history, question).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
+    kwargs = dict(**inputs, streamer=streamer, **_generation_kwargs(processor, max_new_tokens, temperature))
+    if stop_event is not None:
+        from transformers import StoppingCriteria, StoppingCriteriaList
+
+        class _Stop(StoppingCriteria):
+            def __call__(self, input_ids, scores, **_):
+                return stop_event.is_set()
+
+        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
+    errors: list[BaseException] = []
+
+    def run():
+        try:
+            with torch.inference_mode():
+                model.generate(**kwargs)
+        except BaseException as e:  # surface worker errors in the caller's thread
+            errors.append(e)
+            streamer.end()
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    text = ""
+    for piece in streamer:
+        text += piece
+        yield text.strip()
+    thread.join()
+    if errors:
+        raise errors[0]
+
+
+@torch.inference_mode()
+def answer_once(model, processor, image, question: str, history=(), max_new_tokens: int = 64,
+                temperature: float = 0.0) -> str:
+    """Non-streaming answer (CLI, evaluation of one sample)."""
+    if isinstance(image, (str, bytes)) or hasattr(image, "__fspath__"):
+        image = load_image(image)
+    inputs = _prepare(processor, image, history, question).to(model.device)
+    if "pixel_values" in inputs:
+        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
+    out = model.generate(**inputs, **_generation_kwargs(processor, max_new_tokens, temperature))
+    return processor.tokenizer.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()

@@ -1,0 +1,238 @@
+"""`python -m llaca ...`: build the base model, learn stages, list versions, ask, evaluate, make CoIN-mini.
+
+Bad input exits with status 2 and one line `error: <what and where>`, never a traceback
+(set LLACA_DEBUG=1 to see one).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def _progress_printer(desc: str):
+    """A tqdm bar fed by the tuner's events (steps, loss, alpha)."""
+    from tqdm.auto import tqdm
+
+    state = {"bar": None, "phase": None}
+
+    def on_event(event: dict):
+        kind = event.get("type")
+        if kind in ("start", "step"):
+            phase = event.get("phase", "stage")
+            if state["bar"] is None or state["phase"] != phase:
+                if state["bar"] is not None:
+                    state["bar"].close()
+                state["bar"] = tqdm(total=event["total_steps"], desc=f"{desc} [{phase}]", unit="step",
+                                    initial=event.get("step", 0), file=sys.stderr)
+                state["phase"] = phase
+            if kind == "step":
+                bar = state["bar"]
+                bar.update(event["step"] - bar.n)
+                post = {"loss": f"{event['loss']:.3f}"}
+                if "alpha_mean" in event:
+                    post["alpha"] = f"{event['alpha_mean']:.3g}"
+                bar.set_postfix(post)
+        elif kind == "eval":
+            print(f"  eval {event['dataset']}: {event['accuracy']:.1f}%", file=sys.stderr)
+        elif kind == "start" and event.get("resumed"):
+            print(f"  resuming from step {event['step']}", file=sys.stderr)
+
+    return on_event
+
+
+def cmd_build_base(args) -> int:
+    from .base_build import build_base
+    from .versions import Registry
+
+    registry = Registry()
+    if registry.exists("base") and not args.force:
+        print("base already exists (use --force to rebuild it as a new version id 'base-<seed>')", file=sys.stderr)
+        print("base")
+        return 0
+    vid = "base" if not registry.exists("base") else f"base-{args.seed}-{int(time.time())}"
+    v = build_base(registry, seed=args.seed, on_event=_progress_printer("build-base"), version_id=vid)
+    b = v.meta["build"]
+    print(f"parameters {b['parameters']:,}  build {b['seconds']:.0f}s  base-task accuracy "
+          f"{v.meta['metrics']['base_accuracy']}%", file=sys.stderr)
+    print(v.id)
+    return 0
+
+
+def _registry_with_base():
+    from .base_build import ensure_base
+    from .versions import Registry
+
+    registry = Registry()
+    ensure_base(registry, on_event=_progress_printer("build-base"))
+    return registry
+
+
+def cmd_learn(args) -> int:
+    from .tuner import StageConfig, run_stage
+
+    registry = _registry_with_base()
+    rule_hparams = {}
+    if args.beta is not None:
+        rule_hparams["beta"] = args.beta
+    if args.scale is not None:
+        rule_hparams["scale"] = args.scale
+    if args.alpha_fallback is not None:
+        rule_hparams["alpha_fallback"] = args.alpha_fallback
+    if args.replay_fraction is not None:
+        rule_hparams["fraction"] = args.replay_fraction
+    cfg = StageConfig(data=args.data, method=args.method, parent=args.from_version, name=args.name,
+                      epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, seed=args.seed, lora=args.lora, rule_hparams=rule_hparams,
+                      evaluate_after=not args.no_eval)
+    version = run_stage(cfg, registry, on_event=_progress_printer(f"learn {args.method}"))
+    if version is not None:  # None on non-main ranks under accelerate launch
+        print(version.id)
+    return 0
+
+
+def cmd_versions(args) -> int:
+    from .versions import Registry
+
+    versions = Registry().list()
+    if args.json:
+        print(json.dumps([v.meta | {"id": v.id} for v in versions], indent=1))
+        return 0
+    if not versions:
+        print("no versions yet (python -m llaca build-base)")
+    for v in versions:
+        stage = v.meta.get("stage", {}).get("name", "-")
+        test = v.meta.get("metrics", {}).get("test", {})
+        accs = " ".join(f"{k}={d['accuracy']:.0f}" for k, d in test.items())
+        created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created))
+        print(f"{v.id:10s} {v.name[:16]:16s} parent={v.parent or '-':8s} {v.meta.get('method', '-'):8s} "
+              f"{stage[:22]:22s} {created}  {accs}")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from .chat import answer_once
+    from .versions import load_version
+
+    registry = _registry_with_base()
+    model, processor = load_version(registry, args.version)
+    print(answer_once(model, processor, args.image, args.question, max_new_tokens=args.max_new_tokens))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .data import load_instruction_set
+    from .evaluate import evaluate
+    from .versions import load_version
+
+    registry = _registry_with_base()
+    dataset = load_instruction_set(args.data)
+    version = registry.get(args.version)
+    model, processor = load_version(registry, version.id)
+    result = evaluate(model, processor, dataset, limit=args.limit, progress=True)
+    if args.json:
+        print(json.dumps({"version": version.id, **result.as_dict()}))
+    else:
+        print(f"{version.id} on {result.dataset}: {result.accuracy:.2f}% of {result.n}")
+    return 0
+
+
+def cmd_coin_mini(args) -> int:
+    from . import coin_mini
+
+    paths = coin_mini.write_coin_mini(args.out_dir, seed=args.seed, n_train=args.n_train, n_test=args.n_test)
+    for p in paths:
+        print(p)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from .rules import RULES
+
+    p = argparse.ArgumentParser(prog="python -m llaca", description="LLaCA Studio: continual instruction tuning of LLaVA")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    s = sub.add_parser("build-base", help="build the embedded default model (version 'base')")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--force", action="store_true", help="build again even if 'base' exists")
+    s.set_defaults(func=cmd_build_base)
+
+    s = sub.add_parser("learn", help="learn an instruction set as a new stage -> new version")
+    s.add_argument("data", help="instruction set: folder, .json/.jsonl or .zip (LLaVA conversation format)")
+    s.add_argument("--method", choices=RULES, default="llaca")
+    s.add_argument("--from", dest="from_version", default=None, help="parent version (default: newest)")
+    s.add_argument("--name", default=None)
+    s.add_argument("--epochs", type=float, default=1.0)
+    s.add_argument("--max-steps", type=int, default=None)
+    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--grad-accum", type=int, default=1)
+    s.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + projector instead of full weights")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--beta", type=float, default=None, help="ema: weight on the past (default 0.99)")
+    s.add_argument("--scale", type=float, default=None, help="llaca: the constant in alpha (default 2.0)")
+    s.add_argument("--alpha-fallback", type=float, default=None, help="llaca: alpha when out of (0,1) (default 0.01)")
+    s.add_argument("--replay-fraction", type=float, default=None, help="replay: extra earlier samples (default 0.2)")
+    s.add_argument("--no-eval", action="store_true", help="skip the automatic evaluation after the stage")
+    s.set_defaults(func=cmd_learn)
+
+    s = sub.add_parser("versions", help="list versions")
+    s.add_argument("--json", action="store_true")
+    s.set_defaults(func=cmd_versions)
+
+    s = sub.add_parser("ask", help="answer a question about an image")
+    s.add_argument("version", nargs="?", default=None, help="version id or name (default: newest)")
+    s.add_argument("image")
+    s.add_argument("question")
+    s.add_argument("--max-new-tokens", type=int, default=32)
+    s.set_defaults(func=cmd_ask)
+
+    s = sub.add_parser("eval", help="accuracy of a version on an instruction set (its answers are the gold)")
+    s.add_argument("version", nargs="?", default=None)
+    s.add_argument("data")
+    s.add_argument("--json", action="store_true")
+    s.add_argument("--limit", type=int, default=None)
+    s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("coin-mini", help="write the CoIN-mini task folders (train/test each)")
+    s.add_argument("out_dir")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--n-train", type=int, default=1500)
+    s.add_argument("--n-test", type=int, default=100)
+    s.set_defaults(func=cmd_coin_mini)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    # `ask IMAGE QUESTION` without a version: shift the positionals.
+    if len(argv) >= 1 and argv[0] == "ask":
+        positional = [a for a in argv[1:] if not a.startswith("--")]
+        if len(positional) == 2:
+            argv = ["ask", "latest"] + argv[1:]
+    args = build_parser().parse_args(argv)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        print("error: interrupted (a stage resumes from its last checkpoint when run again)", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - one clear line for the user, traceback on request
+        if os.environ.get("LLACA_DEBUG"):
+            raise
+        from .data import InvalidDataset
+        from .versions import VersionError
+
+        if isinstance(e, (InvalidDataset, VersionError, ValueError, FileNotFoundError, PermissionError, OSError)):
+            print(f"error: {e}", file=sys.stderr)
+            if isinstance(e, InvalidDataset):
+                for problem in e.problems[1:20]:
+                    print(f"  {problem}", file=sys.stderr)
+            return 2
+        print(f"error: {type(e).__name__}: {e} (LLACA_DEBUG=1 shows the traceback)", file=sys.stderr)
+        return 1

@@ -1,0 +1,540 @@
+"""Instruction sets: the LLaVA conversation format, its validator, and the training encoding.
+
+An instruction set is a folder (or a `.zip` of one) holding one `*.json` (a list of records) or `*.jsonl`
+(one record per line) plus the images it names by relative path:
+
+    {"id": "x1", "image": "images/1.png",
+     "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}
+
+`load_instruction_set` validates everything first and raises `InvalidDataset` listing every problem with
+file, record and field; nothing trains on a set that fails validation.
+"""
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import stat
+import zipfile
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from .paths import llaca_home
+
+IMAGE_TOKEN = "<image>"
+HUMAN_ROLES = {"human", "user"}
+GPT_ROLES = {"gpt", "assistant"}
+
+
+@dataclasses.dataclass
+class Limits:
+    """Caps on what an upload may hold (documented in README; override per call)."""
+
+    max_records: int = 200_000
+    max_text_chars: int = 4_000  # per turn
+    max_tokens: int = 256  # per record, after image-token expansion (checked when a processor is given)
+    max_image_pixels: int = 4096 * 4096  # decompression-bomb guard
+    max_image_bytes: int = 20 * 2**20
+    max_zip_bytes: int = 2 * 2**30  # total uncompressed
+    max_zip_ratio: float = 200.0  # uncompressed / compressed, per member
+    max_zip_members: int = 300_000
+    max_problems: int = 200  # the report lists this many, then counts the rest
+
+
+@dataclasses.dataclass
+class Problem:
+    file: str
+    message: str
+    index: int | None = None  # record index (0-based) or, for JSONL, line number (1-based)
+    record_id: str | None = None
+    field: str | None = None
+    line: int | None = None
+
+    def __str__(self) -> str:
+        where = [self.file]
+        if self.line is not None:
+            where.append(f"line {self.line}")
+        if self.index is not None:
+            where.append(f"record {self.index}" + (f" (id {self.record_id!r})" if self.record_id else ""))
+        if self.field:
+            where.append(f"field '{self.field}'")
+        return ", ".join(where) + ": " + self.message
+
+
+class InvalidDataset(ValueError):
+    def __init__(self, problems: list[Problem], total: int | None = None):
+        self.problems = problems
+        self.total = total if total is not None else len(problems)
+        head = str(problems[0]) if problems else "invalid instruction set"
+        extra = f" (and {self.total - 1} more problem(s))" if self.total > 1 else ""
+        super().__init__(head + extra)
+
+
+@dataclasses.dataclass
+class Record:
+    id: str
+    image: Path
+    turns: list[tuple[str, str]]  # (question without the <image> token, answer)
+
+    @property
+    def question(self) -> str:
+        return self.turns[0][0]
+
+    @property
+    def answer(self) -> str:
+        return self.turns[0][1]
+
+
+@dataclasses.dataclass
+class InstructionSet:
+    name: str
+    root: Path
+    data_file: Path
+    records: list[Record]
+    sha256: str
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+
+@dataclasses.dataclass
+class ValidationReport:
+    name: str
+    records: list[Record]
+    problems: list[Problem]
+    total_problems: int
+    data_file: Path | None
+
+    @property
+    def ok(self) -> bool:
+        return self.total_problems == 0 and bool(self.records)
+
+
+# --------------------------------------------------------------------------------------------- locate
+
+def _safe_extract_zip(zip_path: Path, limits: Limits) -> Path:
+    """Extract an uploaded zip into `$LLACA_HOME/uploads/<sha>`, refusing traversal, links and bombs."""
+    digest = _sha256_file(zip_path)
+    dest = llaca_home() / "uploads" / digest[:16]
+    if dest.exists():
+        return dest
+    try:
+        zf = zipfile.ZipFile(zip_path)
+    except (zipfile.BadZipFile, OSError) as e:
+        raise InvalidDataset([Problem(zip_path.name, f"not a readable zip file ({e})")]) from None
+    with zf:
+        members = zf.infolist()
+        if len(members) > limits.max_zip_members:
+            raise InvalidDataset([Problem(zip_path.name, f"{len(members)} entries, over the limit of {limits.max_zip_members}")])
+        total = 0
+        for m in members:
+            name = m.filename
+            mode = m.external_attr >> 16
+            if stat.S_ISLNK(mode):
+                raise InvalidDataset([Problem(zip_path.name, f"entry {name!r} is a symbolic link; links are not allowed")])
+            parts = Path(name).parts
+            if name.startswith(("/", "\\")) or ".." in parts or (parts and ":" in parts[0]):
+                raise InvalidDataset([Problem(zip_path.name, f"entry {name!r} points outside the archive")])
+            total += m.file_size
+            if total > limits.max_zip_bytes:
+                raise InvalidDataset([Problem(zip_path.name, f"expands to over {limits.max_zip_bytes} bytes (zip bomb guard)")])
+            if m.compress_size and m.file_size / m.compress_size > limits.max_zip_ratio and m.file_size > 2**20:
+                raise InvalidDataset([Problem(zip_path.name, f"entry {name!r} expands {m.file_size / m.compress_size:.0f}x (zip bomb guard)")])
+        tmp = dest.with_name(dest.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:
+            for m in members:
+                target = (tmp / m.filename).resolve()
+                if not target.is_relative_to(tmp.resolve()):
+                    raise InvalidDataset([Problem(zip_path.name, f"entry {m.filename!r} points outside the archive")])
+                if m.is_dir():
+                    target.mkdir(parents=True, exist_ok=True)
+                    continue
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with zf.open(m) as src, open(target, "wb") as dst:
+                    written = shutil.copyfileobj(src, dst, 2**20)  # noqa: F841 (sizes were checked above)
+            os.replace(tmp, dest)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return dest
+
+
+def locate_data_file(path: str | os.PathLike, limits: Limits = Limits()) -> tuple[Path, Path]:
+    """Return (root folder, data file) for a folder, a .json/.jsonl file, or a .zip."""
+    path = Path(path)
+    if not path.exists():
+        raise InvalidDataset([Problem(str(path), "no such file or folder")])
+    if path.is_file() and path.suffix.lower() == ".zip":
+        path = _safe_extract_zip(path, limits)
+    if path.is_file():
+        if path.suffix.lower() not in (".json", ".jsonl"):
+            raise InvalidDataset([Problem(path.name, "expected a folder, a .zip, or a .json/.jsonl file")])
+        return path.parent, path
+    candidates = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl") and p.is_file())
+    if not candidates:  # a zip of a folder holds one top-level folder
+        subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
+        if len(subdirs) == 1:
+            return locate_data_file(subdirs[0], limits)
+        raise InvalidDataset([Problem(path.name, "no .json or .jsonl file at the top of the instruction set")])
+    if len(candidates) > 1:
+        named = [p for p in candidates if p.stem in ("data", "train")]
+        if len(named) != 1:
+            raise InvalidDataset([Problem(path.name, f"several data files ({', '.join(p.name for p in candidates)}); keep one, or name it data.json")])
+        candidates = named
+    return path, candidates[0]
+
+
+# ----------------------------------------------------------------------------------------- validate
+
+def _iter_raw_records(data_file: Path, problems: list[Problem]):
+    """Yield (index, line, raw) from JSON (a list) or JSONL (streamed line by line)."""
+    name = data_file.name
+    if data_file.suffix.lower() == ".jsonl":
+        with open(data_file, "rb") as f:
+            index = 0
+            for lineno, raw_line in enumerate(f, 1):
+                try:
+                    text = raw_line.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    problems.append(Problem(name, f"not UTF-8 text ({e.reason} at byte {e.start})", line=lineno))
+                    continue
+                if not text.strip():
+                    continue
+                try:
+                    obj = json.loads(text)
+                except json.JSONDecodeError as e:
+                    problems.append(Problem(name, f"malformed JSON: {e.msg} (column {e.colno})", line=lineno))
+                    index += 1
+                    continue
+                yield index, lineno, obj
+                index += 1
+        return
+    try:
+        text = data_file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data_file.read_bytes()[: e.start].count(b"\n") + 1
+        problems.append(Problem(name, f"not UTF-8 text ({e.reason} at byte {e.start})", line=line))
+        return
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError as e:
+        problems.append(Problem(name, f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})", line=e.lineno))
+        return
+    if not isinstance(obj, list):
+        problems.append(Problem(name, f"top level must be a list of records, not {type(obj).__name__}"))
+        return
+    for index, raw in enumerate(obj):
+        yield index, None, raw
+
+
+def _check_image(path: Path, limits: Limits) -> str | None:
+    """Return a message if the file is not a loadable, reasonably sized image."""
+    try:
+        size = path.stat().st_size
+    except OSError as e:
+        return f"cannot read image ({e.strerror})"
+    if size > limits.max_image_bytes:
+        return f"image file is {size} bytes, over the limit of {limits.max_image_bytes}"
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > limits.max_image_pixels:
+                return f"image is {w}x{h} pixels, over the limit of {limits.max_image_pixels} (decompression-bomb guard)"
+            im.verify()
+        with Image.open(path) as im:
+            im.load()
+    except Image.DecompressionBombError:
+        return "image is too large (decompression-bomb guard)"
+    except Exception as e:  # PIL raises many types for broken files
+        return f"not a readable image ({type(e).__name__}: {e})"
+    return None
+
+
+def _parse_record(raw, index, line, root: Path, name: str, limits: Limits, seen_ids: set, problems: list[Problem],
+                  check_images: bool) -> Record | None:
+    def bad(field, message, rid=None):
+        problems.append(Problem(name, message, index=index, record_id=rid, field=field, line=line))
+
+    if not isinstance(raw, dict):
+        bad(None, f"record must be an object, not {type(raw).__name__}")
+        return None
+    rid = raw.get("id")
+    rid = str(rid) if rid is not None else None
+    before = len(problems)
+    if rid is None:
+        bad("id", "missing")
+    elif rid in seen_ids:
+        bad("id", "duplicate id", rid)
+    else:
+        seen_ids.add(rid)
+    image = raw.get("image")
+    image_path = None
+    if not isinstance(image, str) or not image.strip():
+        bad("image", "missing (every record needs an image path relative to the set)", rid)
+    elif os.path.isabs(image) or image.startswith(("/", "\\")) or ":" in Path(image).parts[0]:
+        bad("image", f"absolute path {image!r}; use a path relative to the set", rid)
+    else:
+        candidate = (root / image)
+        try:
+            resolved = candidate.resolve()
+        except OSError:
+            resolved = candidate
+        if ".." in Path(image).parts or not resolved.is_relative_to(root.resolve()):
+            bad("image", f"path {image!r} escapes the instruction set", rid)
+        elif not candidate.is_file():
+            bad("image", f"file {image!r} not found", rid)
+        else:
+            image_path = candidate
+            if check_images and (msg := _check_image(candidate, limits)):
+                bad("image", f"{image!r}: {msg}", rid)
+    conv = raw.get("conversations")
+    turns: list[tuple[str, str]] = []
+    if not isinstance(conv, list) or not conv:
+        bad("conversations", "missing or empty (need human/gpt turns)", rid)
+    else:
+        pending_q = None
+        image_tokens = 0
+        for t, turn in enumerate(conv):
+            f = f"conversations[{t}]"
+            if not isinstance(turn, dict):
+                bad(f, "turn must be an object with 'from' and 'value'", rid)
+                continue
+            role, value = turn.get("from"), turn.get("value")
+            if not isinstance(value, str) or not value.strip():
+                bad(f + ".value", "missing or empty text", rid)
+                continue
+            if len(value) > limits.max_text_chars:
+                bad(f + ".value", f"{len(value)} characters, over the limit of {limits.max_text_chars}", rid)
+            image_tokens += value.count(IMAGE_TOKEN)
+            if role in HUMAN_ROLES:
+                if pending_q is not None:
+                    bad(f + ".from", "two human turns in a row (assistant turn missing)", rid)
+                pending_q = value.replace(IMAGE_TOKEN, "").strip()
+                if not pending_q:
+                    bad(f + ".value", "question has no text besides <image>", rid)
+            elif role in GPT_ROLES:
+                if IMAGE_TOKEN in value:
+                    bad(f + ".value", "<image> token in an assistant turn", rid)
+                if pending_q is None:
+                    bad(f + ".from", "assistant turn without a human turn before it", rid)
+                else:
+                    turns.append((pending_q, value.strip()))
+                    pending_q = None
+            else:
+                bad(f + ".from", f"unknown role {role!r} (use 'human' or 'gpt')", rid)
+        if pending_q is not None:
+            bad(f"conversations[{len(conv) - 1}]", "last human turn has no assistant answer", rid)
+        if isinstance(image, str) and image_tokens == 0:
+            bad("conversations[0].value", "record has an image but no <image> token in the first human turn", rid)
+        elif image_tokens > 1:
+            bad("conversations", f"{image_tokens} <image> tokens; exactly one per record is supported", rid)
+        elif image_tokens == 1 and IMAGE_TOKEN not in str(conv[0].get("value", "") if isinstance(conv[0], dict) else ""):
+            bad("conversations[0].value", "the <image> token must be in the first human turn", rid)
+    if len(problems) > before or image_path is None:
+        return None
+    return Record(id=rid, image=image_path, turns=turns)
+
+
+def validate(path: str | os.PathLike, limits: Limits = Limits(), processor=None, check_images: bool = True) -> ValidationReport:
+    """Check a whole instruction set; never raises for bad content, returns every problem found."""
+    problems: list[Problem] = []
+    records: list[Record] = []
+    try:
+        root, data_file = locate_data_file(path, limits)
+    except InvalidDataset as e:
+        return ValidationReport(Path(path).stem, [], e.problems, e.total, None)
+    name = data_file.name
+    seen: set[str] = set()
+    n_raw = 0
+    for index, line, raw in _iter_raw_records(data_file, problems):
+        n_raw += 1
+        if n_raw > limits.max_records:
+            problems.append(Problem(name, f"more than {limits.max_records} records (limit)"))
+            break
+        rec = _parse_record(raw, index, line, root, name, limits, seen, problems, check_images)
+        if rec is not None:
+            records.append(rec)
+    if n_raw == 0 and not problems:
+        problems.append(Problem(name, "the instruction set is empty (no records)"))
+    if processor is not None and limits.max_tokens:
+        encoder = RecordEncoder(processor, max_tokens=None)
+        for i, rec in enumerate(records):
+            n = encoder.num_tokens(rec)
+            if n > limits.max_tokens:
+                problems.append(Problem(name, f"{n} tokens, over the limit of {limits.max_tokens}", index=i,
+                                        record_id=rec.id, field="conversations"))
+    set_name = root.name if data_file.stem in ("data", "train", "test") else data_file.stem
+    if set_name in ("train", "test"):
+        set_name = f"{root.parent.name}-{set_name}"
+    total = len(problems)
+    return ValidationReport(set_name, records, problems[: limits.max_problems], total, data_file)
+
+
+def load_instruction_set(path: str | os.PathLike, limits: Limits = Limits(), processor=None) -> InstructionSet:
+    """Validate and load; raise `InvalidDataset` (every problem, with file/record/field) if anything is wrong."""
+    report = validate(path, limits, processor)
+    if not report.ok:
+        raise InvalidDataset(report.problems, report.total_problems)
+    return InstructionSet(
+        name=report.name,
+        root=report.data_file.parent,
+        data_file=report.data_file,
+        records=report.records,
+        sha256=dataset_hash(report.data_file, report.records),
+    )
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(2**20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def dataset_hash(data_file: Path, records: list[Record]) -> str:
+    """Content hash of the data file and every image it names (what a version was trained on)."""
+    h = hashlib.sha256(_sha256_file(data_file).encode())
+    for path in sorted({str(r.image) for r in records}):
+        h.update(_sha256_file(Path(path)).encode())
+    return h.hexdigest()
+
+
+def write_instruction_set(out_dir: Path, records: list[Record]) -> Path:
+    """Write records (e.g. a replay buffer) as a self-contained LLaVA-format folder."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for i, rec in enumerate(records):
+        rel = f"images/{i:05d}{rec.image.suffix}"
+        shutil.copyfile(rec.image, out_dir / rel)
+        conv = []
+        for t, (q, a) in enumerate(rec.turns):
+            conv.append({"from": "human", "value": (IMAGE_TOKEN + "\n" if t == 0 else "") + q})
+            conv.append({"from": "gpt", "value": a})
+        rows.append({"id": rec.id, "image": rel, "conversations": conv})
+    (out_dir / "data.json").write_text(json.dumps(rows, indent=1), encoding="utf-8")
+    return out_dir
+
+
+# ----------------------------------------------------------------------------------------- encode
+
+def load_image(path: str | os.PathLike) -> Image.Image:
+    with Image.open(path) as im:
+        return im.convert("RGB")
+
+
+def to_messages(turns: list[tuple[str, str]], with_image: bool = True) -> list[dict]:
+    """LLaVA turns -> transformers' multimodal chat messages (the image goes with the first question)."""
+    messages = []
+    for t, (q, a) in enumerate(turns):
+        content = ([{"type": "image"}] if (t == 0 and with_image) else []) + [{"type": "text", "text": q}]
+        messages.append({"role": "user", "content": content})
+        if a is not None:
+            messages.append({"role": "assistant", "content": [{"type": "text", "text": a}]})
+    return messages
+
+
+class RecordEncoder:
+    """Turns a record into input_ids / labels / pixel_values with the processor's own chat template.
+
+    Labels are -100 everywhere except the assistant answers (and the end-of-turn text the template puts
+    after them), so multi-turn records train on every assistant turn and never on the user turns or the
+    image tokens. Answer spans come from rendering the conversation prefix by prefix, so any chat template
+    that appends turns works (the tiny model's and llava-hf's).
+    """
+
+    def __init__(self, processor, max_tokens: int | None = None):
+        self.processor = processor
+        self.tokenizer = processor.tokenizer
+        self.max_tokens = max_tokens
+        self.image_token = getattr(processor, "image_token", IMAGE_TOKEN)
+        self._n_image_tokens: int | None = None
+
+    def num_image_tokens(self, image: Image.Image) -> int:
+        if self._n_image_tokens is None:  # fixed-resolution LLaVA: the same for every image
+            ids = self.processor(text=self.image_token, images=image)["input_ids"][0]
+            self._n_image_tokens = int(sum(1 for i in ids if i == self.processor.image_token_id))
+        return self._n_image_tokens
+
+    def render(self, messages, add_generation_prompt=False) -> str:
+        return self.processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+
+    def text_and_spans(self, turns) -> tuple[str, list[tuple[int, int]]]:
+        messages = to_messages(turns)
+        spans = []
+        for k in range(len(turns)):
+            prefix = self.render(messages[: 2 * k + 1], add_generation_prompt=True)
+            upto = self.render(messages[: 2 * k + 2])
+            if upto.startswith(prefix):
+                spans.append((len(prefix), len(upto)))
+            else:  # template rewrites earlier text: fall back to locating the answer itself
+                answer = turns[k][1]
+                start = upto.rfind(answer)
+                spans.append((start, start + len(answer)))
+        return self.render(messages), spans
+
+    def encode(self, record: Record, image: Image.Image | None = None) -> dict:
+        image = image if image is not None else load_image(record.image)
+        text, spans = self.text_and_spans(record.turns)
+        n_img = self.num_image_tokens(image)
+        # Expand the image placeholder like the processor does; answer spans lie after it and shift with it.
+        pos = text.find(self.image_token)
+        shift = (n_img - 1) * len(self.image_token)
+        expanded = text.replace(self.image_token, self.image_token * n_img, 1)
+        spans = [(s + shift, e + shift) if s > pos else (s, e) for s, e in spans]
+        enc = self.tokenizer(expanded, return_offsets_mapping=True, add_special_tokens=True)
+        ids = enc["input_ids"]
+        labels = [
+            tok if any(s < e_tok and s_tok < e for s, e in spans) and e_tok > s_tok else -100
+            for tok, (s_tok, e_tok) in zip(ids, enc["offset_mapping"])
+        ]
+        if self.max_tokens and len(ids) > self.max_tokens:
+            raise InvalidDataset([Problem(record.image.name, f"{len(ids)} tokens, over the limit of {self.max_tokens}",
+                                          record_id=record.id, field="conversations")])
+        pixel_values = self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+
+    def num_tokens(self, record: Record) -> int:
+        text, _ = self.text_and_spans(record.turns)
+        n_img = self._n_image_tokens or self.num_image_tokens(load_image(record.image))
+        return len(self.tokenizer(text)["input_ids"]) + n_img - 1
+
+
+class EncodedDataset(torch.utils.data.Dataset):
+    """Lazily encodes records (images are read when a batch needs them)."""
+
+    def __init__(self, records: list[Record], encoder: RecordEncoder):
+        self.records = records
+        self.encoder = encoder
+
+    def __len__(self):
+        return len(self.records)
+
+    def __getitem__(self, i):
+        return self.encoder.encode(self.records[i])
+
+
+def collate(batch: list[dict], pad_token_id: int) -> dict:
+    """Right-pad a training batch (loss ignores the padding through labels = -100)."""
+    n = max(len(b["input_ids"]) for b in batch)
+    input_ids = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
+    labels = torch.full((len(batch), n), -100, dtype=torch.long)
+    attention = torch.zeros((len(batch), n), dtype=torch.long)
+    for i, b in enumerate(batch):
+        k = len(b["input_ids"])
+        input_ids[i, :k] = b["input_ids"]
+        labels[i, :k] = b["labels"]
+        attention[i, :k] = 1
+    return {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "labels": labels,
+        "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
+    }

@@ -1,0 +1,149 @@
+"""LLaCA: EMA whose weight adapts per tensor, per step (docs/llaca.md, "The rule as the authors' code runs it").
+
+For each trainable tensor p with gradient g, after every optimizer step:
+
+    a     = || p - ema[p] ||_1
+    b     = || g ||_1
+    c     = || g - g_prev[p] ||_1
+    alpha = scale * (1 + b) / (a * c)              # weight on the NEW weights (= 1 - beta); scale = 2 in the original
+    if not (0 < alpha < 1): alpha = alpha_fallback # also inf / NaN (a == 0 or c == 0); 0.01 in the original
+    ema[p]    = (1 - alpha) * ema[p] + alpha * p
+    g_prev[p] = g
+
+This is the paper's beta_t = (L'(theta) + 1) / ((theta - theta*) L''(theta)) with L'' ~ the difference of
+successive gradients and every vector reduced to one scalar per tensor by an L1 norm. A big step away
+from theta* (large a) or a sharp change in curvature (large c) lowers alpha: the EMA then holds on to
+what it knew (stability); a steep but smooth loss (large b) raises it (plasticity).
+
+`llaca_alpha` is the readable one-tensor reference; `LlacaRule.after_step` does the same for all tensors at
+once with torch._foreach_* ops and `llaca_alphas` (tests check the two agree).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .base import Params, UpdateRule, ema_replace, fp32_copy, place_like, split_state, with_grad
+
+
+def llaca_alpha(a: float, b: float, c: float, scale: float = 2.0, fallback: float = 0.01) -> float:
+    """Reference: alpha = scale (1 + b) / (a c), or `fallback` unless 0 < alpha < 1 (inf / NaN included)."""
+    try:
+        alpha = scale * (1 + b) / (a * c)
+    except ZeroDivisionError:                      # Python raises where torch gives inf / NaN
+        return fallback
+    return alpha if 0 < alpha < 1 else fallback    # NaN compares False -> fallback
+
+
+def llaca_alphas(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scale: float = 2.0,
+                 fallback: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """`llaca_alpha` on 1-D tensors of per-tensor norms. Returns (alpha, used_fallback).
+
+    Computed in float64 with the same operation order as the reference, so it matches Python floats bit for bit.
+    """
+    a, b, c = a.double(), b.double(), c.double()
+    alpha = scale * (1 + b) / (a * c)
+    ok = (alpha > 0) & (alpha < 1)                 # False for NaN
+    return torch.where(ok, alpha, torch.full_like(alpha, fallback)), ~ok
+
+
+class LlacaRule(UpdateRule):
+    """Adaptive EMA (LLaCA). State per stage: ema (theta*) and g_prev, both float32."""
+
+    name = "llaca"
+
+    def __init__(self, scale: float = 2.0, alpha_fallback: float = 0.01,
+                 all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
+        """`all_reduce`: for sharded params (FSDP / ZeRO>=1) a callable summing a 1-D tensor of partial L1 sums
+        across ranks (e.g. `lambda t: (dist.all_reduce(t), t)[1]`), so a, b, c are norms of the FULL tensor. Every
+        rank must then present the same names with a grad (a rank with an empty shard passes a zero-size grad,
+        not None). None (default) = each rank holds whole tensors (single device, DDP)."""
+        if not 0.0 < alpha_fallback <= 1.0:
+            raise ValueError(f"alpha_fallback must be in (0, 1], got {alpha_fallback}")
+        if not (scale > 0 and math.isfinite(scale)):
+            raise ValueError(f"scale must be a positive finite number, got {scale}")
+        self.scale = float(scale)
+        self.alpha_fallback = float(alpha_fallback)
+        self.all_reduce = all_reduce
+        self.ema: dict[str, torch.Tensor] = {}
+        self.g_prev: dict[str, torch.Tensor] = {}
+        self.step = 0
+        self.last_alpha: dict[str, float] = {}     # alpha per tensor at the last step (for detailed plots)
+        self._unplaced = False
+
+    def hparams(self) -> dict:
+        return {"scale": self.scale, "alpha_fallback": self.alpha_fallback}   # all_reduce is runtime wiring
+
+    def start_stage(self, params: Params) -> None:
+        self.ema, self.g_prev, self.step, self.last_alpha, self._unplaced = {}, {}, 0, {}, False
+
+    @torch.no_grad()
+    def after_step(self, params: Params) -> dict[str, float] | None:
+        names = with_grad(params)
+        if not names:
+            return None
+        if self._unplaced:
+            place_like(self.ema, params)
+            place_like(self.g_prev, params)
+            self._unplaced = False
+
+        # First step of the stage for a tensor: theta* = theta, g_prev = g, and the fixed fallback (no g_prev yet).
+        fresh = [n for n in names if n not in self.ema]
+        for n in fresh:
+            self.ema[n] = fp32_copy(params[n])
+            self.g_prev[n] = fp32_copy(params[n].grad)
+
+        seen = [n for n in names if n not in fresh]
+        alpha_list: list[float] = []
+        fallback_list: list[float] = []
+        if seen:
+            theta = [params[n].detach().float() for n in seen]
+            grad = [params[n].grad.detach().float() for n in seen]
+            ema = [self.ema[n] for n in seen]
+            g_prev = [self.g_prev[n] for n in seen]
+
+            a = torch.stack(torch._foreach_norm(torch._foreach_sub(theta, ema), 1))   # ||p - ema||_1
+            b = torch.stack(torch._foreach_norm(grad, 1))                             # ||g||_1
+            torch._foreach_sub_(g_prev, grad)                                         # g_prev - g, in place
+            c = torch.stack(torch._foreach_norm(g_prev, 1))                           # ||g - g_prev||_1
+            torch._foreach_copy_(g_prev, grad)                                        # g_prev <- g
+            if self.all_reduce is not None:                                           # shard sums -> full norms
+                a, b, c = self.all_reduce(torch.cat([a, b, c])).view(3, -1)
+
+            alpha, fell_back = llaca_alphas(a, b, c, self.scale, self.alpha_fallback)
+            host = torch.cat([alpha, fell_back.double()]).tolist()                    # the one sync per step
+            alpha_list, fallback_list = host[:len(seen)], host[len(seen):]
+            torch._foreach_lerp_(ema, theta, alpha_list)          # ema <- (1 - alpha) ema + alpha p
+
+        alphas = [self.alpha_fallback] * len(fresh) + alpha_list
+        n_fallback = len(fresh) + sum(fallback_list)
+        self.last_alpha = dict(zip(fresh + seen, alphas))
+        self.step += 1
+        return {
+            "alpha_mean": sum(alphas) / len(alphas),
+            "alpha_min": min(alphas),
+            "alpha_max": max(alphas),
+            "alpha_fallback_frac": n_fallback / len(alphas),
+        }
+
+    def end_stage(self, params: Params) -> None:
+        """`ema_replace`: theta* becomes the model (in the params' dtype); ema / g_prev are released."""
+        ema_replace(params, self.ema)
+        self.ema, self.g_prev = {}, {}
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        state = {f"ema.{n}": t for n, t in self.ema.items()}
+        state.update({f"g_prev.{n}": t for n, t in self.g_prev.items()})
+        state["step"] = torch.tensor(self.step, dtype=torch.int64)
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        parts = split_state(state, ("ema", "g_prev"))
+        if parts["ema"].keys() != parts["g_prev"].keys():
+            raise ValueError("llaca state: 'ema.*' and 'g_prev.*' must name the same tensors")
+        self.ema = {n: t.detach().to(torch.float32, copy=True) for n, t in parts["ema"].items()}
+        self.g_prev = {n: t.detach().to(torch.float32, copy=True) for n, t in parts["g_prev"].items()}
+        self.step = int(parts[""].get("step", torch.tensor(0)))
+        self._unplaced = True                                     # moved to the params' devices on the next step

@@ -1,0 +1,329 @@
+"""One continual-learning stage as a recipe: parent version + instruction set + update rule -> new version.
+
+Like a torchtune recipe, `StageRecipe` wires small components explicitly (`setup`, `train`, `save`):
+the model comes from the registry, data from `data.py`, the update rule from `rules/`, the loop is a plain
+PyTorch loop on `accelerate` (so `accelerate launch -m llaca learn ...` runs it unchanged under DDP).
+
+Per optimizer step: forward/backward over the micro-batches of one global batch, `optimizer.step()`, then
+`rule.after_step(params)` (LLaCA's adaptive EMA, or fixed EMA), then `zero_grad()`. At the end,
+`rule.end_stage(params)` writes the EMA weights into the model, and those are saved as the new version.
+Checkpoints (trainable weights, AdamW moments, rule state, schedule, log) go to a run dir keyed by the
+stage's inputs, so re-running an interrupted command resumes it.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import math
+import random
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from . import data as D
+from .paths import atomic_dir, llaca_home
+from .rules import make_rule
+from .versions import Registry, Version, load_version
+
+LM_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+class StageCancelled(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class StageConfig:
+    data: str
+    method: str = "llaca"
+    parent: str | None = None  # None: the newest version
+    name: str | None = None
+    epochs: float = 1.0
+    max_steps: int | None = None  # overrides epochs
+    lr: float = 1e-3
+    batch_size: int = 16  # global batch per optimizer step
+    grad_accum: int = 1
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = None
+    seed: int = 0
+    lora: bool = False
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    train_vision: bool = False
+    rule_hparams: dict = dataclasses.field(default_factory=dict)
+    checkpoint_every: int = 50
+    evaluate_after: bool = True
+    eval_limit: int | None = None
+
+    def hparams(self) -> dict:
+        keep = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
+                "max_grad_norm", "seed", "lora", "train_vision")
+        out = {k: getattr(self, k) for k in keep}
+        if self.lora:
+            out.update(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        return out
+
+
+def test_split_for(data_path: str | Path) -> Path | None:
+    """CoIN-style layout: `<task>/train` is tested on its sibling `<task>/test`."""
+    p = Path(data_path)
+    if p.name == "train" and (p.parent / "test").is_dir():
+        return p.parent / "test"
+    return None
+
+
+class StageRecipe:
+    def __init__(self, config: StageConfig, registry: Registry | None = None, on_event=None, should_stop=None):
+        self.cfg = config
+        self.registry = registry or Registry()
+        self.on_event = on_event or (lambda event: None)
+        self.should_stop = should_stop or (lambda: False)
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        from accelerate import Accelerator
+        from accelerate.utils import set_seed
+
+        cfg = self.cfg
+        self.accelerator = Accelerator()
+        set_seed(cfg.seed)
+        self.parent = self.registry.get(cfg.parent)
+        model, self.processor = load_version(self.registry, self.parent.id)
+        self.rule = make_rule(cfg.method, **cfg.rule_hparams)
+        self.dataset = D.load_instruction_set(cfg.data)
+        records = self.dataset.records
+        if cfg.method == "replay":
+            records = self.rule.mix(records, self._replay_pool(), seed=cfg.seed)
+        self.train_records = records
+        self.model = self._make_trainable(model)
+        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.encoder = D.RecordEncoder(self.processor, max_tokens=None)
+        world = self.accelerator.num_processes
+        if cfg.batch_size % (cfg.grad_accum * world):
+            raise ValueError(f"batch size {cfg.batch_size} must divide by grad_accum*processes = {cfg.grad_accum * world}")
+        steps_per_epoch = math.ceil(len(records) / cfg.batch_size)
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        from transformers import get_cosine_schedule_with_warmup
+
+        self.scheduler = get_cosine_schedule_with_warmup(
+            self.optimizer, math.ceil(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.model = self.accelerator.prepare(self.model)
+        self.run_dir = self.registry.home / "runs" / self._run_key()
+        self.step, self.log = 0, []
+        self.rule.start_stage(self.params)
+        self._maybe_resume()
+
+    def _make_trainable(self, model):
+        cfg = self.cfg
+        if cfg.lora or getattr(model, "peft_config", None):
+            return self._make_lora(model)
+        for name, p in model.named_parameters():
+            p.requires_grad = cfg.train_vision or "vision_tower" not in name
+        return model
+
+    def _make_lora(self, model):
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if isinstance(model, PeftModel):  # continue the parent's adapter (one adapter across stages, as LLaCA)
+            for name, p in model.named_parameters():
+                p.requires_grad = "lora_" in name or "modules_to_save" in name
+            return model
+        for p in model.parameters():
+            p.requires_grad = False
+        config = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
+                            target_modules=LM_LINEAR_LAYERS, modules_to_save=["multi_modal_projector"])
+        return get_peft_model(model, config)
+
+    def _replay_pool(self) -> list[D.Record]:
+        pool = []
+        for v in self.registry.lineage(self.parent.id):
+            if (v.path / "replay" / "data.json").is_file():
+                pool += D.load_instruction_set(v.path / "replay").records
+        return pool
+
+    def _run_key(self) -> str:
+        key = json.dumps({"parent": self.parent.id, "data": self.dataset.sha256, "method": self.cfg.method,
+                          "rule": self.rule.hparams(), "hp": self.cfg.hparams(),
+                          "world": self.accelerator.num_processes}, sort_keys=True)
+        return hashlib.sha256(key.encode()).hexdigest()[:16]
+
+    # ------------------------------------------------------------------ data order
+    def _batches_for_step(self, step: int) -> list[list[int]]:
+        """This rank's micro-batches for optimizer step `step` (a pure function of seed and step -> resumable)."""
+        n, bs = len(self.train_records), self.cfg.batch_size
+        per_epoch = math.ceil(n / bs)
+        epoch, k = divmod(step, per_epoch)
+        order = list(range(n))
+        random.Random(self.cfg.seed * 100_003 + epoch).shuffle(order)
+        global_batch = order[k * bs:(k + 1) * bs]
+        world, rank = self.accelerator.num_processes, self.accelerator.process_index
+        micro = math.ceil(len(global_batch) / self.cfg.grad_accum)
+        chunks = [global_batch[i:i + micro] for i in range(0, len(global_batch), micro)]
+        return [c[rank::world] for c in chunks if c[rank::world]]
+
+    # ------------------------------------------------------------------ train
+    def train(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        self.model.train()
+        start, start_step = time.time(), self.step
+        self.on_event({"type": "start", "total_steps": self.total_steps, "step": self.step,
+                       "n_records": len(self.train_records), "resumed": self.step > 0})
+        while self.step < self.total_steps:
+            if self.should_stop():
+                self.save_checkpoint()
+                raise StageCancelled(f"stage cancelled at step {self.step}/{self.total_steps}")
+            micro_batches = self._batches_for_step(self.step)
+            loss_sum = 0.0
+            for i, idx in enumerate(micro_batches):
+                batch = D.collate([self.encoder.encode(self.train_records[j]) for j in idx],
+                                  self.processor.tokenizer.pad_token_id)
+                sync = i == len(micro_batches) - 1
+                ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
+                with ctx:
+                    loss = self.model(**batch).loss / len(micro_batches)
+                    acc.backward(loss)
+                loss_sum += loss.item()
+            if cfg.max_grad_norm:
+                acc.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+            self.optimizer.step()
+            stats = self.rule.after_step(self.params) or {}
+            self.scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.step += 1
+            loss_avg = acc.reduce(torch.tensor(loss_sum), reduction="mean").item()
+            entry = {"step": self.step, "loss": round(loss_avg, 5), "lr": self.scheduler.get_last_lr()[0], **stats}
+            self.log.append(entry)
+            elapsed = time.time() - start
+            rate = (self.step - start_step) / max(elapsed, 1e-9)
+            self.on_event({"type": "step", **entry, "total_steps": self.total_steps,
+                           "elapsed": elapsed, "eta": (self.total_steps - self.step) / max(rate, 1e-9)})
+            if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
+                self.save_checkpoint()
+        self.rule.end_stage(self.params)
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_checkpoint(self) -> None:
+        if not self.accelerator.is_main_process:
+            return
+        opt_state = {}
+        names = list(self.params)
+        for idx, state in self.optimizer.state_dict()["state"].items():
+            for key, value in state.items():
+                opt_state[f"{names[idx]}::{key}"] = torch.as_tensor(value).clone()
+        with atomic_dir(self.run_dir / "checkpoint") as tmp:
+            save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(tmp / "trainable.safetensors"))
+            save_file(opt_state, str(tmp / "optimizer.safetensors"))
+            save_file({k: v.contiguous() for k, v in self.rule.state_dict().items()} or {"_": torch.zeros(0)},
+                      str(tmp / "rule.safetensors"))
+            sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+            (tmp / "state.json").write_text(json.dumps({"step": self.step, "scheduler": sched, "log": self.log}))
+        self.on_event({"type": "checkpoint", "step": self.step})
+
+    def _maybe_resume(self) -> None:
+        ckpt = self.run_dir / "checkpoint"
+        if not (ckpt / "state.json").is_file():
+            return
+        state = json.loads((ckpt / "state.json").read_text())
+        trainable = load_file(str(ckpt / "trainable.safetensors"))
+        with torch.no_grad():
+            for n, p in self.params.items():
+                p.copy_(trainable[n])
+        opt_flat = load_file(str(ckpt / "optimizer.safetensors"))
+        names = list(self.params)
+        opt_state = {}
+        for key, value in opt_flat.items():
+            name, field = key.split("::")
+            opt_state.setdefault(names.index(name), {})[field] = value
+        sd = self.optimizer.state_dict()
+        self.optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
+        rule_state = {k: v for k, v in load_file(str(ckpt / "rule.safetensors")).items() if k != "_"}
+        self.rule.load_state_dict(rule_state)
+        self.scheduler.load_state_dict(state["scheduler"])
+        for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
+            group["lr"] = lr
+        self.step, self.log = state["step"], state["log"]
+
+    # ------------------------------------------------------------------ save + evaluate
+    def save(self) -> Version | None:
+        """Write the new version (main process only); returns it, or None on other ranks."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if not acc.is_main_process:
+            return None
+        cfg = self.cfg
+        model = acc.unwrap_model(self.model)
+        is_lora = bool(getattr(model, "peft_config", None))
+        test_path = test_split_for(cfg.data)
+        meta = {
+            "name": cfg.name,
+            "parent": self.parent.id,
+            "weights": "lora" if is_lora else "full",
+            "base_version": (self.parent.meta.get("base_version") or self.parent.id) if is_lora else None,
+            "stage": {"name": self.dataset.name, "sha256": self.dataset.sha256, "path": str(Path(cfg.data).resolve()),
+                      "n_records": len(self.dataset), "test_path": str(test_path.resolve()) if test_path else None},
+            "method": cfg.method,
+            "rule": self.rule.hparams(),
+            "hparams": cfg.hparams(),
+            "steps": self.total_steps,
+            "processes": acc.num_processes,
+            "metrics": {},
+        }
+        replay_n = getattr(self.rule, "buffer_per_stage", 200)
+
+        def write(tmp: Path):
+            model.eval()
+            if is_lora:
+                model.save_pretrained(tmp / "adapter")
+            else:
+                from .model import save_pretrained
+
+                save_pretrained(model, self.processor, tmp / "model")
+            sample = random.Random(cfg.seed).sample(self.dataset.records, min(replay_n, len(self.dataset)))
+            D.write_instruction_set(tmp / "replay", sample)
+            (tmp / "train_log.json").write_text(json.dumps(self.log))
+
+        version = self.registry.create(meta, write)
+        shutil.rmtree(self.run_dir, ignore_errors=True)
+        self.on_event({"type": "saved", "version": version.id})
+        return version
+
+    def evaluate_lineage(self, version: Version) -> dict:
+        """Accuracy of the new version on its own test split and every earlier stage's (a row of A)."""
+        from .evaluate import evaluate
+
+        tests = []
+        for v in self.registry.lineage(version.id):
+            tp = v.meta.get("stage", {}).get("test_path")
+            if tp and Path(tp).is_dir() and tp not in [t for _, t in tests]:
+                tests.append((v.meta["stage"]["name"], tp))
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        results = {}
+        for name, tp in tests:
+            ts = D.load_instruction_set(tp)
+            r = evaluate(model, self.processor, ts, limit=self.cfg.eval_limit)
+            results[ts.name] = {"accuracy": round(r.accuracy, 2), "n": r.n}
+            self.on_event({"type": "eval", "dataset": ts.name, "accuracy": r.accuracy})
+        if results:
+            self.registry.record_metrics(version.id, {"test": results})
+        return results
+
+
+def run_stage(config: StageConfig, registry: Registry | None = None, on_event=None, should_stop=None) -> Version | None:
+    """Train one stage end to end; returns the new version (None on non-main ranks)."""
+    recipe = StageRecipe(config, registry, on_event, should_stop)
+    recipe.setup()
+    recipe.train()
+    version = recipe.save()
+    if version is not None and config.evaluate_after:
+        recipe.evaluate_lineage(version)
+        version = recipe.registry.get(version.id)
+    return version
