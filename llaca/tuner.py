@@ -191,9 +191,14 @@ class StageRecipe:
                     loss = self.model(**batch).loss / len(micro_batches)
                     acc.backward(loss)
                 loss_sum += loss.item()
+            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            clip = 1.0
             if cfg.max_grad_norm:
-                acc.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)
+                norm = float(acc.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))
+                clip = min(1.0, cfg.max_grad_norm / (norm + 1e-6))  # the factor clip_grad_norm_ applied
             self.optimizer.step()
+            if clip < 1.0:  # LLaCA's alpha is defined on the unclipped gradient (docs/llaca.md)
+                torch._foreach_div_(grads, clip)
             stats = self.rule.after_step(self.params) or {}
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)

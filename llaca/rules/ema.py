@@ -36,9 +36,7 @@ class EmaRule(UpdateRule):
         names = with_grad(params)
         if not names:
             return None
-        if self._unplaced:
-            place_like(self.ema, params)
-            self._unplaced = False
+        self._place(params)
         alpha = 1.0 - self.beta                             # weight on the new weights
         seen = [n for n in names if n in self.ema]
         for n in names:
@@ -53,8 +51,14 @@ class EmaRule(UpdateRule):
 
     def end_stage(self, params: Params) -> None:
         """`ema_replace`: the EMA weights become the model (in the params' dtype); state is released."""
+        self._place(params)
         ema_replace(params, self.ema)
         self.ema = {}
+
+    def _place(self, params: Params) -> None:
+        if self._unplaced:                                  # state loaded from disk: onto the params' devices
+            place_like(self.ema, params)
+            self._unplaced = False
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"ema.{n}": t for n, t in self.ema.items()}

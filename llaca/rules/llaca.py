@@ -49,6 +49,11 @@ def llaca_alphas(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scale: float
     return torch.where(ok, alpha, torch.full_like(alpha, fallback)), ~ok
 
 
+def l1_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """||t||_1 of each tensor as one 1-D float32 tensor: one multi-tensor op, no host sync, no big temporaries."""
+    return torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))
+
+
 class LlacaRule(UpdateRule):
     """Adaptive EMA (LLaCA). State per stage: ema (theta*) and g_prev, both float32."""
 
@@ -84,10 +89,7 @@ class LlacaRule(UpdateRule):
         names = with_grad(params)
         if not names:
             return None
-        if self._unplaced:
-            place_like(self.ema, params)
-            place_like(self.g_prev, params)
-            self._unplaced = False
+        self._place(params)
 
         # First step of the stage for a tensor: theta* = theta, g_prev = g, and the fixed fallback (no g_prev yet).
         fresh = [n for n in names if n not in self.ema]
@@ -99,23 +101,29 @@ class LlacaRule(UpdateRule):
         alpha_list: list[float] = []
         fallback_list: list[float] = []
         if seen:
-            theta = [params[n].detach().float() for n in seen]
-            grad = [params[n].grad.detach().float() for n in seen]
+            theta = [params[n].detach() for n in seen]
+            grad = [params[n].grad.detach() for n in seen]
             ema = [self.ema[n] for n in seen]
             g_prev = [self.g_prev[n] for n in seen]
 
-            a = torch.stack(torch._foreach_norm(torch._foreach_sub(theta, ema), 1))   # ||p - ema||_1
-            b = torch.stack(torch._foreach_norm(grad, 1))                             # ||g||_1
-            torch._foreach_sub_(g_prev, grad)                                         # g_prev - g, in place
-            c = torch.stack(torch._foreach_norm(g_prev, 1))                           # ||g - g_prev||_1
-            torch._foreach_copy_(g_prev, grad)                                        # g_prev <- g
-            if self.all_reduce is not None:                                           # shard sums -> full norms
+            # g_prev's buffer doubles as fp32 scratch once c is known (it is refilled with g at the end):
+            # no per-step allocations, which on CPU cost more than the arithmetic.
+            torch._foreach_sub_(g_prev, grad)                  # g_prev - g
+            c = l1_norms(g_prev)                               # c = ||g - g_prev||_1
+            b = l1_norms(grad)                                 # b = ||g||_1
+            diff = g_prev
+            torch._foreach_copy_(diff, theta)
+            torch._foreach_sub_(diff, ema)                     # p - ema
+            a = l1_norms(diff)                                 # a = ||p - ema||_1
+            if self.all_reduce is not None:                    # shard sums -> norms of the full tensors
                 a, b, c = self.all_reduce(torch.cat([a, b, c])).view(3, -1)
 
             alpha, fell_back = llaca_alphas(a, b, c, self.scale, self.alpha_fallback)
-            host = torch.cat([alpha, fell_back.double()]).tolist()                    # the one sync per step
+            host = torch.cat([alpha, fell_back.double()]).tolist()   # the one host sync per step
             alpha_list, fallback_list = host[:len(seen)], host[len(seen):]
-            torch._foreach_lerp_(ema, theta, alpha_list)          # ema <- (1 - alpha) ema + alpha p
+            torch._foreach_mul_(diff, alpha_list)
+            torch._foreach_add_(ema, diff)                     # ema <- ema + alpha (p - ema) = (1 - alpha) ema + alpha p
+            torch._foreach_copy_(g_prev, grad)                 # g_prev <- g
 
         alphas = [self.alpha_fallback] * len(fresh) + alpha_list
         n_fallback = len(fresh) + sum(fallback_list)
@@ -130,8 +138,15 @@ class LlacaRule(UpdateRule):
 
     def end_stage(self, params: Params) -> None:
         """`ema_replace`: theta* becomes the model (in the params' dtype); ema / g_prev are released."""
+        self._place(params)
         ema_replace(params, self.ema)
         self.ema, self.g_prev = {}, {}
+
+    def _place(self, params: Params) -> None:
+        if self._unplaced:                                  # state loaded from disk: onto the params' devices
+            place_like(self.ema, params)
+            place_like(self.g_prev, params)
+            self._unplaced = False
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         state = {f"ema.{n}": t for n, t in self.ema.items()}
