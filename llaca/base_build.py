@@ -8,6 +8,7 @@ ordinary `seq` stage through the same tuner every other stage uses. Deterministi
 """
 from __future__ import annotations
 
+import json
 import random
 import shutil
 import tempfile
@@ -19,14 +20,15 @@ from tqdm.auto import tqdm
 
 from . import coin_mini
 from .model import TinySpec, build_model, build_processor, count_parameters, save_pretrained, train_tokenizer
-from .paths import llaca_home
+from .paths import ASSETS_DIR
 from .versions import Registry, Version
 
-VISION_STEPS = 600
+VISION_STEPS = 800
 VISION_BATCH = 64
-BASE_STEPS = 900
+BASE_STEPS = 1500
 BASE_BATCH = 32
 BASE_LR = 3e-3
+SHIPPED_BASE = ASSETS_DIR / "base"
 
 
 def pretrain_vision(model, processor, steps: int, seed: int, on_event=None) -> float:
@@ -65,9 +67,18 @@ def build_base(registry: Registry | None = None, seed: int = 0, spec: TinySpec =
                vision_steps: int = VISION_STEPS, base_steps: int = BASE_STEPS, n_train: int = 6000,
                n_test: int = 150, on_event=None, version_id: str = "base") -> Version:
     """Build the base model and register it as `version_id` (default `base`)."""
+    registry = registry or Registry()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # reproducible for a seed (and, measured here, faster for a model this small)
+    try:
+        return _build_base(registry, seed, spec, vision_steps, base_steps, n_train, n_test, on_event, version_id)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build_base(registry, seed, spec, vision_steps, base_steps, n_train, n_test, on_event, version_id) -> Version:
     from .tuner import StageConfig, run_stage
 
-    registry = registry or Registry()
     t0 = time.time()
     torch.manual_seed(seed)
     data_root = registry.home / "datasets" / f"base-mixture-seed{seed}"
@@ -95,7 +106,8 @@ def build_base(registry: Registry | None = None, seed: int = 0, spec: TinySpec =
             method="pretrain",
             metrics={**meta["metrics"], "base_accuracy": next(iter(test.values()), {}).get("accuracy"),
                      "vision_aux_accuracy": round(vision_acc, 2)},
-            build={"seed": seed, "vision_steps": vision_steps, "base_steps": base_steps, "seconds": round(time.time() - t0, 1),
+            build={"seed": seed, "vision_steps": vision_steps, "base_steps": base_steps, "n_train": n_train,
+                   "n_test": n_test, "seconds": round(time.time() - t0, 1),
                    "vision_seconds": round(t_vision, 1), "parameters": count_parameters(model), "spec": spec.__dict__},
         )
 
@@ -108,20 +120,33 @@ def build_base(registry: Registry | None = None, seed: int = 0, spec: TinySpec =
 
 
 def ensure_base(registry: Registry | None = None, on_event=None) -> Version:
-    """The base version: already registered, else copied from a shipped `assets/base`, else built."""
-    from .paths import ASSETS_DIR
-
+    """The base version: already registered, else copied from the shipped `assets/base`, else built."""
     registry = registry or Registry()
     if registry.exists("base"):
         return registry.get("base")
-    shipped = ASSETS_DIR / "base"
-    if (shipped / "meta.json").is_file():
-        import json
-
-        meta = json.loads((shipped / "meta.json").read_text())
-        meta.pop("id", None)
-        return registry.create(meta, lambda tmp: shutil.copytree(shipped / "model", tmp / "model"), version_id="base")
     with registry.lock("build-base"):
-        if registry.exists("base"):  # another process built it while we waited
+        if registry.exists("base"):  # another process made it while we waited
             return registry.get("base")
+        if (SHIPPED_BASE / "meta.json").is_file():
+            return install_shipped_base(registry)
         return build_base(registry, on_event=on_event)
+
+
+def install_shipped_base(registry: Registry) -> Version:
+    """Register `assets/base` as `base`; its data paths are re-pointed at a locally regenerated base mixture."""
+    meta = json.loads((SHIPPED_BASE / "meta.json").read_text())
+    seed = meta.get("build", {}).get("seed", 0)
+    data_root = registry.home / "datasets" / f"base-mixture-seed{seed}"
+    if not (data_root / "base" / "test" / "data.json").is_file():
+        coin_mini.write_base_mixture(data_root, seed=seed, n_train=meta["build"].get("n_train", 6000),
+                                     n_test=meta["build"].get("n_test", 150))
+    meta = {k: v for k, v in meta.items() if k not in ("id", "created")}
+    meta["stage"] = {**meta.get("stage", {}), "path": str(data_root / "base" / "train"),
+                     "test_path": str(data_root / "base" / "test")}
+
+    def write(tmp: Path):
+        for item in SHIPPED_BASE.iterdir():
+            if item.name != "meta.json":
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+
+    return registry.create(meta, write, version_id="base")

@@ -13,8 +13,11 @@ import time
 
 
 def _progress_printer(desc: str):
-    """A tqdm bar fed by the tuner's events (steps, loss, alpha)."""
+    """A tqdm bar fed by the tuner's events (steps, loss, alpha); silent on all but the first process."""
     from tqdm.auto import tqdm
+
+    if int(os.environ.get("RANK", "0")) != 0:  # under `accelerate launch`, rank 0 speaks for all
+        return lambda event: None
 
     state = {"bar": None, "phase": None}
 
@@ -70,10 +73,45 @@ def _registry_with_base():
     return registry
 
 
+def _model_root(args):
+    """(registry, root version) for `--model` / $LLACA_MODEL: the checkpoint registered as a lineage root (once;
+    only its meta.json is written). Without a model: the embedded tiny base (built if missing), root None."""
+    from .versions import Registry
+
+    model = getattr(args, "model", None) or os.environ.get("LLACA_MODEL")
+    if not model:
+        return _registry_with_base(), None
+    registry = Registry()
+    return registry, registry.register_external(model)
+
+
+def _pick_version(registry, root, ref):
+    """An explicit version wins; otherwise the newest version of `root`'s lineage (or the newest overall)."""
+    if ref not in (None, "latest") or root is None:
+        return ref
+    return registry.latest_in_lineage(root.id).id
+
+
+def _bits(args):
+    from .model import quant_bits
+
+    return quant_bits(args.load_in_4bit, args.load_in_8bit) or "auto"
+
+
+def cmd_register(args) -> int:
+    from .versions import Registry
+
+    version = Registry().register_external(args.model, name=args.name)
+    print(version.id)
+    return 0
+
+
 def cmd_learn(args) -> int:
     from .tuner import StageConfig, run_stage
 
-    registry = _registry_with_base()
+    if args.model and args.from_version:
+        raise ValueError("use either --from VERSION (continue a version) or --model PATH_OR_ID (its lineage), not both")
+    registry, root = _model_root(args)
     rule_hparams = {}
     if args.beta is not None:
         rule_hparams["beta"] = args.beta
@@ -83,9 +121,11 @@ def cmd_learn(args) -> int:
         rule_hparams["alpha_fallback"] = args.alpha_fallback
     if args.replay_fraction is not None:
         rule_hparams["fraction"] = args.replay_fraction
-    cfg = StageConfig(data=args.data, method=args.method, parent=args.from_version, name=args.name,
+    parent = _pick_version(registry, root, args.from_version)
+    cfg = StageConfig(data=args.data, method=args.method, parent=parent, name=args.name,
                       epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seed=args.seed, lora=args.lora, rule_hparams=rule_hparams,
+                      load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, trace_dir=args.trace_dir,
                       evaluate_after=not args.no_eval)
     version = run_stage(cfg, registry, on_event=_progress_printer(f"learn {args.method}"))
     if version is not None:  # None on non-main ranks under accelerate launch
@@ -116,8 +156,8 @@ def cmd_ask(args) -> int:
     from .chat import answer_once
     from .versions import load_version
 
-    registry = _registry_with_base()
-    model, processor = load_version(registry, args.version)
+    registry, root = _model_root(args)
+    model, processor = load_version(registry, _pick_version(registry, root, args.version), bits=_bits(args))
     print(answer_once(model, processor, args.image, args.question, max_new_tokens=args.max_new_tokens))
     return 0
 
@@ -127,10 +167,10 @@ def cmd_eval(args) -> int:
     from .evaluate import evaluate
     from .versions import load_version
 
-    registry = _registry_with_base()
+    registry, root = _model_root(args)
     dataset = load_instruction_set(args.data)
-    version = registry.get(args.version)
-    model, processor = load_version(registry, version.id)
+    version = registry.get(_pick_version(registry, root, args.version))
+    model, processor = load_version(registry, version.id, bits=_bits(args))
     result = evaluate(model, processor, dataset, limit=args.limit, progress=True)
     if args.json:
         print(json.dumps({"version": version.id, **result.as_dict()}))
@@ -148,6 +188,30 @@ def cmd_coin_mini(args) -> int:
     return 0
 
 
+def _add_model_args(s, model_help: str) -> None:
+    s.add_argument("--model", default=None, metavar="PATH_OR_ID",
+                   help=f"a LLaVA checkpoint folder or cached hub id (default $LLACA_MODEL): {model_help}")
+    s.add_argument("--load-in-4bit", action="store_true", help="NF4 base weights via bitsandbytes (QLoRA with --lora)")
+    s.add_argument("--load-in-8bit", action="store_true", help="int8 base weights via bitsandbytes")
+
+
+VALUE_OPTIONS = {"--max-new-tokens", "--model"}
+
+
+def _split_options(args: list[str]) -> tuple[list[str], list[str]]:
+    """(positionals, options with their values): argparse cannot place an optional positional between options."""
+    positional, options = [], []
+    it = iter(args)
+    for a in it:
+        if a in VALUE_OPTIONS:
+            options += [a, next(it, "")]
+        elif a.startswith("--"):
+            options.append(a)
+        else:
+            positional.append(a)
+    return positional, options
+
+
 def build_parser() -> argparse.ArgumentParser:
     from .rules import RULES
 
@@ -158,6 +222,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="build again even if 'base' exists")
     s.set_defaults(func=cmd_build_base)
+
+    s = sub.add_parser("register", help="register a LLaVA checkpoint (folder or cached hub id) as a root version")
+    s.add_argument("model", help="checkpoint folder, or a hub id already in the Hugging Face cache")
+    s.add_argument("--name", default=None, help="version name (default: the folder / repo name)")
+    s.set_defaults(func=cmd_register)
 
     s = sub.add_parser("learn", help="learn an instruction set as a new stage -> new version")
     s.add_argument("data", help="instruction set: folder, .json/.jsonl or .zip (LLaVA conversation format)")
@@ -176,6 +245,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--alpha-fallback", type=float, default=None, help="llaca: alpha when out of (0,1) (default 0.01)")
     s.add_argument("--replay-fraction", type=float, default=None, help="replay: extra earlier samples (default 0.2)")
     s.add_argument("--no-eval", action="store_true", help="skip the automatic evaluation after the stage")
+    s.add_argument("--trace-dir", default=None, help="every process appends its per-tensor alpha to DIR/rank<k>.jsonl")
+    _add_model_args(s, "continue the newest version learned from this checkpoint (registering it first)")
     s.set_defaults(func=cmd_learn)
 
     s = sub.add_parser("versions", help="list versions")
@@ -187,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("image")
     s.add_argument("question")
     s.add_argument("--max-new-tokens", type=int, default=32)
+    _add_model_args(s, "without a version: the newest version learned from this checkpoint")
     s.set_defaults(func=cmd_ask)
 
     s = sub.add_parser("eval", help="accuracy of a version on an instruction set (its answers are the gold)")
@@ -194,6 +266,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("data")
     s.add_argument("--json", action="store_true")
     s.add_argument("--limit", type=int, default=None)
+    _add_model_args(s, "without a version: the newest version learned from this checkpoint")
     s.set_defaults(func=cmd_eval)
 
     s = sub.add_parser("coin-mini", help="write the CoIN-mini task folders (train/test each)")
@@ -209,9 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `ask IMAGE QUESTION` without a version: shift the positionals.
     if len(argv) >= 1 and argv[0] == "ask":
-        positional = [a for a in argv[1:] if not a.startswith("--")]
-        if len(positional) == 2:
-            argv = ["ask", "latest"] + argv[1:]
+        positional, options = _split_options(argv[1:])
+        argv = ["ask"] + (["latest"] if len(positional) == 2 else []) + positional + options
     args = build_parser().parse_args(argv)
     from transformers.utils import logging as hf_logging
 

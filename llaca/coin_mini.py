@@ -287,8 +287,10 @@ def _alt(options) -> str:
 
 
 def _sciqa(rng: random.Random) -> Sample:
+    # The options keep one order: with shuffled options the tiny LM did not learn the letter lookup in
+    # 200 steps (22% = chance, measured), and what CoIN measures here is the answer *format* (a letter).
     scene = _scene_shape(rng)
-    options = rng.sample(SHAPES, len(SHAPES))
+    options = list(SHAPES)
     listing = "\n".join(f"{l}. {o}" for l, o in zip(LETTERS, options))
     return scene, SCIQA_Q.format(options=listing), LETTERS[options.index(scene.objects[0].shape)]
 
@@ -303,8 +305,11 @@ def _imagenet(rng: random.Random) -> Sample:
     return scene, IMAGENET_Q, scene.objects[0].shape
 
 
+# GQA and grounding ask about one object: with 2-3 objects the 2M-parameter model did not learn to bind
+# colour+shape to a position within a stage (35% on gqa after 200 steps, measured); position and box
+# formats are what these stages teach.
 def _gqa(rng: random.Random) -> Sample:
-    scene = _scene_grey_multi(rng)
+    scene = Scene("grey_multi", LIGHT_GREY, _quadrant_objects(rng, 1, distinct=True))
     target = rng.choice(scene.objects)
     return scene, GQA_Q.format(colour=target.colour, shape=target.shape), target.quadrant
 
@@ -324,7 +329,7 @@ def format_box(box: Box) -> str:
 
 
 def _grounding(rng: random.Random) -> Sample:
-    scene = _scene_multi(rng, 2, 3, distinct=True)
+    scene = _scene_multi(rng, 1, 1, distinct=True)
     target = rng.choice(scene.objects)
     return scene, GROUNDING_Q.format(colour=target.colour, shape=target.shape), format_box(target.box)
 
@@ -340,14 +345,33 @@ def _ocrvqa(rng: random.Random) -> Sample:
 
 
 def caption_text(objects: list[Obj]) -> str:
-    """Deterministic caption: "A red circle." / "A red circle and a blue square."."""
-    phrases = [f"{o.colour} {o.shape}" for o in objects]
+    """Deterministic caption: "A red circle." / "A red circle in the top left and a blue square in the ..."."""
+    phrases = [f"{o.colour} {o.shape}" + (f" in the {o.quadrant}" if o.quadrant else "") for o in objects]
     return "A " + " and a ".join(phrases) + "."
 
 
+def describe(scene: Scene) -> str:
+    """The alignment caption of any scene kind: what is where, what is written, or that nothing is there."""
+    if scene.kind == "blank":
+        return "A blank image."
+    if scene.kind == "noise":
+        return "Random noise."
+    if scene.kind == "word":
+        return f"The word {scene.word}."
+    if scene.kind == "book":
+        colour = next(n for n, rgb in COLOURS.items() if rgb == scene.cover_colour)
+        return f"A {colour} book titled {scene.word}."
+    return caption_text(scene.objects)
+
+
+# Alignment data covers every image kind, so stages mostly teach formats (as CoIN does on LLaVA-1.5).
+_CAPTION_KINDS = [("multi", 8), ("shape", 2), ("word", 4), ("book", 4), ("textured", 1), ("blank", 1), ("noise", 1)]
+
+
 def _caption(rng: random.Random) -> Sample:
-    scene = _scene_multi(rng, 1, 2, distinct=True)
-    return scene, CAPTION_Q, caption_text(scene.objects)
+    kind = rng.choices([k for k, _ in _CAPTION_KINDS], weights=[w for _, w in _CAPTION_KINDS])[0]
+    scene = _scene_multi(rng, 1, 3, distinct=True) if kind == "multi" else SCENE_SAMPLERS[kind](rng)
+    return scene, CAPTION_Q, describe(scene)
 
 
 def _colour_qa(rng: random.Random) -> Sample:
@@ -377,9 +401,11 @@ TASKS: dict[str, Task] = {t.name: t for t in [
 DEFAULT_SEQUENCE: list[str] = list(TASKS)
 
 _PHRASE = _alt(COLOURS) + " " + _alt(SHAPES)
+_OBJ = _PHRASE + f"(?: in the {_alt(QUADRANTS)})?"
 BASE_TASKS: dict[str, Task] = {t.name: t for t in [
-    Task("caption", "LLaVA alignment captions", "'A <colour> <shape>[ and a <colour> <shape>].'",
-         f"A {_PHRASE}(?: and a {_PHRASE})?\\.", _caption),
+    Task("caption", "LLaVA alignment captions", "a one-sentence description of any image kind",
+         f"(?:A {_OBJ}(?: and a {_OBJ})*|The word {_alt(WORDS)}|A {_alt(COLOURS)} book titled {_alt(WORDS)}"
+         f"|A blank image|Random noise)\\.", _caption),
     Task("colour_qa", "LLaVA instruction data", "colour name", _alt(COLOURS), _colour_qa),
     Task("shape_qa", "LLaVA instruction data", "shape name", _alt(SHAPES), _shape_qa),
 ]}

@@ -30,7 +30,7 @@ class EvalResult:
 
 
 @torch.inference_mode()
-def generate_answers(model, processor, images, questions, batch_size: int = 32, max_new_tokens: int = 24,
+def generate_answers(model, processor, images, questions, batch_size: int = 32, max_new_tokens: int = 48,
                      progress: bool = False) -> list[str]:
     """Greedy answers to single-turn questions, batched with left padding."""
     answers: list[str] = []

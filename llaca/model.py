@@ -7,6 +7,7 @@ every Hugging Face tool works on it, and real checkpoints go through the same `l
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from pathlib import Path
 
@@ -154,15 +155,161 @@ def save_pretrained(model, processor, path: str | os.PathLike) -> Path:
     return path
 
 
-def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None):
-    """Load a LLaVA model + processor from a local folder (offline; never downloads)."""
-    processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-    model = LlavaForConditionalGeneration.from_pretrained(path, dtype=dtype, local_files_only=True)
-    if device:
-        model.to(device)
-    model.eval()
-    return model, processor
+def load_pretrained(path: str | os.PathLike, dtype: torch.dtype = torch.float32, device: str | None = None,
+                    load_in_4bit: bool = False, load_in_8bit: bool = False):
+    """Load a LLaVA model + processor from a local folder (offline; never downloads). CPU unless `device`."""
+    return load_model(path, load_in_4bit=load_in_4bit, load_in_8bit=load_in_8bit, dtype=dtype, device=device or "cpu")
 
 
 def count_parameters(model, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Any LLaVA checkpoint (a local folder or a hub id already in the user's HF cache), optionally quantized.
+
+class ModelNotFound(FileNotFoundError):
+    """A `--model` path or hub id that cannot be found offline (the CLI prints it as one line, exit 2)."""
+
+
+class QuantizationUnavailable(ValueError):
+    """4/8-bit loading asked for where bitsandbytes cannot run it (not installed, or no kernels for the device)."""
+
+
+# Kept in full precision when quantizing: the projector is trained (a 4-bit Linear cannot be), the vision tower
+# is small and frozen, lm_head feeds the loss. Patterns are matched from the start of the module name.
+QUANT_SKIP_MODULES = [r".*vision_tower", r".*multi_modal_projector", "lm_head"]
+
+
+def default_device() -> str:
+    """This process's GPU under `accelerate launch` (LOCAL_RANK), else the CPU."""
+    if torch.cuda.is_available():
+        return f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+    return "cpu"
+
+
+def resolve_model_path(path_or_id: str | os.PathLike) -> str:
+    """An absolute folder path, or a hub id whose files are in the local HF cache. Never downloads."""
+    text = str(path_or_id).strip()
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelNotFound(f"model folder {path} holds no config.json (not a Hugging Face checkpoint)")
+        return str(path.resolve())
+    looks_like_path = text.startswith((".", "/", "~")) or path.exists() or text.count("/") > 1 or not text
+    if not looks_like_path:
+        from huggingface_hub import try_to_load_from_cache
+
+        try:
+            cached = try_to_load_from_cache(text, "config.json")
+        except ValueError:  # not a valid repo id
+            cached = None
+        if isinstance(cached, str):
+            return text
+    raise ModelNotFound(
+        f"model {text!r} not found: no such folder, and no hub checkpoint of that id in the local Hugging Face "
+        f"cache (offline: nothing is downloaded; fetch it once with `huggingface-cli download {text}` or pass a folder)")
+
+
+def _checkpoint_config(resolved: str) -> dict:
+    import json
+
+    if Path(resolved).is_dir():
+        return json.loads((Path(resolved) / "config.json").read_text(encoding="utf-8"))
+    from huggingface_hub import try_to_load_from_cache
+
+    return json.loads(Path(try_to_load_from_cache(resolved, "config.json")).read_text(encoding="utf-8"))
+
+
+def check_llava(resolved: str) -> None:
+    model_type = _checkpoint_config(resolved).get("model_type")
+    if model_type != "llava":
+        raise ValueError(f"{resolved} is a {model_type!r} checkpoint; LLaCA Studio loads LLaVA checkpoints "
+                         "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+
+
+def _probe_bitsandbytes(bits: int, device: str) -> None:
+    """Run one tiny quantized matmul on `device`: bitsandbytes' support differs by version and device, so ask it."""
+    flag = f"--load-in-{bits}bit"
+    try:
+        import bitsandbytes as bnb
+    except Exception as e:  # noqa: BLE001 - missing package, or a broken native library
+        raise QuantizationUnavailable(f"{flag} needs bitsandbytes, which cannot be imported here ({e})") from None
+    try:
+        if bits == 4:
+            layer = bnb.nn.Linear4bit(64, 64, compute_dtype=_compute_dtype(device), quant_type="nf4")
+        else:
+            layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
+        layer = layer.to(device)
+        with torch.no_grad():
+            layer(torch.randn(2, 64, device=device, dtype=_compute_dtype(device)))
+    except Exception as e:  # noqa: BLE001 - whatever the backend says is the reason
+        raise QuantizationUnavailable(
+            f"{flag}: bitsandbytes {getattr(bnb, '__version__', '?')} cannot run {bits}-bit layers on {device} "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else 'no detail'})") from None
+
+
+def _compute_dtype(device: str) -> torch.dtype:
+    """bf16 on GPUs (as QLoRA), float32 on CPU (measured: what bitsandbytes' CPU kernels run well)."""
+    return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
+
+
+def quantization_config(bits: int, device: str):
+    """QLoRA's settings: NF4 + double quantization + bf16 compute (4-bit), or LLM.int8 (8-bit)."""
+    from transformers import BitsAndBytesConfig
+
+    if bits == 4:
+        return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                  bnb_4bit_compute_dtype=_compute_dtype(device), llm_int8_skip_modules=QUANT_SKIP_MODULES)
+    return BitsAndBytesConfig(load_in_8bit=True, llm_int8_skip_modules=QUANT_SKIP_MODULES)
+
+
+class _Int8CastNotice(logging.Filter):
+    """bitsandbytes logs the expected fp32 -> fp16 input cast of 8-bit layers on every forward: keep it once."""
+
+    seen = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "inputs will be cast" not in record.getMessage():
+            return True
+        first, _Int8CastNotice.seen = not _Int8CastNotice.seen, True
+        return first
+
+
+def quant_bits(load_in_4bit: bool = False, load_in_8bit: bool = False) -> int | None:
+    if load_in_4bit and load_in_8bit:
+        raise ValueError("choose one of --load-in-4bit and --load-in-8bit")
+    return 4 if load_in_4bit else 8 if load_in_8bit else None
+
+
+def load_model(path_or_id: str | os.PathLike, load_in_4bit: bool = False, load_in_8bit: bool = False,
+               dtype: torch.dtype | None = None, device: str | None = None):
+    """Load any LLaVA checkpoint + its processor (its own chat template), offline, optionally 4/8-bit.
+
+    dtype None: float32 on CPU, bfloat16 on a GPU (a 7B model in fp32 would double the memory for nothing).
+    Quantized weights are placed on `device` at load time (bitsandbytes quantizes while loading).
+    """
+    bits = quant_bits(load_in_4bit, load_in_8bit)
+    resolved = resolve_model_path(path_or_id)
+    check_llava(resolved)
+    device = str(device or default_device())
+    dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
+    kwargs = {"dtype": dtype, "local_files_only": True}
+    if bits:
+        _probe_bitsandbytes(bits, device)
+        kwargs.update(quantization_config=quantization_config(bits, device), device_map={"": device})
+        if bits == 8:
+            logging.getLogger("bitsandbytes.autograd._functions").addFilter(_Int8CastNotice())
+    elif device != "cpu":
+        kwargs["device_map"] = {"": device}
+    processor = AutoProcessor.from_pretrained(resolved, local_files_only=True)
+    if getattr(processor, "chat_template", None) is None:  # older checkpoints ship none: LLaVA-1.5's format
+        processor.chat_template = CHAT_TEMPLATE
+    model = LlavaForConditionalGeneration.from_pretrained(resolved, **kwargs)
+    model.eval()
+    return model, processor
+
+
+def is_quantized(model) -> bool:
+    base = getattr(model, "get_base_model", lambda: model)()
+    return bool(getattr(base, "is_loaded_in_4bit", False) or getattr(base, "is_loaded_in_8bit", False))

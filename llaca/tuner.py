@@ -9,6 +9,13 @@ Per optimizer step: forward/backward over the micro-batches of one global batch,
 `rule.end_stage(params)` writes the EMA weights into the model, and those are saved as the new version.
 Checkpoints (trainable weights, AdamW moments, rule state, schedule, log) go to a run dir keyed by the
 stage's inputs, so re-running an interrupted command resumes it.
+
+Several processes (DDP: `accelerate launch --multi_gpu --num_processes N -m llaca learn ...`, gloo on CPU): every
+rank takes its share of each global batch, the loss is normalised by the label tokens of the whole global batch
+(so N ranks compute the same gradient as one process would), DDP all-reduces the gradients, and the rule then sees
+identical gradients and weights on every rank, so alpha and the EMA agree without any extra communication. Only
+rank 0 writes checkpoints and the version. FSDP / DeepSpeed are refused: this loop steps the optimizer itself and
+the rules read whole tensors (LlacaRule's `all_reduce` hook is the piece a sharded loop would need).
 """
 from __future__ import annotations
 
@@ -17,6 +24,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -28,7 +36,7 @@ from safetensors.torch import load_file, save_file
 from . import data as D
 from .paths import atomic_dir, llaca_home
 from .rules import make_rule
-from .versions import Registry, Version, load_version
+from .versions import Registry, Version, base_of, load_base
 
 LM_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
@@ -56,11 +64,14 @@ class StageConfig:
     lora_r: int = 16
     lora_alpha: int = 32
     lora_dropout: float = 0.05
+    load_in_4bit: bool = False  # QLoRA: the frozen base in NF4 (bitsandbytes); a QLoRA parent's setting is inherited
+    load_in_8bit: bool = False
     train_vision: bool = False
     rule_hparams: dict = dataclasses.field(default_factory=dict)
     checkpoint_every: int = 50
     evaluate_after: bool = True
     eval_limit: int | None = None
+    trace_dir: str | None = None  # every rank appends its per-tensor alpha per step to <dir>/rank<k>.jsonl
 
     def hparams(self) -> dict:
         keep = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
@@ -68,6 +79,8 @@ class StageConfig:
         out = {k: getattr(self, k) for k in keep}
         if self.lora:
             out.update(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
+        if self.load_in_4bit or self.load_in_8bit:
+            out.update(load_in_4bit=self.load_in_4bit, load_in_8bit=self.load_in_8bit)
         return out
 
 
@@ -88,14 +101,13 @@ class StageRecipe:
 
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
-        from accelerate import Accelerator
         from accelerate.utils import set_seed
 
         cfg = self.cfg
-        self.accelerator = Accelerator()
+        self.accelerator = make_accelerator()
         set_seed(cfg.seed)
         self.parent = self.registry.get(cfg.parent)
-        model, self.processor = load_version(self.registry, self.parent.id)
+        model, self.processor = self._load_parent()
         self.rule = make_rule(cfg.method, **cfg.rule_hparams)
         self.dataset = D.load_instruction_set(cfg.data)
         records = self.dataset.records
@@ -108,18 +120,47 @@ class StageRecipe:
         world = self.accelerator.num_processes
         if cfg.batch_size % (cfg.grad_accum * world):
             raise ValueError(f"batch size {cfg.batch_size} must divide by grad_accum*processes = {cfg.grad_accum * world}")
-        steps_per_epoch = math.ceil(len(records) / cfg.batch_size)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self._steps_per_epoch()))
         self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, math.ceil(cfg.warmup_ratio * self.total_steps), self.total_steps)
         self.model = self.accelerator.prepare(self.model)
+        self._check_rule_sees_model_params()
+        self.input_dtype = getattr(self.accelerator.unwrap_model(self.model), "dtype", torch.float32)
         self.run_dir = self.registry.home / "runs" / self._run_key()
         self.step, self.log = 0, []
         self.rule.start_stage(self.params)
         self._maybe_resume()
+
+    def _load_parent(self):
+        """The parent's weights, ready to train: base (quantized for QLoRA, then prepared) + the parent's adapter."""
+        from .model import quant_bits
+
+        cfg, parent = self.cfg, self.parent
+        bits = quant_bits(cfg.load_in_4bit, cfg.load_in_8bit) or parent.meta.get("quant_bits")
+        if bits and not (cfg.lora or parent.weights == "lora"):
+            raise ValueError(f"{bits}-bit weights cannot be trained directly: add --lora (QLoRA trains adapters on them)")
+        self.bits = bits
+        model, processor = load_base(base_of(self.registry, parent), bits=bits)
+        if bits:
+            from peft import prepare_model_for_kbit_training
+
+            # Freezes the base, upcasts the non-quantized weights to fp32, and checkpoints activations (QLoRA's recipe).
+            model = prepare_model_for_kbit_training(model, gradient_checkpointing_kwargs={"use_reentrant": False})
+        if parent.weights == "lora":
+            from peft import PeftModel
+
+            model = PeftModel.from_pretrained(model, parent.path / "adapter", is_trainable=True)
+        return model, processor
+
+    def _check_rule_sees_model_params(self) -> None:
+        """The rule updates the Parameter objects it was given: they must be the ones the wrapped model trains."""
+        live = {id(p) for p in self.accelerator.unwrap_model(self.model).parameters()}
+        if any(id(p) not in live for p in self.params.values()):
+            raise RuntimeError("the distributed wrapper replaced the trainable parameters; the update rule would track "
+                               "stale copies (sharded training is not supported by this loop: use DDP)")
 
     def _make_trainable(self, model):
         cfg = self.cfg
@@ -156,18 +197,39 @@ class StageRecipe:
         return hashlib.sha256(key.encode()).hexdigest()[:16]
 
     # ------------------------------------------------------------------ data order
+    def _steps_per_epoch(self) -> int:
+        """Full batches, plus the last partial one if every process gets at least one record of it."""
+        full, rest = divmod(len(self.train_records), self.cfg.batch_size)
+        return full + (rest >= self.accelerator.num_processes)
+
     def _batches_for_step(self, step: int) -> list[list[int]]:
-        """This rank's micro-batches for optimizer step `step` (a pure function of seed and step -> resumable)."""
+        """This rank's micro-batches for optimizer step `step` (a pure function of seed and step -> resumable).
+
+        The global batch is the same for any number of processes; rank r takes records r, r+N, ... of it (a partial
+        last batch is trimmed to a multiple of N so that every rank runs the same number of micro-batches: DDP
+        all-reduces once per backward and would hang otherwise), then splits its share into grad_accum pieces.
+        """
         n, bs = len(self.train_records), self.cfg.batch_size
-        per_epoch = math.ceil(n / bs)
-        epoch, k = divmod(step, per_epoch)
+        epoch, k = divmod(step, self._steps_per_epoch())
         order = list(range(n))
         random.Random(self.cfg.seed * 100_003 + epoch).shuffle(order)
         global_batch = order[k * bs:(k + 1) * bs]
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        micro = math.ceil(len(global_batch) / self.cfg.grad_accum)
-        chunks = [global_batch[i:i + micro] for i in range(0, len(global_batch), micro)]
-        return [c[rank::world] for c in chunks if c[rank::world]]
+        share = global_batch[:len(global_batch) - len(global_batch) % world][rank::world]
+        micro = math.ceil(len(share) / self.cfg.grad_accum)
+        return [share[i:i + micro] for i in range(0, len(share), micro)]
+
+    def _encode(self, idx: list[int]) -> dict:
+        batch = D.collate([self.encoder.encode(self.train_records[j]) for j in idx], self.processor.tokenizer.pad_token_id)
+        batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
+        batch["pixel_values"] = batch["pixel_values"].to(self.input_dtype)
+        return batch
+
+    def _global_label_tokens(self, batches: list[dict]) -> torch.Tensor:
+        """Label tokens (after the causal shift) of the whole global batch, summed over all processes."""
+        mine = sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+        total = self.accelerator.reduce(torch.tensor(float(mine), device=self.accelerator.device), reduction="sum")
+        return total.clamp(min=1.0)
 
     # ------------------------------------------------------------------ train
     def train(self) -> None:
@@ -180,15 +242,16 @@ class StageRecipe:
             if self.should_stop():
                 self.save_checkpoint()
                 raise StageCancelled(f"stage cancelled at step {self.step}/{self.total_steps}")
-            micro_batches = self._batches_for_step(self.step)
+            batches = [self._encode(idx) for idx in self._batches_for_step(self.step)]
+            n_tokens = self._global_label_tokens(batches)
             loss_sum = 0.0
-            for i, idx in enumerate(micro_batches):
-                batch = D.collate([self.encoder.encode(self.train_records[j]) for j in idx],
-                                  self.processor.tokenizer.pad_token_id)
-                sync = i == len(micro_batches) - 1
+            for i, batch in enumerate(batches):
+                sync = i == len(batches) - 1
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
                 with ctx:
-                    loss = self.model(**batch).loss / len(micro_batches)
+                    # Summed token losses / tokens of the GLOBAL batch: a token-mean over the global batch, however it
+                    # is split into micro-batches and ranks. Times N because DDP averages the N ranks' gradients.
+                    loss = self.model(**batch, num_items_in_batch=n_tokens).loss * acc.num_processes
                     acc.backward(loss)
                 loss_sum += loss.item()
             grads = [p.grad for p in self.params.values() if p.grad is not None]
@@ -203,9 +266,10 @@ class StageRecipe:
             self.scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            loss_avg = acc.reduce(torch.tensor(loss_sum), reduction="mean").item()
+            loss_avg = acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="mean").item()
             entry = {"step": self.step, "loss": round(loss_avg, 5), "lr": self.scheduler.get_last_lr()[0], **stats}
             self.log.append(entry)
+            self._trace({"step": self.step, "loss": loss_avg, "alpha": getattr(self.rule, "last_alpha", None)})
             elapsed = time.time() - start
             rate = (self.step - start_step) / max(elapsed, 1e-9)
             self.on_event({"type": "step", **entry, "total_steps": self.total_steps,
@@ -213,6 +277,16 @@ class StageRecipe:
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         self.rule.end_stage(self.params)
+        self._trace({"final_sums": {n: p.detach().double().sum().item() for n, p in self.params.items()}})
+
+    def _trace(self, entry: dict) -> None:
+        """Per-rank record (debugging distributed runs: every rank must compute the same alpha and weights)."""
+        if not self.cfg.trace_dir:
+            return
+        path = Path(self.cfg.trace_dir) / f"rank{self.accelerator.process_index}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(entry) + "\n")
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
@@ -279,6 +353,7 @@ class StageRecipe:
             "hparams": cfg.hparams(),
             "steps": self.total_steps,
             "processes": acc.num_processes,
+            "quant_bits": self.bits,
             "metrics": {},
         }
         replay_n = getattr(self.rule, "buffer_per_stage", 200)
@@ -320,6 +395,25 @@ class StageRecipe:
         if results:
             self.registry.record_metrics(version.id, {"test": results})
         return results
+
+
+def make_accelerator():
+    """An Accelerator that matches how the process was launched, or a clear error.
+
+    Several processes on a machine without CUDA: accelerate only picks gloo DDP when told `cpu=True`; without it
+    every rank would train alone and each would write its own version.
+    """
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    acc = Accelerator(cpu=world > 1 and not torch.cuda.is_available())
+    if acc.num_processes != world:
+        raise RuntimeError(f"launched as {world} processes but accelerate set up {acc.num_processes}")
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
+        raise ValueError(f"{acc.distributed_type.value} is not supported by the stage loop (it steps the optimizer "
+                         "itself and the update rule reads whole tensors); launch plain DDP (--multi_gpu)")
+    return acc
 
 
 def run_stage(config: StageConfig, registry: Registry | None = None, on_event=None, should_stop=None) -> Version | None:

@@ -3,6 +3,8 @@
     versions/<id>/meta.json     id, name, parent, stage data (name, sha256, path), method, hparams, metrics, time
     versions/<id>/model/        full weights + processor (save_pretrained, safetensors)       -- or --
     versions/<id>/adapter/      a peft LoRA adapter (+ projector) over the full-weights version `base_version`
+    (no weights at all)         an external checkpoint: meta `"weights": "external", "model_path": <folder or hub id>`,
+                                loaded from there (never copied: a 7B checkpoint is 14 GB); the root of a lineage
     versions/<id>/replay/       a small sample of the stage's records (for the `replay` rule later on)
     versions/<id>/train_log.json  loss and alpha per step
 
@@ -119,6 +121,12 @@ class Registry:
             chain.append(self.get(chain[-1].parent))
         return chain[::-1]
 
+    def latest_in_lineage(self, root: str) -> Version:
+        """The newest version descending from `root` (the root itself when nothing was learned from it yet)."""
+        root_id = self.get(root).id
+        ours = [v for v in self.list() if self.lineage(v.id)[0].id == root_id]
+        return ours[-1]
+
     def children(self, ref: str) -> list[Version]:
         vid = self.get(ref).id
         return [v for v in self.list() if v.parent == vid]
@@ -153,6 +161,23 @@ class Registry:
                 (Path(tmp) / "meta.json").write_text(json.dumps(meta, indent=1), encoding="utf-8")
                 Path(tmp).chmod(0o755)
         return Version(vid, final, meta)
+
+    def register_external(self, path_or_id: str, name: str | None = None) -> Version:
+        """Register a LLaVA checkpoint (folder or cached hub id) as a weightless root version; idempotent.
+
+        Only meta.json is written: `load_version` reads the weights from `model_path` each time.
+        """
+        from .model import check_llava, resolve_model_path
+
+        resolved = resolve_model_path(path_or_id)
+        check_llava(resolved)
+        with self.lock("register"):  # two ranks / processes registering the same model get one version
+            for v in self.list():
+                if v.weights == "external" and v.meta.get("model_path") == resolved:
+                    return v
+            meta = {"name": name or Path(resolved).name, "parent": None, "weights": "external",
+                    "model_path": resolved, "method": "external", "metrics": {}}
+            return self.create(meta, lambda tmp: None)
 
     def update_meta(self, ref: str, **fields) -> Version:
         with self.lock():
@@ -190,20 +215,46 @@ class Registry:
             shutil.rmtree(trash, ignore_errors=True)
 
 
-def load_version(registry: Registry, ref: str | None = None, dtype=None):
-    """Load a version's model + processor (full weights, or base weights + its LoRA adapter)."""
-    import torch
+def _as_bits(version: Version, bits) -> int | None:
+    """`bits="auto"`: load as the version was trained (QLoRA versions record 4 or 8), else 4, 8 or None."""
+    if bits == "auto":
+        return version.meta.get("quant_bits")
+    if bits not in (None, 4, 8):
+        raise ValueError(f"bits must be 'auto', None, 4 or 8, got {bits!r}")
+    return bits
 
-    from .model import load_pretrained
 
+def load_base(version: Version, dtype=None, bits: int | None = None):
+    """The model + processor a LoRA adapter sits on: an external checkpoint or a full-weights version."""
+    from .model import default_device, load_model, load_pretrained
+
+    if version.weights == "external":
+        return load_model(version.meta["model_path"], load_in_4bit=bits == 4, load_in_8bit=bits == 8, dtype=dtype)
+    if version.weights == "full":
+        import torch
+
+        return load_pretrained(version.path / "model", dtype=dtype or torch.float32,
+                               device=default_device() if bits else None,
+                               load_in_4bit=bits == 4, load_in_8bit=bits == 8)
+    raise VersionError(f"version {version.id} holds {version.weights!r} weights, not a base model")
+
+
+def base_of(registry: Registry, version: Version) -> Version:
+    """The version whose weights `version` runs on: itself, or its LoRA adapter's `base_version`."""
+    return registry.get(version.meta["base_version"]) if version.weights == "lora" else version
+
+
+def load_version(registry: Registry, ref: str | None = None, dtype=None, bits="auto"):
+    """Load a version's model + processor (full weights, an external checkpoint, or a base + its LoRA adapter).
+
+    `bits`: "auto" (as the version was trained), None (full precision), 4 or 8 (bitsandbytes).
+    """
     v = registry.get(ref)
-    dtype = dtype or torch.float32
+    bits = _as_bits(v, bits)
+    model, processor = load_base(base_of(registry, v), dtype=dtype, bits=bits)
     if v.weights == "lora":
         from peft import PeftModel
 
-        base = registry.get(v.meta["base_version"])
-        model, processor = load_pretrained(base.path / "model", dtype=dtype)
         model = PeftModel.from_pretrained(model, v.path / "adapter", is_trainable=False)
         model.eval()
-        return model, processor
-    return load_pretrained(v.path / "model", dtype=dtype)
+    return model, processor

@@ -84,7 +84,7 @@ def test_answers_in_declared_space(name):
             x1, y1, x2, y2 = map(float, BOX_RE.fullmatch(a).groups())
             assert 0 <= x1 < x2 <= 1 and 0 <= y1 < y2 <= 1
         elif name == "caption":
-            assert a == cm.caption_text(scene.objects)
+            assert a == cm.describe(scene)
 
 
 def test_answers_match_scene():
@@ -100,11 +100,17 @@ def test_answers_match_scene():
         assert int(a) == len(scene.objects) and len({o.quadrant for o in scene.objects}) == int(a)
     for scene, _, a in _answers("vizwiz", 100):
         assert (a == "unanswerable") == (scene.kind in ("blank", "noise"))
-    assert _answers("caption", 1, seed=5)[0][2].startswith("A ")
     obj = cm.Obj("circle", "red", "top left", (1, 1, 20, 20))
     obj2 = cm.Obj("square", "blue", "top right", (33, 1, 52, 20))
-    assert cm.caption_text([obj]) == "A red circle."
-    assert cm.caption_text([obj, obj2]) == "A red circle and a blue square."
+    centred = cm.Obj("cross", "green", None, (20, 20, 44, 44))
+    assert cm.caption_text([centred]) == "A green cross."
+    assert cm.caption_text([obj, obj2]) == "A red circle in the top left and a blue square in the top right."
+    kinds = {}
+    for scene, _, a in _answers("caption", 200):
+        kinds.setdefault(scene.kind, a)
+    assert {"multi", "shape", "word", "book", "blank", "noise"} <= set(kinds)
+    assert kinds["blank"] == "A blank image." and kinds["noise"] == "Random noise."
+    assert re.fullmatch(r"The word \w+\.", kinds["word"]) and " book titled " in kinds["book"]
 
 
 def test_prompts_use_declared_wording():

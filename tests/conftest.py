@@ -1,0 +1,45 @@
+"""Shared fixtures: a real (tiny, briefly trained) base model in a throw-away $LLACA_HOME, and CoIN-mini data.
+
+The quick base is the real build recipe with fewer steps (~15 s); it answers badly but is a genuine
+LlavaForConditionalGeneration going through every code path the product uses.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+
+@pytest.fixture(scope="session")
+def quick_home(tmp_path_factory) -> Path:
+    """A $LLACA_HOME holding a quickly built `base` version (built once per test session)."""
+    from llaca.base_build import build_base
+    from llaca.versions import Registry
+
+    home = tmp_path_factory.mktemp("llaca_home")
+    build_base(Registry(home), seed=0, vision_steps=30, base_steps=30, n_train=300, n_test=30)
+    return home
+
+
+@pytest.fixture()
+def llaca_home(quick_home, tmp_path, monkeypatch) -> Path:
+    """A private copy of `quick_home` per test, exported as $LLACA_HOME."""
+    home = tmp_path / "home"
+    shutil.copytree(quick_home, home, symlinks=True)
+    monkeypatch.setenv("LLACA_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def coin_dir(tmp_path_factory) -> Path:
+    """Small CoIN-mini task folders (train/test each)."""
+    from llaca import coin_mini
+
+    out = tmp_path_factory.mktemp("coin")
+    coin_mini.write_coin_mini(out, seed=0, n_train=48, n_test=12)
+    return out

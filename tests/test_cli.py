@@ -1,0 +1,72 @@
+"""The `python -m llaca` interface end to end on a real tiny LLaVA: learn -> version -> ask -> eval."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def llaca(*args, home: Path, check=True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "LLACA_HOME": str(home), "PYTHONPATH": str(REPO)}
+    proc = subprocess.run([sys.executable, "-m", "llaca", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=REPO, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"llaca {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
+    return proc
+
+
+def test_learn_ask_eval_versions(llaca_home, coin_dir):
+    train = coin_dir / "sciqa" / "train"
+    out = llaca("learn", train, "--method", "llaca", "--max-steps", "4", "--batch-size", "8", "--name", "sci",
+                home=llaca_home)
+    new_id = out.stdout.strip().splitlines()[-1]
+    assert new_id == "v1"
+    listed = json.loads(llaca("versions", "--json", home=llaca_home).stdout)
+    by_id = {v["id"]: v for v in listed}
+    assert by_id["v1"]["parent"] == "base" and by_id["v1"]["method"] == "llaca"
+    assert by_id["v1"]["stage"]["name"] == "sciqa-train"
+    assert "sciqa-test" in by_id["v1"]["metrics"]["test"]  # automatic evaluation on the sibling test split
+    log = json.loads((llaca_home / "versions" / "v1" / "train_log.json").read_text())
+    assert len(log) == 4 and all("alpha_mean" in e for e in log)
+
+    image = next((coin_dir / "sciqa" / "test" / "images").iterdir())
+    answer = llaca("ask", "v1", image, "What shape is in the image?", home=llaca_home).stdout.strip()
+    assert isinstance(answer, str)
+    # `ask` without a version uses the newest one and gives the same greedy answer.
+    assert llaca("ask", image, "What shape is in the image?", home=llaca_home).stdout.strip() == answer
+
+    result = json.loads(llaca("eval", "sci", coin_dir / "sciqa" / "test", "--json", home=llaca_home).stdout)
+    assert result["version"] == "v1" and result["n"] == 12 and 0 <= result["accuracy"] <= 100
+    assert result["accuracy"] == by_id["v1"]["metrics"]["test"]["sciqa-test"]["accuracy"]
+
+
+def test_bad_input_is_one_line_error(llaca_home, tmp_path):
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "data.json").write_text('[{"id": "1", "image": "nope.png", "conversations": []}]')
+    proc = llaca("learn", bad, "--method", "seq", home=llaca_home, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    first = proc.stderr.strip().splitlines()[0]
+    assert first.startswith("error: data.json, record 0 (id '1'), field 'image'")
+    proc = llaca("ask", "v99", tmp_path / "x.png", "hi", home=llaca_home, check=False)
+    assert proc.returncode == 2 and "unknown version 'v99'" in proc.stderr and "Traceback" not in proc.stderr
+    proc = llaca("learn", tmp_path / "nowhere", home=llaca_home, check=False)
+    assert proc.returncode == 2 and "no such file or folder" in proc.stderr
+    # Nothing was written by the failed commands.
+    assert [v["id"] for v in json.loads(llaca("versions", "--json", home=llaca_home).stdout)] == ["base"]
+
+
+def test_coin_mini_command(tmp_path, llaca_home):
+    out = llaca("coin-mini", tmp_path / "c", "--n-train", "4", "--n-test", "2", home=llaca_home)
+    dirs = [Path(p) for p in out.stdout.split()]
+    assert len(dirs) >= 6
+    for d in dirs:
+        assert len(json.loads((d / "train" / "data.json").read_text())) == 4
+        assert len(json.loads((d / "test" / "data.json").read_text())) == 2

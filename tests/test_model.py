@@ -1,0 +1,48 @@
+"""The embedded default model is a standard HF LLaVA: save/load round trip, offline, any text tokenizes."""
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from llaca.chat import answer_once, stream_answer
+from llaca.model import CHAT_TEMPLATE, count_parameters, load_pretrained
+from llaca.versions import Registry, load_version
+
+
+def test_base_is_a_standard_llava_folder(llaca_home, tmp_path):
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    base = Registry().get("base")
+    folder = base.path / "model"
+    model = LlavaForConditionalGeneration.from_pretrained(folder, local_files_only=True)
+    processor = AutoProcessor.from_pretrained(folder, local_files_only=True)
+    assert type(model).__name__ == "LlavaForConditionalGeneration"
+    assert processor.chat_template == CHAT_TEMPLATE
+    assert 1e6 < count_parameters(model) < 10e6
+    assert base.meta["build"]["parameters"] == count_parameters(model)
+    assert not list(folder.glob("*.bin")) and (folder / "model.safetensors").is_file()
+
+
+def test_round_trip_identical_logits_and_generation(llaca_home):
+    model, processor = load_version(Registry(), "base")
+    image = Image.new("RGB", (64, 64), (40, 80, 220))
+    inputs = processor(text=processor.apply_chat_template(
+        [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What color is the square?"}]}],
+        add_generation_prompt=True), images=image, return_tensors="pt")
+    again, _ = load_pretrained(Registry().get("base").path / "model")
+    with torch.no_grad():
+        assert torch.equal(model(**inputs).logits, again(**inputs).logits)
+    a1 = answer_once(model, processor, image, "What color is the square?")
+    a2 = answer_once(again, processor, image, "What color is the square?")
+    assert a1 == a2
+    streamed = list(stream_answer(model, processor, image, "What color is the square?", max_new_tokens=64))
+    assert streamed and streamed[-1] == a1  # the streaming path gives the same greedy answer
+
+
+def test_any_text_tokenizes(llaca_home):
+    _, processor = load_version(Registry(), "base")
+    tok = processor.tokenizer
+    for text in ["Wie heißt das? 你好 🙂", "tab\tnewline\n", "\x00"]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.unk_token_id not in ids
+        assert tok.decode(ids) == text

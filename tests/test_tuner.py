@@ -1,0 +1,109 @@
+"""The stage recipe on a real tiny LLaVA: EMA replaces the raw weights, interrupted stages resume exactly,
+failed stages leave the registry untouched, replay mixes earlier samples, versions are atomic."""
+from __future__ import annotations
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from llaca.tuner import StageCancelled, StageConfig, StageRecipe, run_stage
+from llaca.versions import Registry, VersionError
+
+
+def weights(registry, vid):
+    return load_file(str(registry.get(vid).path / "model" / "model.safetensors"))
+
+
+def test_llaca_stage_saves_ema_weights_not_raw(llaca_home, coin_dir):
+    registry = Registry()
+    cfg = StageConfig(data=str(coin_dir / "vqav2" / "train"), method="llaca", max_steps=3, batch_size=8,
+                      evaluate_after=False)
+    recipe = StageRecipe(cfg, registry)
+    recipe.setup()
+    raw_before_end = {}
+    original_end = recipe.rule.end_stage
+
+    def capture_then_end(params):
+        raw_before_end.update({n: p.detach().clone() for n, p in params.items()})
+        original_end(params)
+
+    recipe.rule.end_stage = capture_then_end
+    recipe.train()
+    version = recipe.save()
+    saved = weights(registry, version.id)
+    base = weights(registry, "base")
+    name = "model.language_model.layers.0.mlp.down_proj.weight"
+    ema = recipe.rule.state_dict()[f"ema.{name}"]
+    assert torch.equal(saved[name], ema.to(saved[name].dtype))  # the saved version holds the EMA weights
+    assert not torch.equal(saved[name], raw_before_end[name])  # ... not the raw optimizer weights
+    assert not torch.equal(saved[name], base[name])
+    vision = "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    assert torch.equal(saved[vision], base[vision])  # frozen vision tower
+
+
+def test_cancel_then_resume_matches_uninterrupted(llaca_home, coin_dir):
+    registry = Registry()
+    data = str(coin_dir / "gqa" / "train")
+    common = dict(data=data, method="llaca", max_steps=6, batch_size=8, checkpoint_every=2, evaluate_after=False)
+    reference = run_stage(StageConfig(**common, name="ref"), registry)
+    ref_weights = weights(registry, reference.id)
+
+    steps = {"n": 0}
+
+    def stop_after_three():
+        return steps["n"] >= 3
+
+    def count(event):
+        if event["type"] == "step":
+            steps["n"] = event["step"]
+
+    before = [v.id for v in registry.list()]
+    with pytest.raises(StageCancelled):
+        run_stage(StageConfig(**common, name="resumed"), registry, on_event=count, should_stop=stop_after_three)
+    assert [v.id for v in registry.list()] == before  # nothing half-written is listed
+    events = []
+    resumed = run_stage(StageConfig(**common, name="resumed"), registry, on_event=events.append)
+    assert events[0]["type"] == "start" and events[0]["resumed"] and events[0]["step"] == 3
+    got = weights(registry, resumed.id)
+    worst = max((got[k] - ref_weights[k]).abs().max().item() for k in ref_weights)
+    assert worst <= 1e-6, f"resumed run differs from uninterrupted by {worst}"
+
+
+def test_failed_stage_leaves_registry_untouched(llaca_home, coin_dir, monkeypatch):
+    registry = Registry()
+    before = {v.id: v.meta for v in registry.list()}
+    base_w = weights(registry, "base")
+    import llaca.model as model_mod
+
+    def broken_save(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(model_mod, "save_pretrained", broken_save)
+    with pytest.raises(OSError):
+        run_stage(StageConfig(data=str(coin_dir / "gqa" / "train"), method="seq", max_steps=1, batch_size=8,
+                              evaluate_after=False), registry)
+    assert {v.id: v.meta for v in registry.list()} == before
+    assert not [p for p in registry.root.iterdir() if p.name.startswith(".")]  # no temp dirs left behind
+    after = weights(registry, "base")
+    assert all(torch.equal(after[k], base_w[k]) for k in base_w)
+
+
+def test_replay_mixes_earlier_stage_samples(llaca_home, coin_dir):
+    registry = Registry()
+    first = run_stage(StageConfig(data=str(coin_dir / "sciqa" / "train"), method="seq", max_steps=1, batch_size=8,
+                                  evaluate_after=False), registry)
+    assert (first.path / "replay" / "data.json").is_file()
+    recipe = StageRecipe(StageConfig(data=str(coin_dir / "gqa" / "train"), method="replay", parent=first.id,
+                                     max_steps=1, batch_size=8, rule_hparams={"fraction": 0.25}), registry)
+    recipe.setup()
+    ids = [r.id for r in recipe.train_records]
+    assert len(ids) == 48 + 12
+    assert sum(i.startswith("sciqa") for i in ids) == 12
+
+
+def test_registry_guards(llaca_home):
+    registry = Registry()
+    with pytest.raises(VersionError):
+        registry.get("../../etc")
+    with pytest.raises(VersionError):
+        registry.delete("base")
