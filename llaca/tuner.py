@@ -325,7 +325,8 @@ class StageRecipe:
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
         rule_state = {k: v for k, v in load_file(str(ckpt / "rule.safetensors")).items() if k != "_"}
         self.rule.load_state_dict(rule_state)
-        self.scheduler.load_state_dict(state["scheduler"])
+        # LambdaLR state needs its lambda slots back (functions are not saved).
+        self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
         for group, lr in zip(self.optimizer.param_groups, self.scheduler.get_last_lr()):
             group["lr"] = lr
         self.step, self.log = state["step"], state["log"]

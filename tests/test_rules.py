@@ -230,9 +230,9 @@ def _reference_llaca(steps, scale=2.0, fallback=0.01):
             if n not in ema:
                 ema[n], g_prev[n], row[n] = p.clone(), g.clone(), fallback
                 continue
-            a = torch.linalg.vector_norm(p - ema[n], 1).item()
-            b = torch.linalg.vector_norm(g, 1).item()
-            c = torch.linalg.vector_norm(g - g_prev[n], 1).item()
+            a = (p - ema[n]).abs().sum().item()          # L1 norm = sum of |x|
+            b = g.abs().sum().item()
+            c = (g - g_prev[n]).abs().sum().item()
             alpha = llaca_alpha(a, b, c, scale, fallback)
             ema[n] = (1 - alpha) * ema[n] + alpha * p
             g_prev[n] = g.clone()

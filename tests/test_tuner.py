@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from llaca.tuner import StageCancelled, StageConfig, StageRecipe, run_stage
-from llaca.versions import Registry, VersionError
+from llaca.versions import Registry, VersionError, load_version
 
 
 def weights(registry, vid):
-    return load_file(str(registry.get(vid).path / "model" / "model.safetensors"))
+    """A version's weights by in-memory parameter name (loaded the way the product loads them)."""
+    model, _ = load_version(registry, vid)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 def test_llaca_stage_saves_ema_weights_not_raw(llaca_home, coin_dir):
@@ -20,11 +21,12 @@ def test_llaca_stage_saves_ema_weights_not_raw(llaca_home, coin_dir):
                       evaluate_after=False)
     recipe = StageRecipe(cfg, registry)
     recipe.setup()
-    raw_before_end = {}
+    raw_before_end, ema_before_end = {}, {}
     original_end = recipe.rule.end_stage
 
     def capture_then_end(params):
         raw_before_end.update({n: p.detach().clone() for n, p in params.items()})
+        ema_before_end.update({k[4:]: v.clone() for k, v in recipe.rule.state_dict().items() if k.startswith("ema.")})
         original_end(params)
 
     recipe.rule.end_stage = capture_then_end
@@ -33,11 +35,10 @@ def test_llaca_stage_saves_ema_weights_not_raw(llaca_home, coin_dir):
     saved = weights(registry, version.id)
     base = weights(registry, "base")
     name = "model.language_model.layers.0.mlp.down_proj.weight"
-    ema = recipe.rule.state_dict()[f"ema.{name}"]
-    assert torch.equal(saved[name], ema.to(saved[name].dtype))  # the saved version holds the EMA weights
+    assert torch.equal(saved[name], ema_before_end[name].to(saved[name].dtype))  # the version holds the EMA
     assert not torch.equal(saved[name], raw_before_end[name])  # ... not the raw optimizer weights
     assert not torch.equal(saved[name], base[name])
-    vision = "model.vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight"
+    vision = "model.vision_tower.encoder.layers.0.mlp.fc1.weight"
     assert torch.equal(saved[vision], base[vision])  # frozen vision tower
 
 
@@ -98,7 +99,10 @@ def test_replay_mixes_earlier_stage_samples(llaca_home, coin_dir):
     recipe.setup()
     ids = [r.id for r in recipe.train_records]
     assert len(ids) == 48 + 12
-    assert sum(i.startswith("sciqa") for i in ids) == 12
+    assert sum(i.startswith("gqa") for i in ids) == 48
+    replayed = [i for i in ids if not i.startswith("gqa")]
+    # The pool is every earlier version's replay buffer in the lineage: base's (base mixture) and v1's (sciqa).
+    assert replayed and all(i.startswith(("sciqa", "base")) for i in replayed)
 
 
 def test_registry_guards(llaca_home):

@@ -50,8 +50,15 @@ def llaca_alphas(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scale: float
 
 
 def l1_norms(tensors: list[torch.Tensor]) -> torch.Tensor:
-    """||t||_1 of each tensor as one 1-D float32 tensor: one multi-tensor op, no host sync, no big temporaries."""
-    return torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))
+    """||t||_1 of each tensor as one 1-D float32 tensor, with no host sync.
+
+    On CPU, abs().sum() per tensor is ~6x faster than the ord=1 norm kernel (`_foreach_norm` / `vector_norm`), which
+    made this rule 2.8x AdamW's step (`python -m llaca.bench speed`); its one temporary per tensor is reused by the
+    allocator. On accelerators the single multi-tensor kernel is the fast one.
+    """
+    if tensors and tensors[0].device.type != "cpu":
+        return torch.stack(torch._foreach_norm(tensors, 1, dtype=torch.float32))
+    return torch.stack([t.abs().sum(dtype=torch.float32) for t in tensors]) if tensors else torch.zeros(0)
 
 
 class LlacaRule(UpdateRule):
