@@ -51,7 +51,7 @@ class StageConfig:
     method: str = "llaca"
     parent: str | None = None  # None: the newest version
     name: str | None = None
-    epochs: float = 1.0
+    epochs: float = 3.0  # CoIN-mini stages need ~250 steps (1500 records, batch 16) to plateau
     max_steps: int | None = None  # overrides epochs
     lr: float = 1e-3
     batch_size: int = 16  # global batch per optimizer step
