@@ -45,7 +45,8 @@ def test_llaca_stage_saves_ema_weights_not_raw(llaca_home, coin_dir):
 def test_cancel_then_resume_matches_uninterrupted(llaca_home, coin_dir):
     registry = Registry()
     data = str(coin_dir / "gqa" / "train")
-    common = dict(data=data, method="llaca", max_steps=6, batch_size=8, checkpoint_every=2, evaluate_after=False)
+    common = dict(data=data, method="llaca", parent="base", max_steps=6, batch_size=8, checkpoint_every=2,
+                  evaluate_after=False)
     reference = run_stage(StageConfig(**common, name="ref"), registry)
     ref_weights = weights(registry, reference.id)
 
