@@ -1,0 +1,136 @@
+"""LLaCA Studio's web UI: a thin Gradio layer over the `llaca` library, one module per tab (like LLaMA-Factory's
+webui/components), wired together in `main.py`.
+
+`Studio` is the little state the tabs share: the version registry, the job queue and its worker supervisor, and
+the library's `ModelPool` (a small LRU of loaded models; LoRA versions share their base) for chat and compare. Training never runs here (a worker process does, see
+`llaca.jobs`); the tabs only call the library and turn its errors into readable messages.
+"""
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from pathlib import Path
+
+from llaca.jobs import JobStore, WorkerSupervisor, error_text
+from llaca.paths import ASSETS_DIR, llaca_home
+from llaca.serving import ModelPool
+from llaca.versions import Registry, Version, VersionError
+
+SAMPLES_DIR = ASSETS_DIR / "samples"
+
+
+def _quiet_transformers() -> None:
+    """Loading reports and progress bars belong in a terminal session, not in a server's log per chat turn."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
+_quiet_transformers()
+
+
+class Studio:
+    """What every tab needs: where things live, the registry, the job queue, loaded models."""
+
+    def __init__(self, home: str | Path | None = None, start_worker: bool = True):
+        self.home = Path(home) if home else llaca_home()
+        self.registry = Registry(self.home)
+        self.jobs = JobStore(self.home)
+        self.models = ModelPool(self.registry, max_models=6)
+        self._load_lock = threading.Lock()
+        self.supervisor = WorkerSupervisor(self.home)
+        self.started = time.time()
+        self._clean_staging()
+        if start_worker:
+            self.supervisor.start(requeue_interrupted=True)
+
+    def close(self) -> None:
+        self.supervisor.stop()
+
+    def _clean_staging(self, max_age_s: float = 86400) -> None:
+        """Uploads validated but never started are dropped after a day (a started job keeps its own copy)."""
+        staging = self.home / "uploads" / "staging"
+        for d in staging.glob("*") if staging.is_dir() else []:
+            if time.time() - d.stat().st_mtime > max_age_s:
+                shutil.rmtree(d, ignore_errors=True)
+
+    # ----------------------------------------------------------------------------- versions
+    def versions(self) -> list[Version]:
+        return self.registry.list()
+
+    def version_choices(self) -> list[tuple[str, str]]:
+        """(label, id) pairs for dropdowns, newest first."""
+        return [(version_label(v), v.id) for v in reversed(self.versions())]
+
+    def ready(self, version_id: str) -> None:
+        """Load a version into the pool, one load at a time: transformers' `from_pretrained` is not thread-safe
+        (two loads in parallel threads silently give garbage weights; measured here), and chat and compare
+        sessions run in parallel threads."""
+        with self._load_lock, self.models.use(version_id):
+            pass
+
+    def newest_id(self) -> str | None:
+        versions = self.versions()
+        return versions[-1].id if versions else None
+
+    def base_ready(self) -> bool:
+        return self.registry.exists("base")
+
+    # ----------------------------------------------------------------------------- base build
+    def ensure_base_job(self):
+        """Queue a 'build-base' job unless the base exists or one is already queued/running."""
+        if self.base_ready():
+            return None
+        pending = self.jobs.active(kind="build-base")
+        if pending:
+            job = pending[0]
+            return self.jobs.requeue(job.id) if job.status == "interrupted" else job
+        return self.jobs.submit({}, kind="build-base", label="build the base model")
+
+    def base_build_status(self) -> str:
+        """A markdown banner while the base model is being built; empty once it exists."""
+        if self.base_ready():
+            return ""
+        pending = self.jobs.active(kind="build-base")
+        failed = [j for j in self.jobs.list(20) if j.kind == "build-base" and j.status == "failed"]
+        if not pending:
+            if failed:
+                return f"**The base model build failed:** {failed[0].error}. See job #{failed[0].id} in *Learn*."
+            return "**No base model yet.** Start the app with `python launch.py` to build it."
+        job = pending[0]
+        steps = [e for e in self.jobs.events(job.id) if e.get("type") == "step"]
+        if not steps:
+            return f"**Building the base model** (job #{job.id}, {job.status}): preparing data and tokenizer…"
+        last = steps[-1]
+        phase = {"vision": "1/2 vision pre-training"}.get(last.get("phase"), "2/2 language model + projector")
+        pct = 100 * last["step"] / max(1, last["total_steps"])
+        return (f"**Building the base model** (a few minutes, once): {phase}, step {last['step']}/"
+                f"{last['total_steps']} ({pct:.0f}%), loss {last['loss']:.3f}. Chat becomes available when it is done.")
+
+
+def version_label(v: Version) -> str:
+    """'v3 · sciqa-train · llaca · 14:02' — what a person picks a version by."""
+    stage = v.meta.get("stage", {}).get("name")
+    bits = [v.id if v.name == v.id else f"{v.id} '{v.name}'"]
+    if v.id != "base" and stage:
+        bits += [stage, v.meta.get("method", "?")]
+    bits.append(time.strftime("%H:%M", time.localtime(v.created)))
+    return " · ".join(bits)
+
+
+def message_for(e: BaseException) -> str:
+    """The error text a person sees (the library's own message names file, record and field)."""
+    if isinstance(e, VersionError):
+        return str(e)
+    return error_text(e)
+
+
+def warn(e: BaseException | str) -> str:
+    """Show a toast with the error (never a traceback) and return the text for a markdown box."""
+    import gradio as gr
+
+    text = e if isinstance(e, str) else message_for(e)
+    gr.Warning(text)
+    return text

@@ -1,0 +1,365 @@
+"""Learn: upload an instruction set, read its validation report, choose how to learn it, and queue the stage.
+
+Nothing trains here: *Start* submits a job to `llaca.jobs` (SQLite), and a worker process trains it. This tab
+polls the job's files (LLaMA-Factory's runner pattern): progress bar with ETA, loss and alpha curves, log
+tail. Jobs queue up (one trains at a time) and survive an app restart.
+"""
+from __future__ import annotations
+
+import html
+import shutil
+import time
+import types
+import uuid
+from pathlib import Path
+
+import gradio as gr
+
+from llaca import coin_mini
+from llaca.data import InvalidDataset, validate
+from llaca.jobs import JobError, stage_upload
+
+from . import Studio, plots, warn
+
+METHODS = [("llaca: adaptive EMA (the paper)", "llaca"), ("seq: plain fine-tuning", "seq"),
+           ("ema: fixed β", "ema"), ("replay: mix in earlier samples", "replay")]
+PREVIEW = 6
+LOG_LINES = 10
+POLL_SECONDS = 2.0
+AUTO = 0  # job selector value meaning "follow the active job"
+
+# The one-click demo: two CoIN-mini tasks learned with `seq`, then with `llaca`, from the base.
+DEMO_TASKS = coin_mini.DEFAULT_SEQUENCE[:2]
+DEMO_DATA = dict(n_train=400, n_test=50, seed=0)
+DEMO_STAGE = dict(max_steps=80, lr=1e-3, batch_size=16, checkpoint_every=40)
+
+
+# ------------------------------------------------------------------------------------------ validation
+
+def staging_root(studio: Studio) -> Path:
+    return studio.home / "uploads" / "staging"
+
+
+def report_markdown(report, split: str) -> str:
+    """Counts and every problem (file, record, field) as markdown."""
+    n_turns = sum(len(r.turns) for r in report.records)
+    if report.ok:
+        head = f"✔ **{split} set `{report.name}`**: {len(report.records)} records, {n_turns} turns, all valid."
+        return head
+    lines = [f"✘ **{split} set `{report.name}`**: {report.total_problems} problem(s); "
+             f"{len(report.records)} valid record(s). Nothing trains until every problem is fixed:"]
+    lines += [f"- {html.escape(str(p), quote=False)}" for p in report.problems]
+    if report.total_problems > len(report.problems):
+        lines.append(f"- … and {report.total_problems - len(report.problems)} more")
+    return "\n".join(lines)
+
+
+def preview(report) -> list[tuple[str, str]]:
+    """The first records' images (their questions and answers are listed in the report)."""
+    return [str(r.image) for r in report.records[:PREVIEW]]
+
+
+def samples_markdown(report, n: int = 3) -> str:
+    def cell(text: str, width: int) -> str:
+        return html.escape(text.splitlines()[0][:width], quote=False).replace("|", "\\|")
+
+    rows = [f"| `{r.id}` | {cell(r.question, 90)} | {cell(r.answer, 40)} |" for r in report.records[:n]]
+    return "\n".join(["| id | question | answer |", "|---|---|---|", *rows]) if rows else ""
+
+
+def check_upload(studio: Studio, files, test_files) -> tuple[str, list, str]:
+    """Stage the upload, validate it (and the optional test split); returns (markdown, preview, data path or '')."""
+    dest = staging_root(studio) / uuid.uuid4().hex[:12]
+    processor = _newest_processor(studio)
+    try:
+        train = stage_upload(files, dest, "train")
+        reports = [("training", validate(train, processor=processor))]
+        if test_files:
+            test = stage_upload(test_files, dest, "test", name=train.parent.name)
+            reports.append(("test", validate(test, processor=processor)))
+    except InvalidDataset as e:
+        shutil.rmtree(dest, ignore_errors=True)
+        problems = "\n".join(f"- {html.escape(str(p), quote=False)}" for p in e.problems)
+        return f"✘ **Cannot read the upload:**\n{problems}", [], ""
+    md = "\n\n".join(report_markdown(r, split) for split, r in reports)
+    md += "\n\n" + samples_markdown(reports[0][1])
+    ok = all(r.ok for _, r in reports)
+    if ok and len(reports) == 1:
+        md += "\n\n_No test split uploaded: the stage is evaluated on earlier stages' test sets only._"
+    return md, preview(reports[0][1]), str(train) if ok else ""
+
+
+def _newest_processor(studio: Studio):
+    """The processor checks each record fits the model's token limit; skipped while no model exists."""
+    vid = studio.newest_id()
+    if vid is None:
+        return None
+    try:
+        studio.ready(vid)
+        with studio.models.use(vid) as (_, processor):
+            return processor
+    except Exception:  # noqa: BLE001 - validation still runs, only the token check is skipped
+        return None
+
+
+# ------------------------------------------------------------------------------------------ submitting
+
+def stage_config(data: str, method: str, beta: float, replay_fraction: float, parent: str | None, name: str,
+                 epochs: float, max_steps: float, lr: float, lora: bool) -> dict:
+    rule = {"ema": {"beta": float(beta)}, "replay": {"fraction": float(replay_fraction)}}.get(method, {})
+    return {"data": data, "method": method, "parent": parent or None, "name": (name or "").strip() or None,
+            "epochs": float(epochs), "max_steps": int(max_steps) if max_steps else None, "lr": float(lr),
+            "lora": bool(lora), "rule_hparams": rule}
+
+
+def submit_upload(studio: Studio, data_path: str, config: dict):
+    """Queue a stage on a validated upload; the staged folder is copied into the job's own dir."""
+    if not data_path:
+        raise JobError("upload a valid instruction set first (the report above must show ✔)")
+    data = Path(data_path).resolve()
+    upload_dir = data.parent.parent
+    if upload_dir.parent != staging_root(studio).resolve() or not data.is_dir():
+        raise JobError("that upload is no longer staged; upload it again")
+    if config["parent"] is None:
+        config["parent"] = studio.newest_id()
+    studio.registry.get(config["parent"])  # a clear error now rather than in the worker
+    label = f"{config['method']} · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
+    return studio.jobs.submit(config, label=label, upload_dir=upload_dir)
+
+
+def queue_demo(studio: Studio) -> list:
+    """Write the demo tasks (once) and queue seq and llaca over them, each stage from the previous one."""
+    busy = [j for j in studio.jobs.active() if j.label.startswith("demo")]
+    if busy:
+        raise JobError(f"the demo is already queued (jobs {', '.join('#' + str(j.id) for j in busy)})")
+    if not studio.base_ready():
+        raise JobError("the base model is still being built; start the demo when it is ready")
+    root = studio.home / "datasets" / "demo"
+    missing = [t for t in DEMO_TASKS if not (root / t / "test" / "data.json").is_file()]
+    if missing:
+        coin_mini.write_coin_mini(root, tasks=missing, **DEMO_DATA)
+    jobs = []
+    for method in ("seq", "llaca"):
+        previous = None
+        for k, task in enumerate(DEMO_TASKS, 1):
+            config = {"data": str(root / task / "train"), "method": method, "parent": "base" if previous is None else None,
+                      "name": f"demo-{method}-{k}-{task}", **DEMO_STAGE}
+            previous = studio.jobs.submit(config, label=f"demo {method} {k}/{len(DEMO_TASKS)} · {task}",
+                                          parent_job=previous.id if previous else None)
+            jobs.append(previous)
+    return jobs
+
+
+# ------------------------------------------------------------------------------------------ job display
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds == float("inf"):
+        return "–"
+    seconds = int(max(0, seconds))
+    return f"{seconds // 60}:{seconds % 60:02d}"
+
+
+def job_progress(job, events: list[dict]) -> dict:
+    """Fraction done, step text and ETA of a job, from its status and progress events."""
+    steps = [e for e in events if e.get("type") == "step"]
+    if job.status == "done":
+        return {"fraction": 1.0, "text": f"done → {job.version_id}"}
+    if not steps:
+        return {"fraction": 0.0, "text": {"running": "starting…"}.get(job.status, job.status)}
+    last = steps[-1]
+    phase = [e for e in steps if e.get("phase") == last.get("phase")]
+    eta = last.get("eta")
+    if eta is None and len(phase) > 1 and phase[-1]["t"] > phase[0]["t"]:
+        rate = (phase[-1]["step"] - phase[0]["step"]) / (phase[-1]["t"] - phase[0]["t"])
+        eta = (last["total_steps"] - last["step"]) / max(rate, 1e-9)
+    phase_name = f"{last['phase']} " if last.get("phase") else ""
+    evals = [e for e in events if e.get("type") == "eval"]
+    if last["step"] >= last["total_steps"] and job.status == "running":
+        text = f"{phase_name}trained; evaluating ({len(evals)} test set(s) done)"
+    else:
+        text = f"{phase_name}step {last['step']}/{last['total_steps']} · loss {last['loss']:.3f} · ETA {_clock(eta)}"
+    return {"fraction": last["step"] / max(1, last["total_steps"]), "text": text}
+
+
+def progress_html(job, events: list[dict]) -> str:
+    if job is None:
+        return "<div class='llaca-progress'>No jobs yet: upload a set and press <b>Start</b>, or run the demo.</div>"
+    p = job_progress(job, events)
+    note = ""
+    if job.error:
+        note = f"<div class='llaca-error'>{html.escape(job.error)}</div>"
+    evals = [e for e in events if e.get("type") == "eval"]
+    if evals:
+        note += "<div>" + " · ".join(f"{html.escape(e['dataset'])}: <b>{e['accuracy']:.1f}%</b>" for e in evals) + "</div>"
+    return (f"<div class='llaca-progress'><b>#{job.id} {html.escape(job.label)}</b> — {job.status}"
+            f"<progress value='{p['fraction']:.4f}' max='1' style='width:100%;height:14px'></progress>"
+            f"<div>{html.escape(p['text'])}</div>{note}</div>")
+
+
+def job_rows(studio: Studio) -> list[list]:
+    rows = []
+    for job in studio.jobs.list(50):
+        events = studio.jobs.events(job.id) if job.status == "running" else []
+        p = job_progress(job, events)
+        rows.append([job.id, job.label, job.status, p["text"] if job.status == "running" else f"{p['fraction']:.0%}",
+                     job.version_id or "", time.strftime("%m-%d %H:%M", time.localtime(job.created)), job.error or ""])
+    return rows
+
+
+JOB_COLUMNS = ["#", "job", "status", "progress", "version", "queued", "error"]
+
+
+def shown_job(studio: Studio, selected):
+    """The selected job, or (AUTO) the running one, else the oldest queued, else the newest."""
+    if selected not in (None, AUTO, ""):
+        try:
+            return studio.jobs.get(int(selected))
+        except JobError:
+            pass
+    jobs = studio.jobs.list(50)
+    running = [j for j in jobs if j.status == "running"]
+    queued = [j for j in jobs if j.status == "queued"]
+    return (running or queued[-1:] or jobs or [None])[0]
+
+
+def job_choices(studio: Studio) -> list[tuple[str, int]]:
+    return [("follow the active job", AUTO)] + [(f"#{j.id} {j.label}", j.id) for j in studio.jobs.list(50)]
+
+
+# ------------------------------------------------------------------------------------------ the tab
+
+def build(studio: Studio):
+    def on_upload(files, test_files):
+        if not files:
+            return "", [], "", gr.Button(interactive=False)
+        md, gallery, data = check_upload(studio, files, test_files)
+        return md, gallery, data, gr.Button(interactive=bool(data))
+
+    def on_start(data, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora):
+        try:
+            config = stage_config(data, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora)
+            job = submit_upload(studio, data, config)
+        except Exception as e:  # noqa: BLE001
+            return f"⚠ {warn(e)}", gr.skip()
+        gr.Info(f"Queued job #{job.id}")
+        return f"Queued job **#{job.id}** ({job.label}).", gr.Dropdown(choices=job_choices(studio), value=job.id)
+
+    def on_demo():
+        try:
+            jobs = queue_demo(studio)
+        except Exception as e:  # noqa: BLE001
+            return f"⚠ {warn(e)}", gr.skip()
+        gr.Info(f"Queued {len(jobs)} demo stages")
+        ids = ", ".join(f"#{j.id}" for j in jobs)
+        return (f"Queued the demo ({ids}): {' then '.join(DEMO_TASKS)} with `seq`, then with `llaca`, "
+                f"{DEMO_STAGE['max_steps']} steps each. Watch forgetting in *Versions & evaluation* when they finish."
+                ), gr.Dropdown(choices=job_choices(studio), value=AUTO)
+
+    def on_cancel(selected):
+        job = shown_job(studio, selected)
+        try:
+            if job is None:
+                raise JobError("no job to cancel")
+            job = studio.jobs.cancel(job.id)
+        except Exception as e:  # noqa: BLE001
+            return f"⚠ {warn(e)}"
+        return f"Job #{job.id}: {'stopping at the next step' if job.status == 'running' else job.status}."
+
+    def on_resume(selected):
+        job = shown_job(studio, selected)
+        try:
+            if job is None:
+                raise JobError("no job to resume")
+            job = studio.jobs.requeue(job.id)
+        except Exception as e:  # noqa: BLE001
+            return f"⚠ {warn(e)}"
+        return f"Job #{job.id} queued again; it resumes from its last checkpoint."
+
+    def list_jobs():
+        return job_rows(studio)
+
+    def poll(selected, seen):
+        """Timer tick: refresh only what changed (plots are redrawn when the job got new events)."""
+        seen = dict(seen or {})
+        rows = job_rows(studio)
+        choices = job_choices(studio)
+        job = shown_job(studio, selected)
+        events = studio.jobs.events(job.id) if job else []
+        panel_key = (job.id, job.status, len(events), job.error) if job else None
+        out_rows = rows if rows != seen.get("rows") else gr.skip()
+        out_choices = gr.Dropdown(choices=choices) if choices != seen.get("choices") else gr.skip()
+        if panel_key == seen.get("panel") and panel_key is not None:
+            panel = [gr.skip()] * 4
+        else:
+            method = job.config.get("method") if job else None
+            panel = [progress_html(job, events), plots.loss_figure(events), plots.alpha_figure(events, method),
+                     studio.jobs.log_tail(job.id, LOG_LINES) if job else ""]
+        seen.update(rows=rows, choices=choices, panel=panel_key)
+        return out_rows, out_choices, *panel, seen
+
+    with gr.Row():
+        with gr.Column(scale=5):
+            gr.Markdown("### 1 · Instruction set\nA `.zip` of a LLaVA-format set, or its `.json`/`.jsonl` plus the "
+                        "images it names. It is validated before anything trains.")
+            files = gr.File(label="Training set (.zip, or .json/.jsonl + images)", file_count="multiple",
+                            file_types=[".zip", ".json", ".jsonl", "image"], height=130, elem_id="train-files")
+            test_files = gr.File(label="Test split (optional, same formats)", file_count="multiple",
+                                 file_types=[".zip", ".json", ".jsonl", "image"], height=100)
+            report = gr.Markdown(elem_id="validation-report")
+            gallery = gr.Gallery(label="Preview: the first records' images", columns=6,
+                                 height=170, object_fit="contain", allow_preview=False, show_label=False)
+            data_path = gr.Textbox(visible=False)
+        with gr.Column(scale=4):
+            gr.Markdown("### 2 · How to learn it")
+            method = gr.Radio(METHODS, value="llaca", label="Method")
+            beta = gr.Slider(0.5, 0.999, value=0.99, step=0.001, label="ema β (weight on the past)", visible=False)
+            replay_fraction = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="replay fraction", visible=False)
+            parent = gr.Dropdown(label="Parent version", choices=studio.version_choices(), value=studio.newest_id(),
+                                 allow_custom_value=True)
+            with gr.Row():
+                epochs = gr.Number(1.0, label="Epochs", minimum=0.1, step=0.5)
+                max_steps = gr.Number(0, label="Max steps (0 = by epochs)", minimum=0, precision=0)
+                lr = gr.Number(1e-3, label="Learning rate", minimum=0)
+            with gr.Row():
+                lora = gr.Checkbox(False, label="LoRA (adapters + projector)")
+                name = gr.Textbox(label="Version name (optional)", max_length=64)
+            with gr.Row():
+                start = gr.Button("Start", variant="primary", interactive=False)
+                demo = gr.Button("Run the demo (2 CoIN-mini stages: seq vs llaca)")
+            message = gr.Markdown()
+    gr.Markdown("### 3 · Jobs")
+    with gr.Row():
+        job = gr.Dropdown(label="Show job", choices=job_choices(studio), value=AUTO, scale=3, allow_custom_value=True)
+        cancel = gr.Button("Cancel", size="sm", scale=1)
+        resume = gr.Button("Resume", size="sm", scale=1)
+        refresh = gr.Button("Refresh", size="sm", scale=1)
+    progress = gr.HTML(progress_html(None, []))
+    with gr.Row():
+        loss_plot = gr.Plot(label="loss", format="png", show_label=False)
+        alpha_plot = gr.Plot(label="alpha", format="png", show_label=False)
+    log = gr.Textbox(label="Log (tail)", lines=LOG_LINES, max_lines=LOG_LINES, interactive=False)
+    jobs_table = gr.Dataframe(headers=JOB_COLUMNS, value=job_rows(studio), interactive=False, wrap=True,
+                              label="Queue (newest first; one job trains at a time)")
+    seen = gr.State({})
+    timer = gr.Timer(POLL_SECONDS)
+
+    method.change(lambda m: (gr.Slider(visible=m == "ema"), gr.Slider(visible=m == "replay")), method,
+                  [beta, replay_fraction], queue=False, api_visibility="private")
+    files.upload(on_upload, [files, test_files], [report, gallery, data_path, start], api_name="validate",
+                 concurrency_limit=2)
+    test_files.upload(on_upload, [files, test_files], [report, gallery, data_path, start],
+                      api_visibility="private", concurrency_limit=2)
+    files.clear(lambda: ("", [], "", gr.Button(interactive=False)), None, [report, gallery, data_path, start],
+                api_visibility="private", queue=False)
+    start.click(on_start, [data_path, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora],
+                [message, job], api_name="start_stage", concurrency_limit=None)
+    demo.click(on_demo, None, [message, job], api_name="run_demo", concurrency_limit=1)
+    cancel.click(on_cancel, job, message, api_name="cancel_job", concurrency_limit=None)
+    resume.click(on_resume, job, message, api_name="resume_job", concurrency_limit=None)
+    refresh.click(list_jobs, None, jobs_table, api_name="jobs", concurrency_limit=None)
+    panel_outputs = [jobs_table, job, progress, loss_plot, alpha_plot, log, seen]
+    timer.tick(poll, [job, seen], panel_outputs, api_visibility="private", concurrency_limit=None,
+               show_progress="hidden")
+    job.change(lambda sel, s: poll(sel, {**s, "panel": None}), [job, seen], panel_outputs,
+               api_visibility="private", concurrency_limit=None, show_progress="hidden")
+    return types.SimpleNamespace(parent=parent, timer=timer)

@@ -1,0 +1,810 @@
+"""Learning quality on CoIN-mini: every update rule runs the whole task sequence from `base`, 3 seeds each.
+
+    python -m llaca.bench quality            # the default config (8 tasks x STAGE_STEPS, 3 seeds, all methods)
+    python -m llaca.bench quality --quick    # 3 tasks, few steps, 1 seed: a few minutes
+
+Each (method, seed) is one run in its own registry (a copy of `base` under the work dir): stage j starts from
+stage j-1's version, exactly like `python -m llaca learn` chained by hand. After every stage the new version is
+evaluated on EVERY task's test split (a full row of A; entries i > j are zero-shot information, the metrics read
+only i <= j) and, after the last stage, on the base mixture's test split (are the base skills still there?).
+`multitask` trains one stage on the union of all tasks (T x the per-stage steps): the joint-training upper bound.
+Same data, steps and hyper-parameters for every method; only the rule differs.
+
+Outputs (small, commit-friendly) in `--out` (default bench_results/quality/): results.json, table.md,
+quality.png (mean A per method + Avg.ACC / Forgetting bars), alpha.png (LLaCA's alpha over steps and per tensor).
+Runs are cached in the work dir by their full config, so an interrupted benchmark resumes where it stopped.
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures as cf
+import dataclasses
+import functools
+import hashlib
+import json
+import math
+import multiprocessing
+import os
+import re
+import shutil
+import statistics
+import sys
+import time
+from pathlib import Path
+
+# --- the per-stage recipe every method shares (the integrator calibrates these) ---------------------------------
+STAGE_STEPS = 150       # optimizer steps per task (multitask: len(tasks) x this, one stage)
+STAGE_LR = 1e-3
+STAGE_BATCH = 16
+SEEDS = (0, 1, 2)
+TEST_LIMIT = None       # test records per task (None: all of them, N_TEST)
+DATA_SEED = 0           # CoIN-mini content (fixed across training seeds: same data for every run)
+N_TRAIN, N_TEST = 1500, 100
+QUICK = {"tasks": "sciqa,imagenet,gqa", "steps": 60, "seeds": (0,), "test_limit": 30}   # 3 fast-learning tasks
+TIME_BUDGET_S = 3600    # the default config must fit in this on 2 cores (a warning is printed otherwise)
+
+# --- methods: display name -> (rule, rule hyper-parameters); "emaX" also parses for any beta X ------------------
+METHODS: dict[str, tuple[str, dict]] = {
+    "seq": ("seq", {}),
+    "ema0.9": ("ema", {"beta": 0.9}),
+    "ema0.99": ("ema", {"beta": 0.99}),        # the paper's "stable EMA" baseline
+    "ema0.999": ("ema", {"beta": 0.999}),
+    "replay": ("replay", {}),
+    "llaca": ("llaca", {}),                   # faithful: the authors' code (scale 2, fallback 0.01)
+    "llaca-port": ("llaca", {"scale": 0.01, "alpha_fallback": 0.001}),   # the later port's constants
+    "llaca-grouped": ("llaca", {}),           # + the ICML version's instruction grouping (see InstructionRouter)
+    "multitask": ("seq", {}),                 # all tasks jointly, one stage (upper bound)
+}
+DEFAULT_METHODS = ["seq", "ema0.9", "ema0.99", "ema0.999", "replay", "llaca", "multitask"]
+VARIANTS = ["llaca-port", "llaca-grouped"]     # what the port / the ICML version add; `--methods all` runs them too
+GROUPED = {"llaca-grouped": 0.90}             # TF-IDF similarity threshold (the ICML version's, fixed templates)
+
+
+def method_spec(name: str) -> tuple[str, dict]:
+    if name in METHODS:
+        rule, hp = METHODS[name]
+        return rule, dict(hp)
+    m = re.fullmatch(r"ema(0?\.\d+)", name)
+    if m:
+        return "ema", {"beta": float(m.group(1))}
+    raise ValueError(f"unknown method {name!r}; known: {', '.join(METHODS)} (or emaBETA, e.g. ema0.995)")
+
+
+def is_llaca(name: str) -> bool:
+    return name != "multitask" and method_spec(name)[0] == "llaca"
+
+
+# ================================================================================================ one run
+
+@functools.lru_cache(maxsize=None)
+def _test_set(path: str):
+    from ..data import load_instruction_set
+
+    return load_instruction_set(path)
+
+
+def _fresh_registry(base_registry_home, out_home):
+    """A private registry holding only a copy of the user's `base` (each run writes its own versions)."""
+    from ..versions import Registry
+
+    out_home = Path(out_home)
+    shutil.rmtree(out_home, ignore_errors=True)
+    src = Registry(base_registry_home).get("base").path
+    shutil.copytree(src, out_home / "versions" / "base")
+    return Registry(out_home)
+
+
+def _evaluate_row(registry, version_id: str, tests: list[str], test_limit: int | None, base_test: str | None,
+                  router: "InstructionRouter | None" = None):
+    """Accuracy of `version_id` on each test split (and the base mixture's); with a router, each question is
+    answered by the version of the group its instruction routes to."""
+    from ..evaluate import evaluate
+    from ..versions import load_version
+
+    models = {}
+
+    def model_for(vid):
+        if vid not in models:
+            models[vid] = load_version(registry, vid)
+        return models[vid]
+
+    def accuracy(path):
+        ts = _test_set(path)
+        records = ts.records[:test_limit] if test_limit else ts.records
+        if router is None:
+            return evaluate(*model_for(version_id), ts, limit=test_limit).accuracy
+        correct = 0.0
+        for vid, subset in router.split(records).items():
+            r = evaluate(*model_for(vid), dataclasses.replace(ts, records=subset))
+            correct += r.accuracy * r.n
+        return correct / len(records)
+
+    row = [round(accuracy(t), 2) for t in tests]
+    base_acc = round(accuracy(base_test), 2) if base_test else None
+    numels = {n: p.numel() for n, p in model_for(version_id)[0].named_parameters()}
+    return row, base_acc, numels
+
+
+class InstructionRouter:
+    """The ICML version's instruction grouping (docs/llaca.md, "Later versions"): a codebook of instruction texts per
+    group; a new dataset whose TF-IDF cosine similarity to a group reaches the threshold continues that group (with
+    the LLaCA update), any other opens a new group (initialised from the last version, trained without EMA); at test
+    time each question goes to the version of its most similar group."""
+
+    def __init__(self, threshold: float, per_set: int = 300):
+        self.threshold, self.per_set = threshold, per_set
+        self.groups: list[dict] = []          # {"texts": [...], "version": id}
+
+    @staticmethod
+    def _words(text: str) -> list[str]:
+        return re.findall(r"[a-z]+", text.lower())
+
+    def _idf(self, extra: list[str]) -> dict[str, float]:
+        docs = [t for g in self.groups for t in g["texts"]] + extra
+        df: dict[str, int] = {}
+        for d in docs:
+            for w in set(self._words(d)):
+                df[w] = df.get(w, 0) + 1
+        return {w: math.log((1 + len(docs)) / (1 + n)) + 1 for w, n in df.items()}
+
+    def _vec(self, texts: list[str], idf) -> dict[str, float]:
+        """Mean of the texts' unit TF-IDF vectors, itself normalised."""
+        out: dict[str, float] = {}
+        for t in texts:
+            tf: dict[str, float] = {}
+            for w in self._words(t):
+                tf[w] = tf.get(w, 0.0) + idf.get(w, 1.0)
+            norm = math.sqrt(sum(v * v for v in tf.values())) or 1.0
+            for w, v in tf.items():
+                out[w] = out.get(w, 0.0) + v / norm
+        norm = math.sqrt(sum(v * v for v in out.values())) or 1.0
+        return {w: v / norm for w, v in out.items()}
+
+    @staticmethod
+    def _cos(a: dict, b: dict) -> float:
+        return sum(v * b.get(w, 0.0) for w, v in a.items())
+
+    def similarities(self, texts: list[str]) -> list[float]:
+        idf = self._idf(texts)
+        v = self._vec(texts, idf)
+        return [self._cos(v, self._vec(g["texts"], idf)) for g in self.groups]
+
+    def match(self, texts: list[str]) -> int | None:
+        """The group a new dataset continues, or None (open a new one)."""
+        sims = self.similarities(texts[:self.per_set])
+        best = max(range(len(sims)), key=sims.__getitem__, default=None)
+        return best if best is not None and sims[best] >= self.threshold else None
+
+    def add(self, group: int | None, texts: list[str], version: str) -> int:
+        if group is None:
+            self.groups.append({"texts": [], "version": version})
+            group = len(self.groups) - 1
+        self.groups[group]["texts"] += texts[:self.per_set]
+        self.groups[group]["version"] = version
+        return group
+
+    def split(self, records) -> dict[str, list]:
+        """Records by the version of the group their question is most similar to."""
+        idf = self._idf([])
+        centroids = [self._vec(g["texts"], idf) for g in self.groups]
+        out: dict[str, list] = {}
+        for r in records:
+            v = self._vec([r.question], idf)
+            g = max(range(len(centroids)), key=lambda k: self._cos(v, centroids[k]))
+            out.setdefault(self.groups[g]["version"], []).append(r)
+        return out
+
+
+def _alpha_from_trace(trace_file: Path, numels: dict[str, int], fallback: float) -> dict[str, dict]:
+    """Per tensor, over the steps after the first (the first step always uses the fallback, by definition):
+    fraction of steps on the fallback, median alpha when not, and `kept` = prod(1 - alpha): the weight the stage's
+    final EMA still puts on its starting point (1: the tensor learned nothing this stage, 0: it followed the raw
+    weights)."""
+    per: dict[str, list[float]] = {}
+    with open(trace_file, encoding="utf-8") as f:
+        for line in f:
+            entry = json.loads(line)
+            if entry.get("alpha") and entry.get("step", 0) > 1:
+                for name, a in entry["alpha"].items():
+                    per.setdefault(name, []).append(a)
+    out = {}
+    for name, alphas in per.items():
+        real = [a for a in alphas if a != fallback]
+        log_kept = sum(math.log1p(-a) if a < 1 else -math.inf for a in alphas)
+        out[name] = {"numel": numels.get(name), "fallback_frac": 1 - len(real) / len(alphas),
+                     "alpha_median": statistics.median(real) if real else None, "kept": math.exp(log_kept)}
+    return out
+
+
+def _stage_log(version) -> dict:
+    log = json.loads((version.path / "train_log.json").read_text())
+    tail = [e["loss"] for e in log[-10:]]
+    out = {"final_loss": round(sum(tail) / len(tail), 4)}
+    if log and "alpha_mean" in log[0]:
+        out["alpha_trace"] = {k: [e[f"alpha_{k}"] for e in log] for k in ("mean", "min", "max", "fallback_frac")}
+    return out
+
+
+def _sig(x, n=4):
+    return float(f"{x:.{n}g}") if isinstance(x, float) and math.isfinite(x) else x
+
+
+def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, seed, steps, lr, batch_size, out_home,
+                 *, label: str | None = None, test_limit: int | None = None, base_test: str | None = None,
+                 grouping: float | None = None, keep_weights: bool = False, log=print) -> dict:
+    """Learn `tasks` one after another from `base` with rule `method`; return A, the metrics and alpha diagnostics.
+
+    A[j][i] = accuracy (%) on task i's test split after stage j (full rows). `base_test`: the base mixture's test
+    split, evaluated after the last stage. Stage weights are deleted once the next stage has loaded them.
+    `grouping`: a similarity threshold turns on instruction grouping (`InstructionRouter`).
+    """
+    from ..metrics import cl_metrics
+    from ..tuner import StageConfig, run_stage
+
+    label = label or method
+    t_run = time.time()
+    registry = _fresh_registry(base_registry_home, out_home)
+    tests = [str(Path(tasks_root) / t / "test") for t in tasks]
+    fallback = float(rule_hparams.get("alpha_fallback", 0.01))
+    router = InstructionRouter(grouping) if grouping else None
+    parent, rows, stages, tensors, base_final = "base", [], [], {}, None
+    for j, task in enumerate(tasks):
+        data = Path(tasks_root) / task / "train"
+        stage_method, stage_hp, start, group, texts = method, dict(rule_hparams), parent, None, []
+        if router:
+            texts = [r.question for r in _test_set(str(data)).records]
+            group = router.match(texts)
+            if group is None:   # a new group: from the last version, without EMA
+                stage_method, stage_hp = "seq", {}
+            else:               # continue the group's own version with the rule
+                start = router.groups[group]["version"]
+        traced = stage_method == "llaca"
+        trace_dir = Path(out_home) / "trace" / f"stage{j}"
+        t0 = time.time()
+        version = run_stage(StageConfig(
+            data=str(data), method=stage_method, parent=start, name=f"{label}-{task}",
+            max_steps=steps, lr=lr, batch_size=batch_size, seed=seed, rule_hparams=stage_hp,
+            evaluate_after=False, checkpoint_every=0, trace_dir=str(trace_dir) if traced else None), registry)
+        t1 = time.time()
+        if router:
+            group = router.add(group, texts, version.id)
+        last = j == len(tasks) - 1
+        row, base_acc, numels = _evaluate_row(registry, version.id, tests, test_limit, base_test if last else None,
+                                              router)
+        rows.append(row)
+        base_final = base_acc if last else base_final
+        stage = {"task": task, "version": version.id, "method": stage_method, "train_s": round(t1 - t0, 1),
+                 "eval_s": round(time.time() - t1, 1), **_stage_log(version)}
+        if router:
+            stage["group"] = group
+        if traced:
+            per_tensor = _alpha_from_trace(trace_dir / "rank0.jsonl", numels, fallback)
+            for name, s in per_tensor.items():
+                tensors.setdefault(name, []).append(s)
+            tr = stage["alpha_trace"]
+            stage["alpha"] = {"mean": _sig(statistics.fmean(tr["mean"])), "min": _sig(min(tr["min"])),
+                              "max": _sig(max(tr["max"])), "fallback_frac": _sig(statistics.fmean(tr["fallback_frac"]))}
+        stages.append(stage)
+        if parent != "base" and not keep_weights and not router:  # loaded by the next stage; keep meta, log, replay
+            shutil.rmtree(registry.get(parent).path / "model", ignore_errors=True)
+        parent = version.id
+        log(f"  [{label} s{seed}] stage {j + 1}/{len(tasks)} {task}: train {t1 - t0:.0f}s, eval "
+            f"{stage['eval_s']:.0f}s, loss {stage['final_loss']:.3f}, row {row}")
+    result = {
+        "method": label, "rule": method, "rule_hparams": dict(rule_hparams), "seed": seed, "tasks": list(tasks),
+        "steps": steps, "A": rows, "metrics": {k: _round(v) for k, v in cl_metrics(rows).items()},
+        "base_final": base_final, "stages": stages, "wall_s": round(time.time() - t_run, 1),
+    }
+    if tensors:
+        result["tensors"] = _tensor_summary(tensors)
+    if router:
+        result["groups"] = [{"tasks": [st["task"] for st in stages if st.get("group") == k], "version": g["version"]}
+                            for k, g in enumerate(router.groups)]
+    if not keep_weights:
+        shutil.rmtree(out_home, ignore_errors=True)
+    return result
+
+
+def _tensor_summary(per_stage: dict[str, list[dict]]) -> list[dict]:
+    out = []
+    for name, stages in per_stage.items():
+        medians = [s["alpha_median"] for s in stages if s["alpha_median"] is not None]
+        out.append({"name": name, "numel": stages[0]["numel"],
+                    "fallback_frac": _sig(statistics.fmean(s["fallback_frac"] for s in stages)),
+                    "alpha_median": _sig(statistics.median(medians)) if medians else None,
+                    "kept": _sig(statistics.fmean(s["kept"] for s in stages))})
+    return sorted(out, key=lambda t: (t["numel"] or 0, t["name"]))
+
+
+def run_multitask(base_registry_home, multitask_data, tasks_root, tasks, seed, steps, lr, batch_size, out_home, *,
+                  test_limit=None, base_test=None, log=print) -> dict:
+    """One `seq` stage on the union of all tasks, len(tasks) x `steps` steps: A is a single row (Avg.ACC only)."""
+    from ..tuner import StageConfig, run_stage
+
+    t_run = time.time()
+    registry = _fresh_registry(base_registry_home, out_home)
+    total = steps * len(tasks)
+    version = run_stage(StageConfig(data=str(multitask_data), method="seq", parent="base", name="multitask",
+                                    max_steps=total, lr=lr, batch_size=batch_size, seed=seed, evaluate_after=False,
+                                    checkpoint_every=0), registry)
+    t1 = time.time()
+    tests = [str(Path(tasks_root) / t / "test") for t in tasks]
+    row, base_acc, _ = _evaluate_row(registry, version.id, tests, test_limit, base_test)
+    log(f"  [multitask s{seed}] {total} steps: train {t1 - t_run:.0f}s, row {row}")
+    stage = {"task": "all", "version": version.id, "train_s": round(t1 - t_run, 1),
+             "eval_s": round(time.time() - t1, 1), **_stage_log(version)}
+    shutil.rmtree(out_home, ignore_errors=True)
+    return {"method": "multitask", "rule": "seq", "rule_hparams": {}, "seed": seed, "tasks": list(tasks),
+            "steps": total, "A": [row],
+            "metrics": {"avg_acc": _round(sum(row) / len(row)), "new_acc": None, "forgetting": None, "bwt": None},
+            "base_final": base_acc, "stages": [stage], "wall_s": round(time.time() - t_run, 1)}
+
+
+LAMBDAS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
+
+
+def interpolation_probe(base_registry_home, tasks_root, tasks, steps, lr, batch_size, seed, out_home, *,
+                        test_limit=None, base_test=None, log=print) -> dict:
+    """Why an EMA of the weights keeps old skills or not: accuracy along straight lines between consecutive `seq`
+    versions (base -> after task 1 -> after task 2). The EMA that LLaCA saves at the end of a stage is a weighted
+    average of the stage's trajectory, i.e. close to such a line between the stage's start and its recent weights
+    (`kept` in the alpha diagnostics is the weight on the start): if no point of the line keeps the old skill while
+    gaining some of the new one, no choice of alpha can."""
+    import torch
+
+    from ..evaluate import evaluate
+    from ..tuner import StageConfig, run_stage
+    from ..versions import load_version
+
+    registry = _fresh_registry(base_registry_home, out_home)
+    ids = ["base"]
+    for task in tasks[:2]:
+        v = run_stage(StageConfig(data=str(Path(tasks_root) / task / "train"), method="seq", parent=ids[-1],
+                                  max_steps=steps, lr=lr, batch_size=batch_size, seed=seed, evaluate_after=False,
+                                  checkpoint_every=0), registry)
+        ids.append(v.id)
+    states = [{k: t.clone() for k, t in load_version(registry, vid)[0].state_dict().items()} for vid in ids]
+    model, processor = load_version(registry, "base")
+    live = model.state_dict()
+    tests = {t: str(Path(tasks_root) / t / "test") for t in tasks[:2]}
+    if base_test:
+        tests["base"] = base_test
+
+    def curve(a: dict, b: dict) -> dict:
+        out = {name: [] for name in tests}
+        for lam in LAMBDAS:
+            with torch.no_grad():
+                for k, t in live.items():
+                    if t.is_floating_point():
+                        t.copy_(torch.lerp(a[k], b[k], lam))
+            for name, path in tests.items():
+                out[name].append(round(evaluate(model, processor, _test_set(path), limit=test_limit).accuracy, 2))
+        log(f"  interpolation: {out}")
+        return out
+
+    result = {"lambdas": list(LAMBDAS), "tasks": list(tasks[:2]), "steps": steps, "seed": seed,
+              "base_to_1": curve(states[0], states[1]), "1_to_2": curve(states[1], states[2])}
+    shutil.rmtree(out_home, ignore_errors=True)
+    return result
+
+
+def _round(v, nd=2):
+    return None if v is None else round(float(v), nd)
+
+
+# ================================================================================================ the benchmark
+
+def _worker_init() -> None:
+    """One torch thread per process (2 processes on 2 cores beat 1 process on 2 threads for this tiny model)."""
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+    import transformers
+
+    torch.set_num_threads(1)
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def _run_job(job: dict) -> dict:
+    _worker_init()
+    common = dict(base_registry_home=job["home"], tasks_root=job["tasks_root"], tasks=job["tasks"], seed=job["seed"],
+                  steps=job["steps"], lr=job["lr"], batch_size=job["batch_size"], out_home=job["run_home"],
+                  test_limit=job["test_limit"], base_test=job["base_test"])
+    log = functools.partial(print, flush=True)
+    if job["method"] == "multitask":
+        return run_multitask(multitask_data=job["multitask_data"], log=log, **common)
+    rule, hp = method_spec(job["method"])
+    return run_sequence(method=rule, rule_hparams=hp, label=job["method"], grouping=GROUPED.get(job["method"]),
+                        log=log, **common)
+
+
+def prepare_data(root: Path, tasks: list[str], seed: int = DATA_SEED, n_train: int = N_TRAIN,
+                 n_test: int = N_TEST) -> Path:
+    """CoIN-mini task folders (written once, reused by later benchmarks)."""
+    from .. import coin_mini
+
+    root = Path(root)
+    missing = [t for t in tasks if not all((root / t / s / "data.json").is_file() for s in ("train", "test"))]
+    if missing:
+        print(f"writing CoIN-mini tasks {missing} to {root} ...", flush=True)
+        coin_mini.write_coin_mini(root, seed=seed, n_train=n_train, n_test=n_test, tasks=missing)
+    return root
+
+
+def _generator_fingerprint() -> str:
+    """Short hash of the CoIN-mini generator's source: data written by an older generator is not reused."""
+    from .. import coin_mini
+
+    return hashlib.sha256(Path(coin_mini.__file__).read_bytes()).hexdigest()[:8]
+
+
+def prepare_multitask(tasks_root: Path, tasks: list[str], out: Path) -> Path:
+    """The union of the tasks' train sets as one instruction set (shuffled by the tuner like any stage)."""
+    from ..data import load_instruction_set, write_instruction_set
+
+    key = hashlib.sha256(json.dumps([str(tasks_root), tasks]).encode()).hexdigest()[:10]
+    target = Path(out) / f"multitask-{key}" / "train"
+    if not (target / "data.json").is_file():
+        records = [r for t in tasks for r in _test_set(str(Path(tasks_root) / t / "train")).records]
+        tmp = target.with_name("train.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        write_instruction_set(tmp, records)
+        os.replace(tmp, target)
+    load_instruction_set(target)  # validates
+    return target
+
+
+def base_test_split(registry, base) -> str | None:
+    """The base mixture's test split (base meta `stage.test_path`), regenerated if that folder is gone."""
+    from .. import coin_mini
+
+    tp = base.meta.get("stage", {}).get("test_path")
+    if tp and Path(tp).is_dir():
+        return tp
+    build = base.meta.get("build") or {}
+    if not build:
+        return None  # an external checkpoint: no base mixture to check retention on
+    seed = build.get("seed", 0)
+    root = registry.home / "datasets" / f"base-mixture-seed{seed}"
+    if not (root / "base" / "test" / "data.json").is_file():
+        coin_mini.write_base_mixture(root, seed=seed, n_train=build.get("n_train", 6000), n_test=build.get("n_test", 150))
+    return str(root / "base" / "test")
+
+
+def calibrate(registry, tasks_root: Path, tasks: list[str], batch_size: int, lr: float, test_limit, base_test,
+              work: Path) -> dict:
+    """Seconds per training step and per evaluated sample on this machine now, plus the base's own row
+    (zero-shot accuracy on every task, and its base-mixture accuracy): the reference the runs start from."""
+    from ..evaluate import evaluate
+    from ..tuner import StageConfig, StageRecipe
+    from ..versions import load_version
+
+    model, processor = load_version(registry, "base")
+    t0, n = time.time(), 0
+    row = []
+    for t in tasks:
+        r = evaluate(model, processor, _test_set(str(Path(tasks_root) / t / "test")), limit=test_limit)
+        row.append(round(r.accuracy, 2))
+        n += r.n
+    base_acc = None
+    if base_test:
+        r = evaluate(model, processor, _test_set(base_test), limit=test_limit)
+        base_acc, n = round(r.accuracy, 2), n + r.n
+    s_per_sample = (time.time() - t0) / n
+    scratch = _fresh_registry(registry.home, work / "calibrate")
+    times = []
+    recipe = StageRecipe(StageConfig(data=str(Path(tasks_root) / tasks[0] / "train"), method="llaca", parent="base",
+                                     max_steps=6, lr=lr, batch_size=batch_size, evaluate_after=False,
+                                     checkpoint_every=0), scratch,
+                         on_event=lambda e: times.append(time.time()) if e["type"] == "step" else None)
+    t_setup = time.time()
+    recipe.setup()
+    t_setup = time.time() - t_setup
+    recipe.train()
+    shutil.rmtree(work / "calibrate", ignore_errors=True)
+    s_per_step = (times[-1] - times[1]) / (len(times) - 2)
+    return {"s_per_step": s_per_step, "s_per_sample": s_per_sample, "s_stage_overhead": t_setup + 1.0,
+            "zero_shot_row": row, "base_accuracy": base_acc}
+
+
+def estimate_seconds(jobs: list[dict], cal: dict, n_workers: int) -> float:
+    """Wall time if each worker keeps one core: per-job cost, longest first onto the least loaded worker."""
+    costs = []
+    for job in jobs:
+        T = len(job["tasks"])
+        n_test = (job["test_limit"] or N_TEST)
+        if job["method"] == "multitask":
+            steps, samples, stages = job["steps"] * T, T * n_test + 150, 1
+        else:
+            steps, samples, stages = job["steps"] * T, T * T * n_test + 150, T
+        costs.append(steps * cal["s_per_step"] + samples * cal["s_per_sample"] + stages * cal["s_stage_overhead"])
+    load = [0.0] * max(1, n_workers)
+    for c in sorted(costs, reverse=True):
+        load[load.index(min(load))] += c
+    return max(load)
+
+
+def _job_key(job: dict, base_meta: dict) -> str:
+    keep = {k: v for k, v in job.items() if k not in ("run_home",)}
+    keep["base"] = [base_meta.get("created"), base_meta.get("stage", {}).get("sha256")]
+    keep["spec"] = list(method_spec(job["method"])) if job["method"] != "multitask" else "multitask"
+    return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def run_jobs(jobs: list[dict], n_workers: int, cache: Path | None, base_meta: dict, fresh: bool = False) -> list[dict]:
+    """Run (method, seed) jobs, `n_workers` spawn processes at a time; each result is cached as it finishes."""
+    results: dict[int, dict] = {}
+    todo = []
+    for k, job in enumerate(jobs):
+        path = cache / f"{job['method']}-s{job['seed']}-{_job_key(job, base_meta)}.json" if cache else None
+        if path and path.is_file() and not fresh:
+            results[k] = json.loads(path.read_text())
+            print(f"cached: {job['method']} s{job['seed']} ({path.name})", flush=True)
+        else:
+            todo.append((k, job, path))
+
+    def done(k, path, res):
+        results[k] = res
+        if path:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res))
+        m = res["metrics"]
+        fg = "" if m["forgetting"] is None else f", Forgetting {m['forgetting']:.1f}"
+        print(f"done [{len(results)}/{len(jobs)}] {res['method']} s{res['seed']}: Avg.ACC {m['avg_acc']:.1f}{fg}, "
+              f"base {res['base_final']} ({res['wall_s']:.0f} s)", flush=True)
+
+    if n_workers <= 1:
+        _worker_init()
+        for k, job, path in todo:
+            done(k, path, _run_job(job))
+    elif todo:
+        ctx = multiprocessing.get_context("spawn")
+        with cf.ProcessPoolExecutor(max_workers=n_workers, mp_context=ctx) as pool:
+            futures = {pool.submit(_run_job, job): (k, path) for k, job, path in todo}
+            for fut in cf.as_completed(futures):
+                k, path = futures[fut]
+                done(k, path, fut.result())
+    return [results[k] for k in range(len(jobs))]
+
+
+# ================================================================================================ summaries
+
+METRICS = ("avg_acc", "new_acc", "forgetting", "bwt", "base_final", "wall_s")
+
+
+def _mean_std(values: list) -> dict | None:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return None
+    std = statistics.stdev(vals) if len(vals) > 1 else 0.0   # sample std over seeds
+    return {"mean": round(statistics.fmean(vals), 2), "std": round(std, 2), "n": len(vals)}
+
+
+def summarize(runs: list[dict]) -> dict:
+    """Per method: mean +- std over seeds of each metric, and the mean A matrix."""
+    out = {}
+    for name in dict.fromkeys(r["method"] for r in runs):
+        mine = [r for r in runs if r["method"] == name]
+        s = {m: _mean_std([(r["metrics"].get(m) if m in r["metrics"] else r.get(m)) for r in mine]) for m in METRICS}
+        A = [[round(statistics.fmean(r["A"][j][i] for r in mine), 2) for i in range(len(mine[0]["A"][0]))]
+             for j in range(len(mine[0]["A"]))]
+        s["A_mean"] = A
+        s["seeds"] = [r["seed"] for r in mine]
+        out[name] = s
+    return out
+
+
+def check_targets(summary: dict) -> list[dict]:
+    """The paper's effect, per LLaCA variant: Forgetting <= seq/4 and <= best fixed EMA; Avg.ACC >= seq + 15 and
+    >= best fixed EMA (best = lowest forgetting / highest accuracy among the EMA betas run)."""
+    mean = lambda name, m: (summary[name][m] or {}).get("mean")   # noqa: E731
+    emas = [n for n in summary if n != "multitask" and method_spec(n)[0] == "ema"]
+    if "seq" not in summary or not emas:
+        return []
+    seq_f, seq_a = mean("seq", "forgetting"), mean("seq", "avg_acc")
+    ema_f = min(mean(n, "forgetting") for n in emas) if seq_f is not None else None
+    ema_a = max(mean(n, "avg_acc") for n in emas)
+    out = []
+    for name in [n for n in summary if is_llaca(n)]:
+        f, a = mean(name, "forgetting"), mean(name, "avg_acc")
+        checks = {"avg_acc >= seq + 15": a >= seq_a + 15, "avg_acc >= best EMA": a >= ema_a}
+        if f is not None:
+            checks.update({"forgetting <= seq / 4": f <= seq_f / 4, "forgetting <= best EMA": f <= ema_f})
+        out.append({"method": name, "checks": checks, "met": all(checks.values()), "avg_acc": a, "forgetting": f,
+                    "seq": {"avg_acc": seq_a, "forgetting": seq_f}, "best_ema": {"avg_acc": ema_a, "forgetting": ema_f}})
+    return out
+
+
+def _fmt(s: dict | None, nd=1) -> str:
+    if s is None:
+        return "n/a"
+    return f"{s['mean']:.{nd}f}" if s["n"] == 1 else f"{s['mean']:.{nd}f} ± {s['std']:.{nd}f}"
+
+
+def markdown_table(results: dict) -> str:
+    cfg, summary = results["config"], results["summary"]
+    ref = results["base_reference"]
+    lines = [
+        f"CoIN-mini, {len(cfg['tasks'])} tasks ({', '.join(cfg['tasks'])}), {cfg['steps']} steps/stage, "
+        f"lr {cfg['lr']}, batch {cfg['batch_size']}, seeds {cfg['seeds']}, {cfg['test_n']} test records/task; "
+        "mean ± sample std over seeds; accuracies in %.",
+        "",
+        "| method | Avg.ACC ↑ | New.ACC ↑ | Forgetting ↓ | BWT ↑ | base skills after last stage | s / run |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name, s in summary.items():
+        lines.append(f"| {name} | {_fmt(s['avg_acc'])} | {_fmt(s['new_acc'])} | {_fmt(s['forgetting'])} | "
+                     f"{_fmt(s['bwt'])} | {_fmt(s['base_final'])} | {_fmt(s['wall_s'], 0)} |")
+    lines += ["", f"`base` itself: base-mixture accuracy {ref['base_accuracy']}, zero-shot on the tasks "
+              f"{ref['zero_shot_row']}.", ""]
+    for t in results.get("targets", []):
+        got = ", ".join(f"{k}: {'yes' if v else 'NO'}" for k, v in t["checks"].items())
+        lines.append(f"- target for `{t['method']}` {'met' if t['met'] else 'NOT met'} ({got}); seq "
+                     f"{t['seq']['avg_acc']} / {t['seq']['forgetting']}, best EMA {t['best_ema']['avg_acc']} / "
+                     f"{t['best_ema']['forgetting']} (Avg.ACC / Forgetting)")
+    lines += ["", f"Wall time {results['wall_s'] / 60:.1f} min with --jobs {cfg['jobs']} "
+              f"({results['machine']}); estimate before starting {results['estimate_s'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+# ================================================================================================ CLI
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m llaca.bench quality", description=__doc__.split("\n\n")[0])
+    p.add_argument("--quick", action="store_true", help=f"small config: {QUICK}")
+    p.add_argument("--methods", help=f"comma list (default {','.join(DEFAULT_METHODS)}), or 'all' to add "
+                   f"{','.join(VARIANTS)}")
+    p.add_argument("--tasks", help="comma list of CoIN-mini tasks, or N for the first N (default: all 8)")
+    p.add_argument("--seeds", help=f"comma list of training seeds (default {','.join(map(str, SEEDS))})")
+    p.add_argument("--steps", type=int, help=f"steps per stage (default {STAGE_STEPS})")
+    p.add_argument("--lr", type=float, help=f"learning rate (default {STAGE_LR})")
+    p.add_argument("--batch-size", type=int, help=f"global batch (default {STAGE_BATCH})")
+    p.add_argument("--test-limit", type=int, help="test records per task (default: all)")
+    p.add_argument("--jobs", type=int, default=2, help="parallel runs, one torch thread each (default 2)")
+    p.add_argument("--out", default="bench_results/quality", help="where results.json / table.md / PNGs go")
+    p.add_argument("--home", help="registry with the `base` version (default $LLACA_HOME)")
+    p.add_argument("--data", help="CoIN-mini folder (default $LLACA_HOME/datasets/coin-mini-...)")
+    p.add_argument("--work", help="scratch registries + run cache (default $LLACA_HOME/bench/quality)")
+    p.add_argument("--fresh", action="store_true", help="ignore cached runs")
+    p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
+    p.add_argument("--interpolation", action="store_true",
+                   help="only the weight-interpolation probe on the first two --tasks (interpolation.json/.png)")
+    return p.parse_args(argv)
+
+
+def resolve_config(args) -> dict:
+    from ..coin_mini import DEFAULT_SEQUENCE
+
+    q = QUICK if args.quick else {}
+    tasks = args.tasks or q.get("tasks") or len(DEFAULT_SEQUENCE)
+    tasks = DEFAULT_SEQUENCE[:int(tasks)] if str(tasks).isdigit() else [t.strip() for t in str(tasks).split(",")]
+    unknown = [t for t in tasks if t not in DEFAULT_SEQUENCE]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; known: {DEFAULT_SEQUENCE}")
+    methods = args.methods.split(",") if args.methods else list(DEFAULT_METHODS)
+    if methods == ["all"]:
+        methods = DEFAULT_METHODS[:-1] + VARIANTS + DEFAULT_METHODS[-1:]
+    seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else list(q.get("seeds") or SEEDS)
+    if not seeds or not tasks or not methods:
+        raise ValueError("need at least one seed, task and method")
+    for m in methods:
+        method_spec(m)
+    test_limit = args.test_limit or q.get("test_limit") or TEST_LIMIT
+    return {"tasks": tasks, "methods": methods, "seeds": list(seeds), "steps": args.steps or q.get("steps") or STAGE_STEPS,
+            "lr": args.lr or STAGE_LR, "batch_size": args.batch_size or STAGE_BATCH, "test_limit": test_limit,
+            "test_n": min(test_limit or N_TEST, N_TEST), "jobs": args.jobs, "quick": bool(args.quick),
+            "data_seed": DATA_SEED, "n_train": N_TRAIN, "n_test": N_TEST}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = resolve_config(args)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if args.interpolation:
+        return run_interpolation(cfg, out=Path(args.out), home=args.home, data=args.data, work=args.work)
+    return run_benchmark(cfg, out=Path(args.out), home=args.home, data=args.data, work=args.work, fresh=args.fresh,
+                         dry_run=args.dry_run)
+
+
+def run_interpolation(cfg: dict, out: Path, home=None, data=None, work=None) -> int:
+    from . import plots
+    from ..base_build import ensure_base
+    from ..versions import Registry
+
+    _worker_init()
+    registry = Registry(home) if home else Registry()
+    base = ensure_base(registry)
+    work = Path(work) if work else registry.home / "bench" / "quality"
+    tasks_root = prepare_data(Path(data) if data else registry.home / "datasets" /
+                              f"coin-mini-seed{DATA_SEED}-{N_TRAIN}x{N_TEST}-{_generator_fingerprint()}", cfg["tasks"][:2])
+    t0 = time.time()
+    res = interpolation_probe(registry.home, tasks_root, cfg["tasks"], cfg["steps"], cfg["lr"], cfg["batch_size"],
+                              cfg["seeds"][0], work / "interpolation", test_limit=cfg["test_limit"],
+                              base_test=base_test_split(registry, base), log=functools.partial(print, flush=True))
+    res["wall_s"] = round(time.time() - t0, 1)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "interpolation.json").write_text(json.dumps(res, indent=1))
+    plots.plot_interpolation(res, out / "interpolation.png")
+    print(f"wrote {out}/interpolation.json, interpolation.png ({res['wall_s'] / 60:.1f} min)")
+    return 0
+
+
+def run_benchmark(cfg: dict, out: Path, home=None, data=None, work=None, fresh=False, dry_run=False) -> int:
+    """Run the benchmark described by `cfg` (see `resolve_config`) and write its outputs to `out`."""
+    import torch
+
+    threads = torch.get_num_threads()
+    try:
+        return _run_benchmark(cfg, Path(out), home, data, work, fresh, dry_run)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_benchmark(cfg: dict, out: Path, home, data, work, fresh, dry_run) -> int:
+    from ..base_build import ensure_base
+    from ..versions import Registry
+
+    t_start = time.time()
+    _worker_init()
+    registry = Registry(home) if home else Registry()
+    base = ensure_base(registry)
+    work = Path(work) if work else registry.home / "bench" / "quality"
+    tasks_root = prepare_data(Path(data) if data else registry.home / "datasets" /
+                              f"coin-mini-seed{DATA_SEED}-{N_TRAIN}x{N_TEST}-{_generator_fingerprint()}", cfg["tasks"])
+    base_test = base_test_split(registry, base)
+    multitask = prepare_multitask(tasks_root, cfg["tasks"], work) if "multitask" in cfg["methods"] else None
+    jobs = [{"method": m, "seed": s, "home": str(registry.home), "tasks_root": str(tasks_root), "tasks": cfg["tasks"],
+             "steps": cfg["steps"], "lr": cfg["lr"], "batch_size": cfg["batch_size"], "test_limit": cfg["test_limit"],
+             "base_test": base_test, "multitask_data": str(multitask) if multitask else None,
+             "run_home": str(work / "runs" / f"{m}-s{s}")}
+            for s in cfg["seeds"] for m in cfg["methods"]]
+    print(f"calibrating (base reference row + a few training steps) ...", flush=True)
+    cal = calibrate(registry, tasks_root, cfg["tasks"], cfg["batch_size"], cfg["lr"], cfg["test_limit"], base_test, work)
+    est = estimate_seconds(jobs, cal, cfg["jobs"])
+    print(f"{len(jobs)} runs ({len(cfg['methods'])} methods x {len(cfg['seeds'])} seeds) on {len(cfg['tasks'])} tasks x "
+          f"{cfg['steps']} steps, --jobs {cfg['jobs']}; measured {cal['s_per_step']:.3f} s/step, "
+          f"{cal['s_per_sample'] * 1000:.0f} ms/test sample -> expected wall time ~{est / 60:.0f} min "
+          "(cached runs are skipped)", flush=True)
+    if est > TIME_BUDGET_S and not cfg["quick"]:
+        print(f"warning: above the {TIME_BUDGET_S // 60} min budget at the speed measured now", flush=True)
+    if dry_run:
+        return 0
+    runs = run_jobs(jobs, cfg["jobs"], work / "cache", base.meta, fresh=fresh)
+    results = {
+        "config": cfg,
+        "machine": f"{os.cpu_count()} CPUs, {cfg['jobs']} jobs x 1 torch thread",
+        "calibration": {k: round(v, 4) if isinstance(v, float) else v for k, v in cal.items()},
+        "base_reference": {"zero_shot_row": cal["zero_shot_row"], "base_accuracy": cal["base_accuracy"]},
+        "estimate_s": round(est, 1),
+        "wall_s": round(time.time() - t_start, 1),
+        "summary": summarize(runs),
+        "runs": [_slim(r, keep_trace=r["seed"] == cfg["seeds"][0]) for r in runs],
+    }
+    results["targets"] = check_targets(results["summary"])
+    write_outputs(results, out)
+    print(markdown_table(results))
+    print(f"wrote {out}/results.json, table.md, quality.png, alpha.png", flush=True)
+    return 0
+
+
+def _slim(run: dict, keep_trace: bool) -> dict:
+    """Alpha traces (4 numbers per step) only for the first seed: enough to plot, small enough to commit."""
+    run = json.loads(json.dumps(run))
+    for st in run["stages"]:
+        tr = st.pop("alpha_trace", None)
+        if tr and keep_trace:
+            st["alpha_trace"] = {k: [_sig(x) for x in v] for k, v in tr.items()}
+    return run
+
+
+def write_outputs(results: dict, out: Path) -> None:
+    from . import plots
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    (out / "table.md").write_text(markdown_table(results))
+    plots.plot_quality(results, out / "quality.png")
+    plots.plot_alpha(results, out / "alpha.png")

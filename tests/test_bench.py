@@ -1,0 +1,66 @@
+"""Smoke tests of the benchmarks: they run end to end on the tiny base and report self-consistent numbers
+(not that LLaCA wins: two steps per stage teach nothing)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from llaca import metrics
+from llaca.bench import quality, speed
+
+
+def test_quality_smoke_metrics_match_the_matrix(llaca_home, coin_dir, tmp_path):
+    tasks = ["vqav2", "gqa"]
+    cfg = {"tasks": tasks, "methods": ["seq", "llaca"], "seeds": [0], "steps": 2, "lr": 1e-3, "batch_size": 8,
+           "test_limit": 4, "test_n": 4, "jobs": 1, "quick": True, "data_seed": 0, "n_train": 48, "n_test": 12}
+    out = tmp_path / "out"
+    assert quality.run_benchmark(cfg, out=out, data=str(coin_dir), work=str(tmp_path / "work")) == 0
+    for name in ("results.json", "table.md", "quality.png", "alpha.png"):
+        assert (out / name).is_file() and (out / name).stat().st_size > 0, name
+    results = json.loads((out / "results.json").read_text())
+    assert [(r["method"], r["seed"]) for r in results["runs"]] == [("seq", 0), ("llaca", 0)]
+    for run in results["runs"]:
+        A = run["A"]
+        assert len(A) == len(tasks) and all(len(row) == len(tasks) for row in A)
+        assert all(0 <= a <= 100 for row in A for a in row)
+        assert 0 <= run["base_final"] <= 100
+        recomputed = metrics.cl_metrics(A)
+        for key, value in run["metrics"].items():
+            assert value == pytest.approx(recomputed[key], abs=0.006), key
+        summary = results["summary"][run["method"]]
+        assert summary["avg_acc"]["mean"] == pytest.approx(recomputed["avg_acc"], abs=0.006)
+    llaca_run = results["runs"][1]
+    assert llaca_run["tensors"] and all(0 <= t["fallback_frac"] <= 1 for t in llaca_run["tensors"])
+    assert all(len(st["alpha_trace"]["mean"]) == 2 for st in llaca_run["stages"])
+    assert "| llaca |" in (out / "table.md").read_text()
+
+
+def test_speed_smoke_writes_the_ratios(llaca_home, tmp_path):
+    res = speed.run_speed(out=tmp_path, reps=2, train_reps=1, stage_steps=2, stage_reps=1, mem_steps=1, mem_reps=1,
+                          chat_reps=1, max_new_tokens=4, batch_size=4, log=lambda *a, **k: None)
+    saved = json.loads((tmp_path / "speed.json").read_text())
+    assert saved["optimizer_step"]["ratio"] > 0 and saved["stage"]["ratio"] > 0
+    assert saved["chat"]["overhead_ratio"] > 0 and saved["chat"]["ttft_stream_ms"] > 0
+    assert saved["memory"]["llaca_state_bytes"] == 2 * saved["memory"]["trainable_param_bytes"]  # ema + g_prev, fp32
+    assert saved["memory"]["peak_rss_llaca_mb"] > 0
+    assert res["chat"]["same_text"]
+    assert "optimizer step" in (tmp_path / "speed.md").read_text()
+
+
+def test_instruction_router_groups_by_template_and_routes_questions(coin_dir):
+    """The ICML version's grouping: CoIN-mini tasks have distinct templates -> one group each, routed back exactly;
+    a second dataset with the same template continues its group."""
+    from llaca.data import load_instruction_set
+
+    router = quality.InstructionRouter(threshold=0.9)
+    tasks = ["sciqa", "gqa", "vqav2"]
+    for k, task in enumerate(tasks):
+        texts = [r.question for r in load_instruction_set(coin_dir / task / "train").records]
+        assert router.match(texts) is None
+        assert router.add(None, texts, f"v{k}") == k
+    again = [r.question for r in load_instruction_set(coin_dir / "gqa" / "test").records]
+    assert router.match(again) == 1
+    for k, task in enumerate(tasks):
+        records = load_instruction_set(coin_dir / task / "test").records
+        assert router.split(records) == {f"v{k}": records}
