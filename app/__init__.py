@@ -2,8 +2,9 @@
 webui/components), wired together in `main.py`.
 
 `Studio` is the little state the tabs share: the version registry, the job queue and its worker supervisor, and
-the library's `ModelPool` (a small LRU of loaded models; LoRA versions share their base) for chat and compare. Training never runs here (a worker process does, see
-`llaca.jobs`); the tabs only call the library and turn its errors into readable messages.
+the library's `ModelPool` (a small LRU of loaded models; LoRA versions share their base) for chat and compare.
+Training never runs here (a worker process does, see `llaca.jobs`); the tabs only call the library and turn its
+errors into readable messages.
 """
 from __future__ import annotations
 

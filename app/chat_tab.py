@@ -2,7 +2,8 @@
 
 The conversation lives in the Chatbot itself (Gradio's messages format); each reply re-reads it: the last
 image sent opens the context (this LLaVA takes one image per conversation), and the text turns after it are
-the history handed to `llaca.chat.stream_answer` (through the library's `ModelPool`). Stop sets a per-session event the generator checks.
+the history handed to `llaca.chat.stream_answer` (through the library's `ModelPool`). Stop sets a per-session
+event that generation checks at every token.
 """
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ tail. Jobs queue up (one trains at a time) and survive an app restart.
 """
 from __future__ import annotations
 
+import dataclasses
 import html
 import shutil
 import time
@@ -18,11 +19,13 @@ import gradio as gr
 from llaca import coin_mini
 from llaca.data import InvalidDataset, validate
 from llaca.jobs import JobError, stage_upload
+from llaca.tuner import StageConfig
 
 from . import Studio, plots, warn
 
 METHODS = [("llaca: adaptive EMA (the paper)", "llaca"), ("seq: plain fine-tuning", "seq"),
            ("ema: fixed β", "ema"), ("replay: mix in earlier samples", "replay")]
+STAGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StageConfig)}  # the library's calibrated defaults
 PREVIEW = 6
 LOG_LINES = 10
 POLL_SECONDS = 2.0
@@ -142,8 +145,8 @@ def queue_demo(studio: Studio) -> list:
     for method in ("seq", "llaca"):
         previous = None
         for k, task in enumerate(DEMO_TASKS, 1):
-            config = {"data": str(root / task / "train"), "method": method, "parent": "base" if previous is None else None,
-                      "name": f"demo-{method}-{k}-{task}", **DEMO_STAGE}
+            config = {"data": str(root / task / "train"), "method": method, "name": f"demo-{method}-{k}-{task}",
+                      "parent": "base" if previous is None else None, **DEMO_STAGE}
             previous = studio.jobs.submit(config, label=f"demo {method} {k}/{len(DEMO_TASKS)} · {task}",
                                           parent_job=previous.id if previous else None)
             jobs.append(previous)
@@ -190,7 +193,8 @@ def progress_html(job, events: list[dict]) -> str:
         note = f"<div class='llaca-error'>{html.escape(job.error)}</div>"
     evals = [e for e in events if e.get("type") == "eval"]
     if evals:
-        note += "<div>" + " · ".join(f"{html.escape(e['dataset'])}: <b>{e['accuracy']:.1f}%</b>" for e in evals) + "</div>"
+        scores = " · ".join(f"{html.escape(e['dataset'])}: <b>{e['accuracy']:.1f}%</b>" for e in evals)
+        note += f"<div>{scores}</div>"
     return (f"<div class='llaca-progress'><b>#{job.id} {html.escape(job.label)}</b> — {job.status}"
             f"<progress value='{p['fraction']:.4f}' max='1' style='width:100%;height:14px'></progress>"
             f"<div>{html.escape(p['text'])}</div>{note}</div>")
@@ -317,9 +321,9 @@ def build(studio: Studio):
             parent = gr.Dropdown(label="Parent version", choices=studio.version_choices(), value=studio.newest_id(),
                                  allow_custom_value=True)
             with gr.Row():
-                epochs = gr.Number(1.0, label="Epochs", minimum=0.1, step=0.5)
+                epochs = gr.Number(STAGE_DEFAULTS["epochs"], label="Epochs", minimum=0.1, step=0.5)
                 max_steps = gr.Number(0, label="Max steps (0 = by epochs)", minimum=0, precision=0)
-                lr = gr.Number(1e-3, label="Learning rate", minimum=0)
+                lr = gr.Number(STAGE_DEFAULTS["lr"], label="Learning rate", minimum=0)
             with gr.Row():
                 lora = gr.Checkbox(False, label="LoRA (adapters + projector)")
                 name = gr.Textbox(label="Version name (optional)", max_length=64)

@@ -25,8 +25,7 @@ footer {display: none !important}
 
 def launch_options(studio: Studio, **overrides) -> dict:
     """Arguments for `demo.launch`: which folders may be served (samples, uploads' previews, exports)."""
-    allowed = [str(SAMPLES_DIR), str(studio.home / "uploads"), str(studio.home / "exports"),
-               str(studio.home / "jobs")]
+    allowed = [str(SAMPLES_DIR), str(studio.home / "uploads"), str(studio.home / "exports")]
     return {"allowed_paths": allowed, "show_error": False, "css": CSS, "theme": gr.themes.Soft(),
             "footer_links": [], **overrides}
 
@@ -85,7 +84,8 @@ def _wire(demo, studio, tabs, banner, chat, learn, compare, versions, pages):
             return gr.skip(), gr.skip(), gr.skip(), True, gr.Timer(active=False)
         status = studio.base_build_status()
         if ready:
-            return status, _version_dropdown(studio, current), _version_dropdown(studio, None), True, gr.Timer(active=False)
+            pickers = _version_dropdown(studio, current), _version_dropdown(studio, None)
+            return status, *pickers, True, gr.Timer(active=False)
         return status, gr.skip(), gr.skip(), False, gr.skip()
 
     ready = gr.State(studio.base_ready())

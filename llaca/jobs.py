@@ -196,7 +196,8 @@ class JobStore:
     def active(self, kind: str | None = None) -> list[Job]:
         """Queued, running and interrupted jobs, oldest first."""
         with self._connect() as db:
-            rows = db.execute("SELECT * FROM jobs WHERE status IN ('queued','running','interrupted') ORDER BY id").fetchall()
+            rows = db.execute("SELECT * FROM jobs WHERE status IN ('queued', 'running', 'interrupted') "
+                              "ORDER BY id").fetchall()
         return [j for j in map(self._job, rows) if kind is None or j.kind == kind]
 
     def events(self, job_id: int) -> list[dict]:
@@ -232,7 +233,8 @@ class JobStore:
             known = {f.name for f in dataclasses.fields(StageConfig)}
             unknown = sorted(set(config) - known)
             if unknown or "data" not in config:
-                raise JobError(f"bad stage config: unknown keys {unknown}" if unknown else "bad stage config: no 'data'")
+                raise JobError(f"bad stage config: unknown keys {unknown}" if unknown
+                               else "bad stage config: no 'data'")
         if parent_job is not None:
             self.get(parent_job)  # must exist
         with self._transaction() as db:
@@ -251,7 +253,8 @@ class JobStore:
             (job_dir / "log.txt").write_text(f"{_now()} queued: {label or kind}\n", encoding="utf-8")
         except BaseException as e:
             with self._transaction() as db:
-                db.execute("UPDATE jobs SET status='failed', error=?, finished=? WHERE id=?", (str(e), time.time(), job_id))
+                db.execute("UPDATE jobs SET status='failed', error=?, finished=? WHERE id=?",
+                           (str(e), time.time(), job_id))
             raise
         with self._transaction() as db:  # visible to workers only once its files are in place
             db.execute("UPDATE jobs SET status='queued', config=? WHERE id=?", (json.dumps(config), job_id))
@@ -304,7 +307,8 @@ class JobStore:
                 if job.parent_job is not None:
                     parent = db.execute("SELECT status, version_id FROM jobs WHERE id=?", (job.parent_job,)).fetchone()
                     if parent is None or parent["status"] in ("failed", "cancelled"):
-                        why = f"parent job #{job.parent_job} {'is gone' if parent is None else 'ended ' + parent['status']}"
+                        ended = "is gone" if parent is None else f"ended {parent['status']}"
+                        why = f"parent job #{job.parent_job} {ended}"
                         db.execute("UPDATE jobs SET status='failed', error=?, finished=? WHERE id=?",
                                    (why, time.time(), job.id))
                         continue
@@ -381,7 +385,8 @@ def stage_upload(files: list[str | Path], dest: str | Path, split: str = "train"
     data_files = [p for p in paths if p.suffix.lower() in (".json", ".jsonl")]
     if len(zips) + len(data_files) != 1:
         found = ", ".join(p.name for p in zips + data_files) or "none"
-        raise InvalidDataset([Problem("upload", f"expected exactly one .zip or one .json/.jsonl file (found: {found})")])
+        message = f"expected exactly one .zip or one .json/.jsonl file (found: {found})"
+        raise InvalidDataset([Problem("upload", message)])
     source = (zips or data_files)[0]
     name = _safe_name(name or (source.stem if source.stem not in ("data", "train", "test") else "upload"))
     target = Path(dest) / name / split
@@ -543,7 +548,8 @@ class Worker:
             return ensure_base(registry, on_event=on_event)
         if job.kind != "stage":
             raise JobError(f"unknown job kind {job.kind!r}")
-        return run_stage(StageConfig(**job.config), registry, on_event=on_event, should_stop=lambda: self.should_stop(job))
+        return run_stage(StageConfig(**job.config), registry, on_event=on_event,
+                         should_stop=lambda: self.should_stop(job))
 
 
 def error_text(e: BaseException) -> str:
@@ -659,7 +665,8 @@ def main(argv: list[str] | None = None) -> int:
         hf_logging.disable_progress_bar()
         return Worker(home, args.parent_pid, args.idle_exit).serve()
     for job in JobStore(home).list():
-        print(f"#{job.id:<4} {job.status:11s} {job.kind:10s} {job.label[:40]:40s} {job.version_id or '':8s} {job.error or ''}")
+        print(f"#{job.id:<4} {job.status:11s} {job.kind:10s} {job.label[:40]:40s} {job.version_id or '':8s} "
+              f"{job.error or ''}")
     return 0
 
 

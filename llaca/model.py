@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import threading
 from pathlib import Path
 
 import torch
@@ -305,9 +306,15 @@ def load_model(path_or_id: str | os.PathLike, load_in_4bit: bool = False, load_i
     processor = AutoProcessor.from_pretrained(resolved, local_files_only=True)
     if getattr(processor, "chat_template", None) is None:  # older checkpoints ship none: LLaVA-1.5's format
         processor.chat_template = CHAT_TEMPLATE
-    model = LlavaForConditionalGeneration.from_pretrained(resolved, **kwargs)
+    with _LOAD_LOCK:
+        model = LlavaForConditionalGeneration.from_pretrained(resolved, **kwargs)
     model.eval()
     return model, processor
+
+
+# transformers 5's from_pretrained is not safe to run in two threads at once: concurrent loads of two
+# models were observed to come back with garbage weights (app engineer's repro with 4 threads). Serialize.
+_LOAD_LOCK = threading.RLock()
 
 
 def is_quantized(model) -> bool:

@@ -1,8 +1,12 @@
 """A real headless browser (the system Chromium, driven by Playwright) loads the app, asks a question about an
 image in the chat, sees the streamed answer, and takes a screenshot of every tab.
 
-Screenshots go to pytest's tmp dir; set LLACA_SCREENSHOTS=assets/screenshots to refresh the committed ones
-(and LLACA_SCREENSHOT_HOME=<a $LLACA_HOME after the demo> for a versions tab with real heatmaps).
+Screenshots go to pytest's tmp dir. The committed ones (assets/screenshots) were made with
+
+    LLACA_SCREENSHOTS=assets/screenshots LLACA_SCREENSHOT_HOME=<a $LLACA_HOME after the demo> \
+    LLACA_SCREENSHOT_VERSION=v3 .venv/bin/python -m pytest tests/test_browser.py
+
+(the real base and the demo's versions give real heatmaps; v3 is the demo's first llaca stage).
 """
 from __future__ import annotations
 
@@ -13,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app import chatty_home, free_port  # noqa: F401 (a fixture, shared with test_app)
+from test_app import chatty_home, free_port  # noqa: F401 (chatty_home: a fixture shared with test_app)
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")

@@ -185,9 +185,10 @@ def measure_memory(model, params, batch, registry, task_dir: Path, work: Path, s
            "goal_bytes": goal_b, "met": state_b <= goal_b}
     if reps:
         rss: dict[str, list[float]] = {"seq": [], "llaca": []}
-        for r in range(reps):
-            for method in (("seq", "llaca") if r % 2 == 0 else ("llaca", "seq")):
-                rss[method].append(_child_peak_rss(method, registry.home, task_dir, work, steps))
+        for _ in range(reps):   # the two children run at the same time: peak RSS is per process
+            children = {m: _start_child(m, registry.home, task_dir, work, steps) for m in rss}
+            for method, child in children.items():
+                rss[method].append(_child_result(method, child))
         seq_mb, llaca_mb = statistics.median(rss["seq"]), statistics.median(rss["llaca"])
         out.update({"peak_rss_seq_mb": round(seq_mb, 1), "peak_rss_llaca_mb": round(llaca_mb, 1),
                     "peak_rss_delta_mb": round(llaca_mb - seq_mb, 1), "expected_delta_mb": round(state_b / 2**20, 1),
@@ -195,14 +196,18 @@ def measure_memory(model, params, batch, registry, task_dir: Path, work: Path, s
     return out
 
 
-def _child_peak_rss(method: str, home: Path, task_dir: Path, work: Path, steps: int) -> float:
+def _start_child(method: str, home: Path, task_dir: Path, work: Path, steps: int) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "llaca.bench", "speed", "--_mem-child", method, "--home", str(home),
            "--_task", str(task_dir), "--_work", str(work / f"mem-{method}"), "--stage-steps", str(steps)]
-    res = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
-    if res.returncode:
-        raise RuntimeError(f"memory child ({method}) failed:\n{res.stderr[-2000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])["maxrss_mb"]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _child_result(method: str, child: subprocess.Popen) -> float:
+    out, err = child.communicate()
+    if child.returncode:
+        raise RuntimeError(f"memory child ({method}) failed:\n{err[-2000:]}")
+    return json.loads(out.strip().splitlines()[-1])["maxrss_mb"]
 
 
 def _mem_child(method: str, home: str, task_dir: str, work: str, steps: int) -> int:
