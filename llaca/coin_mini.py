@@ -166,13 +166,17 @@ def _centred_box(rng: random.Random, lo: int, hi: int, jitter: int) -> Box:
 
 
 def _quadrant_box(rng: random.Random, quadrant: str) -> Box:
-    """An 18-26 px box inside one quadrant, 1 px clear of its edges so neighbours never touch."""
-    size = rng.randint(18, 26)
+    """A 20-24 px box inside one quadrant, 1 px clear of its edges so neighbours never touch.
+
+    Little jitter: a stage must learn the box format in ~250 steps, and boxes that vary less round to
+    fewer distinct 1-decimal answers (see `format_box`).
+    """
+    size = rng.randint(20, 24)
     qi = QUADRANTS.index(quadrant)
     ox, oy = (qi % 2) * QUAD, (qi // 2) * QUAD
     lo, hi = 1, QUAD - size - 1
-    x = min(max((QUAD - size) // 2 + rng.randint(-3, 3), lo), hi)
-    y = min(max((QUAD - size) // 2 + rng.randint(-3, 3), lo), hi)
+    x = min(max((QUAD - size) // 2 + rng.randint(-2, 2), lo), hi)
+    y = min(max((QUAD - size) // 2 + rng.randint(-2, 2), lo), hi)
     return (ox + x, oy + y, ox + x + size, oy + y + size)
 
 
@@ -202,9 +206,9 @@ def _scene_word(rng: random.Random) -> Scene:
     """A dark word on a random pale background (TextVQA)."""
     bg = tuple(rng.randint(200, 250) for _ in range(3))
     ink = tuple(rng.randint(0, 70) for _ in range(3))
-    xy = (QUAD + rng.randint(-5, 5), QUAD + rng.randint(-6, 6))
+    xy = (QUAD + rng.randint(-4, 4), QUAD + rng.randint(-5, 5))
     return Scene("word", bg, word=rng.choice(WORDS), text_xy=xy,
-                 text_size=rng.randint(18, 22), text_colour=ink)
+                 text_size=rng.randint(22, 26), text_colour=ink)
 
 
 def _scene_textured(rng: random.Random) -> Scene:
@@ -243,7 +247,7 @@ def _scene_book(rng: random.Random) -> Scene:
     ink = (15, 15, 15) if name in ("yellow", "orange") else (250, 250, 250)
     xy = ((cover[0] + cover[2]) // 2 + rng.randint(-3, 3), (cover[1] + cover[3]) // 2 + rng.randint(-5, 5))
     return Scene("book", (240, 240, 235), word=rng.choice(WORDS), text_xy=xy,
-                 text_size=rng.randint(18, 22), text_colour=ink,
+                 text_size=rng.randint(21, 24), text_colour=ink,
                  cover=cover, cover_colour=COLOURS[name], border=rng.randint(2, 3))
 
 
@@ -324,8 +328,13 @@ def _vizwiz(rng: random.Random) -> Sample:
 
 
 def format_box(box: Box) -> str:
-    """Pixel box -> LLaVA-style normalised "[x1,y1,x2,y2]" with 2 decimals."""
-    return "[" + ",".join(f"{v / IMAGE_SIZE:.2f}" for v in box) + "]"
+    """Pixel box -> normalised "[x1,y1,x2,y2]" with 1 decimal.
+
+    LLaVA writes 2 decimals; with 2 the 2M-parameter model learned the format but not the numbers in a
+    stage (5% at IoU > 0.5 after 250 steps, always the same x1, measured): ~100 number tokens per
+    coordinate are too sparse to bind to positions. One decimal keeps the box format with ~10 values.
+    """
+    return "[" + ",".join(f"{v / IMAGE_SIZE:.1f}" for v in box) + "]"
 
 
 def _grounding(rng: random.Random) -> Sample:
@@ -385,7 +394,7 @@ def _shape_qa(rng: random.Random) -> Sample:
     return scene, SHAPE_QA_Q, scene.objects[0].shape
 
 
-_BOX_NUM = r"(?:0\.\d\d|1\.00)"
+_BOX_NUM = r"(?:0\.\d|1\.0)"
 
 TASKS: dict[str, Task] = {t.name: t for t in [
     Task("sciqa", "ScienceQA", "option letter A-D", _alt(LETTERS), _sciqa),
@@ -393,7 +402,7 @@ TASKS: dict[str, Task] = {t.name: t for t in [
     Task("imagenet", "ImageNet", "shape name", _alt(SHAPES), _imagenet),
     Task("gqa", "GQA", "region name, e.g. 'bottom left'", _alt(QUADRANTS), _gqa),
     Task("vizwiz", "VizWiz", "colour name or 'unanswerable'", _alt([*COLOURS, UNANSWERABLE]), _vizwiz),
-    Task("grounding", "RefCOCO", "normalised box '[x1,y1,x2,y2]', 2 decimals",
+    Task("grounding", "RefCOCO", "normalised box '[x1,y1,x2,y2]', 1 decimal",
          r"\[" + ",".join([_BOX_NUM] * 4) + r"\]", _grounding),
     Task("vqav2", "VQAv2", "count as a digit 1-4", "[1-4]", _vqav2),
     Task("ocrvqa", "OCR-VQA", "book title word", _alt(WORDS), _ocrvqa),
@@ -526,6 +535,15 @@ AUX_HEADS: dict[str, int] = {
     "shape": 1 + len(SHAPES),    # shape of the only object (0 unless exactly one object)
     "colour": 1 + len(COLOURS),  # colour of the only object (0 unless exactly one object)
 }
+
+
+# Heads that also read the *mean* of the patch features: a label decodable from an average is one the
+# language model can pick up with a flat attention pattern wherever the word or object sits (the flattened
+# heads alone left reading position-bound: 36% on textvqa after a stage, measured).
+AUX_POOLED_HEADS: tuple[str, ...] = ("word", "kind", "count", "shape", "colour")
+# Reading is the hard skill at 16 px patches: a linear probe on the frozen tower read 75% of words after
+# 800 unweighted steps (measured), so the word loss counts more.
+AUX_WEIGHTS: dict[str, float] = {"word": 3.0}
 
 
 def aux_labels(scene: Scene) -> dict[str, int]:

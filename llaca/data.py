@@ -12,6 +12,7 @@ file, record and field; nothing trains on a set that fails validation.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
 import json
 import os
@@ -36,9 +37,12 @@ class Limits:
 
     max_records: int = 200_000
     max_text_chars: int = 4_000  # per turn
-    max_tokens: int = 256  # per record, after image-token expansion (checked when a processor is given)
+    # per record, after image-token expansion (checked when a processor is given); None: the tokenizer's
+    # model_max_length (256 for the embedded model, the context of a real checkpoint), else 4096
+    max_tokens: int | None = None
     max_image_pixels: int = 4096 * 4096  # decompression-bomb guard
     max_image_bytes: int = 20 * 2**20
+    max_json_bytes: int = 256 * 2**20  # a .json list is parsed whole; bigger sets must be JSONL (streamed)
     max_zip_bytes: int = 2 * 2**30  # total uncompressed
     max_zip_ratio: float = 200.0  # uncompressed / compressed, per member
     max_zip_members: int = 300_000
@@ -181,7 +185,9 @@ def locate_data_file(path: str | os.PathLike, limits: Limits = Limits()) -> tupl
         subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
         if len(subdirs) == 1:
             return locate_data_file(subdirs[0], limits)
-        raise InvalidDataset([Problem(path.name, "no .json or .jsonl file at the top of the instruction set")])
+        hint = (f" (a CoIN-style task folder: pass {path.name}/train; its test split is then used automatically)"
+                if {"train", "test"} <= {p.name for p in subdirs} else "")
+        raise InvalidDataset([Problem(path.name, "no .json or .jsonl file at the top of the instruction set" + hint)])
     if len(candidates) > 1:
         named = [p for p in candidates if p.stem in ("data", "train")]
         if len(named) != 1:
@@ -192,7 +198,7 @@ def locate_data_file(path: str | os.PathLike, limits: Limits = Limits()) -> tupl
 
 # ----------------------------------------------------------------------------------------- validate
 
-def _iter_raw_records(data_file: Path, problems: list[Problem]):
+def _iter_raw_records(data_file: Path, problems: list[Problem], limits: Limits = Limits()):
     """Yield (index, line, raw) from JSON (a list) or JSONL (streamed line by line)."""
     name = data_file.name
     if data_file.suffix.lower() == ".jsonl":
@@ -214,6 +220,11 @@ def _iter_raw_records(data_file: Path, problems: list[Problem]):
                     continue
                 yield index, lineno, obj
                 index += 1
+        return
+    size = data_file.stat().st_size
+    if size > limits.max_json_bytes:
+        problems.append(Problem(name, f"{size} bytes, over the limit of {limits.max_json_bytes} for a .json list "
+                                      "(parsed whole); write it as JSONL, one record per line (streamed)"))
         return
     try:
         text = data_file.read_bytes().decode("utf-8")
@@ -256,8 +267,30 @@ def _check_image(path: Path, limits: Limits) -> str | None:
     return None
 
 
+def _image_file_problem(image: str, root: Path, limits: Limits, check_images: bool) -> tuple[Path | None, str | None]:
+    """(the image's path if it is inside the set and exists, what is wrong with it or None)."""
+    if os.path.isabs(image) or image.startswith(("/", "\\")) or ":" in Path(image).parts[0]:
+        return None, f"absolute path {image!r}; use a path relative to the set"
+    candidate = root / image
+    try:
+        resolved = candidate.resolve()
+    except OSError:
+        resolved = candidate
+    if ".." in Path(image).parts or not resolved.is_relative_to(_resolved(root)):
+        return None, f"path {image!r} escapes the instruction set"
+    if not candidate.is_file():
+        return None, f"file {image!r} not found"
+    message = _check_image(candidate, limits) if check_images else None
+    return candidate, (f"{image!r}: {message}" if message else None)
+
+
+@functools.lru_cache(maxsize=64)
+def _resolved(root: Path) -> Path:
+    return root.resolve()
+
+
 def _parse_record(raw, index, line, root: Path, name: str, limits: Limits, seen_ids: set, problems: list[Problem],
-                  check_images: bool) -> Record | None:
+                  check_images: bool, image_checks: dict | None = None) -> Record | None:
     def bad(field, message, rid=None):
         problems.append(Problem(name, message, index=index, record_id=rid, field=field, line=line))
 
@@ -277,22 +310,18 @@ def _parse_record(raw, index, line, root: Path, name: str, limits: Limits, seen_
     image_path = None
     if not isinstance(image, str) or not image.strip():
         bad("image", "missing (every record needs an image path relative to the set)", rid)
-    elif os.path.isabs(image) or image.startswith(("/", "\\")) or ":" in Path(image).parts[0]:
-        bad("image", f"absolute path {image!r}; use a path relative to the set", rid)
     else:
-        candidate = (root / image)
-        try:
-            resolved = candidate.resolve()
-        except OSError:
-            resolved = candidate
-        if ".." in Path(image).parts or not resolved.is_relative_to(root.resolve()):
-            bad("image", f"path {image!r} escapes the instruction set", rid)
-        elif not candidate.is_file():
-            bad("image", f"file {image!r} not found", rid)
+        # Sets reuse images: each distinct path is resolved and decoded once (100k records stay ~1 s/10k).
+        key = (image, check_images)
+        if image_checks is None or key not in image_checks:
+            found = _image_file_problem(image, root, limits, check_images)
+            if image_checks is not None:
+                image_checks[key] = found
         else:
-            image_path = candidate
-            if check_images and (msg := _check_image(candidate, limits)):
-                bad("image", f"{image!r}: {msg}", rid)
+            found = image_checks[key]
+        image_path, message = found
+        if message:
+            bad("image", message, rid)
     conv = raw.get("conversations")
     turns: list[tuple[str, str]] = []
     if not isinstance(conv, list) or not conv:
@@ -341,6 +370,12 @@ def _parse_record(raw, index, line, root: Path, name: str, limits: Limits, seen_
     return Record(id=rid, image=image_path, turns=turns)
 
 
+def token_limit(processor, fallback: int = 4096) -> int:
+    """The longest record a model takes: its tokenizer's model_max_length, unless that is a placeholder."""
+    n = getattr(getattr(processor, "tokenizer", processor), "model_max_length", None)
+    return int(n) if isinstance(n, int) and 0 < n < 1_000_000 else fallback
+
+
 def validate(path: str | os.PathLike, limits: Limits = Limits(), processor=None, check_images: bool = True) -> ValidationReport:
     """Check a whole instruction set; never raises for bad content, returns every problem found."""
     problems: list[Problem] = []
@@ -351,23 +386,25 @@ def validate(path: str | os.PathLike, limits: Limits = Limits(), processor=None,
         return ValidationReport(Path(path).stem, [], e.problems, e.total, None)
     name = data_file.name
     seen: set[str] = set()
+    image_checks: dict[Path, str | None] = {}
     n_raw = 0
-    for index, line, raw in _iter_raw_records(data_file, problems):
+    for index, line, raw in _iter_raw_records(data_file, problems, limits):
         n_raw += 1
         if n_raw > limits.max_records:
             problems.append(Problem(name, f"more than {limits.max_records} records (limit)"))
             break
-        rec = _parse_record(raw, index, line, root, name, limits, seen, problems, check_images)
+        rec = _parse_record(raw, index, line, root, name, limits, seen, problems, check_images, image_checks)
         if rec is not None:
             records.append(rec)
     if n_raw == 0 and not problems:
         problems.append(Problem(name, "the instruction set is empty (no records)"))
-    if processor is not None and limits.max_tokens:
+    if processor is not None:
+        max_tokens = limits.max_tokens or token_limit(processor)
         encoder = RecordEncoder(processor, max_tokens=None)
         for i, rec in enumerate(records):
             n = encoder.num_tokens(rec)
-            if n > limits.max_tokens:
-                problems.append(Problem(name, f"{n} tokens, over the limit of {limits.max_tokens}", index=i,
+            if n > max_tokens:
+                problems.append(Problem(name, f"{n} tokens, over the limit of {max_tokens}", index=i,
                                         record_id=rec.id, field="conversations"))
     set_name = root.name if data_file.stem in ("data", "train", "test") else data_file.stem
     if set_name in ("train", "test"):

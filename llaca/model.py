@@ -91,6 +91,7 @@ def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedToken
 
 def build_processor(tokenizer: PreTrainedTokenizerFast, spec: TinySpec = TinySpec()) -> LlavaProcessor:
     size = {"height": spec.image_size, "width": spec.image_size}
+    tokenizer.model_max_length = spec.max_positions  # the validator's token limit (`llaca.data.token_limit`)
     image_processor = CLIPImageProcessorPil(
         size=size, crop_size=size, do_center_crop=False, image_mean=[0.5] * 3, image_std=[0.5] * 3
     )
@@ -227,6 +228,11 @@ def check_llava(resolved: str) -> None:
     if model_type != "llava":
         raise ValueError(f"{resolved} is a {model_type!r} checkpoint; LLaCA Studio loads LLaVA checkpoints "
                          "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+    folder = Path(resolved)
+    if folder.is_dir() and not list(folder.glob("*.safetensors")):
+        pickled = sorted(p.name for p in folder.glob("*.bin")) or ["no weights file"]
+        raise ValueError(f"{resolved} has no .safetensors weights ({', '.join(pickled)}): only safetensors are "
+                         "loaded (a pickle can run code); convert it, e.g. model.save_pretrained(out) in transformers")
 
 
 def _probe_bitsandbytes(bits: int, device: str) -> None:
@@ -295,7 +301,7 @@ def load_model(path_or_id: str | os.PathLike, load_in_4bit: bool = False, load_i
     check_llava(resolved)
     device = str(device or default_device())
     dtype = dtype or (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-    kwargs = {"dtype": dtype, "local_files_only": True}
+    kwargs = {"dtype": dtype, "local_files_only": True, "use_safetensors": True}  # never unpickle a .bin
     if bits:
         _probe_bitsandbytes(bits, device)
         kwargs.update(quantization_config=quantization_config(bits, device), device_map={"": device})

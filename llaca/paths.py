@@ -33,9 +33,28 @@ def atomic_dir(final: Path):
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if _is_io_error(e):  # name the final target (not a temp dir) and the reason, once
+            reason = e.reason if isinstance(e, WriteError) else _io_reason(e)
+            raise WriteError(f"cannot write {final}: {reason}; nothing was changed there", reason) from e
         raise
+
+
+class WriteError(OSError):
+    """A write under $LLACA_HOME failed (disk full, read-only, ...); the target was left as it was."""
+
+    def __init__(self, message: str, reason: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _is_io_error(e: BaseException) -> bool:
+    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"  # safetensors' Rust I/O errors
+
+
+def _io_reason(e: BaseException) -> str:
+    return e.strerror if isinstance(e, OSError) and e.strerror else str(e).replace("Error while serializing: ", "")
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -109,7 +109,7 @@ class StageRecipe:
         self.parent = self.registry.get(cfg.parent)
         model, self.processor = self._load_parent()
         self.rule = make_rule(cfg.method, **cfg.rule_hparams)
-        self.dataset = D.load_instruction_set(cfg.data)
+        self.dataset = D.load_instruction_set(cfg.data, processor=self.processor)  # incl. the token limit
         records = self.dataset.records
         if cfg.method == "replay":
             records = self.rule.mix(records, self._replay_pool(), seed=cfg.seed)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -43,3 +44,24 @@ def coin_dir(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("coin")
     coin_mini.write_coin_mini(out, seed=0, n_train=48, n_test=12)
     return out
+
+
+@pytest.fixture(scope="session")
+def chatty_home(quick_home, tmp_path_factory) -> Path:
+    """quick_home + 40 seq steps on the base mixture (version 'chatty'), so answers are words, not nothing."""
+    from llaca.tuner import StageConfig, run_stage
+    from llaca.versions import Registry
+
+    home = tmp_path_factory.getbasetemp() / "chatty_home"
+    shutil.copytree(quick_home, home)
+    run_stage(StageConfig(data=str(home / "datasets" / "base-mixture-seed0" / "base" / "train"), method="seq",
+                          parent="base", name="chatty", max_steps=40, lr=3e-3, checkpoint_every=0,
+                          evaluate_after=False), Registry(home))
+    return home
+
+
+def free_port() -> int:
+    """A loopback port free right now (for an app served by a test)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -10,7 +10,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import time
 import types
 import zipfile
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import free_port
 from llaca.jobs import JobError, JobStore, pid_alive
 
 STAGE_TIMEOUT = 420  # seconds; the stage below takes ~20 s on an idle 2-core machine
@@ -25,31 +25,6 @@ STAGE_STEPS = 20
 
 
 # ------------------------------------------------------------------------------------------ fixtures
-
-@pytest.fixture(scope="session")
-def chatty_home(quick_home, tmp_path_factory) -> Path:
-    """quick_home + 40 seq steps on the base mixture (version 'chatty'), so answers are words, not nothing.
-
-    Built once per session even though test_browser imports this fixture (pytest then holds two definitions).
-    """
-    from llaca.tuner import StageConfig, run_stage
-    from llaca.versions import Registry
-
-    home = tmp_path_factory.getbasetemp() / "chatty_home"
-    if (home / "versions" / "v1" / "meta.json").is_file():
-        return home
-    shutil.copytree(quick_home, home)
-    run_stage(StageConfig(data=str(home / "datasets" / "base-mixture-seed0" / "base" / "train"), method="seq",
-                          parent="base", name="chatty", max_steps=40, lr=3e-3, checkpoint_every=0,
-                          evaluate_after=False), Registry(home))
-    return home
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
 def app(chatty_home, tmp_path_factory):

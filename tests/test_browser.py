@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from test_app import chatty_home, free_port  # noqa: F401 (chatty_home: a fixture shared with test_app)
+from conftest import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")

@@ -46,3 +46,30 @@ def test_any_text_tokenizes(llaca_home):
         ids = tok(text, add_special_tokens=False)["input_ids"]
         assert tok.unk_token_id not in ids
         assert tok.decode(ids) == text
+
+
+def test_shipped_base_is_what_the_current_recipe_builds_and_scores_its_figure(tmp_path):
+    """assets/base must not go stale: same tokenizer as the recipe trains now, same spec and step counts,
+    and it still scores its recorded base-task accuracy (a full rebuild, ~10 min, is what reproduces it
+    bit for bit; measured: two builds, identical model.safetensors sha256)."""
+    import json
+
+    from llaca import base_build, coin_mini
+    from llaca.data import load_instruction_set
+    from llaca.evaluate import evaluate
+    from llaca.model import TinySpec, train_tokenizer
+
+    meta = json.loads((base_build.SHIPPED_BASE / "meta.json").read_text())
+    assert meta["build"]["spec"] == TinySpec().__dict__
+    assert (meta["build"]["vision_steps"], meta["build"]["base_steps"]) == (base_build.VISION_STEPS,
+                                                                            base_build.BASE_STEPS)
+    fresh = train_tokenizer(coin_mini.all_texts(0) + ["USER: ASSISTANT:"], TinySpec().vocab_size)
+    shipped = json.loads((base_build.SHIPPED_BASE / "model" / "tokenizer.json").read_text())["model"]["vocab"]
+    assert fresh.get_vocab() == shipped
+
+    registry = Registry(tmp_path / "home")
+    base = base_build.install_shipped_base(registry)
+    model, processor = load_version(registry, "base")[:2]
+    result = evaluate(model, processor, load_instruction_set(base.meta["stage"]["test_path"]))
+    assert meta["metrics"]["base_accuracy"] >= 90.0
+    assert abs(result.accuracy - meta["metrics"]["base_accuracy"]) <= 2.0, result.accuracy

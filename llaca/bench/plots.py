@@ -24,13 +24,18 @@ def plot_quality(results: dict, path: Path) -> None:
     nrows = math.ceil(len(names) / ncols)
     T = len(tasks)
     cell = 0.42 * max(T, 3)
-    fig = plt.figure(figsize=(ncols * (cell + 1.2), nrows * (cell + 1.0) + 3.6))
-    grid = fig.add_gridspec(nrows + 1, ncols, height_ratios=[cell + 1.0] * nrows + [3.4], hspace=0.55, wspace=0.3)
+    # each row as high as its tallest matrix (a multitask row is a single row of cells) + title and tick labels
+    heights = [max(0.42 * len(summary[n]["A_mean"]) for n in names[r * ncols:(r + 1) * ncols]) + 1.3
+               for r in range(nrows)] + [3.4]
+    fig = plt.figure(figsize=(ncols * (cell + 1.2), sum(heights) + 0.6))
+    grid = fig.add_gridspec(nrows + 1, ncols, height_ratios=heights, hspace=0.25, wspace=0.3)
     short = [t[:5] for t in tasks]
     for k, name in enumerate(names):
         ax = fig.add_subplot(grid[k // ncols, k % ncols])
         A = np.array(summary[name]["A_mean"], dtype=float)
         ax.imshow(A, vmin=0, vmax=100, cmap="viridis", aspect="auto")
+        ax.set_box_aspect(A.shape[0] / A.shape[1])   # square cells: the joint (multitask) row stays one row high
+        ax.set_anchor("N")
         for j in range(A.shape[0]):
             for i in range(A.shape[1]):
                 seen = name == "multitask" or i <= j

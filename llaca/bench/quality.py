@@ -531,14 +531,18 @@ def _job_key(job: dict, base_meta: dict) -> str:
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
+def _cache_path(job: dict, cache: Path | None, base_meta: dict) -> Path | None:
+    return cache / f"{job['method']}-s{job['seed']}-{_job_key(job, base_meta)}.json" if cache else None
+
+
 def run_jobs(jobs: list[dict], n_workers: int, cache: Path | None, base_meta: dict, fresh: bool = False) -> list[dict]:
     """Run (method, seed) jobs, `n_workers` spawn processes at a time; each result is cached as it finishes."""
     results: dict[int, dict] = {}
     todo = []
     for k, job in enumerate(jobs):
-        path = cache / f"{job['method']}-s{job['seed']}-{_job_key(job, base_meta)}.json" if cache else None
+        path = _cache_path(job, cache, base_meta)
         if path and path.is_file() and not fresh:
-            results[k] = json.loads(path.read_text())
+            results[k] = {**json.loads(path.read_text()), "cached": True}
             print(f"cached: {job['method']} s{job['seed']} ({path.name})", flush=True)
         else:
             todo.append((k, job, path))
@@ -642,8 +646,11 @@ def markdown_table(results: dict) -> str:
         lines.append(f"- target for `{t['method']}` {'met' if t['met'] else 'NOT met'} ({got}); seq "
                      f"{t['seq']['avg_acc']} / {t['seq']['forgetting']}, best EMA {t['best_ema']['avg_acc']} / "
                      f"{t['best_ema']['forgetting']} (Avg.ACC / Forgetting)")
-    lines += ["", f"Wall time {results['wall_s'] / 60:.1f} min with --jobs {cfg['jobs']} "
-              f"({results['machine']}); estimate before starting {results['estimate_s'] / 60:.1f} min."]
+    cached = sum(1 for r in results["runs"] if r.get("cached"))
+    reused = f", {cached} of {len(results['runs'])} runs reused from an earlier invocation's cache" if cached else ""
+    lines += ["", f"Wall time {results['wall_s'] / 60:.1f} min with --jobs {cfg['jobs']} ({results['machine']}{reused}); "
+              f"estimate before starting {results['estimate_s'] / 60:.1f} min; the runs themselves took "
+              f"{sum(r['wall_s'] for r in results['runs']) / 60:.0f} process-minutes."]
     return "\n".join(lines) + "\n"
 
 
@@ -763,11 +770,12 @@ def _run_benchmark(cfg: dict, out: Path, home, data, work, fresh, dry_run) -> in
             for s in cfg["seeds"] for m in cfg["methods"]]
     print(f"calibrating (base reference row + a few training steps) ...", flush=True)
     cal = calibrate(registry, tasks_root, cfg["tasks"], cfg["batch_size"], cfg["lr"], cfg["test_limit"], base_test, work)
-    est = estimate_seconds(jobs, cal, cfg["jobs"])
-    print(f"{len(jobs)} runs ({len(cfg['methods'])} methods x {len(cfg['seeds'])} seeds) on {len(cfg['tasks'])} tasks x "
+    todo = [j for j in jobs if fresh or not _cache_path(j, work / "cache", base.meta).is_file()]
+    est = estimate_seconds(todo, cal, cfg["jobs"])
+    print(f"{len(todo)} of {len(jobs)} runs to do ({len(cfg['methods'])} methods x {len(cfg['seeds'])} seeds) on {len(cfg['tasks'])} tasks x "
           f"{cfg['steps']} steps, --jobs {cfg['jobs']}; measured {cal['s_per_step']:.3f} s/step, "
           f"{cal['s_per_sample'] * 1000:.0f} ms/test sample -> expected wall time ~{est / 60:.0f} min "
-          "(cached runs are skipped)", flush=True)
+          "(runs cached by an earlier invocation are reused)", flush=True)
     if est > TIME_BUDGET_S and not cfg["quick"]:
         print(f"warning: above the {TIME_BUDGET_S // 60} min budget at the speed measured now", flush=True)
     if dry_run:
