@@ -261,3 +261,70 @@ def test_only_safetensors_are_loaded_and_version_ids_stay_in_the_registry(quick_
     for evil in ("../base", "/etc", "base/../../x", "..", "v1/..", ""):
         with pytest.raises(VersionError):
             registry.get(evil)
+
+
+# ------------------------------------------------------------------------------ the whole app killed
+
+def test_app_killed_mid_stage_keeps_queue_and_job_and_resumes_on_restart(llaca_home, coin_dir, tmp_path):
+    """SIGKILL the app (not just the worker) mid-stage: the worker notices its parent is gone, checkpoints and
+    stops; the job is still in the queue; a restarted app re-queues it and it finishes from the checkpoint."""
+    import signal
+
+    from gradio_client import Client, handle_file
+
+    from conftest import free_port
+    from test_app import zip_folder
+
+    def launch(port):
+        return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--home",
+                                 str(llaca_home)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"})
+
+    def connect(port):
+        deadline = time.time() + 120
+        while True:
+            try:
+                return Client(f"http://127.0.0.1:{port}/", verbose=False)
+            except Exception:
+                if time.time() > deadline:
+                    raise
+                time.sleep(0.5)
+
+    def wait(predicate, what, timeout=180):
+        deadline = time.time() + timeout
+        while not predicate():
+            assert time.time() < deadline, f"timed out waiting for {what}"
+            time.sleep(0.3)
+
+    before = registry_state(llaca_home)
+    store = JobStore(llaca_home)
+    port = free_port()
+    app = launch(port)
+    try:
+        client = connect(port)
+        train_zip = zip_folder(coin_dir / "vqav2" / "train", tmp_path / "vqav2.zip")
+        _, _, data_path = client.predict([handle_file(str(train_zip))], None, api_name="/validate")
+        client.predict(data_path, "llaca", 0.99, 0.2, "base", "survivor", 1, 100, 1e-3, False,
+                       api_name="/start_stage")
+        wait(lambda: store.list() and max((e.get("step", 0) for e in store.events(store.list()[0].id)),
+                                          default=0) >= 52, "the stage to pass its first checkpoint")
+        job = store.list()[0]
+        os.kill(app.pid, signal.SIGKILL)
+        app.wait(30)
+        wait(lambda: not __import__("llaca.jobs", fromlist=["pid_alive"]).pid_alive(job.pid), "the orphaned worker to stop")
+    finally:
+        if app.poll() is None:
+            app.kill()
+    assert store.get(job.id).status in ("interrupted", "running")  # still there, not lost
+    assert registry_state(llaca_home) == before  # nothing half-written listed, parent byte-identical
+
+    port = free_port()
+    app = launch(port)
+    try:
+        wait(lambda: store.get(job.id).status == "done", "the restarted app to finish the job", timeout=300)
+    finally:
+        app.send_signal(signal.SIGTERM)
+        app.wait(60)
+    starts = [e for e in store.events(job.id) if e.get("type") == "start"]
+    assert starts[-1].get("resumed") and starts[-1]["step"] >= 50, starts
+    assert Registry(llaca_home).get(store.get(job.id).version_id).name == "survivor"

@@ -100,6 +100,10 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="llaca-load-"))
     home, port = work / "home", free_port()
+    from ..base_build import ensure_base
+    from ..versions import Registry
+
+    ensure_base(Registry(home))  # the shipped base (seconds), so the stage can start at once
     env = {**os.environ, "LLACA_HOME": str(home), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
     server = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port)], env=env, cwd=ROOT,
                               stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT)
@@ -121,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
         assert data_path, report
         message, _ = client.predict(data_path, "llaca", 0.99, 0.2, "base", "load-stage", 1, args.stage_steps, 1e-3,
                                     False, api_name="/start_stage")
+        if not message.startswith("Queued"):
+            raise RuntimeError(f"the stage was not queued: {message}")
         from ..jobs import JobStore
 
         store = JobStore(home)
