@@ -105,19 +105,11 @@ def wait_for_job(client, predicate, timeout: float = STAGE_TIMEOUT, what: str = 
 
 def chat_timed(client, image: str, question: str) -> tuple[float, float, str]:
     """(seconds to the first streamed token, seconds to the full answer, answer) for one /chat request."""
-    from gradio_client import handle_file
+    from llaca.bench.load import one_request  # the load benchmark's request, so both measure the same way
 
-    start = time.perf_counter()
-    job = client.submit({"text": question, "files": [handle_file(image)]}, [], None, 24, 0.0, api_name="/chat")
-    first = None
-    while not job.done():
-        outputs = job.outputs()
-        if first is None and outputs and last_answer(outputs[-1][0]).strip("… "):
-            first = time.perf_counter() - start
-        time.sleep(0.01)
-    total = time.perf_counter() - start
-    answer = last_answer(job.result()[0])
-    return (first or total), total, answer
+    out = one_request(client, image, question, max_tokens=24)
+    assert out["error"] is None or out["answer"].strip(), out
+    return out["first_s"], out["total_s"], out["answer"]
 
 
 # ------------------------------------------------------------------------------------------ chat

@@ -63,6 +63,7 @@ def last_answer(history: list[dict]) -> str:
 
 
 def one_request(client, image: str, question: str, max_tokens: int) -> dict:
+    """One /chat request, streamed: seconds to the first token and to the full answer, the answer, any error."""
     from gradio_client import handle_file
 
     start = time.perf_counter()
