@@ -153,6 +153,7 @@ def test_disk_full_and_read_only_home_fail_cleanly_and_lose_nothing(quick_home, 
         data = str(coin_dir / "sciqa" / "train")
 
         rc, err = run_cli("learn", data, "--method", "llaca", "--max-steps", "3", "--no-eval")
+        print(f"\ndisk full -> {err.strip()}")
         assert rc == 2 and err.startswith("error: ") and "No space left on device" in err, err
         assert len(err.strip().splitlines()) == 1 and "Traceback" not in err
         assert registry_state(home) == before  # nothing half-written is listed, the base is byte-identical
