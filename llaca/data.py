@@ -462,9 +462,18 @@ def write_instruction_set(out_dir: Path, records: list[Record]) -> Path:
 
 # ----------------------------------------------------------------------------------------- encode
 
-def load_image(path: str | os.PathLike) -> Image.Image:
-    with Image.open(path) as im:
-        return im.convert("RGB")
+def load_image(path: str | os.PathLike, limits: Limits = Limits()) -> Image.Image:
+    """An RGB image from a file (a chat upload, a record); a clear ValueError for anything else or too big."""
+    name = Path(path).name
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if w * h > limits.max_image_pixels:
+                raise ValueError(f"{name}: image is {w}x{h} pixels, over the limit of {limits.max_image_pixels} "
+                                 "(decompression-bomb guard)")
+            return im.convert("RGB")
+    except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
+        raise ValueError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
 
 
 def to_messages(turns: list[tuple[str, str]], with_image: bool = True) -> list[dict]:

@@ -157,6 +157,30 @@ def test_chat_errors_are_messages_not_tracebacks(client):
     assert text.startswith("⚠") and "Traceback" not in text
 
 
+def test_bad_chat_input_is_a_message_not_a_crash(client, tmp_path):
+    """Empty message and image-only are refused (nothing sent); a non-image file and a decompression bomb
+    come back as a ⚠ message in the chat; the chat still answers afterwards."""
+    from gradio_client import handle_file
+    from PIL import Image
+
+    image, question, _ = sample()
+    for message in ({"text": "", "files": []}, {"text": "  ", "files": [handle_file(image)]}):
+        history, _ = client.predict(message, [], None, 8, 0.0, api_name="/chat")
+        assert history == []  # a warning toast; nothing is asked
+    fake = tmp_path / "photo.png"
+    fake.write_text("not an image at all")
+    huge = tmp_path / "huge.png"
+    Image.new("L", (4200, 4200)).save(huge)  # 17.6 Mpx: over the 16.8 Mpx cap, ~20 kB on disk
+    for path, expected in ((fake, "not a readable image"), (huge, "4200x4200 pixels")):
+        history, _ = client.predict({"text": "What is this?", "files": [handle_file(str(path))]}, [], None, 8, 0.0,
+                                    api_name="/chat")
+        text = last_answer(history)
+        assert text.startswith("⚠") and expected in text and "Traceback" not in text, text
+    history, _ = client.predict({"text": question, "files": [handle_file(image)]}, [], None, 8, 0.0,
+                                api_name="/chat")
+    assert not last_answer(history).startswith("⚠")
+
+
 # ------------------------------------------------------------------------------------------ learn
 
 def write_bad_set(folder: Path) -> list[Path]:
