@@ -31,6 +31,17 @@ BASE_LR = 3e-3
 SHIPPED_BASE = ASSETS_DIR / "base"
 
 
+def base_tokenizer(seed: int = 0, spec: TinySpec = TinySpec()):
+    """The byte-level BPE of the base model, trained on every CoIN-mini and base-task text (and the chat roles)."""
+    return train_tokenizer(coin_mini.all_texts(seed) + ["USER: ASSISTANT:"], spec.vocab_size)
+
+
+def weighted_loss(logits: dict, labels: dict):
+    """Sum of the heads' cross-entropies, each weighted by `coin_mini.AUX_WEIGHTS` (1 when not listed)."""
+    return sum(coin_mini.AUX_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(lg, labels[k])
+               for k, lg in logits.items())
+
+
 def pretrain_vision(model, processor, steps: int, seed: int, on_event=None) -> float:
     """Train the CLIP tower + linear heads on `coin_mini.aux_batch` labels; return final head accuracy."""
     vision = model.model.vision_tower
@@ -52,10 +63,7 @@ def pretrain_vision(model, processor, steps: int, seed: int, on_event=None) -> f
         tokens = vision(pixels, output_hidden_states=True).hidden_states[-1][:, 1:]
         logits = {k: h(tokens.flatten(1)) for k, h in heads.items()}
         mean_logits = {k: h(tokens.mean(1)) for k, h in pooled.items()}
-        loss = sum(coin_mini.AUX_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(logits[k], labels[k])
-                   for k in heads)
-        loss = loss + sum(coin_mini.AUX_WEIGHTS.get(k, 1.0) * torch.nn.functional.cross_entropy(mean_logits[k], labels[k])
-                          for k in pooled)
+        loss = weighted_loss(logits, labels) + weighted_loss(mean_logits, labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -91,8 +99,7 @@ def _build_base(registry, seed, spec, vision_steps, base_steps, n_train, n_test,
     data_root = registry.home / "datasets" / f"base-mixture-seed{seed}"
     if not (data_root / "base" / "test" / "data.json").is_file():
         coin_mini.write_base_mixture(data_root, seed=seed, n_train=n_train, n_test=n_test)
-    tokenizer = train_tokenizer(coin_mini.all_texts(seed) + ["USER: ASSISTANT:"], spec.vocab_size)
-    processor = build_processor(tokenizer, spec)
+    processor = build_processor(base_tokenizer(seed, spec), spec)
     model = build_model(processor, spec, seed=seed)
     vision_acc = pretrain_vision(model, processor, vision_steps, seed, on_event)
     t_vision = time.time() - t0

@@ -18,7 +18,6 @@ from .data import load_image, to_messages
 # generate() runs beside the consumer that streams its tokens. Reusing threads matters on CPU: a fresh thread
 # pays its OpenMP/MKL start-up on every answer (see stream_answer).
 _GENERATION_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="llaca-generate")
-_thread_state = threading.local()
 
 
 def _prepare(processor, image: Image.Image, history: list[tuple[str, str]], question: str):
@@ -63,9 +62,7 @@ def stream_answer(model, processor, image: Image.Image | None, question: str, hi
         # default until the count is set in that thread; a fresh thread per answer also pays that start-up each
         # time. Measured for one 10-token answer of the tiny model on 2 cores, 1 thread requested: new thread
         # 46-48 ms, new thread + set_num_threads 19-21 ms, pooled thread ~14 ms, generate() inline 12-14 ms.
-        if torch.get_num_threads() != threads or not getattr(_thread_state, "set", False):
-            torch.set_num_threads(threads)
-            _thread_state.set = True
+        torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
                 model.generate(**kwargs)

@@ -309,7 +309,7 @@ def main(argv: list[str] | None = None) -> int:
         from .data import InvalidDataset
         from .versions import VersionError
 
-        from safetensors import SafetensorError  # a failed weights write (disk full, read-only) is an I/O error
+        from safetensors import SafetensorError  # e.g. a corrupt weights file (failed writes are WriteError)
 
         if isinstance(e, (InvalidDataset, VersionError, ValueError, OSError, SafetensorError)):
             print(f"error: {e}", file=sys.stderr)

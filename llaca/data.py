@@ -12,7 +12,6 @@ file, record and field; nothing trains on a set that fails validation.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -244,6 +243,14 @@ def _iter_raw_records(data_file: Path, problems: list[Problem], limits: Limits =
         yield index, None, raw
 
 
+def _too_many_pixels(im: Image.Image, limits: Limits) -> str | None:
+    """The decompression-bomb guard, read from the header before anything is decoded."""
+    w, h = im.size
+    if w * h > limits.max_image_pixels:
+        return f"image is {w}x{h} pixels, over the limit of {limits.max_image_pixels} (decompression-bomb guard)"
+    return None
+
+
 def _check_image(path: Path, limits: Limits) -> str | None:
     """Return a message if the file is not a loadable, reasonably sized image."""
     try:
@@ -254,9 +261,8 @@ def _check_image(path: Path, limits: Limits) -> str | None:
         return f"image file is {size} bytes, over the limit of {limits.max_image_bytes}"
     try:
         with Image.open(path) as im:
-            w, h = im.size
-            if w * h > limits.max_image_pixels:
-                return f"image is {w}x{h} pixels, over the limit of {limits.max_image_pixels} (decompression-bomb guard)"
+            if message := _too_many_pixels(im, limits):
+                return message
             im.verify()
         with Image.open(path) as im:
             im.load()
@@ -276,7 +282,7 @@ def _image_file_problem(image: str, root: Path, limits: Limits, check_images: bo
         resolved = candidate.resolve()
     except OSError:
         resolved = candidate
-    if ".." in Path(image).parts or not resolved.is_relative_to(_resolved(root)):
+    if ".." in Path(image).parts or not resolved.is_relative_to(root.resolve()):
         return None, f"path {image!r} escapes the instruction set"
     if not candidate.is_file():
         return None, f"file {image!r} not found"
@@ -284,13 +290,8 @@ def _image_file_problem(image: str, root: Path, limits: Limits, check_images: bo
     return candidate, (f"{image!r}: {message}" if message else None)
 
 
-@functools.lru_cache(maxsize=64)
-def _resolved(root: Path) -> Path:
-    return root.resolve()
-
-
 def _parse_record(raw, index, line, root: Path, name: str, limits: Limits, seen_ids: set, problems: list[Problem],
-                  check_images: bool, image_checks: dict | None = None) -> Record | None:
+                  check_images: bool, image_checks: dict) -> Record | None:
     def bad(field, message, rid=None):
         problems.append(Problem(name, message, index=index, record_id=rid, field=field, line=line))
 
@@ -312,14 +313,9 @@ def _parse_record(raw, index, line, root: Path, name: str, limits: Limits, seen_
         bad("image", "missing (every record needs an image path relative to the set)", rid)
     else:
         # Sets reuse images: each distinct path is resolved and decoded once (100k records stay ~1 s/10k).
-        key = (image, check_images)
-        if image_checks is None or key not in image_checks:
-            found = _image_file_problem(image, root, limits, check_images)
-            if image_checks is not None:
-                image_checks[key] = found
-        else:
-            found = image_checks[key]
-        image_path, message = found
+        if image not in image_checks:
+            image_checks[image] = _image_file_problem(image, root, limits, check_images)
+        image_path, message = image_checks[image]
         if message:
             bad("image", message, rid)
     conv = raw.get("conversations")
@@ -386,7 +382,7 @@ def validate(path: str | os.PathLike, limits: Limits = Limits(), processor=None,
         return ValidationReport(Path(path).stem, [], e.problems, e.total, None)
     name = data_file.name
     seen: set[str] = set()
-    image_checks: dict[Path, str | None] = {}
+    image_checks: dict[str, tuple[Path | None, str | None]] = {}  # image field -> (path, problem)
     n_raw = 0
     for index, line, raw in _iter_raw_records(data_file, problems, limits):
         n_raw += 1
@@ -467,10 +463,8 @@ def load_image(path: str | os.PathLike, limits: Limits = Limits()) -> Image.Imag
     name = Path(path).name
     try:
         with Image.open(path) as im:
-            w, h = im.size
-            if w * h > limits.max_image_pixels:
-                raise ValueError(f"{name}: image is {w}x{h} pixels, over the limit of {limits.max_image_pixels} "
-                                 "(decompression-bomb guard)")
+            if message := _too_many_pixels(im, limits):
+                raise ValueError(f"{name}: {message}")
             return im.convert("RGB")
     except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
         raise ValueError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None

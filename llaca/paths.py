@@ -50,7 +50,9 @@ class WriteError(OSError):
 
 
 def _is_io_error(e: BaseException) -> bool:
-    return isinstance(e, OSError) or type(e).__name__ == "SafetensorError"  # safetensors' Rust I/O errors
+    from safetensors import SafetensorError  # safetensors' Rust writer reports I/O failures as this
+
+    return isinstance(e, (OSError, SafetensorError))
 
 
 def _io_reason(e: BaseException) -> str:

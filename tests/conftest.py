@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 from pathlib import Path
 
 import pytest
@@ -59,9 +58,3 @@ def chatty_home(quick_home, tmp_path_factory) -> Path:
                           evaluate_after=False), Registry(home))
     return home
 
-
-def free_port() -> int:
-    """A loopback port free right now (for an app served by a test)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import free_port
+from llaca.bench.load import free_port
 from llaca.jobs import JobError, JobStore, pid_alive
 
 STAGE_TIMEOUT = 420  # seconds; the stage below takes ~20 s on an idle 2-core machine

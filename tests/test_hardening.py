@@ -271,25 +271,16 @@ def test_app_killed_mid_stage_keeps_queue_and_job_and_resumes_on_restart(llaca_h
     stops; the job is still in the queue; a restarted app re-queues it and it finishes from the checkpoint."""
     import signal
 
-    from gradio_client import Client, handle_file
+    from gradio_client import handle_file
 
-    from conftest import free_port
+    from llaca.bench.load import connect, free_port
+    from llaca.jobs import pid_alive
     from test_app import zip_folder
 
     def launch(port):
         return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--home",
                                  str(llaca_home)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                 env={**os.environ, "HF_HUB_OFFLINE": "1"})
-
-    def connect(port):
-        deadline = time.time() + 120
-        while True:
-            try:
-                return Client(f"http://127.0.0.1:{port}/", verbose=False)
-            except Exception:
-                if time.time() > deadline:
-                    raise
-                time.sleep(0.5)
 
     def wait(predicate, what, timeout=180):
         deadline = time.time() + timeout
@@ -302,7 +293,7 @@ def test_app_killed_mid_stage_keeps_queue_and_job_and_resumes_on_restart(llaca_h
     port = free_port()
     app = launch(port)
     try:
-        client = connect(port)
+        client = connect(f"http://127.0.0.1:{port}/", timeout=120)
         train_zip = zip_folder(coin_dir / "vqav2" / "train", tmp_path / "vqav2.zip")
         _, _, data_path = client.predict([handle_file(str(train_zip))], None, api_name="/validate")
         client.predict(data_path, "llaca", 0.99, 0.2, "base", "survivor", 1, 100, 1e-3, False,
@@ -312,7 +303,7 @@ def test_app_killed_mid_stage_keeps_queue_and_job_and_resumes_on_restart(llaca_h
         job = store.list()[0]
         os.kill(app.pid, signal.SIGKILL)
         app.wait(30)
-        wait(lambda: not __import__("llaca.jobs", fromlist=["pid_alive"]).pid_alive(job.pid), "the orphaned worker to stop")
+        wait(lambda: not pid_alive(job.pid), "the orphaned worker to stop")
     finally:
         if app.poll() is None:
             app.kill()

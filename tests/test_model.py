@@ -54,16 +54,16 @@ def test_shipped_base_is_what_the_current_recipe_builds_and_scores_its_figure(tm
     bit for bit; measured: two builds, identical model.safetensors sha256)."""
     import json
 
-    from llaca import base_build, coin_mini
+    from llaca import base_build
     from llaca.data import load_instruction_set
     from llaca.evaluate import evaluate
-    from llaca.model import TinySpec, train_tokenizer
+    from llaca.model import TinySpec
 
     meta = json.loads((base_build.SHIPPED_BASE / "meta.json").read_text())
     assert meta["build"]["spec"] == TinySpec().__dict__
     assert (meta["build"]["vision_steps"], meta["build"]["base_steps"]) == (base_build.VISION_STEPS,
                                                                             base_build.BASE_STEPS)
-    fresh = train_tokenizer(coin_mini.all_texts(0) + ["USER: ASSISTANT:"], TinySpec().vocab_size)
+    fresh = base_build.base_tokenizer(meta["build"]["seed"])
     shipped = json.loads((base_build.SHIPPED_BASE / "model" / "tokenizer.json").read_text())["model"]["vocab"]
     assert fresh.get_vocab() == shipped
 
