@@ -1,0 +1,514 @@
+"""The pre-training world of base v2: real drawings and emoji, fonts, shapes — and many ways to ask about them.
+
+Base v1 learned CoIN-mini's own image kinds with three fixed questions, so every CoIN-mini task started at 0%
+zero-shot and each stage had to learn its answer format from nothing. LLaVA-1.5 (CoIN's start) instead follows
+instructions in many formats about many kinds of images. This module is that foundation, shrunk: scenes built from
+real images (`llaca.image_pack`: openclipart drawings and Noto emoji), text in the system's font families,
+anti-aliased shapes of ten kinds in eleven colours at any position, and empty / dark / noisy frames; then eleven
+instruction families, each with several phrasings, covering every answer format continual tasks use (option
+letter, one word, class name, region name, colour or "unanswerable", box, count, title, yes/no, short sentence).
+
+Nothing here comes from `llaca.coin_mini`: no template, no generator, no palette, no image kind, so the
+CoIN-mini tasks stay new (their concepts — colours, shapes, words, positions — overlap, as CoIN's concepts
+overlap with what LLaVA-1.5 saw). Deterministic for a seed: every choice goes through an explicit
+`random.Random`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFilter, ImageFont
+
+from . import image_pack
+
+SIZE = 64
+SS = 4  # supersampling for anti-aliased shapes
+
+# Colour names with a centre RGB; every draw jitters it, so a name covers a region, not one value.
+PALETTE: dict[str, tuple[int, int, int]] = {
+    "red": (205, 35, 35), "green": (45, 160, 60), "blue": (40, 85, 210), "yellow": (240, 215, 45),
+    "purple": (135, 60, 175), "orange": (240, 130, 30), "pink": (240, 130, 180), "brown": (125, 80, 40),
+    "black": (25, 25, 25), "white": (250, 250, 250), "grey": (135, 135, 135),
+}
+SHAPE_KINDS = ["circle", "square", "triangle", "cross", "star", "heart", "diamond", "hexagon", "ring", "arrow"]
+REGIONS = ["top left", "top", "top right", "left", "center", "right", "bottom left", "bottom", "bottom right"]
+LETTERS = "ABCDE"
+UNANSWERABLE = "unanswerable"
+NUMBER_WORDS = ["zero", "one", "two", "three", "four", "five", "six"]
+
+# Common short English words for rendered text (reading, titles, signs).
+WORDS = sorted(set("""
+apple bag ball bank bear bed bee bell bird boat book box boy bus cake car cat chair clock coat cow cup day
+desk dog door duck egg farm fire fish flag fox frog game gift girl goat hat home horse ice jam key king kite
+lake lamp leaf lion map milk moon nest net oak owl pen pig rain ring road rock rose ship shoe shop sky snow
+sock song star sun tea tent toy train tree van wall wolf zoo music river plant water paper table light
+party cloud lemon tiger piano radio robot queen ocean honey open stop exit sale
+""".split()))
+
+# The text fonts (Debian fonts-dejavu-core/-extra, fonts-liberation, fonts-freefont-ttf), listed rather than
+# discovered: the list draws random choices, so a machine with other fonts still gets the same data stream (a
+# missing file renders with PIL's default font instead).
+_FONT_SETS = {
+    "dejavu": ["DejaVuSans-Bold", "DejaVuSans-BoldOblique", "DejaVuSans-Oblique", "DejaVuSans",
+               "DejaVuSansCondensed-Bold", "DejaVuSansCondensed-BoldOblique", "DejaVuSansCondensed-Oblique",
+               "DejaVuSansCondensed", "DejaVuSansMono-Bold", "DejaVuSansMono-BoldOblique", "DejaVuSansMono-Oblique",
+               "DejaVuSansMono", "DejaVuSerif-Bold", "DejaVuSerif-BoldItalic", "DejaVuSerif-Italic", "DejaVuSerif",
+               "DejaVuSerifCondensed-Bold", "DejaVuSerifCondensed-BoldItalic", "DejaVuSerifCondensed-Italic",
+               "DejaVuSerifCondensed"],
+    "freefont": ["FreeMono", "FreeMonoBold", "FreeMonoBoldOblique", "FreeMonoOblique", "FreeSans", "FreeSansBold",
+                 "FreeSansBoldOblique", "FreeSansOblique", "FreeSerif", "FreeSerifBold", "FreeSerifBoldItalic",
+                 "FreeSerifItalic"],
+    "liberation": [f"Liberation{f}-{w}" for f in ("Mono", "Sans") for w in ("Bold", "BoldItalic", "Italic", "Regular")]
+                  + [f"LiberationSansNarrow-{w}" for w in ("Bold", "BoldItalic", "Italic", "Regular")]
+                  + [f"LiberationSerif-{w}" for w in ("Bold", "BoldItalic", "Italic", "Regular")],
+}
+FONTS: tuple[str, ...] = tuple(f"/usr/share/fonts/truetype/{d}/{name}.ttf"
+                               for d, names in _FONT_SETS.items() for name in names)
+
+
+def font_files() -> tuple[str, ...]:
+    return FONTS
+
+
+@lru_cache(maxsize=512)
+def _font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(path, size) if path and os.path.isfile(path) else ImageFont.load_default(size=size)
+
+
+# --------------------------------------------------------------------------- scenes
+
+
+@dataclass
+class Thing:
+    """One object in a scene: a real sprite or a drawn shape."""
+    kind: str                # "sprite" | "shape"
+    name: str                # readable: "dog face", "fruit", "star"
+    group: str               # "animal", "food", ..., "shape"
+    box: tuple[int, int, int, int]
+    colour: str | None = None  # shapes only
+    sprite: int | None = None  # index into the image pack
+    shape: str | None = None
+
+
+@dataclass
+class Scene:
+    kind: str                # "objects" | "text" | "empty"
+    background: str          # how the background was made (for captions of empty frames)
+    things: list[Thing] = field(default_factory=list)
+    text: str | None = None
+    font: str | None = None
+    seed: int = 0
+
+
+def readable_name(sprite: image_pack.Sprite) -> str:
+    """'animals/birds' -> 'birds', 'people' -> 'person'; an emoji by its group ('animal', 'food', 'face').
+
+    Emoji names ("input symbol for latin small letters") stay out of the language data: one picture per name
+    cannot be learned, and they made prompts long. The vision tower still learns each emoji apart.
+    """
+    if sprite.source == "emoji":
+        return sprite.group
+    top, _, sub = sprite.label.partition("/")
+    return (sub or sprite.group).replace("_", " ").replace("-", " ")
+
+
+def region_of(box) -> str:
+    cx, cy = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    col, row = min(int(cx * 3 / SIZE), 2), min(int(cy * 3 / SIZE), 2)
+    return REGIONS[row * 3 + col]
+
+
+def format_box(box) -> str:
+    return "[" + ",".join(f"{v / SIZE:.1f}" for v in box) + "]"
+
+
+def _free_box(rng: random.Random, size: int, taken: list) -> tuple[int, int, int, int] | None:
+    for _ in range(30):
+        x, y = rng.randint(0, SIZE - size), rng.randint(0, SIZE - size)
+        box = (x, y, x + size, y + size)
+        if all(box[2] <= t[0] or t[2] <= box[0] or box[3] <= t[1] or t[3] <= box[1] for t in taken):
+            return box
+    return None
+
+
+def _sprite_thing(rng, idx, box) -> Thing:
+    _, sprites = image_pack.load()
+    s = sprites[idx]
+    return Thing("sprite", readable_name(s), s.group, box, sprite=idx)
+
+
+def _shape_thing(rng, box, shape=None, colour=None) -> Thing:
+    shape = shape or rng.choice(SHAPE_KINDS)
+    colour = colour or rng.choice(list(PALETTE))
+    return Thing("shape", shape, "shape", box, colour=colour, shape=shape)
+
+
+def sample_scene(rng: random.Random) -> Scene:
+    """Any scene of the world: objects (real or drawn, 1-6, maybe repeated), text, or an empty frame."""
+    r = rng.random()
+    bg = rng.choice(["plain", "plain", "plain", "gradient", "texture"])
+    if r < 0.12:
+        return Scene("empty", rng.choice(["blank", "dark", "noise", "blur"]), seed=rng.getrandbits(31))
+    if r < 0.30:
+        return Scene("text", bg, text=rng.choice(WORDS), font=rng.choice(FONTS),
+                     seed=rng.getrandbits(31))
+    _, sprites = image_pack.load()
+    layout = rng.random()
+    things: list[Thing] = []
+    if layout < 0.45:  # one big-ish object anywhere
+        size = rng.randint(26, 56)
+        box = _free_box(rng, size, [])
+        things.append(_sprite_thing(rng, rng.randrange(len(sprites)), box) if rng.random() < 0.7
+                      else _shape_thing(rng, box))
+    elif layout < 0.75:  # n copies of one thing (counting)
+        n, size = rng.randint(1, 6), rng.randint(12, 22)
+        idx, shape, colour = rng.randrange(len(sprites)), rng.choice(SHAPE_KINDS), rng.choice(list(PALETTE))
+        use_sprite = rng.random() < 0.5
+        for _ in range(n):
+            box = _free_box(rng, size, [t.box for t in things])
+            if box:
+                things.append(_sprite_thing(rng, idx, box) if use_sprite else _shape_thing(rng, box, shape, colour))
+    else:  # 2-4 different things
+        for _ in range(rng.randint(2, 4)):
+            box = _free_box(rng, rng.randint(16, 28), [t.box for t in things])
+            if box:
+                things.append(_sprite_thing(rng, rng.randrange(len(sprites)), box) if rng.random() < 0.5
+                              else _shape_thing(rng, box))
+    return Scene("objects", bg, things=things, seed=rng.getrandbits(31))
+
+
+def _background(scene: Scene, gen: np.random.Generator) -> np.ndarray:
+    base = gen.integers(150, 256, 3) if gen.random() < 0.7 else gen.integers(0, 256, 3)
+    img = np.ones((SIZE, SIZE, 3)) * base
+    if scene.background == "gradient":
+        other = gen.integers(0, 256, 3)
+        t = np.linspace(0, 1, SIZE)[:, None, None] if gen.random() < 0.5 else np.linspace(0, 1, SIZE)[None, :, None]
+        img = img * (1 - t) + other * t
+    elif scene.background == "texture":
+        img = img + gen.normal(0, gen.uniform(6, 22), (SIZE, SIZE, 3))
+    return np.clip(img, 0, 255)
+
+
+def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box, fill) -> None:
+    x1, y1, x2, y2 = (v * SS for v in box)
+    w, h = x2 - x1, y2 - y1
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    if shape == "circle":
+        draw.ellipse([x1, y1, x2, y2], fill=fill)
+    elif shape == "ring":
+        draw.ellipse([x1, y1, x2, y2], outline=fill, width=max(2, w // 6))
+    elif shape == "square":
+        draw.rectangle([x1, y1, x2, y2], fill=fill)
+    elif shape == "triangle":
+        draw.polygon([(cx, y1), (x1, y2), (x2, y2)], fill=fill)
+    elif shape == "diamond":
+        draw.polygon([(cx, y1), (x2, cy), (cx, y2), (x1, cy)], fill=fill)
+    elif shape == "cross":
+        t = w / 3
+        draw.rectangle([cx - t / 2, y1, cx + t / 2, y2], fill=fill)
+        draw.rectangle([x1, cy - t / 2, x2, cy + t / 2], fill=fill)
+    elif shape == "hexagon":
+        draw.regular_polygon((cx, cy, w / 2), 6, fill=fill)
+    elif shape == "star":
+        pts = [(cx + (w / 2 if k % 2 == 0 else w / 5) * np.sin(k * np.pi / 5),
+                cy - (h / 2 if k % 2 == 0 else h / 5) * np.cos(k * np.pi / 5)) for k in range(10)]
+        draw.polygon(pts, fill=fill)
+    elif shape == "heart":
+        r = w / 4
+        draw.ellipse([x1, y1 + h / 8, cx, y1 + h / 8 + 2 * r], fill=fill)
+        draw.ellipse([cx, y1 + h / 8, x2, y1 + h / 8 + 2 * r], fill=fill)
+        draw.polygon([(x1 + 1, y1 + h / 8 + r * 1.2), (x2 - 1, y1 + h / 8 + r * 1.2), (cx, y2)], fill=fill)
+    elif shape == "arrow":
+        t = h / 3
+        draw.rectangle([x1, cy - t / 2, x1 + w * 0.55, cy + t / 2], fill=fill)
+        draw.polygon([(x1 + w * 0.5, y1), (x2, cy), (x1 + w * 0.5, y2)], fill=fill)
+    else:
+        raise ValueError(shape)
+
+
+def render(scene: Scene) -> Image.Image:
+    """Scene -> 64x64 RGB image (a pure function of the scene, including its noise seed)."""
+    gen = np.random.default_rng(scene.seed)
+    if scene.kind == "empty":
+        if scene.background == "noise":
+            return Image.fromarray(gen.integers(0, 256, (SIZE, SIZE, 3), dtype=np.uint8))
+        level = {"blank": gen.integers(90, 256), "dark": gen.integers(0, 35)}.get(scene.background, 128)
+        img = np.ones((SIZE, SIZE, 3)) * level + gen.normal(0, 3, (SIZE, SIZE, 3))
+        if scene.background == "blur":  # heavy blur of random blobs: something, but nothing recognisable
+            img = gen.integers(0, 256, (8, 8, 3)).repeat(8, 0).repeat(8, 1).astype(float)
+            return Image.fromarray(img.astype(np.uint8)).filter(ImageFilter.GaussianBlur(6))
+        return Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
+    canvas = Image.fromarray(_background(scene, gen).astype(np.uint8))
+    if scene.kind == "text":
+        size = int(gen.integers(15, 27)) if len(scene.text) <= 4 else int(gen.integers(14, 21))
+        font = _font(scene.font, size)
+        draw = ImageDraw.Draw(canvas)
+        if gen.random() < 0.6:  # a sign / label / cover behind the word
+            x1, y1 = int(gen.integers(1, 10)), int(gen.integers(6, 20))
+            panel = tuple(int(v) for v in gen.integers(0, 256, 3))
+            draw.rounded_rectangle([x1, y1, SIZE - int(gen.integers(1, 10)), SIZE - int(gen.integers(6, 20))],
+                                   radius=int(gen.integers(0, 6)), fill=panel)
+            light = sum(panel) > 380
+        else:
+            light = canvas.getpixel((SIZE // 2, SIZE // 2))[0] > 120
+        ink = tuple(int(v) for v in (gen.integers(0, 70, 3) if light else gen.integers(190, 256, 3)))
+        xy = (SIZE / 2 + gen.integers(-4, 5), SIZE / 2 + gen.integers(-6, 7))
+        draw.text(xy, scene.text, fill=ink, font=font, anchor="mm")
+        return canvas
+    pack, _ = image_pack.load()
+    if any(t.kind == "shape" for t in scene.things):  # drawn at 4x and box-filtered down: anti-aliased edges
+        big = canvas.resize((SIZE * SS, SIZE * SS), Image.NEAREST)
+        draw = ImageDraw.Draw(big)
+        for t in scene.things:
+            if t.kind == "shape":
+                rgb = np.clip(np.array(PALETTE[t.colour]) + gen.integers(-18, 19, 3), 0, 255)
+                _draw_shape(draw, t.shape, t.box, tuple(int(v) for v in rgb))
+        canvas = big.reduce(SS)
+    for t in scene.things:
+        if t.kind == "sprite":
+            w = t.box[2] - t.box[0]
+            sprite = Image.fromarray(pack[t.sprite]).resize((w, w), Image.BILINEAR, reducing_gap=2.0)
+            canvas.paste(sprite, t.box[:2], sprite)
+    return canvas
+
+
+# --------------------------------------------------------------------------- vision pre-training labels
+
+@lru_cache(maxsize=1)
+def _sprite_labels() -> tuple[dict[str, int], dict[str, int]]:
+    """Fine label -> index and group -> index over the image pack (sorted, so stable)."""
+    _, sprites = image_pack.load()
+    labels, groups = sorted({s.label for s in sprites}), sorted({s.group for s in sprites})
+    return {l: i for i, l in enumerate(labels)}, {g: i for i, g in enumerate(groups)}
+
+
+@lru_cache(maxsize=1)
+def aux_heads() -> dict[str, int]:
+    """Head name -> classes. 0 (or -100, ignored) means 'not applicable' where a head has no 'none' class."""
+    labels, groups = _sprite_labels()
+    return {"label": len(labels), "group": len(groups) + 3,  # + shape, text, empty
+            "shape": len(SHAPE_KINDS) + 1, "colour": len(PALETTE) + 1, "count": 7, "region": len(REGIONS) + 1,
+            "word": len(WORDS) + 1}
+
+
+AUX_WEIGHTS = {"word": 2.0, "label": 0.5}
+
+
+def aux_labels(scene: Scene) -> dict[str, int]:
+    labels, groups = _sprite_labels()
+    _, sprites = image_pack.load()
+    out = {"label": -100, "shape": 0, "colour": 0, "count": len(scene.things), "region": 0, "word": 0}
+    if scene.kind == "empty":
+        out["group"] = len(groups) + 2
+    elif scene.kind == "text":
+        out["group"] = len(groups) + 1
+        out["word"] = 1 + WORDS.index(scene.text)
+    else:
+        first = scene.things[0]
+        out["group"] = len(groups) if first.kind == "shape" else groups[first.group]
+        if len({(t.name, t.colour) for t in scene.things}) == 1:  # one kind of thing: name it
+            if first.kind == "sprite":
+                out["label"] = labels[sprites[first.sprite].label]
+            else:
+                out["shape"] = 1 + SHAPE_KINDS.index(first.shape)
+                out["colour"] = 1 + list(PALETTE).index(first.colour)
+        if len(scene.things) == 1:
+            out["region"] = 1 + REGIONS.index(region_of(first.box))
+    out["count"] = min(out["count"], 6)
+    return out
+
+
+def aux_batch(rng: random.Random, n: int):
+    """n rendered scenes and a LongTensor of labels per head (-100 = ignore)."""
+    import torch
+
+    scenes = [sample_scene(rng) for _ in range(n)]
+    per = [aux_labels(s) for s in scenes]
+    return [render(s) for s in scenes], {h: torch.tensor([p[h] for p in per]) for h in aux_heads()}
+
+
+# --------------------------------------------------------------------------- instructions
+
+def _pick(rng, options):
+    return rng.choice(options)
+
+
+def _article(name: str) -> str:
+    return ("an " if name[0] in "aeiou" else "a ") + name
+
+
+def _plural(name: str, n: int) -> str:
+    if n == 1:
+        return name
+    return name if name.endswith("s") else name + ("es" if name.endswith(("sh", "ch", "x")) else "s")
+
+
+def _thing_phrase(t: Thing) -> str:
+    return f"{t.colour} {t.name}" if t.kind == "shape" else t.name
+
+
+def caption(scene: Scene) -> str:
+    if scene.kind == "empty":
+        return {"blank": "An empty picture.", "dark": "A dark picture with nothing visible.",
+                "noise": "Random coloured noise.", "blur": "A blurry picture of nothing clear."}[scene.background]
+    if scene.kind == "text":
+        return f"The text '{scene.text}'."
+    names = [_thing_phrase(t) for t in scene.things]
+    if len(set(names)) == 1:
+        n = len(names)
+        return (f"{_article(names[0]).capitalize()}." if n == 1
+                else f"{NUMBER_WORDS[n].capitalize()} {_plural(names[0], n)}.")
+    return (", ".join(_article(n) for n in names[:-1]) + " and " + _article(names[-1]) + ".").capitalize()
+
+
+CAPTION_QS = ["Describe the image briefly.", "What do you see?", "Give a short caption for this picture.",
+              "Summarize the picture in a few words.", "Briefly, what is in this image?",
+              "Write a one-line description of the photo."]
+NAME_QS = ["What is this? Reply with a word or short phrase.", "Name the thing in the picture.",
+           "What is shown here? Answer briefly.", "Which object is in the image? Use a few words.",
+           "Identify the object.", "What does this picture show? One phrase only."]
+GROUP_QS = ["What kind of thing is this?", "Which category does the object belong to?",
+            "Classify the picture into a category. Answer with the category only.",
+            "What type of object is pictured? Give the class name."]
+REGION_QS = ["Where is the {x} in the picture?", "In which part of the image is the {x}? Answer with the region.",
+             "Which region contains the {x}? Use words like 'top left' or 'center'.",
+             "Tell me where the {x} is located (top, bottom, left, right, center...)."]
+COLOUR_QS = ["What colour is the {x}?", "Which color does the {x} have? One word.",
+             "Name the color of the {x}.", "What is the {x}'s colour? Answer with a single word."]
+UNANS_HINTS = [" If you cannot tell, say 'unanswerable'.", " Reply 'unanswerable' if the picture does not show it.",
+               " Answer unanswerable when it cannot be seen."]
+BOX_QS = ["Give the bounding box of the {x} as [x1,y1,x2,y2] with one decimal.",
+          "Where exactly is the {x}? Reply with its box [x1,y1,x2,y2], coordinates from 0 to 1.",
+          "Locate the {x}. Output the box coordinates.", "Find the {x} and give its bounding box."]
+COUNT_QS = ["How many {xs} are there?", "Count the {xs} in the picture. Reply with a number.",
+            "How many {xs} can you see? Answer with a digit.", "What is the number of {xs}?"]
+READ_QS = ["What does the text say?", "Read the word in the image.", "What is written here?",
+           "What is the title on this sign?", "Which word is printed in the picture? One word.",
+           "What is the label's text?"]
+YESNO_QS = ["Is there {a} in the picture? Answer yes or no.", "Does the image contain {a}?",
+            "Can you see {a} here? Reply yes or no.", "Is {a} shown in this image?"]
+MCQ_QS = ["{q}\n{options}\nReply with the letter of the correct option.",
+          "{q}\n{options}\nChoose one option and answer with its letter only.",
+          "{q} Options:\n{options}\nAnswer with A, B, C, D or E.",
+          "Question: {q}\n{options}\nGive the letter of your choice."]
+SENTENCE_QS = ["Describe the picture in one sentence.", "Tell me about this image in a full sentence.",
+               "Write one sentence about what you see."]
+
+
+def _target(rng, scene: Scene) -> Thing:
+    return rng.choice(scene.things)
+
+
+def _ask(rng, scene: Scene) -> tuple[str, str]:
+    """One (question, answer) about the scene; the family is drawn from those that fit it."""
+    fams = ["caption", "sentence"]
+    if scene.kind == "text":
+        fams += ["read"] * 5 + ["mcq_read"] * 2
+    elif scene.kind == "empty":
+        fams += ["colour_unans"] * 4 + ["yesno"]
+    else:
+        one_kind = len({_thing_phrase(t) for t in scene.things}) == 1
+        fams += ["yesno", "yesno"]
+        if one_kind:
+            fams += ["count"] * 2
+        if len(scene.things) == 1:
+            fams += ["name", "group", "region", "box", "mcq_name", "mcq_name"]
+            if scene.things[0].kind == "shape":
+                fams += ["colour_unans", "colour_unans"]
+        else:
+            unique = [t for t in scene.things if sum(_thing_phrase(u) == _thing_phrase(t) for u in scene.things) == 1]
+            if unique:
+                fams += ["region_multi", "box_multi"]
+    fam = rng.choice(fams)
+    if fam == "caption":
+        return _pick(rng, CAPTION_QS), caption(scene)
+    if fam == "sentence":
+        return _pick(rng, SENTENCE_QS), "The picture shows " + caption(scene)[0].lower() + caption(scene)[1:]
+    if fam == "read":
+        return _pick(rng, READ_QS), scene.text
+    if fam == "mcq_read":
+        return _mcq(rng, "Which word is written in the image?", scene.text, WORDS)
+    if fam == "colour_unans":
+        x = scene.things[0].name if scene.things else rng.choice(SHAPE_KINDS + ["object", "animal", "car"])
+        answer = scene.things[0].colour if scene.things else UNANSWERABLE
+        return _pick(rng, COLOUR_QS).format(x=x) + _pick(rng, UNANS_HINTS), answer
+    if fam == "yesno":
+        present = {t.name for t in scene.things}
+        if scene.things and rng.random() < 0.5:
+            return _pick(rng, YESNO_QS).format(a=_article(rng.choice(sorted(present)))), "yes"
+        absent = rng.choice([s for s in SHAPE_KINDS + ["dog", "car", "tree", "house", "person"] if s not in present])
+        return _pick(rng, YESNO_QS).format(a=_article(absent)), "no"
+    t = scene.things[0]
+    if fam == "count":
+        n = len(scene.things)
+        noun = _plural(_thing_phrase(t), 2)
+        return _pick(rng, COUNT_QS).format(xs=noun), str(n)
+    if fam == "name":
+        return _pick(rng, NAME_QS), _thing_phrase(t) if t.kind == "shape" else t.name
+    if fam == "group":
+        return _pick(rng, GROUP_QS), t.group
+    if fam == "region":
+        return _pick(rng, REGION_QS).format(x=_thing_phrase(t)), region_of(t.box)
+    if fam == "box":
+        return _pick(rng, BOX_QS).format(x=_thing_phrase(t)), format_box(t.box)
+    if fam == "mcq_name":
+        if t.kind == "shape":
+            return _mcq(rng, "What shape is shown?", t.shape, SHAPE_KINDS)
+        _, sprites = image_pack.load()
+        pool = sorted({readable_name(s) for s in sprites if s.group == t.group} |
+                      {readable_name(s) for s in rng.sample(sprites, 20)})
+        return _mcq(rng, "What is in the picture?", t.name, pool)
+    # region_multi / box_multi: about one uniquely described thing among several
+    unique = [u for u in scene.things if sum(_thing_phrase(v) == _thing_phrase(u) for v in scene.things) == 1]
+    u = rng.choice(unique)
+    if fam == "region_multi":
+        return _pick(rng, REGION_QS).format(x=_thing_phrase(u)), region_of(u.box)
+    return _pick(rng, BOX_QS).format(x=_thing_phrase(u)), format_box(u.box)
+
+
+def _mcq(rng, question: str, answer: str, pool: list[str]) -> tuple[str, str]:
+    k = rng.randint(3, 5)
+    options = rng.sample([p for p in pool if p != answer], min(k - 1, len(pool) - 1)) + [answer]
+    rng.shuffle(options)
+    listing = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(options))
+    return _pick(rng, MCQ_QS).format(q=question, options=listing), LETTERS[options.index(answer)]
+
+
+def sample(rng: random.Random) -> tuple[Image.Image, str, str]:
+    scene = sample_scene(rng)
+    while scene.kind == "objects" and not scene.things:
+        scene = sample_scene(rng)
+    question, answer = _ask(rng, scene)
+    return render(scene), question, answer
+
+
+def all_texts(seed: int = 0, n: int = 4000) -> list[str]:
+    """Questions and answers of n samples (the tokenizer corpus), without rendering."""
+    rng = random.Random(seed * 7919 + 5)
+    texts = []
+    for _ in range(n):
+        scene = sample_scene(rng)
+        if scene.kind == "objects" and not scene.things:
+            continue
+        q, a = _ask(rng, scene)
+        texts += [q, a]
+    _, sprites = image_pack.load()
+    return texts + sorted({readable_name(s) for s in sprites}) + WORDS
+
+
+def write_mixture(out_root, seed: int = 0, n_train: int = 12000, n_test: int = 300) -> Path:
+    """<out_root>/base/{train,test} in LLaVA conversation format (atomic per split)."""
+    from .coin_mini import write_split  # the file writer only: LLaVA JSON + PNGs, atomic
+
+    base_dir = Path(out_root) / "base"
+    for split, n, s in (("train", n_train, 0), ("test", n_test, 1)):
+        rng = random.Random(seed * 1000 + 700 + s)
+        write_split(base_dir / split, [sample(rng) for _ in range(n)], f"base-{split}")
+    return base_dir

@@ -1,0 +1,112 @@
+"""`python -m llaca.bench heldout`: what the base brings to data it never saw.
+
+Two questions the base v2 issue asks, measured on the version `base` of a registry:
+
+1. Zero-shot: accuracy on every CoIN-mini task's test split before any stage (LLaVA-1.5 on CoIN is partly
+   right zero-shot; base v1 was at 0% on 7 of 8), plus the base's own test split.
+2. Real images of a new kind (`llaca.heldout`: Tux Paint drawings, scanned handwritten digits — sources the
+   base never pre-trained on): one stage with the CLI defaults (`python -m llaca learn DATA/train`), test-split
+   accuracy, with the vision tower frozen (v1's stages) and trained in the stage (`--train-vision`), and what
+   the stage costs the base skills (its base test after the stage).
+
+Runs are cached per (base weights, set, variant) in `<out>/runs/`, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import time
+from pathlib import Path
+
+VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vision": True}}
+
+
+def _base_fingerprint(registry) -> str:
+    weights = registry.get("base").path / "model" / "model.safetensors"
+    return hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "external"
+
+
+def zero_shot(registry, coin_root: Path, limit: int | None) -> dict:
+    from .. import coin_mini
+    from ..evaluate import evaluate
+    from ..versions import load_version
+    from .quality import _test_set, base_test_split
+
+    model, processor = load_version(registry, "base")
+    row = {t: round(evaluate(model, processor, _test_set(str(coin_root / t / "test")), limit=limit).accuracy, 1)
+           for t in coin_mini.DEFAULT_SEQUENCE}
+    base_test = base_test_split(registry, registry.get("base"))
+    base_acc = round(evaluate(model, processor, _test_set(base_test)).accuracy, 2) if base_test else None
+    in_band = sum(10 <= v <= 70 for v in row.values())
+    return {"zero_shot": row, "tasks_in_10_70": in_band, "base_test": base_acc}
+
+
+def stage_run(registry_home: Path, data_root: Path, name: str, variant: str, work: Path) -> dict:
+    from ..evaluate import evaluate
+    from ..tuner import StageConfig, run_stage
+    from ..versions import Registry, load_version
+    from .quality import _fresh_registry, _test_set, base_test_split
+
+    reg = _fresh_registry(registry_home, work / f"{name}-{variant.replace(' ', '_')}")
+    t0 = time.time()
+    cfg = StageConfig(data=str(data_root / name / "train"), parent="base", checkpoint_every=0,
+                      evaluate_after=False, **VARIANTS[variant])
+    version = run_stage(cfg, reg)
+    seconds = time.time() - t0
+    model, processor = load_version(reg, version.id)
+    test = evaluate(model, processor, _test_set(str(data_root / name / "test")))
+    base_test = base_test_split(Registry(registry_home), Registry(registry_home).get("base"))
+    retained = evaluate(model, processor, _test_set(base_test)).accuracy if base_test else None
+    shutil.rmtree(reg.home, ignore_errors=True)
+    return {"set": name, "variant": variant, "method": cfg.method, "steps": version.meta.get("steps"),
+            "test_accuracy": round(test.accuracy, 1), "n_test": test.n,
+            "base_test_after": None if retained is None else round(retained, 1), "seconds": round(seconds, 1)}
+
+
+def main(argv=None) -> int:
+    from .. import coin_mini, heldout
+    from ..base_build import ensure_base
+    from ..versions import Registry
+
+    p = argparse.ArgumentParser(prog="python -m llaca.bench heldout", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench_results/heldout")
+    p.add_argument("--sets", nargs="*", default=list(heldout.SETS))
+    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--zero-shot-limit", type=int, default=100, help="test records per CoIN-mini task")
+    p.add_argument("--skip-zero-shot", action="store_true")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    (out / "runs").mkdir(parents=True, exist_ok=True)
+    work = out / "work"
+    registry = Registry()
+    ensure_base(registry)
+    fp = _base_fingerprint(registry)
+    results = {"base_sha256_12": fp, "stages": []}
+    data = work / "data"
+    if not a.skip_zero_shot:
+        coin_root = data / "coin-mini"
+        if not (coin_root / "ocrvqa" / "test" / "data.json").is_file():
+            coin_mini.write_coin_mini(coin_root)
+        results.update(zero_shot(registry, coin_root, a.zero_shot_limit))
+        print(json.dumps({k: results[k] for k in ("zero_shot", "tasks_in_10_70", "base_test")}))
+    for name in a.sets:
+        if not (data / name / "test" / "data.json").is_file():
+            heldout.write_sets(data, [name])
+        for variant in a.variants:
+            cache = out / "runs" / f"{fp}-{name}-{variant.replace(' ', '_')}.json"
+            if cache.is_file():
+                run = json.loads(cache.read_text())
+            else:
+                run = stage_run(registry.home, data, name, variant, work)
+                cache.write_text(json.dumps(run, indent=1))
+            results["stages"].append(run)
+            print(json.dumps(run))
+    (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    lines = ["| set | tower | method | steps | test accuracy | base test after | s |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['set']} | {r['variant']} | {r['method']} | {r['steps']} | {r['test_accuracy']} (n={r['n_test']}) "
+              f"| {r['base_test_after']} | {r['seconds']} |" for r in results["stages"]]
+    (out / "table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    return 0

@@ -1,0 +1,102 @@
+"""Base v2's pre-training world: real images, every answer format, deterministic, and nothing of CoIN-mini."""
+from __future__ import annotations
+
+import random
+import re
+
+import numpy as np
+import pytest
+
+from llaca import base_world as bw
+from llaca import coin_mini, image_pack
+
+FORMATS = {  # answer format -> full-match regex; every one must occur in the instruction data
+    "option letter": r"[A-E]",
+    "region name": "|".join(bw.REGIONS),
+    "colour": "|".join(bw.PALETTE),
+    "unanswerable": bw.UNANSWERABLE,
+    "box": r"\[(?:0\.\d|1\.0)(?:,(?:0\.\d|1\.0)){3}\]",
+    "count": r"[1-6]",
+    "yes/no": "yes|no",
+    "word (title, text)": "|".join(bw.WORDS),
+    "sentence": r"(?:The picture shows|An?|The|One|Two|Three|Four|Five|Six) .+\.",
+}
+
+
+@pytest.fixture(scope="module")
+def samples():
+    rng = random.Random(11)
+    return [bw.sample(rng) for _ in range(800)]
+
+
+def test_image_pack_is_real_and_categorised():
+    pixels, sprites = image_pack.load()
+    assert pixels.shape == (len(sprites), 64, 64, 4) and pixels.dtype == np.uint8
+    assert {s.source for s in sprites} == {"openclipart", "emoji"}
+    assert len({s.label for s in sprites if s.source == "openclipart"}) >= 50
+    opaque = (pixels[..., 3] > 0).mean(axis=(1, 2))
+    assert (opaque > 0).all(), "every sprite shows something"
+    assert (opaque > 0.02).mean() > 0.99, "and almost all more than a few thin lines"
+
+
+def test_every_answer_format_occurs(samples):
+    answers = [a for _, _, a in samples]
+    for name, rx in FORMATS.items():
+        assert any(re.fullmatch(rx, a) for a in answers), name
+    questions = {q for _, q, _ in samples}
+    assert len(questions) > 200, "many phrasings, not a handful of templates"
+
+
+def test_same_seed_same_data():
+    a = [bw.sample(random.Random(5)) for _ in range(3)]
+    b = [bw.sample(random.Random(5)) for _ in range(3)]
+    for (ia, qa, aa), (ib, qb, ab) in zip(a, b):
+        assert (qa, aa) == (qb, ab) and ia.tobytes() == ib.tobytes()
+
+
+def test_no_coin_mini_template_or_answer_pattern_in_base_texts(samples):
+    """CoIN-mini's tasks must stay new: none of their instructions may appear in base training."""
+    texts = set(bw.all_texts(0, n=2000)) | {q for _, q, _ in samples}
+    rng = random.Random(0)
+    coin_questions = {task.sample_scene(rng)[1] for task in coin_mini.TASKS.values() for _ in range(20)}
+    for q in coin_questions:
+        first_line = q.split("\n")[0]
+        assert not any(first_line in t for t in texts), q
+    for hint in ("Answer with the option's letter from the given choices directly.",
+                 "Answer the question using a single word or phrase.", "Answer with the region name.",
+                 "Please provide the bounding box coordinate"):
+        assert not any(hint in t for t in texts), hint
+
+
+def test_aux_labels_match_the_scene():
+    rng = random.Random(3)
+    heads = bw.aux_heads()
+    for _ in range(300):
+        scene = bw.sample_scene(rng)
+        labels = bw.aux_labels(scene)
+        assert set(labels) == set(heads)
+        for h, v in labels.items():
+            assert v == -100 or 0 <= v < heads[h], (h, v)
+        assert labels["count"] == min(len(scene.things), 6)
+        if scene.kind == "text":
+            assert bw.WORDS[labels["word"] - 1] == scene.text
+        if len(scene.things) == 1:
+            assert bw.REGIONS[labels["region"] - 1] == bw.region_of(scene.things[0].box)
+
+
+def test_box_and_region_are_computed_from_pixels():
+    assert bw.format_box((0, 32, 32, 64)) == "[0.0,0.5,0.5,1.0]"
+    assert bw.region_of((0, 0, 10, 10)) == "top left"
+    assert bw.region_of((27, 27, 37, 37)) == "center"
+    assert bw.region_of((54, 54, 64, 64)) == "bottom right"
+
+
+def test_digits_heldout_set_is_written_split_by_image(tmp_path):
+    from llaca import heldout
+    from llaca.data import load_instruction_set
+
+    (root,) = heldout.write_sets(tmp_path, ["digits"])
+    train, test = load_instruction_set(str(root / "train")), load_instruction_set(str(root / "test"))
+    assert (len(train.records), len(test.records)) == (1400, 397)
+    answers = {r.answer for r in train.records}
+    assert answers == {str(d) for d in range(10)}
