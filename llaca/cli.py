@@ -51,12 +51,18 @@ def cmd_build_base(args) -> int:
     from .versions import Registry
 
     registry = Registry()
-    if registry.exists("base") and not args.force:
+    if args.recipe == "v2":  # experimental: registered beside `base`, never replacing it (README "Base v2")
+        from .base_build_v2 import build_base_v2
+
+        vid = "base-v2" if not registry.exists("base-v2") else f"base-v2-{args.seed}-{int(time.time())}"
+        v = build_base_v2(registry, seed=args.seed, on_event=_progress_printer("build-base v2"), version_id=vid)
+    elif registry.exists("base") and not args.force:
         print("base already exists (use --force to rebuild it as a new version id 'base-<seed>')", file=sys.stderr)
         print("base")
         return 0
-    vid = "base" if not registry.exists("base") else f"base-{args.seed}-{int(time.time())}"
-    v = build_base(registry, seed=args.seed, on_event=_progress_printer("build-base"), version_id=vid)
+    else:
+        vid = "base" if not registry.exists("base") else f"base-{args.seed}-{int(time.time())}"
+        v = build_base(registry, seed=args.seed, on_event=_progress_printer("build-base"), version_id=vid)
     b = v.meta["build"]
     print(f"parameters {b['parameters']:,}  build {b['seconds']:.0f}s  base-task accuracy "
           f"{v.meta['metrics']['base_accuracy']}%", file=sys.stderr)
@@ -126,7 +132,8 @@ def cmd_learn(args) -> int:
                       epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seed=args.seed, lora=args.lora, rule_hparams=rule_hparams,
                       load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, trace_dir=args.trace_dir,
-                      evaluate_after=not args.no_eval)
+                      evaluate_after=not args.no_eval,
+                      **({} if args.vision is None else {"train_vision": args.vision == "train"}))
     version = run_stage(cfg, registry, on_event=_progress_printer(f"learn {args.method}"))
     if version is not None:  # None on non-main ranks under accelerate launch
         print(version.id)
@@ -214,6 +221,7 @@ def _split_options(args: list[str]) -> tuple[list[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .rules import RULES
+    from .tuner import StageConfig
 
     p = argparse.ArgumentParser(prog="python -m llaca", description="LLaCA Studio: continual instruction tuning of LLaVA")
     sub = p.add_subparsers(dest="command", required=True)
@@ -221,6 +229,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build-base", help="build the embedded default model (version 'base')")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="build again even if 'base' exists")
+    s.add_argument("--recipe", choices=("v1", "v2"), default="v1",
+                   help="v1: the shipped base (default); v2: experimental base on real drawings, emoji and many "
+                        "instruction formats, registered as 'base-v2' (README 'Base v2')")
     s.set_defaults(func=cmd_build_base)
 
     s = sub.add_parser("register", help="register a LLaVA checkpoint (folder or cached hub id) as a root version")
@@ -239,6 +250,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--grad-accum", type=int, default=1)
     s.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + projector instead of full weights")
+    s.add_argument("--vision", choices=("frozen", "train"), default=None,
+                   help="the vision tower in full fine-tuning: 'train' adapts it to images of a new kind "
+                        "(default: %s, see README 'Base v2')" % ("train" if StageConfig.train_vision else "frozen"))
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--beta", type=float, default=None, help="ema: weight on the past (default 0.99)")
     s.add_argument("--scale", type=float, default=None, help="llaca: the constant in alpha (default 2.0)")

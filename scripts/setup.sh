@@ -1,16 +1,28 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: a venv with the pinned requirements (offline-capable, CPU torch).
 # `--test` also installs Debian's Chromium + driver for the headless-browser test (needs root/apt).
+# `--images` installs what rebuilding base v2 and the held-out benchmark read (Debian packages, ~300 MB):
+#   fonts (text rendering), openclipart-png + fonts-noto-color-emoji (re-deriving assets/imagepack),
+#   tuxpaint-stamps-default (the held-out drawing set). The shipped base and pack need none of it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
-if [ "${1:-}" = "--test" ] && [ ! -x /usr/bin/chromium ]; then
+apt_install() {
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null
   else
-    echo "note: /usr/bin/chromium missing and apt-get unavailable: the browser test will be skipped" >&2
+    echo "note: cannot apt-get install $* (no apt-get or not root)" >&2
   fi
-fi
+}
+for arg in "$@"; do
+  case "$arg" in
+    --test)
+      [ -x /usr/bin/chromium ] || apt_install chromium chromium-driver ;;
+    --images)
+      apt_install fonts-dejavu-core fonts-dejavu-extra fonts-liberation fonts-freefont-ttf \
+                  openclipart-png fonts-noto-color-emoji tuxpaint-stamps-default ;;
+  esac
+done

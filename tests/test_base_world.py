@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import random
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -100,3 +101,20 @@ def test_digits_heldout_set_is_written_split_by_image(tmp_path):
     assert (len(train.records), len(test.records)) == (1400, 397)
     answers = {r.answer for r in train.records}
     assert answers == {str(d) for d in range(10)}
+
+
+def test_build_base_v2_registers_beside_base(tmp_path):
+    """`build-base --recipe v2` (tiny step counts): a root version `base-v2` with the v2 spec and its own test split."""
+    from llaca import base_build_v2
+    from llaca.bench.quality import base_test_split
+    from llaca.versions import Registry, load_version
+
+    reg = Registry(tmp_path / "home")
+    v = base_build_v2.build_base_v2(reg, vision_steps=3, base_steps=3, n_train=24, n_test=6)
+    assert v.id == "base-v2" and v.meta["parent"] is None and v.meta["build"]["world"] == "v2"
+    assert v.meta["build"]["spec"] == base_build_v2.SPEC.__dict__ and not reg.exists("base")
+    model, processor = load_version(reg, "base-v2")
+    assert model.config.vision_config.hidden_size == 128
+    assert len(processor.tokenizer) == model.config.text_config.vocab_size <= base_build_v2.SPEC.vocab_size
+    test = base_test_split(reg, v)
+    assert test.endswith("base/test") and (Path(test) / "data.json").is_file()

@@ -70,3 +70,24 @@ def test_coin_mini_command(tmp_path, llaca_home):
     for d in dirs:
         assert len(json.loads((d / "train" / "data.json").read_text())) == 4
         assert len(json.loads((d / "test" / "data.json").read_text())) == 2
+
+
+def test_vision_flag_trains_or_freezes_the_tower(llaca_home, coin_dir):
+    """`--vision train` adapts the CLIP tower in the stage (new image kinds); `--vision frozen` leaves it as it was."""
+    from safetensors.torch import load_file
+
+    def tower(vid):
+        w = load_file(llaca_home / "versions" / vid / "model" / "model.safetensors")
+        return {k: v for k, v in w.items() if "vision_tower" in k}
+
+    train = coin_dir / "textvqa" / "train"
+    for mode, vid in (("frozen", "v1"), ("train", "v2")):
+        out = llaca("learn", train, "--method", "seq", "--from", "base", "--max-steps", "3", "--batch-size", "8",
+                    "--vision", mode, "--no-eval", home=llaca_home)
+        assert out.stdout.strip().splitlines()[-1] == vid
+    base, frozen, trained = tower("base"), tower("v1"), tower("v2")
+    assert all((base[k] == frozen[k]).all() for k in base)
+    changed = [k for k in base if not (base[k] == trained[k]).all()]
+    assert len(changed) > len(base) // 2, "the tower's weights moved in the stage"
+    meta = json.loads((llaca_home / "versions" / "v2" / "meta.json").read_text())
+    assert meta["hparams"]["train_vision"] is True

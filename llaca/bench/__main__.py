@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m llaca.bench {quality,speed,load,heldout} [options]   (python -m llaca.bench quality --help)"
+USAGE = "usage: python -m llaca.bench {quality,speed,load,heldout,basecost} [options]   (python -m llaca.bench quality --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -20,6 +20,8 @@ def main(argv: list[str] | None = None) -> int:
         from .load import main as run
     elif which == "heldout":
         from .heldout import main as run
+    elif which == "basecost":
+        from .basecost import main as run
     else:
         print(f"error: unknown benchmark {which!r}\n{USAGE}", file=sys.stderr)
         return 2

@@ -20,36 +20,43 @@ import shutil
 import time
 from pathlib import Path
 
-VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vision": True}}
+VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vision": True},
+            # the same with plain fine-tuning, to tell what the tower does from what the update rule does
+            "frozen tower, seq": {"train_vision": False, "method": "seq"},
+            "tower trained, seq": {"train_vision": True, "method": "seq"}}
+DEFAULT_VARIANTS = ["frozen tower", "tower trained"]
 
 
-def _base_fingerprint(registry) -> str:
-    weights = registry.get("base").path / "model" / "model.safetensors"
+def _base_fingerprint(registry, version: str) -> str:
+    weights = registry.get(version).path / "model" / "model.safetensors"
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "external"
 
 
-def zero_shot(registry, coin_root: Path, limit: int | None) -> dict:
+def zero_shot(registry, version: str, coin_root: Path, limit: int | None) -> dict:
     from .. import coin_mini
     from ..evaluate import evaluate
     from ..versions import load_version
     from .quality import _test_set, base_test_split
 
-    model, processor = load_version(registry, "base")
+    model, processor = load_version(registry, version)
     row = {t: round(evaluate(model, processor, _test_set(str(coin_root / t / "test")), limit=limit).accuracy, 1)
            for t in coin_mini.DEFAULT_SEQUENCE}
-    base_test = base_test_split(registry, registry.get("base"))
+    base_test = base_test_split(registry, registry.get(version))
     base_acc = round(evaluate(model, processor, _test_set(base_test)).accuracy, 2) if base_test else None
     in_band = sum(10 <= v <= 70 for v in row.values())
     return {"zero_shot": row, "tasks_in_10_70": in_band, "base_test": base_acc}
 
 
-def stage_run(registry_home: Path, data_root: Path, name: str, variant: str, work: Path) -> dict:
+def stage_run(registry, version: str, data_root: Path, name: str, variant: str, work: Path) -> dict:
     from ..evaluate import evaluate
     from ..tuner import StageConfig, run_stage
     from ..versions import Registry, load_version
-    from .quality import _fresh_registry, _test_set, base_test_split
+    from .quality import _test_set, base_test_split
 
-    reg = _fresh_registry(registry_home, work / f"{name}-{variant.replace(' ', '_')}")
+    home = work / f"{name}-{variant.replace(' ', '_').replace(',', '')}"
+    shutil.rmtree(home, ignore_errors=True)
+    shutil.copytree(registry.get(version).path, home / "versions" / "base")  # a private registry per run
+    reg = Registry(home)
     t0 = time.time()
     cfg = StageConfig(data=str(data_root / name / "train"), parent="base", checkpoint_every=0,
                       evaluate_after=False, **VARIANTS[variant])
@@ -57,7 +64,7 @@ def stage_run(registry_home: Path, data_root: Path, name: str, variant: str, wor
     seconds = time.time() - t0
     model, processor = load_version(reg, version.id)
     test = evaluate(model, processor, _test_set(str(data_root / name / "test")))
-    base_test = base_test_split(Registry(registry_home), Registry(registry_home).get("base"))
+    base_test = base_test_split(registry, registry.get(version))
     retained = evaluate(model, processor, _test_set(base_test)).accuracy if base_test else None
     shutil.rmtree(reg.home, ignore_errors=True)
     return {"set": name, "variant": variant, "method": cfg.method, "steps": version.meta.get("steps"),
@@ -73,7 +80,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llaca.bench heldout", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_results/heldout")
     p.add_argument("--sets", nargs="*", default=list(heldout.SETS))
-    p.add_argument("--variants", nargs="*", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="*", default=DEFAULT_VARIANTS, choices=list(VARIANTS))
+    p.add_argument("--version", default="base", help="the base version to start from (e.g. base-v2)")
     p.add_argument("--zero-shot-limit", type=int, default=100, help="test records per CoIN-mini task")
     p.add_argument("--skip-zero-shot", action="store_true")
     a = p.parse_args(argv)
@@ -82,24 +90,24 @@ def main(argv=None) -> int:
     work = out / "work"
     registry = Registry()
     ensure_base(registry)
-    fp = _base_fingerprint(registry)
-    results = {"base_sha256_12": fp, "stages": []}
+    fp = _base_fingerprint(registry, a.version)
+    results = {"version": a.version, "base_sha256_12": fp, "stages": []}
     data = work / "data"
     if not a.skip_zero_shot:
         coin_root = data / "coin-mini"
         if not (coin_root / "ocrvqa" / "test" / "data.json").is_file():
             coin_mini.write_coin_mini(coin_root)
-        results.update(zero_shot(registry, coin_root, a.zero_shot_limit))
+        results.update(zero_shot(registry, a.version, coin_root, a.zero_shot_limit))
         print(json.dumps({k: results[k] for k in ("zero_shot", "tasks_in_10_70", "base_test")}))
     for name in a.sets:
         if not (data / name / "test" / "data.json").is_file():
             heldout.write_sets(data, [name])
         for variant in a.variants:
-            cache = out / "runs" / f"{fp}-{name}-{variant.replace(' ', '_')}.json"
+            cache = out / "runs" / f"{fp}-{name}-{variant.replace(' ', '_').replace(',', '')}.json"
             if cache.is_file():
                 run = json.loads(cache.read_text())
             else:
-                run = stage_run(registry.home, data, name, variant, work)
+                run = stage_run(registry, a.version, data, name, variant, work)
                 cache.write_text(json.dumps(run, indent=1))
             results["stages"].append(run)
             print(json.dumps(run))

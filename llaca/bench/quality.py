@@ -456,7 +456,7 @@ def prepare_multitask(tasks_root: Path, tasks: list[str], out: Path) -> Path:
 
 def base_test_split(registry, base) -> str | None:
     """The base mixture's test split (base meta `stage.test_path`), regenerated if that folder is gone."""
-    from ..base_build import N_TEST, N_TRAIN, ensure_mixture
+    from .. import coin_mini
 
     tp = base.meta.get("stage", {}).get("test_path")
     if tp and Path(tp).is_dir():
@@ -465,15 +465,13 @@ def base_test_split(registry, base) -> str | None:
     if not build:
         return None  # an external checkpoint: no base mixture to check retention on
     seed = build.get("seed", 0)
-    if build.get("world") == "v2":
-        root = ensure_mixture(registry, seed, build.get("n_train", N_TRAIN), build.get("n_test", N_TEST))
-    else:  # base v1 (assets/base_v1): its mixture came from CoIN-mini's own scenes
-        from .. import coin_mini
+    if build.get("world") == "v2":  # `build-base --recipe v2`
+        from ..base_build_v2 import ensure_mixture
 
-        root = registry.home / "datasets" / f"base-mixture-seed{seed}"
-        if not (root / "base" / "test" / "data.json").is_file():
-            coin_mini.write_base_mixture(root, seed=seed, n_train=build.get("n_train", 6000),
-                                         n_test=build.get("n_test", 150))
+        return str(ensure_mixture(registry, seed, build["n_train"], build["n_test"], splits=("test",)) / "base" / "test")
+    root = registry.home / "datasets" / f"base-mixture-seed{seed}"
+    if not (root / "base" / "test" / "data.json").is_file():
+        coin_mini.write_base_mixture(root, seed=seed, n_train=build.get("n_train", 6000), n_test=build.get("n_test", 150))
     return str(root / "base" / "test")
 
 
