@@ -60,14 +60,14 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     t0 = time.time()
     cfg = StageConfig(data=str(data_root / name / "train"), parent="base", checkpoint_every=0,
                       evaluate_after=False, **VARIANTS[variant])
-    version = run_stage(cfg, reg)
+    learned = run_stage(cfg, reg)
     seconds = time.time() - t0
-    model, processor = load_version(reg, version.id)
+    model, processor = load_version(reg, learned.id)
     test = evaluate(model, processor, _test_set(str(data_root / name / "test")))
     base_test = base_test_split(registry, registry.get(version))
     retained = evaluate(model, processor, _test_set(base_test)).accuracy if base_test else None
     shutil.rmtree(reg.home, ignore_errors=True)
-    return {"set": name, "variant": variant, "method": cfg.method, "steps": version.meta.get("steps"),
+    return {"set": name, "variant": variant, "method": cfg.method, "steps": learned.meta.get("steps"),
             "test_accuracy": round(test.accuracy, 1), "n_test": test.n,
             "base_test_after": None if retained is None else round(retained, 1), "seconds": round(seconds, 1)}
 
