@@ -157,6 +157,7 @@ def build(studio: Studio):
     with gr.Row():
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Conversation", height=440, buttons=["copy"], feedback_options=None,
+                                 editable="all",  # the pencil on an answer is "Correct" (app/correct.py)
                                  placeholder="Click a sample image on the right, or attach your own, and ask about it.")
             chat_input = gr.MultimodalTextbox(
                 placeholder="Ask about an image (attach one with the clip, or click a sample)…", show_label=False,

@@ -150,4 +150,5 @@ def build(studio: Studio):
                     show_progress="hidden")
     stage.input(pick_before_after, stage, versions, api_visibility="private", queue=False)
     sample_gallery.select(pick_sample, None, [image, question], api_visibility="private", queue=False)
-    return types.SimpleNamespace(versions=versions, stage=stage, refresh=refresh_versions)
+    return types.SimpleNamespace(versions=versions, stage=stage, refresh=refresh_versions, image=image, question=question,
+                                 answers_json=answers_json)
