@@ -1,7 +1,7 @@
 """Chat tab: the one switch for conversation logging (`llaca.convlog`, off by default) and its delete-all.
 
-When on, every finished reply logs the conversation so far (like LLaVA's serve); the hook runs after the chat's
-own events (`.then`), so the chat code is unchanged.
+When on, every finished reply logs the conversation so far (like LLaVA's serve), through the chat tab's
+`reply_hooks` (a `.then` event would run only for browsers: the frontend chains events, API clients do not).
 """
 from __future__ import annotations
 
@@ -29,14 +29,15 @@ def status(log: ConversationLog) -> str:
 def build(studio: Studio, chat) -> types.SimpleNamespace:
     log = ConversationLog(studio.home)
 
-    def record(history, version_id, request: gr.Request):
+    def record(history, version_id, request):
+        """After each finished reply (a hook of the chat tab, so API clients are logged too)."""
         if not log.enabled or not history or history[-1].get("role") != "assistant":
             return
         image, messages = messages_of(history)
         try:
             log.log(model=version_id, messages=messages, image=image,
                     session=getattr(request, "session_hash", None))
-        except OSError as e:
+        except Exception as e:  # noqa: BLE001 - a failing log must never break the chat
             warn(f"conversation log: {e}")
 
     def switch(on):
@@ -55,6 +56,5 @@ def build(studio: Studio, chat) -> types.SimpleNamespace:
         delete_btn = gr.Button("Delete all logs", variant="stop", size="sm")
     enabled.input(switch, enabled, note, api_name="conversation_log", concurrency_limit=None)
     delete_btn.click(delete_all, None, note, api_name="delete_conversation_logs", concurrency_limit=None)
-    for event in chat.events:
-        event.then(record, [chat.chatbot, chat.version], None, api_visibility="private", concurrency_limit=None)
+    chat.reply_hooks.append(record)
     return types.SimpleNamespace(enabled=enabled, note=note)

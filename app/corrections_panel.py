@@ -9,11 +9,13 @@ import types
 import gradio as gr
 
 from llaca.corrections import CorrectionStore, SmallSetRecipe, queue_learn
+from llaca.rules import RULES
 
 from . import Studio, warn
+from .learn_tab import STAGE_DEFAULTS
 
 COLUMNS = ["id", "question", "corrected answer", "was", "by"]
-DEFAULT_METHOD = "llaca"
+DEFAULT_METHOD = STAGE_DEFAULTS["method"]  # the product's default method (StageConfig), llaca
 
 
 def preview_rows(store: CorrectionStore) -> list[list]:
@@ -27,9 +29,9 @@ def status(store: CorrectionStore) -> str:
     lines = [f"**{n} pending correction(s).**" if n else "**No pending corrections.** Correct an answer in *Chat* "
              "or *Compare* (the ✎ pencil) and it appears here."]
     if n:
-        lines.append(f"*Learn corrections* trains them with `{DEFAULT_METHOD}` from the newest version: at least "
+        lines.append(f"*Learn corrections* trains them from the newest version (default `{DEFAULT_METHOD}`, at least "
                      f"{recipe.min_steps} steps, {recipe.replay_per_correction:g} replay records from the lineage per "
-                     "correction.")
+                     "correction: the measured small-set recipe).")
     learned = [b for b in store.archived() if b.get("version")]
     if learned:
         lines.append("Learned: " + ", ".join(f"{b['n_corrections']} → `{b['version']}`" for b in learned[:5]))
@@ -53,9 +55,11 @@ def build(studio: Studio) -> types.SimpleNamespace:
             warn(e)
         return view()
 
-    def learn():
+    def learn(method, min_steps):
         try:
-            job = queue_learn(CorrectionStore(studio.home), studio.registry, studio.jobs, method=DEFAULT_METHOD)
+            recipe = SmallSetRecipe(min_steps=int(min_steps or 0))
+            job = queue_learn(CorrectionStore(studio.home), studio.registry, studio.jobs, method=method or DEFAULT_METHOD,
+                              recipe=recipe)
         except Exception as e:  # noqa: BLE001
             return f"⚠ {warn(e)}", None
         return f"Queued job #{job.id}: {job.label}. Its progress is shown above.", job.id
@@ -72,6 +76,10 @@ def build(studio: Studio) -> types.SimpleNamespace:
             which = gr.Dropdown(label="Remove one", choices=[], scale=2, allow_custom_value=True)
             remove_btn = gr.Button("Remove", size="sm", scale=1)
             refresh_btn = gr.Button("Refresh", size="sm", scale=1)
+        with gr.Row():
+            method = gr.Dropdown(RULES, value=DEFAULT_METHOD, label="Method", scale=1)
+            min_steps = gr.Number(SmallSetRecipe().min_steps, label="At least this many steps", precision=0,
+                                  minimum=1, scale=1)
             learn_btn = gr.Button("Learn corrections", variant="primary", scale=2, elem_id="learn-corrections")
         message = gr.Markdown()
         job_id = gr.Number(visible=False, precision=0)
@@ -79,6 +87,6 @@ def build(studio: Studio) -> types.SimpleNamespace:
     outputs = [head, table, gallery, which]
     refresh_btn.click(view, None, outputs, api_name="corrections", concurrency_limit=None)
     remove_btn.click(remove, which, outputs, api_name="remove_correction", concurrency_limit=None)
-    learn_btn.click(learn, None, [message, job_id], api_name="learn_corrections", concurrency_limit=1).then(
+    learn_btn.click(learn, [method, min_steps], [message, job_id], api_name="learn_corrections", concurrency_limit=1).then(
         view, None, outputs, api_visibility="private")
     return types.SimpleNamespace(view=view, outputs=outputs)

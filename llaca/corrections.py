@@ -68,10 +68,10 @@ class SmallSetRecipe:
     Steps = max(min_steps, epochs over the mix); the mix holds `replay_per_correction` lineage records per
     correction (fewer if the lineage keeps fewer), so about 1 in (1 + ratio) training records is a correction.
     """
-    min_steps: int = 60
+    min_steps: int = 240
     epochs: float = 3.0
     replay_per_correction: float = 2.0
-    lr: float = 1e-3
+    lr: float = 2e-3
     batch_size: int = 16
     seed: int = 0
 

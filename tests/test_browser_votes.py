@@ -1,0 +1,54 @@
+"""In a real headless browser: a blind vote in Compare (answers as A and B, names revealed only after the vote),
+then the live leaderboard in *Versions & evaluation*. Screenshots as in test_browser.py; the committed ones
+(assets/screenshots/blind-*.png, leaderboard.png) were made with
+
+    LLACA_SCREENSHOTS=assets/screenshots LLACA_SCREENSHOT_HOME=<a $LLACA_HOME with the real base and a corrections
+    version> .venv/bin/python -m pytest tests/test_browser_votes.py
+"""
+from __future__ import annotations
+
+from test_browser import CHROMIUM, page, served, shots_dir  # noqa: F401 - fixtures reused
+
+import pytest
+
+pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")
+
+ENABLED = """id => { const el = document.querySelector('#' + id);
+                     const b = el && (el.tagName === 'BUTTON' ? el : el.querySelector('button'));
+                     return b && !b.disabled; }"""
+
+
+def test_blind_vote_reveals_names_after_the_vote_and_fills_the_leaderboard(page, served, tmp_path_factory):
+    out = shots_dir(tmp_path_factory)
+    page.get_by_role("tab", name="Compare").click()
+    page.wait_for_timeout(2500)
+    page.locator("#compare-samples .thumbnail-item").last.click()  # a counting question
+    page.wait_for_timeout(1000)
+    outcomes = ["a", "b", "a", "tie", "a", "bothbad"]
+    for k, outcome in enumerate(outcomes):
+        page.locator("#blind-ask").click()
+        page.wait_for_function(ENABLED, arg=f"blind-vote-{outcome}", timeout=60_000)
+        reveal = page.locator("#blind-reveal").inner_text()
+        assert "names are shown after" in reveal and "A was" not in reveal
+        if k == 0:
+            page.wait_for_timeout(800)
+            page.locator("#blind-ask").scroll_into_view_if_needed()
+            page.screenshot(path=str(out / "blind-vote.png"), full_page=True)
+        page.locator(f"#blind-vote-{outcome}").click()
+        page.wait_for_function("() => document.querySelector('#blind-reveal').innerText.includes('A was')",
+                               timeout=30_000)
+        if k == 0:
+            page.wait_for_timeout(800)
+            page.screenshot(path=str(out / "blind-revealed.png"), full_page=True)
+        assert not page.evaluate(ENABLED, f"blind-vote-{outcome}")  # one vote per question
+    page.get_by_role("tab", name="Versions").click()
+    page.wait_for_function(
+        f"() => document.querySelector('#leaderboard-summary').innerText.includes('{len(outcomes)} blind vote')",
+        timeout=30_000)
+    page.wait_for_timeout(1500)
+    page.locator("#leaderboard").scroll_into_view_if_needed()
+    page.screenshot(path=str(out / "leaderboard.png"), full_page=True)
+    table = page.locator("#leaderboard").inner_text()
+    assert "base" in table
+    for name in ("blind-vote", "blind-revealed", "leaderboard"):
+        assert (out / f"{name}.png").stat().st_size > 20_000, f"{name}.png looks empty"
