@@ -237,12 +237,13 @@ class CorrectionStore:
 
 def _replay_pool(registry, parent: str) -> list[Record]:
     """Records every version of the lineage kept for replay (`versions/<id>/replay`), root first."""
-    pool: list[Record] = []
+    pool: dict[str, Record] = {}  # by id: a stage's replay sample may hold records an earlier one kept too
     for v in registry.lineage(parent):
         if (v.path / "replay" / "data.json").is_file():
             with contextlib.suppress(InvalidDataset):
-                pool += load_instruction_set(v.path / "replay").records
-    return pool
+                for record in load_instruction_set(v.path / "replay").records:
+                    pool.setdefault(record.id, record)
+    return list(pool.values())
 
 
 def learn(store: CorrectionStore, registry, method: str = "llaca", parent: str | None = None,

@@ -27,7 +27,7 @@ def test_blind_vote_reveals_names_after_the_vote_and_fills_the_leaderboard(page,
     outcomes = ["a", "b", "a", "tie", "a", "bothbad"]
     for k, outcome in enumerate(outcomes):
         page.locator("#blind-ask").click()
-        page.wait_for_function(ENABLED, arg=f"blind-vote-{outcome}", timeout=60_000)
+        page.wait_for_function(ENABLED, arg=f"blind-vote-{outcome}", timeout=240_000)
         reveal = page.locator("#blind-reveal").inner_text()
         assert "names are shown after" in reveal and "A was" not in reveal
         if k == 0:
@@ -36,7 +36,7 @@ def test_blind_vote_reveals_names_after_the_vote_and_fills_the_leaderboard(page,
             page.screenshot(path=str(out / "blind-vote.png"), full_page=True)
         page.locator(f"#blind-vote-{outcome}").click()
         page.wait_for_function("() => document.querySelector('#blind-reveal').innerText.includes('A was')",
-                               timeout=30_000)
+                               timeout=60_000)
         if k == 0:
             page.wait_for_timeout(800)
             page.screenshot(path=str(out / "blind-revealed.png"), full_page=True)
@@ -44,7 +44,7 @@ def test_blind_vote_reveals_names_after_the_vote_and_fills_the_leaderboard(page,
     page.get_by_role("tab", name="Versions").click()
     page.wait_for_function(
         f"() => document.querySelector('#leaderboard-summary').innerText.includes('{len(outcomes)} blind vote')",
-        timeout=30_000)
+        timeout=60_000)
     page.wait_for_timeout(1500)
     page.locator("#leaderboard").scroll_into_view_if_needed()
     page.screenshot(path=str(out / "leaderboard.png"), full_page=True)
@@ -52,3 +52,32 @@ def test_blind_vote_reveals_names_after_the_vote_and_fills_the_leaderboard(page,
     assert "base" in table
     for name in ("blind-vote", "blind-revealed", "leaderboard"):
         assert (out / f"{name}.png").stat().st_size > 20_000, f"{name}.png looks empty"
+
+
+def test_editing_an_answer_in_the_chat_saves_a_correction(page, served, tmp_path_factory):
+    """Correct = Gradio's edit pencil on an assistant message: the edit is saved with image + question."""
+    from app.chat_tab import samples
+    from llaca.corrections import CorrectionStore
+
+    store = CorrectionStore(served.studio.home)
+    before = store.count()
+    page.get_by_role("tab", name="Chat").click()
+    image, question, _ = samples()[5]
+    page.set_input_files("#chat-input input[type=file]", image)
+    page.wait_for_selector("#chat-input img", timeout=30_000)
+    page.fill("#chat-input textarea", question)
+    page.press("#chat-input textarea", "Enter")
+    page.wait_for_function("""() => { const m = document.querySelectorAll('[data-testid="bot"]');
+                                      return m.length && m[m.length - 1].innerText.trim()
+                                             && m[m.length - 1].innerText.trim() !== '…'; }""", timeout=240_000)
+    page.wait_for_timeout(1500)
+    page.locator('[data-testid="bot"]').last.hover()
+    page.get_by_role("button", name="Edit").last.click()
+    page.locator('[data-testid="bot"] textarea').last.fill("3")
+    page.get_by_role("button", name="Submit").first.click()
+    page.wait_for_function("() => document.body.innerText.includes('Saved as a correction')", timeout=30_000)
+    page.wait_for_timeout(1000)
+    page.screenshot(path=str(shots_dir(tmp_path_factory) / "correct.png"), full_page=True)
+    saved = store.list()[-1]
+    assert store.count() == before + 1 and (saved.question, saved.answer) == (question, "3")
+    assert saved.image.is_file() and saved.original  # the image was copied; what the model had said is kept

@@ -85,3 +85,21 @@ def test_cli_add_list_json_remove(llaca_home, images, capsys):
     assert "error: turn 1 answer: empty" in capsys.readouterr().err
     assert main(["corrections", "remove", cid]) == 0
     assert main(["corrections"]) == 0 and "no pending corrections" in capsys.readouterr().out
+
+
+def test_cli_learn_prints_the_new_version_and_archives_the_batch(llaca_home, images, capsys):
+    from llaca.cli import main
+    from llaca.versions import Registry
+
+    for img, q, a in images[:2]:
+        assert main(["corrections", "add", str(img), q, a]) == 0
+    capsys.readouterr()
+    assert main(["corrections", "learn", "--method", "seq", "--from", "base", "--min-steps", "3"]) == 0
+    version_id = capsys.readouterr().out.strip().splitlines()[-1]
+    version = Registry(llaca_home).get(version_id)
+    assert version.parent == "base" and version.meta["steps"] == 3 and version.meta["method"] == "seq"
+    store = CorrectionStore(llaca_home)
+    assert store.count() == 0  # learned corrections leave the pending set ...
+    [batch] = store.archived()  # ... and stay archived with the version they produced
+    assert batch["version"] == version_id and batch["n_corrections"] == 2
+    assert any(k.startswith("corrections-") for k in version.meta["metrics"]["test"])
