@@ -119,6 +119,7 @@ def build(studio: Studio):
     with gr.Row():
         with gr.Column(scale=3):
             versions = gr.Dropdown(label="Versions (2 to 4)", choices=studio.version_choices(), multiselect=True,
+                                   elem_id="compare-versions",
                                    max_choices=MAX_SLOTS, value=default_selection(studio), allow_custom_value=True)
             stage = gr.Dropdown(label="Shortcut: before vs after this stage",
                                 choices=[c for c in studio.version_choices() if c[1] != "base"], value=None,

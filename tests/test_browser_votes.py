@@ -2,10 +2,14 @@
 then the live leaderboard in *Versions & evaluation*. Screenshots as in test_browser.py; the committed ones
 (assets/screenshots/blind-*.png, leaderboard.png) were made with
 
-    LLACA_SCREENSHOTS=assets/screenshots LLACA_SCREENSHOT_HOME=<a $LLACA_HOME with the real base and a corrections
-    version> .venv/bin/python -m pytest tests/test_browser_votes.py
+    LLACA_SCREENSHOTS=assets/screenshots LLACA_SCREENSHOT_HOME=<the $LLACA_HOME `python -m llaca.bench corrections
+    --home DIR` leaves> LLACA_SCREENSHOT_POOL=v3 .venv/bin/python -m pytest tests/test_browser_votes.py
+
+(votes are cast by a judge that knows each sample's right answer, so that leaderboard reflects real judgments).
 """
 from __future__ import annotations
+
+import os
 
 from test_browser import CHROMIUM, page, served, shots_dir  # noqa: F401 - fixtures reused
 
@@ -18,21 +22,36 @@ ENABLED = """id => { const el = document.querySelector('#' + id);
                      return b && !b.disabled; }"""
 
 
+def judge(answer_a: str, answer_b: str, gold: str) -> str:
+    """The vote of a judge who knows the right answer (so the committed leaderboard reflects real judgments)."""
+    from llaca.metrics import is_correct
+
+    a, b = is_correct(answer_a, gold), is_correct(answer_b, gold)
+    return {(True, False): "a", (False, True): "b", (True, True): "tie", (False, False): "bothbad"}[(a, b)]
+
+
 def test_blind_vote_reveals_names_after_the_vote_and_fills_the_leaderboard(page, served, tmp_path_factory):
+    from app.chat_tab import samples
+
     out = shots_dir(tmp_path_factory)
     page.get_by_role("tab", name="Compare").click()
     page.wait_for_timeout(2500)
-    page.locator("#compare-samples .thumbnail-item").last.click()  # a counting question
-    page.wait_for_timeout(1000)
-    outcomes = ["a", "b", "a", "tie", "a", "bothbad"]
-    for k, outcome in enumerate(outcomes):
+    for version in filter(None, os.environ.get("LLACA_SCREENSHOT_POOL", "").split(",")):  # more versions to draw from
+        page.locator("#compare-versions input").fill(version)
+        page.keyboard.press("Enter")
+        page.wait_for_timeout(500)
+    rounds = [5, 0, 1, 5, 3, 2, 5, 4, 0, 1, 3, 2]  # sample images: counting (which the corrections taught), colours, shapes
+    for k, index in enumerate(rounds):
+        page.locator("#compare-samples .thumbnail-item").nth(index).click()  # image + question
+        page.wait_for_timeout(800)
         page.locator("#blind-ask").click()
-        page.wait_for_function(ENABLED, arg=f"blind-vote-{outcome}", timeout=240_000)
+        page.wait_for_function(ENABLED, arg="blind-vote-a", timeout=240_000)
         reveal = page.locator("#blind-reveal").inner_text()
         assert "names are shown after" in reveal and "A was" not in reveal
+        outcome = judge(page.locator("#blind-a textarea").input_value(), page.locator("#blind-b textarea").input_value(),
+                        samples()[index][2])
         if k == 0:
             page.wait_for_timeout(800)
-            page.locator("#blind-ask").scroll_into_view_if_needed()
             page.screenshot(path=str(out / "blind-vote.png"), full_page=True)
         page.locator(f"#blind-vote-{outcome}").click()
         page.wait_for_function("() => document.querySelector('#blind-reveal').innerText.includes('A was')",
@@ -43,7 +62,7 @@ def test_blind_vote_reveals_names_after_the_vote_and_fills_the_leaderboard(page,
         assert not page.evaluate(ENABLED, f"blind-vote-{outcome}")  # one vote per question
     page.get_by_role("tab", name="Versions").click()
     page.wait_for_function(
-        f"() => document.querySelector('#leaderboard-summary').innerText.includes('{len(outcomes)} blind vote')",
+        f"() => document.querySelector('#leaderboard-summary').innerText.includes('{len(rounds)} blind vote')",
         timeout=60_000)
     page.wait_for_timeout(1500)
     page.locator("#leaderboard").scroll_into_view_if_needed()
@@ -73,7 +92,7 @@ def test_editing_an_answer_in_the_chat_saves_a_correction(page, served, tmp_path
     page.wait_for_timeout(1500)
     page.locator('[data-testid="bot"]').last.hover()
     page.get_by_role("button", name="Edit").last.click()
-    page.locator('[data-testid="bot"] textarea').last.fill("3")
+    page.locator('[data-testid="bot"] textarea, .message textarea').first.fill("3")  # the edit box
     page.get_by_role("button", name="Submit").first.click()
     page.wait_for_function("() => document.body.innerText.includes('Saved as a correction')", timeout=30_000)
     page.wait_for_timeout(1000)
