@@ -23,7 +23,6 @@ import hashlib
 import json
 import math
 import random
-import shutil
 import time
 import uuid
 from pathlib import Path

@@ -130,8 +130,8 @@ def table(results: dict) -> str:
                      f"{r['recipe']['replay_per_correction']:g} | {r['n_train']} | {r['reproduced']:.1f} | "
                      f"{r['base_test']:.2f} | {r['base_drop']:+.2f} | {'yes' if r['met'] else 'no'} | {r['seconds']} |")
     lines += ["", f"Goal: reproduced >= {GOAL_REPRODUCED:.0f}% and base test drop <= {GOAL_BASE_DROP:.0f} points.",
-              f"Table written {results.get('measured', '?')}; the variants ran on a shared 2-core machine (load average "
-              "3-10 while they ran: the seconds are not comparable), one torch thread."]
+              f"Table written {results.get('measured', '?')}; the variants ran on a shared 2-core machine under varying "
+              "load (load average 3-13 while they ran: the seconds are not comparable), one torch thread."]
     return "\n".join(lines) + "\n"
 
 
