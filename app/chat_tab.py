@@ -84,6 +84,7 @@ def _assistant(text: str) -> dict:
 
 def build(studio: Studio):
     stops: dict[str, threading.Event] = {}
+    reply_hooks: list = []  # called with (history, version id, request) after every finished reply
 
     def stream_reply(history, version_id, max_tokens, temperature, request: gr.Request):
         """Append an assistant message to `history` and grow it token by token."""
@@ -111,6 +112,8 @@ def build(studio: Studio):
         finally:
             stop.set()  # ends generation if the client went away mid-stream
             stops.pop(session, None)
+        for hook in reply_hooks:  # e.g. the opt-in conversation log (app/chat_log.py)
+            hook(history, version_id, request)
         yield history
 
     def respond(message, history, version_id, max_tokens, temperature, request: gr.Request):
@@ -157,6 +160,7 @@ def build(studio: Studio):
     with gr.Row():
         with gr.Column(scale=4):
             chatbot = gr.Chatbot(label="Conversation", height=440, buttons=["copy"], feedback_options=None,
+                                 editable="all",  # the pencil on an answer is "Correct" (app/correct.py)
                                  placeholder="Click a sample image on the right, or attach your own, and ask about it.")
             chat_input = gr.MultimodalTextbox(
                 placeholder="Ask about an image (attach one with the clip, or click a sample)…", show_label=False,
@@ -187,4 +191,4 @@ def build(studio: Studio):
     stop_btn.click(stop, None, None, api_name="stop", queue=False)
     clear_btn.click(lambda: ([], None), None, [chatbot, chat_input], api_name="clear", queue=False)
     return types.SimpleNamespace(version=version, chatbot=chatbot, input=chat_input, refresh=refresh_versions,
-                                 events=[submit_event, regen_event])
+                                 events=[submit_event, regen_event], reply_hooks=reply_hooks)

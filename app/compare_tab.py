@@ -119,6 +119,7 @@ def build(studio: Studio):
     with gr.Row():
         with gr.Column(scale=3):
             versions = gr.Dropdown(label="Versions (2 to 4)", choices=studio.version_choices(), multiselect=True,
+                                   elem_id="compare-versions",
                                    max_choices=MAX_SLOTS, value=default_selection(studio), allow_custom_value=True)
             stage = gr.Dropdown(label="Shortcut: before vs after this stage",
                                 choices=[c for c in studio.version_choices() if c[1] != "base"], value=None,
@@ -150,4 +151,5 @@ def build(studio: Studio):
                     show_progress="hidden")
     stage.input(pick_before_after, stage, versions, api_visibility="private", queue=False)
     sample_gallery.select(pick_sample, None, [image, question], api_visibility="private", queue=False)
-    return types.SimpleNamespace(versions=versions, stage=stage, refresh=refresh_versions)
+    return types.SimpleNamespace(versions=versions, stage=stage, refresh=refresh_versions, image=image, question=question,
+                                 answers_json=answers_json)

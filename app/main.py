@@ -9,6 +9,7 @@ from __future__ import annotations
 import gradio as gr
 
 from . import SAMPLES_DIR, Studio, chat_tab, compare_tab, learn_tab, versions_tab
+from . import blind, chat_log, correct, corrections_panel, leaderboard
 
 QUEUE = dict(default_concurrency_limit=2, max_size=64)
 
@@ -38,14 +39,24 @@ def build_app(studio: Studio) -> gr.Blocks:
         with gr.Tabs(selected="chat") as tabs:
             with gr.Tab("Chat", id="chat") as chat_page:
                 chat = chat_tab.build(studio)
+                correct.wire_chat(studio, chat)
+                chat_log.build(studio, chat)
             with gr.Tab("Learn", id="learn") as learn_page:
                 learn = learn_tab.build(studio)
+                corrections = corrections_panel.build(studio)
             with gr.Tab("Compare", id="compare") as compare_page:
                 compare = compare_tab.build(studio)
+                correct.wire_compare(studio, compare)
+                blind.build(studio, compare)
             with gr.Tab("Versions & evaluation", id="versions") as versions_page:
                 versions = versions_tab.build(studio)
+                votes = leaderboard.build(studio)
         _wire(demo, studio, tabs, banner, chat, learn, compare, versions,
               pages=(chat_page, learn_page, compare_page, versions_page))
+        fast = dict(api_visibility="private", concurrency_limit=None, show_progress="hidden")
+        learn_page.select(corrections.view, None, corrections.outputs, **fast)
+        versions_page.select(votes.refresh, None, votes.outputs, **fast)
+        demo.load(corrections.view, None, corrections.outputs, **fast)
     return demo
 
 

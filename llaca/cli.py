@@ -289,6 +289,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--n-train", type=int, default=1500)
     s.add_argument("--n-test", type=int, default=100)
     s.set_defaults(func=cmd_coin_mini)
+
+    from .corrections_cli import add_parser as add_corrections_parser
+
+    add_corrections_parser(sub)
     return p
 
 

@@ -509,7 +509,7 @@ class Worker:
 
     def _on_term(self, *_):
         self.terminating = True  # a running stage sees it at its next step, checkpoints and stops
-        if self.current_kind not in (None, "stage"):
+        if self.current_kind not in (None, "stage", "corrections"):
             raise KeyboardInterrupt  # a base build has no checkpoint to save: stop now (-> 'interrupted')
 
     def should_stop(self, job: Job) -> bool:
@@ -546,6 +546,11 @@ class Worker:
         registry = Registry(self.home)
         if job.kind == "build-base":
             return ensure_base(registry, on_event=on_event)
+        if job.kind == "corrections":  # a stage on the chat's corrections (llaca/corrections.py)
+            from .corrections import CorrectionStore, run_config
+
+            return run_config(CorrectionStore(self.home), registry, job.config, on_event=on_event,
+                              should_stop=lambda: self.should_stop(job))
         if job.kind != "stage":
             raise JobError(f"unknown job kind {job.kind!r}")
         return run_stage(StageConfig(**job.config), registry, on_event=on_event,

@@ -1,9 +1,15 @@
-"""`python -m llaca.bench quality|speed [options]` (see `--help` of each)."""
+"""`python -m llaca.bench NAME [options]` (see `python -m llaca.bench NAME --help`)."""
 from __future__ import annotations
 
+import importlib
 import sys
 
-USAGE = "usage: python -m llaca.bench {quality,speed,load,heldout,basecost} [options]   (python -m llaca.bench quality --help)"
+# benchmark name -> module in llaca.bench whose main(argv) runs it
+BENCHMARKS = {
+    "quality": "quality", "speed": "speed", "load": "load", "heldout": "heldout", "basecost": "basecost",
+    "corrections": "corrections",
+}
+USAGE = f"usage: python -m llaca.bench {{{','.join(BENCHMARKS)}}} [options]   (python -m llaca.bench quality --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -12,20 +18,10 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
     which, rest = argv[0], argv[1:]
-    if which == "quality":
-        from .quality import main as run
-    elif which == "speed":
-        from .speed import main as run
-    elif which == "load":
-        from .load import main as run
-    elif which == "heldout":
-        from .heldout import main as run
-    elif which == "basecost":
-        from .basecost import main as run
-    else:
+    if which not in BENCHMARKS:
         print(f"error: unknown benchmark {which!r}\n{USAGE}", file=sys.stderr)
         return 2
-    return run(rest)
+    return importlib.import_module(f".{BENCHMARKS[which]}", __package__).main(rest)
 
 
 if __name__ == "__main__":
