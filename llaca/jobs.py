@@ -467,6 +467,8 @@ def describe_event(event: dict, log_every: int = 10) -> str | None:
         return f"saved version {event['version']}; evaluating"
     if kind == "eval":
         return f"eval {event['dataset']}: {event['accuracy']:.1f}%"
+    if kind == "grouping":  # a grouped stage's decision (llaca.grouping)
+        return event.get("text")
     return None
 
 
@@ -546,6 +548,12 @@ class Worker:
         registry = Registry(self.home)
         if job.kind == "build-base":
             return ensure_base(registry, on_event=on_event)
+        if job.kind == "grouped-stage":  # config: data + learn_grouped's arguments (llaca.grouping)
+            from .grouping import learn_grouped
+
+            config = dict(job.config)
+            return learn_grouped(registry, config.pop("data"), on_event=on_event,
+                                 should_stop=lambda: self.should_stop(job), **config)[0]
         if job.kind != "stage":
             raise JobError(f"unknown job kind {job.kind!r}")
         return run_stage(StageConfig(**job.config), registry, on_event=on_event,
