@@ -129,24 +129,32 @@ def test_paraphrased_variant_keeps_images_and_answers(coin_dir, paraphrased_sciq
     assert not {r.question for r in para} & {r.question for r in test}
 
 
-def test_cli_grouped_learn_eval_ask(llaca_home, coin_dir, paraphrased_sciqa, tmp_path):
+def test_cli_grouped_learn_eval_ask(llaca_home, coin_dir, paraphrased_sciqa, tmp_path, capsys):
+    """`learn --grouped` prints the decision then the id; `eval --json` routes record by record (run as a real
+    `python -m llaca` process); the other commands run in-process through the same `cli.main` to save start-ups."""
+    from llaca.cli import main
     from llaca.data import load_instruction_set, write_instruction_set
 
     from test_cli import llaca
 
+    def cli(*args):
+        rc = main([str(a) for a in args])
+        out, err = capsys.readouterr()
+        return rc, out.splitlines(), err
+
     args = ["--grouped", "--max-steps", "2", "--batch-size", "8"]
-    out = llaca("learn", coin_dir / "sciqa" / "train", *args, "--no-eval", home=llaca_home).stdout.splitlines()
-    assert out[-1] == "v1" and out[0].startswith("grouped: no groups yet") and "new group 0: seq from base" in out[0]
-    out = llaca("learn", coin_dir / "textvqa" / "train", *args, "--no-eval", home=llaca_home).stdout.splitlines()
+    rc, out, _ = cli("learn", coin_dir / "sciqa" / "train", *args, "--no-eval")
+    assert rc == 0 and out[-1] == "v1" and out[0].startswith("grouped: no groups yet")
+    assert "new group 0: seq from base" in out[0]
+    rc, out, _ = cli("learn", coin_dir / "textvqa" / "train", *args, "--no-eval")
     assert out[-1] == "v2" and "new group 1: seq from v1" in out[0]
     # A paraphrase of the first set: below the default 0.90, continued with a lower threshold.
-    out = llaca("learn", paraphrased_sciqa / "train", *args, "--threshold", "0.5", home=llaca_home)
-    lines = out.stdout.splitlines()
-    assert lines[-1] == "v3" and "-> continue group 0: llaca from v1" in lines[0], out.stdout
-    sim = float(lines[0].split("best similarity ")[1].split()[0])
+    rc, out, _ = cli("learn", paraphrased_sciqa / "train", *args, "--threshold", "0.5")
+    assert out[-1] == "v3" and "-> continue group 0: llaca from v1" in out[0], out
+    sim = float(out[0].split("best similarity ")[1].split()[0])
     assert 0.5 <= sim < 0.9
-    listed = llaca("versions", home=llaca_home).stdout
-    assert "grouped: group 0 (continue" in listed and "members 0=v3 1=v2" in listed
+    rc, out, _ = cli("versions")
+    assert "grouped: group 0 (continue" in "\n".join(out) and "members 0=v3 1=v2" in "\n".join(out)
 
     mixed = tmp_path / "mixed"   # questions of both groups in one set: routed record by record
     records = (load_instruction_set(paraphrased_sciqa / "test").records[:4]
@@ -156,10 +164,10 @@ def test_cli_grouped_learn_eval_ask(llaca_home, coin_dir, paraphrased_sciqa, tmp
     assert res["n"] == 8 and [r["group"] for r in res["routing"]] == [0] * 4 + [1] * 4
     assert [r["version"] for r in res["routing"]] == ["v3"] * 4 + ["v2"] * 4
     assert res["groups"] == {"0": {"version": "v3", "n": 4}, "1": {"version": "v2", "n": 4}}
-    proc = llaca("ask", "v3", records[5].image, records[5].question, home=llaca_home)
-    assert "routed to group 1 (v2)" in proc.stderr
-    proc = llaca("learn", coin_dir / "gqa" / "train", "--threshold", "0.5", home=llaca_home, check=False)
-    assert proc.returncode == 2 and "--grouped" in proc.stderr
+    rc, out, err = cli("ask", "v3", records[5].image, records[5].question)
+    assert rc == 0 and "routed to group 1 (v2)" in err and len(out) == 1
+    rc, _, err = cli("learn", coin_dir / "gqa" / "train", "--threshold", "0.5")
+    assert rc == 2 and "--grouped" in err
 
 
 # ------------------------------------------------------------------------------------------ app
