@@ -214,9 +214,21 @@ def _copy(router: InstructionRouter) -> InstructionRouter:
     return out
 
 
+def _get(registry: Registry, ref: str) -> Version:
+    """`registry.get(ref)` reading one meta.json when `ref` is an existing id (an id always wins over a name there,
+    so the answer is the same); listing the whole registry on every question would cost more than routing."""
+    import json
+
+    try:
+        path = registry._dir(ref)
+        return Version(ref, path, json.loads((path / "meta.json").read_text(encoding="utf-8")))
+    except (VersionError, OSError, ValueError):
+        return registry.get(ref)
+
+
 def route_question(registry: Registry, ref: str, question: str) -> Route | None:
     """For a grouped version: which group (member version) answers `question`; None for any other version."""
-    v = registry.get(ref)
+    v = _get(registry, ref)
     if not is_grouped(v):
         return None
     return _load_router(str(v.path / GROUPS_FILE), v.created).route(question)
