@@ -138,7 +138,7 @@ def build(studio: Studio):
                 max_tokens = gr.Slider(1, 256, value=48, step=1, label="Max new tokens", scale=2)
                 ask = gr.Button("Ask all", variant="primary", scale=1)
         with gr.Column(scale=2):
-            image = gr.Image(label="Image", type="filepath", height=236, sources=["upload"])
+            image = gr.Image(label="Image", type="filepath", height=236, sources=["upload"], elem_id="compare-image")
         with gr.Column(scale=2):
             gr.Markdown("**Samples**: click one")
             sample_gallery = gr.Gallery(value=[p for p, _, _ in samples()], show_label=False, columns=3, height=290,

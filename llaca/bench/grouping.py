@@ -115,6 +115,57 @@ def routing_latency(work: Path) -> list[dict]:
     return rows
 
 
+def _task_texts(task: str, split: str, paraphrased: bool, n: int) -> list[str]:
+    """The instructions `coin_mini` / `coin_mini_paraphrase` write for a task's split (no images rendered)."""
+    from .. import coin_mini
+    from ..coin_mini_paraphrase import paraphrase
+
+    seed = coin_mini.split_seed(0, task, split)
+    scenes, wording = random.Random(seed), random.Random(seed * 7919 + 17)
+    out = []
+    for _ in range(n):
+        q = coin_mini.get_task(task).sample_scene(scenes)[1]
+        out.append(paraphrase(task, q, split, wording) if paraphrased else q)
+    return out
+
+
+def routing_study(n_train: int = 1500, n_test: int = 100) -> dict:
+    """All 8 CoIN-mini tasks, text only (routing never looks at images): the decisions a grouped lineage takes at
+    the default threshold, routing accuracy per task (fixed and paraphrased instructions), and how similar a
+    paraphrased set is to the same task's fixed-template group (would it continue that group at 0.90?)."""
+    from .. import coin_mini
+    from ..grouping import InstructionRouter
+
+    tasks = coin_mini.DEFAULT_SEQUENCE
+    out = {}
+    for variant, para in (("fixed", False), ("paraphrased", True)):
+        router, decisions, group_of = InstructionRouter(), [], {}
+        for t in tasks:
+            texts = _task_texts(t, "train", para, n_train)
+            group, sims = router.match(texts)
+            decisions.append({"task": t, "decision": "new" if group is None else f"continue {group}",
+                              "best_similarity": round(max(sims), 3) if sims else None})
+            group_of[t] = router.add(group, texts, t)
+        per_task, confusions = {}, {}
+        for t in tasks:
+            routed = [router.route(q).group for q in _task_texts(t, "test", para, n_test)]
+            per_task[t] = round(100 * sum(g == group_of[t] for g in routed) / len(routed), 1)
+            wrong = [tasks[g] if g < len(tasks) else str(g) for g in routed if g != group_of[t]]
+            if wrong:
+                confusions[t] = {w: wrong.count(w) for w in sorted(set(wrong))}
+        out[variant] = {"decisions": decisions, "routing_per_task": per_task,
+                        "routing_accuracy": round(statistics.fmean(per_task.values()), 2), "confusions": confusions}
+    fixed = InstructionRouter()
+    for t in tasks:
+        fixed.add(None, _task_texts(t, "train", False, n_train), t)
+    out["paraphrase_vs_fixed"] = {}
+    for t in tasks:
+        sims = fixed.similarities(_task_texts(t, "train", True, n_train))
+        out["paraphrase_vs_fixed"][t] = {"same_task": round(sims[tasks.index(t)], 3),
+                                         "best_other": round(max(s for k, s in enumerate(sims) if tasks[k] != t), 3)}
+    return out
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -202,6 +253,23 @@ def markdown(result: dict) -> str:
             if r.get("routing"):
                 lines.append(f"\nRouting per task ({r['variant']}): {r['routing']['per_task']}")
         lines.append("")
+    st = result["routing_study"]
+    lines += ["Routing on all 8 CoIN-mini tasks, text only (`routing_study`: a grouped lineage over the 8 train sets at "
+              "the default threshold 0.90, then every test question routed):", "",
+              "| task | fixed: decision (best sim) | fixed: routed right | paraphrased: decision (best sim) | "
+              "paraphrased: routed right (wrong ones went to) | paraphrased set vs its own fixed group / best other |",
+              "|---|---|---|---|---|---|"]
+    for k, t in enumerate(st["paraphrase_vs_fixed"]):
+        f, p = st["fixed"], st["paraphrased"]
+        conf = p["confusions"].get(t)
+        conf = f" ({', '.join(f'{w} {n}' for w, n in conf.items())})" if conf else ""
+        pv = st["paraphrase_vs_fixed"][t]
+        lines.append(f"| {t} | {f['decisions'][k]['decision']} ({f['decisions'][k]['best_similarity']}) | "
+                     f"{f['routing_per_task'][t]}% | {p['decisions'][k]['decision']} "
+                     f"({p['decisions'][k]['best_similarity']}) | {p['routing_per_task'][t]}%{conf} | "
+                     f"{pv['same_task']} / {pv['best_other']} |")
+    lines += ["", f"Routing accuracy: fixed {st['fixed']['routing_accuracy']}%, paraphrased "
+              f"{st['paraphrased']['routing_accuracy']}%.", ""]
     lines += ["Routing latency per question (every CoIN-mini test question, fixed + paraphrased wording; "
               f"goal <= {GOAL_MS} ms at 20 groups):", "",
               "| groups | codebook texts | route(): median / p95 | via the registry: median / p95 | first question "
@@ -249,6 +317,8 @@ def main(argv: list[str] | None = None) -> int:
     work = Path(args.work) if args.work else registry.home / "bench" / "grouping"
     work.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()[0]
+    print("routing study (text only) ...", flush=True)
+    study = routing_study()
     print("routing latency ...", flush=True)
     latency = routing_latency(work)
     data = work / "data"
@@ -259,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{os.cpu_count()} CPUs, 1 torch thread", "load": [load0, os.getloadavg()[0]],
-              "latency": latency, "cost": cost, "quality": _quality_rows(out)}
+              "routing_study": study, "latency": latency, "cost": cost, "quality": _quality_rows(out)}
     out.mkdir(parents=True, exist_ok=True)
     (out / "cost.json").write_text(json.dumps(result, indent=1))
     (out / "table.md").write_text(markdown(result))
