@@ -413,21 +413,13 @@ def evaluate_stage(registry: Registry, version: Version, on_event=None, limit: i
         ts = load_instruction_set(tp)
         r, routing = evaluate_routed(registry, version.id, ts, limit=limit, pool=pool)
         share = collections.Counter(x["group"] for x in routing)
-        results[ts.name] = {"accuracy": round(r.accuracy, 2), "n": r.n,
+        key = ts.name if ts.name not in results else f"{ts.name}@{Path(tp).parent.parent.name}"  # same-named splits
+        results[key] = {"accuracy": round(r.accuracy, 2), "n": r.n,
                             "routed": {str(k): n for k, n in sorted(share.items())}}
-        on_event({"type": "eval", "dataset": ts.name, "accuracy": r.accuracy})
+        on_event({"type": "eval", "dataset": key, "accuracy": r.accuracy})
     if results:
         registry.record_metrics(version.id, {"test": results})
     return results
-
-
-def answer(registry: Registry, ref: str, image, question: str, pool=None, **generation) -> tuple[str, Route | None]:
-    """One answer from a version; a grouped version answers through its most similar group's member."""
-    from .serving import ModelPool
-
-    route = route_question(registry, ref, question)
-    pool = pool or ModelPool(registry, max_models=1)
-    return pool.answer(route.version if route else ref, image, question, **generation), route
 
 
 # ====================================================================================== what groups cost

@@ -102,6 +102,18 @@ def test_grouped_lineage_new_continue_and_routing(llaca_home, coin_dir):
         learn_grouped(registry, str(coin_dir / "gqa" / "train"), max_groups=2, **STAGE)
     assert len(registry.list()) == n
 
+    # The app's path: a `grouped-stage` job, run by the worker (in this process), logs the decision.
+    from llaca.jobs import JobStore, Worker
+
+    store = JobStore(llaca_home)
+    store.submit({"data": str(coin_dir / "gqa" / "train"), "from_version": v3.id, "threshold": 0.9,
+                  "method": "llaca", "evaluate_after": False, **STAGE}, kind="grouped-stage", label="grouped gqa")
+    job = Worker(llaca_home).run(store.claim_next(12345))
+    assert job.status == "done", job.error
+    v4 = registry.get(job.version_id)
+    assert v4.meta["grouped"]["members"] == [v3.id, v2.id, v4.id] and v4.parent == v3.id
+    assert "-> new group 2: seq from " + v3.id in store.log_tail(job.id, 50)
+
 
 # ------------------------------------------------------------------------------------------ CLI
 
