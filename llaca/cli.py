@@ -180,7 +180,8 @@ def cmd_versions(args) -> int:
               f"{stage[:22]:22s} {created}  {accs}")
         if v.meta.get("grouped"):  # a grouped stage (llaca.grouping): its group and every group's member
             g = v.meta["grouped"]
-            print(f"{'':10s} grouped: group {g['group']} ({g['decision']}, best similarity {g['best_similarity']}), "
+            best = "-" if g["best_similarity"] is None else g["best_similarity"]
+            print(f"{'':10s} grouped: group {g['group']} ({g['decision']}, best similarity {best}), "
                   f"members " + " ".join(f"{k}={m}" for k, m in enumerate(g["members"])))
     return 0
 

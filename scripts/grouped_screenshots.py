@@ -1,9 +1,10 @@
 """Screenshots of a grouped version in the app (headless Debian chromium via Playwright), for the README.
 
-    .venv/bin/python scripts/grouped_screenshots.py HOME VERSION CHAT_IMAGE "QUESTION" UPLOAD_ZIP [OUT_DIR]
+    .venv/bin/python scripts/grouped_screenshots.py HOME VERSION CHAT_IMAGE "QUESTION" UPLOAD_ZIP [OUT_DIR
+                                                    [IMAGE2 "QUESTION2"]]
 
 HOME: a $LLACA_HOME holding a grouped lineage (copied, never changed); VERSION: its grouped version; the chat asks
-QUESTION about CHAT_IMAGE (the answer shows the badge of the group that answered); UPLOAD_ZIP is uploaded in the
+QUESTION about CHAT_IMAGE, then QUESTION2 about IMAGE2 (each answer shows the badge of the group that answered); UPLOAD_ZIP is uploaded in the
 Learn tab with the "grouped" method (the similarity to each group and the decision appear before Start).
 Writes grouped_chat.png, grouped_learn.png, grouped_compare.png, grouped_versions.png (default assets/screenshots).
 """
@@ -21,7 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from test_browser import CHROMIUM, CHROMIUM_ARGS, wait_for_answer  # noqa: E402
 
 
-def main(home, version, image, question, upload_zip, out="assets/screenshots") -> None:
+def main(home, version, image, question, upload_zip, out="assets/screenshots", image2=None, question2=None) -> None:
     from playwright.sync_api import sync_playwright
 
     from app import Studio
@@ -52,13 +53,19 @@ def main(home, version, image, question, upload_zip, out="assets/screenshots") -
             page.press("#chat-input textarea", "Enter")
             wait_for_answer(page, 2)   # the answer, then the badge naming the group
             page.wait_for_function("() => document.body.innerText.includes('answered by group')", timeout=60_000)
+            if image2:
+                page.set_input_files("#chat-input input[type=file]", str(image2))
+                page.wait_for_selector("#chat-input img", timeout=30_000)
+                page.fill("#chat-input textarea", question2)
+                page.press("#chat-input textarea", "Enter")
+                wait_for_answer(page, 4)
             page.screenshot(path=str(out / "grouped_chat.png"), full_page=True)
 
             page.get_by_role("tab", name="Learn").click()
             page.wait_for_timeout(2000)
             page.get_by_label("grouped: llaca per instruction group (later LLaCA)").check()
             page.set_input_files("#train-files input[type=file]", str(upload_zip))
-            page.wait_for_function("() => document.querySelector('#grouping-preview').innerText.includes('similarity')",
+            page.wait_for_function("() => (t => t.includes('answered by') || t.includes('no groups yet'))(document.querySelector('#grouping-preview')?.innerText || '')",
                                    timeout=120_000)
             page.wait_for_timeout(1500)
             page.screenshot(path=str(out / "grouped_learn.png"), full_page=True)
