@@ -189,21 +189,20 @@ def is_grouped(version: Version) -> bool:
 
 
 @functools.lru_cache(maxsize=64)
-def _load_router(path: str, created: float) -> InstructionRouter:
+def _load_router(path: str, stamp: float) -> InstructionRouter:
+    """The parsed groups.json at `path`; `stamp` (its mtime) keys the cache."""
     import json
 
     return InstructionRouter.from_json(json.loads(Path(path).read_text(encoding="utf-8")))
 
 
 def router_of(registry: Registry, ref: str) -> InstructionRouter | None:
-    """The router a grouped stage was saved with (a fresh copy: callers may add to it), or None for other versions.
-
-    Files are immutable per version, so the parsed router is cached by (path, created)."""
+    """The router a grouped stage was saved with (a fresh copy: callers may add to it), or None for other versions."""
     v = registry.get(ref)
     if not is_grouped(v):
         return None
-    cached = _load_router(str(v.path / GROUPS_FILE), v.created)
-    return _copy(cached)
+    path = v.path / GROUPS_FILE
+    return _copy(_load_router(str(path), path.stat().st_mtime_ns))
 
 
 def _copy(router: InstructionRouter) -> InstructionRouter:
@@ -214,24 +213,27 @@ def _copy(router: InstructionRouter) -> InstructionRouter:
     return out
 
 
-def _get(registry: Registry, ref: str) -> Version:
-    """`registry.get(ref)` reading one meta.json when `ref` is an existing id (an id always wins over a name there,
-    so the answer is the same); listing the whole registry on every question would cost more than routing."""
-    import json
-
-    try:
-        path = registry._dir(ref)
-        return Version(ref, path, json.loads((path / "meta.json").read_text(encoding="utf-8")))
-    except (VersionError, OSError, ValueError):
-        return registry.get(ref)
-
-
 def route_question(registry: Registry, ref: str, question: str) -> Route | None:
-    """For a grouped version: which group (member version) answers `question`; None for any other version."""
-    v = _get(registry, ref)
-    if not is_grouped(v):
-        return None
-    return _load_router(str(v.path / GROUPS_FILE), v.created).route(question)
+    """For a grouped version: which group (member version) answers `question`; None for any other version.
+
+    Called for every chat question, so an existing id costs one stat of its groups.json (written last, once, when
+    the version became grouped) rather than a listing of the registry; a name goes through `registry.get`."""
+    try:
+        path = registry._dir(ref) / GROUPS_FILE
+        stamp = path.stat().st_mtime_ns
+    except FileNotFoundError:
+        if path.with_name("meta.json").is_file():
+            return None    # an existing id without groups: a plain version
+        path = None
+    except VersionError:
+        path = None
+    if path is None:       # a name (or unknown): resolve it the registry's way
+        v = registry.get(ref)
+        if not is_grouped(v):
+            return None
+        path = v.path / GROUPS_FILE
+        stamp = path.stat().st_mtime_ns
+    return _load_router(str(path), stamp).route(question)
 
 
 def instructions(data) -> list[str]:
@@ -350,10 +352,10 @@ def learn_grouped(registry: Registry, data: str, from_version: str | None = None
     router = router_of(registry, plan.previous) if plan.grouped_previous else InstructionRouter()
     router = InstructionRouter(plan.threshold, router.per_set, router.groups)
     group = router.add(plan.group, instructions(data), version.id, version.weights)
-    atomic_write_json(version.path / GROUPS_FILE, router.as_json())
     grouped = {**plan.as_json(), "group": group, "groups": len(router.groups),
                "members": [g.version for g in router.groups]}
     version = registry.update_meta(version.id, parent=plan.previous, grouped=grouped)
+    atomic_write_json(version.path / GROUPS_FILE, router.as_json())   # last: the file makes the version grouped
     if evaluate_after:
         evaluate_stage(registry, version, on_event=on_event)
         version = registry.get(version.id)

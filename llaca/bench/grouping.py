@@ -200,16 +200,21 @@ def group_cost(base_home: Path, work: Path, data_root: Path) -> dict:
         gc.collect()
         rss = [_rss_bytes()]
         loads = []
+        held = []
         for row in rows:           # load each group's member in turn; what does each add?
             with pool.use(row["version"]) as (model, _):
-                params = sum(p.numel() * p.element_size() for p in model.parameters())
+                if lora:           # the member's own tensors: its adapter (LoRA matrices + projector copy)
+                    name = f".{model.active_adapter}."
+                    held.append(sum(p.numel() * p.element_size() for n, p in model.named_parameters() if name in n))
+                else:              # a whole model
+                    held.append(sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]))
             gc.collect()
             rss.append(_rss_bytes())
             loads.append(pool.loads)
         out[kind] = {"groups": [{"group": r["group"], "version": r["version"], "disk_bytes": r["disk_bytes"],
-                                 "rss_added_bytes": rss[k + 1] - rss[k]} for k, r in enumerate(rows)],
-                     "model_loads": loads[-1], "parameter_bytes_of_one_loaded_model": params,
-                     "cap": MAX_LORA_GROUPS if lora else MAX_FULL_GROUPS}
+                                 "tensor_bytes": held[k], "rss_added_bytes": rss[k + 1] - rss[k]}
+                                for k, r in enumerate(rows)],
+                     "model_loads": loads[-1], "cap": MAX_LORA_GROUPS if lora else MAX_FULL_GROUPS}
         del pool
         gc.collect()
         print(f"  {kind}: " + ", ".join(f"group {g['group']} disk {g['disk_bytes'] / 2**20:.2f} MiB, "
@@ -286,11 +291,15 @@ def markdown(result: dict) -> str:
     c = result["cost"]
     lines += ["Cost per group (2 real grouped stages from `base`, each a new group; RSS added when "
               "`ModelPool` loads the member):", "",
-              "| weights | group | member | disk | RSS added | model loads | cap |", "|---|---|---|---|---|---|---|"]
+              "| weights | group | member | disk | its tensors in memory (exact) | RSS change (noisy) | model loads "
+              "for all groups | cap |", "|---|---|---|---|---|---|---|---|"]
     for kind in ("full", "lora"):
         for g in c[kind]["groups"]:
             lines.append(f"| {kind} | {g['group']} | {g['version']} | {g['disk_bytes'] / 2**20:.2f} MiB | "
-                         f"{g['rss_added_bytes'] / 2**20:.1f} MiB | {c[kind]['model_loads']} | {c[kind]['cap']} |")
+                         f"{g['tensor_bytes'] / 2**20:.2f} MiB | {g['rss_added_bytes'] / 2**20:+.1f} MiB | "
+                         f"{c[kind]['model_loads']} | {c[kind]['cap']} |")
+    lines += ["", "Model loads count `base` (loaded first, as the shared base / a warm-up) plus every full-weight "
+              "member; LoRA members are adapters on that one base."]
     return "\n".join(lines) + "\n"
 
 
@@ -299,7 +308,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="bench_results/grouping")
     p.add_argument("--home", help="registry with the `base` version (default $LLACA_HOME)")
     p.add_argument("--work", help="scratch dir (default $LLACA_HOME/bench/grouping)")
+    p.add_argument("--table-only", action="store_true", help="rewrite table.md from cost.json and the quality runs")
     args = p.parse_args(argv)
+    out = Path(args.out)
+    if args.table_only:
+        result = json.loads((out / "cost.json").read_text())
+        result["quality"] = _quality_rows(out)
+        (out / "cost.json").write_text(json.dumps(result, indent=1))
+        (out / "table.md").write_text(markdown(result))
+        print(markdown(result))
+        return 0
     os.environ["OMP_NUM_THREADS"] = "1"
     import torch
 
@@ -326,7 +344,6 @@ def main(argv: list[str] | None = None) -> int:
         coin_mini.write_coin_mini(data, seed=0, n_train=32, n_test=8, tasks=["sciqa", "textvqa"])
     print("cost per group ...", flush=True)
     cost = group_cost(registry.home, work, data)
-    out = Path(args.out)
     result = {"when": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
               "machine": f"{os.cpu_count()} CPUs, 1 torch thread", "load": [load0, os.getloadavg()[0]],
               "routing_study": study, "latency": latency, "cost": cost, "quality": _quality_rows(out)}
