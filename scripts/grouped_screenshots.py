@@ -4,8 +4,9 @@
                                                     [IMAGE2 "QUESTION2"]]
 
 HOME: a $LLACA_HOME holding a grouped lineage (copied, never changed); VERSION: its grouped version; the chat asks
-QUESTION about CHAT_IMAGE, then QUESTION2 about IMAGE2 (each answer shows the badge of the group that answered); UPLOAD_ZIP is uploaded in the
-Learn tab with the "grouped" method (the similarity to each group and the decision appear before Start).
+QUESTION about CHAT_IMAGE, then QUESTION2 about IMAGE2 (each answer shows the badge of the group that answered);
+UPLOAD_ZIP is uploaded in the Learn tab with the "grouped" method (the similarity to each group and the decision
+appear before Start).
 Writes grouped_chat.png, grouped_learn.png, grouped_compare.png, grouped_versions.png (default assets/screenshots).
 """
 from __future__ import annotations
@@ -65,7 +66,8 @@ def main(home, version, image, question, upload_zip, out="assets/screenshots", i
             page.wait_for_timeout(2000)
             page.get_by_label("grouped: llaca per instruction group (later LLaCA)").check()
             page.set_input_files("#train-files input[type=file]", str(upload_zip))
-            page.wait_for_function("() => (t => t.includes('answered by') || t.includes('no groups yet'))(document.querySelector('#grouping-preview')?.innerText || '')",
+            preview = "(document.querySelector('#grouping-preview')?.innerText || '')"
+            page.wait_for_function(f"() => (t => t.includes('answered by') || t.includes('no groups yet'))({preview})",
                                    timeout=120_000)
             page.wait_for_timeout(1500)
             page.screenshot(path=str(out / "grouped_learn.png"), full_page=True)

@@ -246,8 +246,8 @@ def markdown(result: dict) -> str:
         lines += [f"Grouped LLaCA on CoIN-mini, {len(cfg['tasks'])} tasks, {cfg['steps']} steps/stage, "
                   f"{cfg['test_n']} test records/task, 1 seed (`python -m llaca.bench quality --methods llaca-grouped "
                   "--seeds 0 --test-limit 50 [--paraphrased]`):", "",
-                  "| instructions | method | Avg.ACC ↑ | New.ACC ↑ | Forgetting ↓ | BWT ↑ | routing accuracy | groups "
-                  "opened | s / run |", "|---|---|---|---|---|---|---|---|---|"]
+                  "| instructions | method | Avg.ACC ↑ | New.ACC ↑ | Forgetting ↓ | BWT ↑ | routing accuracy "
+                  "| groups opened | s / run |", "|---|---|---|---|---|---|---|---|---|"]
         for r in q:
             routing = f"{r['routing']['accuracy']:.1f}%" if r.get("routing") else "n/a"
             groups = " · ".join("+".join(g["tasks"]) for g in r["groups"]) if r.get("groups") else "n/a"
@@ -259,8 +259,8 @@ def markdown(result: dict) -> str:
                 lines.append(f"\nRouting per task ({r['variant']}): {r['routing']['per_task']}")
         lines.append("")
     st = result["routing_study"]
-    lines += ["Routing on all 8 CoIN-mini tasks, text only (`routing_study`: a grouped lineage over the 8 train sets at "
-              "the default threshold 0.90, then every test question routed):", "",
+    lines += ["Routing on all 8 CoIN-mini tasks, text only (`routing_study`: a grouped lineage over the 8 train sets "
+              "at the default threshold 0.90, then every test question routed):", "",
               "| task | fixed: decision (best sim) | fixed: routed right | paraphrased: decision (best sim) | "
               "paraphrased: routed right (wrong ones went to) | paraphrased set vs its own fixed group / best other |",
               "|---|---|---|---|---|---|"]
