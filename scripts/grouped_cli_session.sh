@@ -8,7 +8,7 @@ D=${1:?usage: grouped_cli_session.sh OUT_DIR}
 cd "$(dirname "$0")/.."
 export LLACA_HOME=${LLACA_HOME:-$D/home} OMP_NUM_THREADS=${OMP_NUM_THREADS:-1}
 PY=${PY:-.venv/bin/python}
-run() { echo "\$ ${*/#$PY/python}"; "$@" 2>&1 | { grep -v -e '%|' -e 'kernels' -e '^\s*$' || true; }; echo; }
+run() { echo "\$ ${*/#$PY/python}"; "$@" 2>&1 | tr '\r' '\n' | { grep -v -e '%|' -e 'kernels' -e '^\s*$' || true; }; echo; }
 question() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))[0]['conversations'][0]['value'].split('\n', 1)[1])" "$1"; }
 $PY -m llaca coin-mini "$D/coin" --n-train 300 --n-test 50 > /dev/null
 $PY -m llaca.coin_mini_paraphrase "$D/para" --n-train 300 --n-test 50 > /dev/null

@@ -226,14 +226,12 @@ def group_cost(base_home: Path, work: Path, data_root: Path) -> dict:
 def _quality_rows(root: Path) -> list[dict]:
     rows = []
     for variant in ("fixed", "paraphrased"):
-        path = root / variant / "results.json"
-        if not path.is_file():
-            continue
-        res = json.loads(path.read_text())
-        for run in res["runs"]:
-            rows.append({"variant": variant, "method": run["method"], "seed": run["seed"], **run["metrics"],
-                         "routing": run.get("routing"), "groups": run.get("groups"), "wall_s": run["wall_s"],
-                         "config": {k: res["config"][k] for k in ("steps", "lr", "batch_size", "test_n", "tasks")}})
+        for path in sorted((root / variant).rglob("results.json")):   # grouped runs, and e.g. seq/ beside them
+            res = json.loads(path.read_text())
+            for run in res["runs"]:
+                rows.append({"variant": variant, "method": run["method"], "seed": run["seed"], **run["metrics"],
+                             "routing": run.get("routing"), "groups": run.get("groups"), "wall_s": run["wall_s"],
+                             "config": {k: res["config"][k] for k in ("steps", "lr", "batch_size", "test_n", "tasks")}})
     return rows
 
 
@@ -244,8 +242,8 @@ def markdown(result: dict) -> str:
     if q:
         cfg = q[0]["config"]
         lines += [f"Grouped LLaCA on CoIN-mini, {len(cfg['tasks'])} tasks, {cfg['steps']} steps/stage, "
-                  f"{cfg['test_n']} test records/task, 1 seed (`python -m llaca.bench quality --methods llaca-grouped "
-                  "--seeds 0 --test-limit 50 [--paraphrased]`):", "",
+                  f"{cfg['test_n']} test records/task, 1 seed (`python -m llaca.bench quality --methods llaca-grouped|seq "
+                  f"--seeds 0 --tasks {len(cfg['tasks'])} --test-limit 50 [--paraphrased]`):", "",
                   "| instructions | method | Avg.ACC ↑ | New.ACC ↑ | Forgetting ↓ | BWT ↑ | routing accuracy "
                   "| groups opened | s / run |", "|---|---|---|---|---|---|---|---|---|"]
         for r in q:
