@@ -18,7 +18,7 @@ import gradio as gr
 from llaca import coin_mini
 from llaca.data import load_image
 
-from . import SAMPLES_DIR, Studio, warn
+from . import SAMPLES_DIR, Studio, groups_ui, warn
 
 GENERATE_CONCURRENCY = 2  # two CPU cores: more parallel generations only slow each other down
 THINKING = "…"
@@ -97,6 +97,8 @@ def build(studio: Studio):
             image = load_image(image_path) if image_path else None
             text = ""
             version_id = version_id or studio.newest_id() or "base"
+            route = groups_ui.route(studio, version_id, question)  # a grouped version: its most similar group answers
+            version_id = route.version if route else version_id
             studio.ready(version_id)
             tokens = studio.models.stream(version_id, image, question, history=turns,
                                           max_new_tokens=int(max_tokens), temperature=float(temperature),
@@ -107,6 +109,8 @@ def build(studio: Studio):
                     yield history
             suffix = " [stopped]" if stop.is_set() else ""
             history[-1] = _assistant((text or "(no answer)") + suffix)
+            if route:
+                history.append(groups_ui.badge_message(studio, route))
         except Exception as e:  # noqa: BLE001 - shown in the chat, never as a traceback
             history[-1] = _assistant(f"⚠ {warn(e)}")
         finally:

@@ -13,7 +13,7 @@ import gradio as gr
 
 from llaca.data import load_image
 
-from . import Studio, version_label, warn
+from . import Studio, groups_ui, version_label, warn
 from .chat_tab import GENERATE_CONCURRENCY, samples
 
 MAX_SLOTS = 4  # answer columns on screen
@@ -34,7 +34,10 @@ def default_selection(studio: Studio) -> list[str]:
 
 
 def stream_many(studio: Studio, version_ids: list[str], image_path: str | None, question: str, max_tokens: int):
-    """Yield the list of answers-so-far, one per version, while all versions generate in parallel threads."""
+    """Yield the list of answers-so-far, one per version, while all versions generate in parallel threads.
+    A grouped version answers through the member of its most similar group (`groups_ui.route`)."""
+    routes = [groups_ui.route(studio, vid, question) for vid in version_ids]
+    version_ids = [r.version if r else vid for r, vid in zip(routes, version_ids)]
     texts = [""] * len(version_ids)
     done = [False] * len(version_ids)
     image = load_image(image_path) if image_path else None
@@ -65,11 +68,13 @@ def stream_many(studio: Studio, version_ids: list[str], image_path: str | None, 
 
 
 def build(studio: Studio):
-    def slots(version_ids, texts):
+    def slots(version_ids, texts, routes=()):
         boxes = []
         for k in range(MAX_SLOTS):
             if k < len(version_ids):
                 label = version_label(studio.registry.get(version_ids[k]))
+                if k < len(routes) and routes[k]:  # the badge: which group of a grouped version answered
+                    label += " · " + groups_ui.badge(studio, routes[k]).strip("`")
                 boxes.append(gr.Textbox(value=texts[k], label=label, visible=True))
             else:
                 boxes.append(gr.Textbox(value="", visible=False))
@@ -89,14 +94,19 @@ def build(studio: Studio):
             version_ids = version_ids[:MAX_SLOTS]
         try:
             labels = [studio.registry.get(v).id for v in version_ids]
+            routes = [groups_ui.route(studio, v, question) for v in labels]
             texts = [""] * len(labels)
             for texts in stream_many(studio, labels, image, question, int(max_tokens)):
-                yield *slots(labels, texts), gr.skip()
+                yield *slots(labels, texts, routes), gr.skip()
         except Exception as e:  # noqa: BLE001
             warn(e)
             yield *[gr.skip()] * MAX_SLOTS, {}
             return
-        yield *slots(labels, texts), dict(zip(labels, texts))
+        answers = dict(zip(labels, texts))
+        if any(routes):  # which group answered for each grouped version
+            answers["routing"] = {v: {"group": r.group, "version": r.version, "similarity": round(r.similarity, 4)}
+                                  for v, r in zip(labels, routes) if r}
+        yield *slots(labels, texts, routes), answers
 
     def pick_before_after(version_id):
         if not version_id:
@@ -129,7 +139,7 @@ def build(studio: Studio):
                 max_tokens = gr.Slider(1, 256, value=48, step=1, label="Max new tokens", scale=2)
                 ask = gr.Button("Ask all", variant="primary", scale=1)
         with gr.Column(scale=2):
-            image = gr.Image(label="Image", type="filepath", height=236, sources=["upload"])
+            image = gr.Image(label="Image", type="filepath", height=236, sources=["upload"], elem_id="compare-image")
         with gr.Column(scale=2):
             gr.Markdown("**Samples**: click one")
             sample_gallery = gr.Gallery(value=[p for p, _, _ in samples()], show_label=False, columns=3, height=290,

@@ -21,10 +21,11 @@ from llaca.data import InvalidDataset, validate
 from llaca.jobs import JobError, stage_upload
 from llaca.tuner import StageConfig
 
-from . import Studio, plots, warn
+from . import Studio, groups_ui, plots, warn
 
 METHODS = [("llaca: adaptive EMA (the paper)", "llaca"), ("seq: plain fine-tuning", "seq"),
-           ("ema: fixed β", "ema"), ("replay: mix in earlier samples", "replay")]
+           ("ema: fixed β", "ema"), ("replay: mix in earlier samples", "replay"),
+           ("grouped: llaca per instruction group (later LLaCA)", groups_ui.GROUPED)]
 STAGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StageConfig)}  # the library's calibrated defaults
 PREVIEW = 6
 LOG_LINES = 10
@@ -239,10 +240,14 @@ def build(studio: Studio):
         md, gallery, data = check_upload(studio, files, test_files)
         return md, gallery, data, gr.Button(interactive=bool(data))
 
-    def on_start(data, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora):
+    def on_start(data, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora,
+                 threshold=groups_ui.DEFAULT_THRESHOLD):
         try:
-            config = stage_config(data, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora)
-            job = submit_upload(studio, data, config)
+            if method == groups_ui.GROUPED:
+                job = groups_ui.submit_grouped(studio, data, parent, threshold, name, epochs, max_steps, lr, lora)
+            else:
+                config = stage_config(data, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora)
+                job = submit_upload(studio, data, config)
         except Exception as e:  # noqa: BLE001
             return f"⚠ {warn(e)}", gr.skip()
         gr.Info(f"Queued job #{job.id}")
@@ -316,6 +321,9 @@ def build(studio: Studio):
             method = gr.Radio(METHODS, value="llaca", label="Method")
             beta = gr.Slider(0.5, 0.999, value=0.99, step=0.001, label="ema β (weight on the past)", visible=False)
             replay_fraction = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="replay fraction", visible=False)
+            threshold = gr.Slider(0.05, 1.0, value=groups_ui.DEFAULT_THRESHOLD, step=0.01, visible=False,
+                                  label="grouped: TF-IDF similarity to continue a group")
+            grouping = gr.Markdown(visible=False, elem_id="grouping-preview")
             parent = gr.Dropdown(label="Parent version", choices=studio.version_choices(), value=studio.newest_id(),
                                  allow_custom_value=True)
             with gr.Row():
@@ -345,16 +353,33 @@ def build(studio: Studio):
     seen = gr.State({})
     timer = gr.Timer(POLL_SECONDS)
 
+    def on_grouping(data, method, parent, threshold_value):
+        """The grouped decision preview (similarity to each group), shown while the method is 'grouped'."""
+        grouped = method == groups_ui.GROUPED
+        if not grouped:
+            return gr.Slider(visible=False), gr.Markdown(visible=False)
+        try:
+            text = groups_ui.preview_markdown(studio, data, parent, threshold_value)
+        except Exception as e:  # noqa: BLE001
+            text = f"⚠ {warn(e)}"
+        return gr.Slider(visible=True), gr.Markdown(text, visible=True)
+
     method.change(lambda m: (gr.Slider(visible=m == "ema"), gr.Slider(visible=m == "replay")), method,
                   [beta, replay_fraction], queue=False, api_visibility="private")
+    grouping_inputs = [data_path, method, parent, threshold]
+    for trigger in (method.change, parent.change, threshold.release):
+        trigger(on_grouping, grouping_inputs, [threshold, grouping], api_visibility="private", concurrency_limit=2,
+                show_progress="hidden")
+    data_path.change(on_grouping, grouping_inputs, [threshold, grouping], api_name="grouping_preview",
+                     concurrency_limit=2, show_progress="hidden")
     files.upload(on_upload, [files, test_files], [report, gallery, data_path, start], api_name="validate",
                  concurrency_limit=2)
     test_files.upload(on_upload, [files, test_files], [report, gallery, data_path, start],
                       api_visibility="private", concurrency_limit=2)
     files.clear(lambda: ("", [], "", gr.Button(interactive=False)), None, [report, gallery, data_path, start],
                 api_visibility="private", queue=False)
-    start.click(on_start, [data_path, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora],
-                [message, job], api_name="start_stage", concurrency_limit=None)
+    start.click(on_start, [data_path, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora,
+                           threshold], [message, job], api_name="start_stage", concurrency_limit=None)
     demo.click(on_demo, None, [message, job], api_name="run_demo", concurrency_limit=1)
     cancel.click(on_cancel, job, message, api_name="cancel_job", concurrency_limit=None)
     resume.click(on_resume, job, message, api_name="resume_job", concurrency_limit=None)

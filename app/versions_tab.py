@@ -17,7 +17,7 @@ from llaca.metrics import cl_metrics_lower
 from llaca.paths import atomic_dir
 from llaca.versions import Version
 
-from . import Studio, version_label, warn
+from . import Studio, groups_ui, version_label, warn
 from . import plots
 
 MAX_PANELS = 3
@@ -133,7 +133,8 @@ def build(studio: Studio):
         ids = [vid for _, vid in choices]
         return (lineage_rows(studio), metric_rows(studio), heatmap(studio, picked),
                 gr.Dropdown(choices=leaf_choices(), value=picked),
-                gr.Dropdown(choices=choices, value=selected if selected in ids else (ids[0] if ids else None)))
+                gr.Dropdown(choices=choices, value=selected if selected in ids else (ids[0] if ids else None)),
+                groups_ui.group_rows(studio))
 
     def on_rename(version_id, new_name, picked):
         try:
@@ -176,6 +177,9 @@ def build(studio: Studio):
     lineage = gr.Dataframe(headers=LINEAGE_COLUMNS, value=lineage_rows(studio), interactive=False, wrap=True,
                            label="Lineage (parent → child)",
                            column_widths=["9%", "15%", "6%", "8%", "15%", "6%", "10%", "31%"])
+    groups = gr.Dataframe(headers=groups_ui.GROUP_COLUMNS, value=groups_ui.group_rows(studio), interactive=False,
+                          wrap=True, label="Grouped versions: each group and the version that answers for it",
+                          elem_id="groups-table")
     with gr.Row():
         selected = gr.Dropdown(label="Version", choices=studio.version_choices(), value=studio.newest_id(), scale=2,
                                allow_custom_value=True)
@@ -192,7 +196,7 @@ def build(studio: Studio):
             export_file = gr.File(label="Download", interactive=False, height=90)
     note = gr.Markdown()
 
-    view = [lineage, metrics, heat, picked, selected]
+    view = [lineage, metrics, heat, picked, selected, groups]
     refresh_btn.click(refresh, [picked, selected], view, api_name="versions", concurrency_limit=None)
     picked.input(lambda p: heatmap(studio, p), picked, heat, api_visibility="private", concurrency_limit=None)
     rename_btn.click(on_rename, [selected, new_name, picked], [note, *view], api_name="rename_version")

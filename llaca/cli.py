@@ -128,6 +128,10 @@ def cmd_learn(args) -> int:
     if args.replay_fraction is not None:
         rule_hparams["fraction"] = args.replay_fraction
     parent = _pick_version(registry, root, args.from_version)
+    if args.grouped:
+        return _learn_grouped(args, registry, parent, rule_hparams)
+    if args.threshold is not None or args.max_groups is not None:
+        raise ValueError("--threshold and --max-groups apply to --grouped learning only")
     cfg = StageConfig(data=args.data, method=args.method, parent=parent, name=args.name,
                       epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seed=args.seed, lora=args.lora, rule_hparams=rule_hparams,
@@ -136,6 +140,31 @@ def cmd_learn(args) -> int:
                       **({} if args.vision is None else {"train_vision": args.vision == "train"}))
     version = run_stage(cfg, registry, on_event=_progress_printer(f"learn {args.method}"))
     if version is not None:  # None on non-main ranks under accelerate launch
+        print(version.id)
+    return 0
+
+
+def _learn_grouped(args, registry, parent, rule_hparams) -> int:
+    """`learn --grouped`: the decision (group, best similarity, continue / new) first, the new version id last."""
+    from .grouping import learn_grouped
+
+    progress = _progress_printer(f"learn grouped {args.method}")
+
+    def on_event(event):
+        if event.get("type") == "grouping":
+            print(event["text"], flush=True)
+        progress(event)
+
+    version, _ = learn_grouped(
+        registry, args.data, from_version=parent, threshold=args.threshold, method=args.method,
+        max_groups=args.max_groups, on_event=on_event, evaluate_after=not args.no_eval, name=args.name,
+        epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
+        grad_accum=args.grad_accum, seed=args.seed, lora=args.lora, rule_hparams=rule_hparams,
+        load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, trace_dir=args.trace_dir)
+    if version is not None:
+        g = version.meta["grouped"]
+        print(f"{version.id}: group {g['group']} of {g['groups']} ({g['decision']}); members "
+              + " ".join(f"{k}={m}" for k, m in enumerate(g["members"])), file=sys.stderr)
         print(version.id)
     return 0
 
@@ -156,6 +185,11 @@ def cmd_versions(args) -> int:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(v.created))
         print(f"{v.id:10s} {v.name[:16]:16s} parent={v.parent or '-':8s} {v.meta.get('method', '-'):8s} "
               f"{stage[:22]:22s} {created}  {accs}")
+        if v.meta.get("grouped"):  # a grouped stage (llaca.grouping): its group and every group's member
+            g = v.meta["grouped"]
+            best = "-" if g["best_similarity"] is None else g["best_similarity"]
+            print(f"{'':10s} grouped: group {g['group']} ({g['decision']}, best similarity {best}), "
+                  f"members " + " ".join(f"{k}={m}" for k, m in enumerate(g["members"])))
     return 0
 
 
@@ -164,7 +198,14 @@ def cmd_ask(args) -> int:
     from .versions import load_version
 
     registry, root = _model_root(args)
-    model, processor = load_version(registry, _pick_version(registry, root, args.version), bits=_bits(args))
+    ref = _pick_version(registry, root, args.version)
+    from .grouping import route_question
+
+    route = route_question(registry, ref, args.question)
+    if route is not None:  # a grouped version: the most similar group's member answers
+        print(f"routed to group {route.group} ({route.version}), similarity {route.similarity:.3f}", file=sys.stderr)
+        ref = route.version
+    model, processor = load_version(registry, ref, bits=_bits(args))
     print(answer_once(model, processor, args.image, args.question, max_new_tokens=args.max_new_tokens))
     return 0
 
@@ -177,6 +218,19 @@ def cmd_eval(args) -> int:
     registry, root = _model_root(args)
     dataset = load_instruction_set(args.data)
     version = registry.get(_pick_version(registry, root, args.version))
+    from .grouping import evaluate_routed, is_grouped
+
+    if is_grouped(version):  # every record answered by its group's member; --json lists the routing
+        result, routing = evaluate_routed(registry, version.id, dataset, limit=args.limit, progress=True)
+        groups = {}
+        for r in routing:
+            groups.setdefault(str(r["group"]), {"version": r["version"], "n": 0})["n"] += 1
+        if args.json:
+            print(json.dumps({"version": version.id, **result.as_dict(), "groups": groups, "routing": routing}))
+        else:
+            print(f"{version.id} on {result.dataset}: {result.accuracy:.2f}% of {result.n}; routed "
+                  + ", ".join(f"group {k} ({g['version']}) {g['n']}" for k, g in groups.items()))
+        return 0
     model, processor = load_version(registry, version.id, bits=_bits(args))
     result = evaluate(model, processor, dataset, limit=args.limit, progress=True)
     if args.json:
@@ -260,6 +314,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--replay-fraction", type=float, default=None, help="replay: extra earlier samples (default 0.2)")
     s.add_argument("--no-eval", action="store_true", help="skip the automatic evaluation after the stage")
     s.add_argument("--trace-dir", default=None, help="every process appends its per-tensor alpha to DIR/rank<k>.jsonl")
+    s.add_argument("--grouped", action="store_true", help="instruction grouping (llaca.grouping): continue the most "
+                   "similar group with --method, or open a new group (seq from the newest version)")
+    s.add_argument("--threshold", type=float, default=None, help="--grouped: TF-IDF cosine to continue a group "
+                   "(default: the lineage's, 0.90 for a new one)")
+    s.add_argument("--max-groups", type=int, default=None, help="--grouped: cap on groups (default 16 full-weight, "
+                   "64 LoRA)")
     _add_model_args(s, "continue the newest version learned from this checkpoint (registering it first)")
     s.set_defaults(func=cmd_learn)
 

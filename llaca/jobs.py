@@ -467,6 +467,8 @@ def describe_event(event: dict, log_every: int = 10) -> str | None:
         return f"saved version {event['version']}; evaluating"
     if kind == "eval":
         return f"eval {event['dataset']}: {event['accuracy']:.1f}%"
+    if kind == "grouping":  # a grouped stage's decision (llaca.grouping)
+        return event.get("text")
     return None
 
 
@@ -509,7 +511,7 @@ class Worker:
 
     def _on_term(self, *_):
         self.terminating = True  # a running stage sees it at its next step, checkpoints and stops
-        if self.current_kind not in (None, "stage", "corrections"):
+        if self.current_kind not in (None, "stage", "corrections", "grouped-stage"):
             raise KeyboardInterrupt  # a base build has no checkpoint to save: stop now (-> 'interrupted')
 
     def should_stop(self, job: Job) -> bool:
@@ -551,6 +553,12 @@ class Worker:
 
             return run_config(CorrectionStore(self.home), registry, job.config, on_event=on_event,
                               should_stop=lambda: self.should_stop(job))
+        if job.kind == "grouped-stage":  # config: data + learn_grouped's arguments (llaca.grouping)
+            from .grouping import learn_grouped
+
+            config = dict(job.config)
+            return learn_grouped(registry, config.pop("data"), on_event=on_event,
+                                 should_stop=lambda: self.should_stop(job), **config)[0]
         if job.kind != "stage":
             raise JobError(f"unknown job kind {job.kind!r}")
         return run_stage(StageConfig(**job.config), registry, on_event=on_event,

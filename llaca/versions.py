@@ -207,6 +207,9 @@ class Registry:
             raise VersionError(f"{v.id} has children ({', '.join(k.id for k in kids)}); confirm to delete it")
         if any(k.meta.get("base_version") == v.id for k in self.list()):
             raise VersionError(f"{v.id} holds the full weights other versions' adapters need")
+        users = [k.id for k in self.list() if k.id != v.id and v.id in (k.meta.get("grouped") or {}).get("members", [])]
+        if users:  # llaca.grouping: a grouped stage answers some questions with this version's weights
+            raise VersionError(f"{v.id} answers a group of grouped version(s) {', '.join(users)}; delete those first")
         for kid in kids:  # keep the lineage connected
             self.update_meta(kid.id, parent=v.parent)
         with self.lock():

@@ -52,7 +52,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "replay": ("replay", {}),
     "llaca": ("llaca", {}),                   # faithful: the authors' code (scale 2, fallback 0.01)
     "llaca-port": ("llaca", {"scale": 0.01, "alpha_fallback": 0.001}),   # the later port's constants
-    "llaca-grouped": ("llaca", {}),           # + the ICML version's instruction grouping (see InstructionRouter)
+    "llaca-grouped": ("llaca", {}),           # + the ICML version's instruction grouping (llaca.grouping)
     "multitask": ("seq", {}),                 # all tasks jointly, one stage (upper bound)
 }
 DEFAULT_METHODS = ["seq", "ema0.9", "ema0.99", "ema0.999", "replay", "llaca", "multitask"]
@@ -95,7 +95,7 @@ def _fresh_registry(base_registry_home, out_home):
 
 
 def _evaluate_row(registry, version_id: str, tests: list[str], test_limit: int | None, base_test: str | None,
-                  router: "InstructionRouter | None" = None):
+                  router=None):
     """Accuracy of `version_id` on each test split (and the base mixture's); with a router, each question is
     answered by the version of the group its instruction routes to."""
     from ..evaluate import evaluate
@@ -114,7 +114,7 @@ def _evaluate_row(registry, version_id: str, tests: list[str], test_limit: int |
         if router is None:
             return evaluate(*model_for(version_id), ts, limit=test_limit).accuracy
         correct = 0.0
-        for vid, subset in router.split(records).items():
+        for vid, subset in _split(router, records).items():
             r = evaluate(*model_for(vid), dataclasses.replace(ts, records=subset))
             correct += r.accuracy * r.n
         return correct / len(records)
@@ -125,74 +125,24 @@ def _evaluate_row(registry, version_id: str, tests: list[str], test_limit: int |
     return row, base_acc, numels
 
 
-class InstructionRouter:
-    """The ICML version's instruction grouping (docs/llaca.md, "Later versions"): a codebook of instruction texts per
-    group; a new dataset whose TF-IDF cosine similarity to a group reaches the threshold continues that group (with
-    the LLaCA update), any other opens a new group (initialised from the last version, trained without EMA); at test
-    time each question goes to the version of its most similar group."""
+def _split(router, records) -> dict[str, list]:
+    """Records by the version of the group their question is most similar to (`llaca.grouping`)."""
+    out: dict[str, list] = {}
+    for r in records:
+        out.setdefault(router.route(r.question).version, []).append(r)
+    return out
 
-    def __init__(self, threshold: float, per_set: int = 300):
-        self.threshold, self.per_set = threshold, per_set
-        self.groups: list[dict] = []          # {"texts": [...], "version": id}
 
-    @staticmethod
-    def _words(text: str) -> list[str]:
-        return re.findall(r"[a-z]+", text.lower())
-
-    def _idf(self, extra: list[str]) -> dict[str, float]:
-        docs = [t for g in self.groups for t in g["texts"]] + extra
-        df: dict[str, int] = {}
-        for d in docs:
-            for w in set(self._words(d)):
-                df[w] = df.get(w, 0) + 1
-        return {w: math.log((1 + len(docs)) / (1 + n)) + 1 for w, n in df.items()}
-
-    def _vec(self, texts: list[str], idf) -> dict[str, float]:
-        """Mean of the texts' unit TF-IDF vectors, itself normalised."""
-        out: dict[str, float] = {}
-        for t in texts:
-            tf: dict[str, float] = {}
-            for w in self._words(t):
-                tf[w] = tf.get(w, 0.0) + idf.get(w, 1.0)
-            norm = math.sqrt(sum(v * v for v in tf.values())) or 1.0
-            for w, v in tf.items():
-                out[w] = out.get(w, 0.0) + v / norm
-        norm = math.sqrt(sum(v * v for v in out.values())) or 1.0
-        return {w: v / norm for w, v in out.items()}
-
-    @staticmethod
-    def _cos(a: dict, b: dict) -> float:
-        return sum(v * b.get(w, 0.0) for w, v in a.items())
-
-    def similarities(self, texts: list[str]) -> list[float]:
-        idf = self._idf(texts)
-        v = self._vec(texts, idf)
-        return [self._cos(v, self._vec(g["texts"], idf)) for g in self.groups]
-
-    def match(self, texts: list[str]) -> int | None:
-        """The group a new dataset continues, or None (open a new one)."""
-        sims = self.similarities(texts[:self.per_set])
-        best = max(range(len(sims)), key=sims.__getitem__, default=None)
-        return best if best is not None and sims[best] >= self.threshold else None
-
-    def add(self, group: int | None, texts: list[str], version: str) -> int:
-        if group is None:
-            self.groups.append({"texts": [], "version": version})
-            group = len(self.groups) - 1
-        self.groups[group]["texts"] += texts[:self.per_set]
-        self.groups[group]["version"] = version
-        return group
-
-    def split(self, records) -> dict[str, list]:
-        """Records by the version of the group their question is most similar to."""
-        idf = self._idf([])
-        centroids = [self._vec(g["texts"], idf) for g in self.groups]
-        out: dict[str, list] = {}
-        for r in records:
-            v = self._vec([r.question], idf)
-            g = max(range(len(centroids)), key=lambda k: self._cos(v, centroids[k]))
-            out.setdefault(self.groups[g]["version"], []).append(r)
-        return out
+def routing_accuracy(router, tasks_root, tasks, stages, test_limit=None) -> dict:
+    """Per task: the share of its test questions routed to the group its own stage trained (%)."""
+    group_of = {st["task"]: st["group"] for st in stages}
+    per_task = {}
+    for t in tasks:
+        ts = _test_set(str(Path(tasks_root) / t / "test"))
+        records = ts.records[:test_limit] if test_limit else ts.records
+        hits = sum(router.route(r.question).group == group_of[t] for r in records)
+        per_task[t] = round(100 * hits / len(records), 2)
+    return {"accuracy": round(statistics.fmean(per_task.values()), 2), "per_task": per_task}
 
 
 def _alpha_from_trace(trace_file: Path, numels: dict[str, int], fallback: float) -> dict[str, dict]:
@@ -236,8 +186,9 @@ def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, se
 
     A[j][i] = accuracy (%) on task i's test split after stage j (full rows). `base_test`: the base mixture's test
     split, evaluated after the last stage. Stage weights are deleted once the next stage has loaded them.
-    `grouping`: a similarity threshold turns on instruction grouping (`InstructionRouter`).
+    `grouping`: a similarity threshold turns on instruction grouping (`llaca.grouping.InstructionRouter`).
     """
+    from ..grouping import InstructionRouter
     from ..metrics import cl_metrics
     from ..tuner import StageConfig, run_stage
 
@@ -253,11 +204,11 @@ def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, se
         stage_method, stage_hp, start, group, texts = method, dict(rule_hparams), parent, None, []
         if router:
             texts = [r.question for r in _test_set(str(data)).records]
-            group = router.match(texts)
+            group, sims = router.match(texts)
             if group is None:   # a new group: from the last version, without EMA
                 stage_method, stage_hp = "seq", {}
             else:               # continue the group's own version with the rule
-                start = router.groups[group]["version"]
+                start = router.groups[group].version
         traced = stage_method == "llaca"
         trace_dir = Path(out_home) / "trace" / f"stage{j}"
         t0 = time.time()
@@ -276,7 +227,7 @@ def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, se
         stage = {"task": task, "version": version.id, "method": stage_method, "train_s": round(t1 - t0, 1),
                  "eval_s": round(time.time() - t1, 1), **_stage_log(version)}
         if router:
-            stage["group"] = group
+            stage["group"], stage["similarities"] = group, [round(x, 4) for x in sims]
         if traced:
             per_tensor = _alpha_from_trace(trace_dir / "rank0.jsonl", numels, fallback)
             for name, s in per_tensor.items():
@@ -298,8 +249,9 @@ def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, se
     if tensors:
         result["tensors"] = _tensor_summary(tensors)
     if router:
-        result["groups"] = [{"tasks": [st["task"] for st in stages if st.get("group") == k], "version": g["version"]}
+        result["groups"] = [{"tasks": [st["task"] for st in stages if st.get("group") == k], "version": g.version}
                             for k, g in enumerate(router.groups)]
+        result["routing"] = routing_accuracy(router, tasks_root, tasks, stages, test_limit)
     if not keep_weights:
         shutil.rmtree(out_home, ignore_errors=True)
     return result
@@ -419,23 +371,35 @@ def _run_job(job: dict) -> dict:
 
 
 def prepare_data(root: Path, tasks: list[str], seed: int = DATA_SEED, n_train: int = N_TRAIN,
-                 n_test: int = N_TEST) -> Path:
-    """CoIN-mini task folders (written once, reused by later benchmarks)."""
-    from .. import coin_mini
+                 n_test: int = N_TEST, paraphrased: bool = False) -> Path:
+    """CoIN-mini task folders (written once, reused by later benchmarks); `paraphrased`: the variant with ~10
+    re-worded instruction templates per split (`llaca.coin_mini_paraphrase`)."""
+    from .. import coin_mini, coin_mini_paraphrase
 
+    write = coin_mini_paraphrase.write_coin_mini_paraphrased if paraphrased else coin_mini.write_coin_mini
     root = Path(root)
     missing = [t for t in tasks if not all((root / t / s / "data.json").is_file() for s in ("train", "test"))]
     if missing:
         print(f"writing CoIN-mini tasks {missing} to {root} ...", flush=True)
-        coin_mini.write_coin_mini(root, seed=seed, n_train=n_train, n_test=n_test, tasks=missing)
+        write(root, seed=seed, n_train=n_train, n_test=n_test, tasks=missing)
     return root
 
 
-def _generator_fingerprint() -> str:
+def _generator_fingerprint(paraphrased: bool = False) -> str:
     """Short hash of the CoIN-mini generator's source: data written by an older generator is not reused."""
-    from .. import coin_mini
+    from .. import coin_mini, coin_mini_paraphrase
 
-    return hashlib.sha256(Path(coin_mini.__file__).read_bytes()).hexdigest()[:8]
+    src = Path(coin_mini.__file__).read_bytes()
+    if paraphrased:
+        src += Path(coin_mini_paraphrase.__file__).read_bytes()
+    return hashlib.sha256(src).hexdigest()[:8]
+
+
+def data_root(registry, cfg: dict) -> Path:
+    """Where the benchmark's CoIN-mini (or its paraphrased variant) lives under $LLACA_HOME/datasets."""
+    kind = "coin-mini-paraphrased" if cfg.get("paraphrased") else "coin-mini"
+    return registry.home / "datasets" / (f"{kind}-seed{DATA_SEED}-{N_TRAIN}x{N_TEST}-"
+                                         f"{_generator_fingerprint(bool(cfg.get('paraphrased')))}")
 
 
 def prepare_multitask(tasks_root: Path, tasks: list[str], out: Path) -> Path:
@@ -632,8 +596,10 @@ def _fmt(s: dict | None, nd=1) -> str:
 def markdown_table(results: dict) -> str:
     cfg, summary = results["config"], results["summary"]
     ref = results["base_reference"]
+    variant = " with paraphrased instructions (~10 templates per split, train and test disjoint)" if cfg.get(
+        "paraphrased") else ""
     lines = [
-        f"CoIN-mini, {len(cfg['tasks'])} tasks ({', '.join(cfg['tasks'])}), {cfg['steps']} steps/stage, "
+        f"CoIN-mini{variant}, {len(cfg['tasks'])} tasks ({', '.join(cfg['tasks'])}), {cfg['steps']} steps/stage, "
         f"lr {cfg['lr']}, batch {cfg['batch_size']}, seeds {cfg['seeds']}, {cfg['test_n']} test records/task; "
         "mean ± sample std over seeds; accuracies in %.",
         "",
@@ -650,6 +616,11 @@ def markdown_table(results: dict) -> str:
         lines.append(f"- target for `{t['method']}` {'met' if t['met'] else 'NOT met'} ({got}); seq "
                      f"{t['seq']['avg_acc']} / {t['seq']['forgetting']}, best EMA {t['best_ema']['avg_acc']} / "
                      f"{t['best_ema']['forgetting']} (Avg.ACC / Forgetting)")
+    for r in results["runs"]:   # grouped runs: where each test question went, and which groups learning opened
+        if r.get("routing"):
+            groups = "; ".join(f"{k}: {'+'.join(g['tasks'])}" for k, g in enumerate(r["groups"]))
+            lines.append(f"- `{r['method']}` seed {r['seed']}: routing accuracy {r['routing']['accuracy']:.1f}% "
+                         f"(per task {r['routing']['per_task']}); groups {groups}")
     cached = sum(1 for r in results["runs"] if r.get("cached"))
     reused = f", {cached} of {len(results['runs'])} runs reused from an earlier invocation's cache" if cached else ""
     lines += ["", f"Wall time {results['wall_s'] / 60:.1f} min with --jobs {cfg['jobs']} ({results['machine']}{reused}); "
@@ -678,6 +649,8 @@ def parse_args(argv):
     p.add_argument("--work", help="scratch registries + run cache (default $LLACA_HOME/bench/quality)")
     p.add_argument("--fresh", action="store_true", help="ignore cached runs")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
+    p.add_argument("--paraphrased", action="store_true", help="CoIN-mini with ~10 paraphrased instruction templates "
+                   "per split, different in train and test (llaca.coin_mini_paraphrase)")
     p.add_argument("--interpolation", action="store_true",
                    help="only the weight-interpolation probe on the first two --tasks (interpolation.json/.png)")
     return p.parse_args(argv)
@@ -704,7 +677,8 @@ def resolve_config(args) -> dict:
     return {"tasks": tasks, "methods": methods, "seeds": list(seeds), "steps": args.steps or q.get("steps") or STAGE_STEPS,
             "lr": args.lr or STAGE_LR, "batch_size": args.batch_size or STAGE_BATCH, "test_limit": test_limit,
             "test_n": min(test_limit or N_TEST, N_TEST), "jobs": args.jobs, "quick": bool(args.quick),
-            "data_seed": DATA_SEED, "n_train": N_TRAIN, "n_test": N_TEST}
+            "data_seed": DATA_SEED, "n_train": N_TRAIN, "n_test": N_TEST,
+            **({"paraphrased": True} if args.paraphrased else {})}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -763,8 +737,8 @@ def _run_benchmark(cfg: dict, out: Path, home, data, work, fresh, dry_run) -> in
     registry = Registry(home) if home else Registry()
     base = ensure_base(registry)
     work = Path(work) if work else registry.home / "bench" / "quality"
-    tasks_root = prepare_data(Path(data) if data else registry.home / "datasets" /
-                              f"coin-mini-seed{DATA_SEED}-{N_TRAIN}x{N_TEST}-{_generator_fingerprint()}", cfg["tasks"])
+    tasks_root = prepare_data(Path(data) if data else data_root(registry, cfg), cfg["tasks"],
+                              paraphrased=cfg.get("paraphrased", False))
     base_test = base_test_split(registry, base)
     multitask = prepare_multitask(tasks_root, cfg["tasks"], work) if "multitask" in cfg["methods"] else None
     jobs = [{"method": m, "seed": s, "home": str(registry.home), "tasks_root": str(tasks_root), "tasks": cfg["tasks"],
