@@ -103,6 +103,7 @@ class InstructionSet:
     data_file: Path
     records: list[Record]
     sha256: str
+    format: str = ""  # what llaca.formats detected
 
     def __len__(self) -> int:
         return len(self.records)
@@ -389,6 +390,7 @@ def load_instruction_set(path: str | os.PathLike, limits: Limits = Limits(), pro
         data_file=report.data_file,
         records=report.records,
         sha256=dataset_hash(report.files or [report.data_file], report.records),
+        format=report.format,
     )
 
 
