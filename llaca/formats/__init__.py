@@ -31,5 +31,28 @@ def describe(source: Source, schema: Schema | None, resolver: ImageResolver | No
     return text
 
 
+def referenced_images(data_file) -> list[str]:
+    """Every relative image path a data file names (for placing a browser's flat upload), skipping anything
+    malformed: the validator reports that afterwards with record and field."""
+    source = open_source(data_file)
+    paths, schema = [], None
+    for index, _, raw in source.rows([], _limits()):
+        if not isinstance(raw, dict):
+            continue
+        schema = schema or detect(raw, source.tabular)
+        value = schema.normalize(raw, index).get("image")
+        for v in value if isinstance(value, (list, tuple)) else [value]:
+            v = v.get("path") if isinstance(v, dict) and v.get("bytes") is None else v
+            if isinstance(v, str) and v.strip():
+                paths.append(v)
+    return paths
+
+
+def _limits():
+    from ..data import Limits
+
+    return Limits()
+
+
 __all__ = ["DATA_SUFFIXES", "Fields", "ImageResolver", "LLAVA_FIELDS", "Schema", "Source", "describe", "detect",
-           "open_source"]
+           "open_source", "referenced_images"]

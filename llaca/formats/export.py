@@ -98,3 +98,17 @@ def export_data(data: str | os.PathLike, out: str | os.PathLike, fmt: str) -> tu
             tmp.unlink(missing_ok=True)
         raise
     return out, len(dataset.records), dataset.format
+
+
+def export_download(data: str | os.PathLike, fmt: str, dest: str | os.PathLike) -> Path:
+    """Export for a browser download: the .parquet file, or the folder as a .zip (the Learn tab's Convert)."""
+    dest = Path(dest)
+    name = Path(data).parent.name if Path(data).name in ("train", "test") else Path(data).stem
+    out, _, _ = export_data(data, dest / (f"{name}-{fmt}.parquet" if fmt == "parquet" else f"{name}-{fmt}"), fmt)
+    if fmt == "parquet":
+        return out
+    archive = shutil.make_archive(str(dest / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"), "zip", out.parent, out.name)
+    final = dest / f"{out.name}.zip"
+    os.replace(archive, final)
+    shutil.rmtree(out)
+    return final
