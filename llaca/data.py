@@ -214,6 +214,9 @@ def _check_image(path: Path | bytes, limits: Limits) -> str | None:
             im.load()
     except Image.DecompressionBombError:
         return "image is too large (decompression-bomb guard)"
+    except Image.UnidentifiedImageError as e:
+        return "not a readable image (no known image format)" if isinstance(path, bytes) else \
+            f"not a readable image ({type(e).__name__}: {e})"
     except Exception as e:  # PIL raises many types for broken files
         return f"not a readable image ({type(e).__name__}: {e})"
     return None
@@ -361,6 +364,8 @@ def validate(path: str | os.PathLike, limits: Limits = Limits(), processor=None,
         if processor is not None:
             max_tokens = limits.max_tokens or token_limit(processor)
             encoder = RecordEncoder(processor, max_tokens=None)
+            if records:  # counts the image tokens once (an embedded image is not published yet)
+                encoder.num_image_tokens(load_image(resolver.readable_path(records[0].image)))
             unit = schema.fields.unit if schema else "record"
             for i, rec in enumerate(records):
                 n = encoder.num_tokens(rec)

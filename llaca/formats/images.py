@@ -94,6 +94,14 @@ class ImageResolver:
             self._store = llaca_home() / "uploads" / f"{h.hexdigest()[:16]}-images"
         return self._store
 
+    def readable_path(self, path: Path) -> Path:
+        """Where an image can be read now: an embedded one sits in the temporary folder until `finish`."""
+        if self._tmp is not None and self._store is not None and path.is_relative_to(self._store):
+            local = self._tmp / path.relative_to(self._store)
+            if local.is_file():
+                return local
+        return path
+
     def finish(self, ok: bool) -> None:
         """Publish the written images if the set validated, else remove them (nothing left on error)."""
         tmp, self._tmp = self._tmp, None
