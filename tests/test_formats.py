@@ -319,3 +319,15 @@ def test_flat_upload_of_a_csv_and_the_learn_tab_conversion(tmp_path):
     assert download.suffix == ".zip"
     shutil.unpack_archive(download, tmp_path / "unpacked")
     assert pairs(load_instruction_set(tmp_path / "unpacked").records) == pairs(report.records)
+
+
+def test_a_stage_trains_on_a_parquet_set_with_embedded_images(llaca_home, tmp_path):
+    """The tuner gets the same records from Parquet as from LLaVA JSON: a real 2-step stage becomes a version."""
+    from llaca.tuner import StageConfig, run_stage
+    from llaca.versions import Registry
+
+    data = write_example("parquet", tmp_path / "pq", n=8, n_images=4)
+    version = run_stage(StageConfig(data=str(data), method="llaca", parent="base", max_steps=2, batch_size=4,
+                                    checkpoint_every=0, evaluate_after=False, name="from-parquet"), Registry())
+    assert version.name == "from-parquet" and version.meta["stage"]["n_records"] == 8
+    assert len(version.meta["stage"]["sha256"]) == 64

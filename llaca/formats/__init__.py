@@ -5,15 +5,15 @@ Lines, CSV/TSV, Parquet (one file or the Hub's shards), a `save_to_disk` folder,
 `.zip`. The schema comes from the first record (`schemas.detect`): LLaVA, ShareGPT, OpenAI-style messages, or
 image/question/answer columns. Each row is normalised to a LLaVA record and checked by the one validator in
 `llaca.data`, so every format gets the same guarantees: problems with file, record/row and field, images
-under the same guards (`images.ImageResolver`, also for bytes embedded in Parquet), nothing kept on error.
+under the same guards (`image_refs.ImageResolver`, also for bytes embedded in Parquet), nothing kept on error.
 
     readers: jsonfile.py (JSON, JSONL)   table.py (CSV, TSV)   hf.py (Parquet, save_to_disk)
-    locate.py (path -> Source)   schemas.py (row -> LLaVA record)   images.py (image value -> file)
+    locate.py (path -> Source)   schemas.py (row -> LLaVA record)   image_refs.py (image value -> file)
     export.py (`python -m llaca export-data`: llava | sharegpt | parquet)
 """
 from __future__ import annotations
 
-from .images import ImageResolver
+from .image_refs import ImageResolver
 from .locate import DATA_SUFFIXES, open_source
 from .schemas import Fields, Schema, detect
 from .source import Source
@@ -36,7 +36,9 @@ def referenced_images(data_file) -> list[str]:
     malformed: the validator reports that afterwards with record and field."""
     source = open_source(data_file)
     paths, schema = [], None
-    for index, _, raw in source.rows([], _limits()):
+    from ..data import Limits
+
+    for index, _, raw in source.rows([], Limits()):
         if not isinstance(raw, dict):
             continue
         schema = schema or detect(raw, source.tabular)
@@ -46,12 +48,6 @@ def referenced_images(data_file) -> list[str]:
             if isinstance(v, str) and v.strip():
                 paths.append(v)
     return paths
-
-
-def _limits():
-    from ..data import Limits
-
-    return Limits()
 
 
 __all__ = ["DATA_SUFFIXES", "Fields", "ImageResolver", "LLAVA_FIELDS", "Schema", "Source", "describe", "detect",
