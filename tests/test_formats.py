@@ -331,3 +331,16 @@ def test_a_stage_trains_on_a_parquet_set_with_embedded_images(llaca_home, tmp_pa
                                     checkpoint_every=0, evaluate_after=False, name="from-parquet"), Registry())
     assert version.name == "from-parquet" and version.meta["stage"]["n_records"] == 8
     assert len(version.meta["stage"]["sha256"]) == 64
+
+
+def test_formats_benchmark_smoke(tmp_path):
+    """`python -m llaca.bench formats` end to end on a few rows: table, detection and the streaming check."""
+    from llaca.bench import formats as bench
+
+    out = tmp_path / "out"
+    assert bench.main(["--rows", "12", "--images", "3", "--formats", "csv,parquet", "--streaming", "llava-jsonl",
+                       "--out", str(out)]) == 0
+    saved = json.loads((out / "formats.json").read_text())
+    assert [r["records"] for r in saved["results"]] == [12, 12] and saved["streaming"][0]["py_peak_mb"] > 0
+    md = (out / "formats.md").read_text()
+    assert "| CSV image,question,answer |" in md and "embedded image(s)" in md and "Streaming check" in md
