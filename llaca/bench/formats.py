@@ -282,7 +282,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{r['py_kept_mb']:.0f} MiB are the {r['records']:,} records kept for training; reading held "
              f"{r['py_peak_mb'] - r['py_kept_mb']:.0f} MiB at most (tracemalloc, {r['seconds']:.1f} s under it)"
              for r in streaming]
-    tail = ("\n\nStreaming check (the file is read in batches; what grows with the set is the record list):\n\n"
+    tail = ("\n\nStreaming check (JSON Lines and Parquet are read in batches, so what grows with the set is the record list; a JSON list is parsed whole, hence its 256 MiB cap):\n\n"
             + "\n".join(lines)) if lines else ""
     (out / "formats.md").write_text(head + table(results) + tail + "\n")
     print(f"wrote {out / 'formats.md'}")
