@@ -227,6 +227,12 @@ def _saved_dataset_zip(d: Path) -> list[Path]:
     return zip_of(d, entries)
 
 
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (4200, 4200), 0).save(buf, format="PNG")  # 17.6 Mpx, ~20 kB
+    return buf.getvalue()
+
+
 def _truncated_parquet(d: Path) -> list[Path]:
     files = parquet_set(d, [{"id": "1", "image": embedded(), "question": "q", "answer": "a"}])
     files[0].write_bytes(files[0].read_bytes()[:200])
@@ -259,6 +265,9 @@ FORMAT_CASES: list[Case] = [
                                    {"id": "2", "image": embedded(b"\x89PNG\r\n\x1a\n garbage"), "question": "q",
                                     "answer": "a"}]),
          ("data.parquet", "row 1 (id '2')", "field 'image'", "embedded image", "not a readable image")),
+    Case("parquet-decompression-bomb",
+         lambda d: parquet_set(d, [{"id": "1", "image": embedded(_bomb_png()), "question": "q", "answer": "a"}]),
+         ("data.parquet", "row 0 (id '1')", "field 'image'", "embedded image", "4200x4200 pixels", "decompression-bomb")),
     Case("parquet-two-images", lambda d: parquet_set(d, [{"messages": msg(), "images": [embedded(), embedded()]}],
                                                      kind="messages"),
          ("data.parquet", "row 0", "field 'images'", "2 images in one record", "one image per record")),
