@@ -327,7 +327,7 @@ def build(studio: Studio):
                 export_format = gr.Dropdown(["llava", "sharegpt", "parquet"], value="llava", scale=2,
                                             label="Convert the validated set to")
                 export_button = gr.Button("Convert", size="sm", scale=1)
-            export_file = gr.File(label="Converted set", visible=False, interactive=False)
+            export_file = gr.File(label="Converted set (download)", interactive=False, height=70)
         with gr.Column(scale=4):
             gr.Markdown("### 2 · How to learn it")
             method = gr.Radio(METHODS, value="llaca", label="Method")
@@ -370,9 +370,9 @@ def build(studio: Studio):
                       api_visibility="private", concurrency_limit=2)
     def on_export(data, fmt):
         try:
-            return gr.File(value=export_upload(studio, data, fmt), visible=True), ""
+            return export_upload(studio, data, fmt), ""
         except Exception as e:  # noqa: BLE001
-            return gr.File(visible=False), f"⚠ {warn(e)}"
+            return None, f"⚠ {warn(e)}"
 
     export_button.click(on_export, [data_path, export_format], [export_file, message], api_name="export_data",
                         concurrency_limit=1)
