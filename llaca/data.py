@@ -248,7 +248,10 @@ def _parse_record(raw, index, line, name: str, limits: Limits, seen_ids: set, pr
     f = fields or LLAVA_FIELDS
 
     def bad(field, message, rid=None):
+        rid = rid if rid is not None and not synthetic_id else None  # "row 3 (id '3')" says nothing new
         problems.append(Problem(name, message, index=index, record_id=rid, field=field, line=line, unit=f.unit))
+
+    synthetic_id = False
 
     if not isinstance(raw, dict):
         bad(None, f"{f.unit} must be an object, not {type(raw).__name__}")
@@ -260,7 +263,7 @@ def _parse_record(raw, index, line, name: str, limits: Limits, seen_ids: set, pr
         if f.id_required:
             bad("id", "missing")
         else:
-            rid = str(index)
+            rid, synthetic_id = str(index), True
     elif rid in seen_ids:
         bad("id", "duplicate id", rid)
     else:

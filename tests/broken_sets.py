@@ -296,3 +296,26 @@ FORMAT_CASES: list[Case] = [
          ("record 0 (id '1')", "field 'image'", "2 images in one record")),
 ]
 CASES += FORMAT_CASES
+
+
+if __name__ == "__main__":  # `python tests/broken_sets.py [--formats-only]`: each case and what the library says
+    import os
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LLACA_HOME"] = str(Path(tmp) / "home")
+        from llaca.data import validate
+
+        cases = FORMAT_CASES if "--formats-only" in sys.argv else CASES
+        print("| case | first problem reported (library; CLI and UI upload say the same, tests/test_hardening.py) |")
+        print("|---|---|")
+        for case in cases:
+            files = case.build(Path(tmp) / case.name)
+            report = validate(files[0] if files[0].suffix == ".zip" else files[0].parent)
+            assert not report.ok
+            first = str(report.problems[0]).replace("|", "\\|")
+            print(f"| {case.name} | {first}{f' (+{report.total_problems - 1} more)' if report.total_problems > 1 else ''} |")
+        leftovers = list((Path(tmp) / "home" / "uploads").glob("*-images*"))
+        print(f"\n{len(cases)} sets refused; embedded-image folders left behind: {len(leftovers)}")

@@ -54,7 +54,7 @@ class Schema:
         """The LLaVA-shaped record the validator checks (`raw` itself when it already is one)."""
         if self.name == "llava":
             return raw
-        rid = raw.get("id", str(index))
+        rid = raw.get("id")  # None: the validator numbers the record
         if self.name == "sharegpt":
             return {"id": rid, "image": raw.get("images"), "conversations": raw.get("conversations")}
         if self.name == "messages":
