@@ -338,9 +338,9 @@ def test_formats_benchmark_smoke(tmp_path):
     from llaca.bench import formats as bench
 
     out = tmp_path / "out"
-    assert bench.main(["--rows", "12", "--images", "3", "--formats", "csv,parquet", "--streaming", "llava-jsonl",
-                       "--out", str(out)]) == 0
+    assert bench.main(["--rows", "12", "--images", "3", "--formats", "parquet", "--streaming", "csv",
+                       "--out", str(out)]) == 0  # two child processes (each imports torch)
     saved = json.loads((out / "formats.json").read_text())
-    assert [r["records"] for r in saved["results"]] == [12, 12] and saved["streaming"][0]["py_peak_mb"] > 0
+    assert saved["results"][0]["records"] == 12 and saved["streaming"][0]["py_peak_mb"] > 0
     md = (out / "formats.md").read_text()
-    assert "| CSV image,question,answer |" in md and "embedded image(s)" in md and "Streaming check" in md
+    assert "| Parquet, embedded Image column" in md and "3 embedded image(s)" in md and "Streaming check" in md
