@@ -368,6 +368,7 @@ def build(studio: Studio):
                  concurrency_limit=2)
     test_files.upload(on_upload, [files, test_files], [report, gallery, data_path, start],
                       api_visibility="private", concurrency_limit=2)
+
     def on_export(data, fmt):
         try:
             return export_upload(studio, data, fmt), ""

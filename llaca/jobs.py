@@ -371,8 +371,8 @@ def stage_upload(files: list[str | Path], dest: str | Path, split: str = "train"
     """Assemble uploaded files into `dest/<name>/<split>/` and return that folder (the set to validate and train).
 
     A browser sends a flat list of files, so: one `.zip` is extracted through `llaca.data`'s safe extractor
-    (traversal, link and bomb checks) and copied; otherwise the one `.json`/`.jsonl` is copied and every
-    uploaded image is placed at each relative path the records name with its file name. What is still
+    (traversal, link and bomb checks) and copied; otherwise the one data file (any `llaca.formats` suffix) is
+    copied and every uploaded image is placed at each relative path the records name with its file name. What is still
     missing is left for the validator to report with record and field. With the CoIN layout
     (`<name>/train` + `<name>/test`), the tuner evaluates on the test split automatically.
     """
