@@ -18,6 +18,7 @@ import gradio as gr
 
 from llaca import coin_mini
 from llaca.data import InvalidDataset, validate
+from llaca.formats import DATA_SUFFIXES
 from llaca.jobs import JobError, stage_upload
 from llaca.tuner import StageConfig
 
@@ -47,11 +48,12 @@ def staging_root(studio: Studio) -> Path:
 def report_markdown(report, split: str) -> str:
     """Counts and every problem (file, record, field) as markdown."""
     n_turns = sum(len(r.turns) for r in report.records)
+    detected = f"\n\nDetected: {html.escape(report.format, quote=False)}." if report.format else ""
     if report.ok:
         head = f"✔ **{split} set `{report.name}`**: {len(report.records)} records, {n_turns} turns, all valid."
-        return head
+        return head + detected
     lines = [f"✘ **{split} set `{report.name}`**: {report.total_problems} problem(s); "
-             f"{len(report.records)} valid record(s). Nothing trains until every problem is fixed:"]
+             f"{len(report.records)} valid record(s). Nothing trains until every problem is fixed:{detected}"]
     lines += [f"- {html.escape(str(p), quote=False)}" for p in report.problems]
     if report.total_problems > len(report.problems):
         lines.append(f"- … and {report.total_problems - len(report.problems)} more")
@@ -60,7 +62,7 @@ def report_markdown(report, split: str) -> str:
 
 def preview(report) -> list[tuple[str, str]]:
     """The first records' images (their questions and answers are listed in the report)."""
-    return [str(r.image) for r in report.records[:PREVIEW]]
+    return [str(r.image) for r in report.records[:PREVIEW] if Path(r.image).is_file()]
 
 
 def samples_markdown(report, n: int = 3) -> str:
@@ -91,6 +93,15 @@ def check_upload(studio: Studio, files, test_files) -> tuple[str, list, str]:
     if ok and len(reports) == 1:
         md += "\n\n_No test split uploaded: the stage is evaluated on earlier stages' test sets only._"
     return md, preview(reports[0][1]), str(train) if ok else ""
+
+
+def export_upload(studio: Studio, data_path: str, fmt: str) -> str:
+    """Convert the validated upload (`llaca.formats.export`): a .parquet, or a .zip of a LLaVA/ShareGPT folder."""
+    from llaca.formats.export import export_download
+
+    if not data_path:
+        raise JobError("upload a valid instruction set first (the report above must show ✔)")
+    return str(export_download(data_path, fmt, studio.home / "exports" / uuid.uuid4().hex[:12]))
 
 
 def _newest_processor(studio: Studio):
@@ -306,16 +317,22 @@ def build(studio: Studio):
 
     with gr.Row():
         with gr.Column(scale=5):
-            gr.Markdown("### 1 · Instruction set\nA `.zip` of a LLaVA-format set, or its `.json`/`.jsonl` plus the "
-                        "images it names. It is validated before anything trains.")
-            files = gr.File(label="Training set (.zip, or .json/.jsonl + images)", file_count="multiple",
-                            file_types=[".zip", ".json", ".jsonl", "image"], height=130, elem_id="train-files")
+            gr.Markdown("### 1 · Instruction set\nA `.zip`, or a data file plus the images it names: LLaVA or "
+                        "ShareGPT / OpenAI messages JSON(L), CSV/TSV (image, question, answer), Parquet with "
+                        "embedded images. The format is detected; the set is validated before anything trains.")
+            files = gr.File(label="Training set (.zip, or a data file + images)", file_count="multiple",
+                            file_types=[".zip", *DATA_SUFFIXES, "image"], height=130, elem_id="train-files")
             test_files = gr.File(label="Test split (optional, same formats)", file_count="multiple",
-                                 file_types=[".zip", ".json", ".jsonl", "image"], height=100)
+                                 file_types=[".zip", *DATA_SUFFIXES, "image"], height=100)
             report = gr.Markdown(elem_id="validation-report")
             gallery = gr.Gallery(label="Preview: the first records' images", columns=6,
                                  height=170, object_fit="contain", allow_preview=False, show_label=False)
             data_path = gr.Textbox(visible=False)
+            with gr.Row():
+                export_format = gr.Dropdown(["llava", "sharegpt", "parquet"], value="llava", scale=2,
+                                            label="Convert the validated set to")
+                export_button = gr.Button("Convert", size="sm", scale=1)
+            export_file = gr.File(label="Converted set (download)", interactive=False, height=70)
         with gr.Column(scale=4):
             gr.Markdown("### 2 · How to learn it")
             method = gr.Radio(METHODS, value="llaca", label="Method")
@@ -376,6 +393,15 @@ def build(studio: Studio):
                  concurrency_limit=2)
     test_files.upload(on_upload, [files, test_files], [report, gallery, data_path, start],
                       api_visibility="private", concurrency_limit=2)
+
+    def on_export(data, fmt):
+        try:
+            return export_upload(studio, data, fmt), ""
+        except Exception as e:  # noqa: BLE001
+            return None, f"⚠ {warn(e)}"
+
+    export_button.click(on_export, [data_path, export_format], [export_file, message], api_name="export_data",
+                        concurrency_limit=1)
     files.clear(lambda: ("", [], "", gr.Button(interactive=False)), None, [report, gallery, data_path, start],
                 api_visibility="private", queue=False)
     start.click(on_start, [data_path, method, beta, replay_fraction, parent, name, epochs, max_steps, lr, lora,

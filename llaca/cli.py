@@ -210,6 +210,14 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def cmd_export_data(args) -> int:
+    from .formats.export import export_data
+
+    out, n, detected = export_data(args.data, args.out, args.format)
+    print(f"read {n} records ({detected}); wrote {args.format} to {out}")
+    return 0
+
+
 def cmd_eval(args) -> int:
     from .data import load_instruction_set
     from .evaluate import evaluate
@@ -294,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_register)
 
     s = sub.add_parser("learn", help="learn an instruction set as a new stage -> new version")
-    s.add_argument("data", help="instruction set: folder, .json/.jsonl or .zip (LLaVA conversation format)")
+    s.add_argument("data", help="instruction set: folder, .zip or data file (LLaVA/ShareGPT JSON(L), CSV/TSV, Parquet; see README)")
     s.add_argument("--method", choices=RULES, default="llaca")
     s.add_argument("--from", dest="from_version", default=None, help="parent version (default: newest)")
     s.add_argument("--name", default=None)
@@ -342,6 +350,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--limit", type=int, default=None)
     _add_model_args(s, "without a version: the newest version learned from this checkpoint")
     s.set_defaults(func=cmd_eval)
+
+    s = sub.add_parser("export-data", help="validate a set in any accepted format and write it as llava, sharegpt or parquet")
+    s.add_argument("data", help="instruction set: folder, .zip, or .json/.jsonl/.csv/.tsv/.parquet file")
+    s.add_argument("out", help="output folder (llava, sharegpt) or .parquet file; must not exist")
+    s.add_argument("--format", choices=["llava", "sharegpt", "parquet"], required=True)
+    s.set_defaults(func=cmd_export_data)
 
     s = sub.add_parser("coin-mini", help="write the CoIN-mini task folders (train/test each)")
     s.add_argument("out_dir")

@@ -1,7 +1,8 @@
-"""Instruction sets: the LLaVA conversation format, its validator, and the training encoding.
+"""Instruction sets: the record the tuner trains on, its validator, and the training encoding.
 
-An instruction set is a folder (or a `.zip` of one) holding one `*.json` (a list of records) or `*.jsonl`
-(one record per line) plus the images it names by relative path:
+An instruction set is a folder (or a `.zip` of one) holding one data file plus the images it names by relative
+path. The data file may be LLaVA JSON/JSONL, ShareGPT / OpenAI messages, CSV/TSV or Hugging Face Parquet /
+`save_to_disk` (`llaca.formats` finds and reads them); every row becomes a LLaVA record:
 
     {"id": "x1", "image": "images/1.png",
      "conversations": [{"from": "human", "value": "<image>\\nWhat is it?"}, {"from": "gpt", "value": "A cat."}]}
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import json
 import os
 import shutil
@@ -23,6 +25,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from .images import to_rgb
 from .paths import llaca_home
 
 IMAGE_TOKEN = "<image>"
@@ -56,13 +59,14 @@ class Problem:
     record_id: str | None = None
     field: str | None = None
     line: int | None = None
+    unit: str = "record"  # "row" in tables (CSV, Parquet)
 
     def __str__(self) -> str:
         where = [self.file]
         if self.line is not None:
             where.append(f"line {self.line}")
         if self.index is not None:
-            where.append(f"record {self.index}" + (f" (id {self.record_id!r})" if self.record_id else ""))
+            where.append(f"{self.unit} {self.index}" + (f" (id {self.record_id!r})" if self.record_id else ""))
         if self.field:
             where.append(f"field '{self.field}'")
         return ", ".join(where) + ": " + self.message
@@ -99,6 +103,7 @@ class InstructionSet:
     data_file: Path
     records: list[Record]
     sha256: str
+    format: str = ""  # what llaca.formats detected
 
     def __len__(self) -> int:
         return len(self.records)
@@ -111,6 +116,8 @@ class ValidationReport:
     problems: list[Problem]
     total_problems: int
     data_file: Path | None
+    format: str = ""  # what was detected, e.g. "LLaVA conversations in JSON Lines" (llaca.formats.describe)
+    files: list[Path] = dataclasses.field(default_factory=list)  # what the content hash covers
 
     @property
     def ok(self) -> bool:
@@ -169,79 +176,14 @@ def _safe_extract_zip(zip_path: Path, limits: Limits) -> Path:
 
 
 def locate_data_file(path: str | os.PathLike, limits: Limits = Limits()) -> tuple[Path, Path]:
-    """Return (root folder, data file) for a folder, a .json/.jsonl file, or a .zip."""
-    path = Path(path)
-    if not path.exists():
-        raise InvalidDataset([Problem(str(path), "no such file or folder")])
-    if path.is_file() and path.suffix.lower() == ".zip":
-        path = _safe_extract_zip(path, limits)
-    if path.is_file():
-        if path.suffix.lower() not in (".json", ".jsonl"):
-            raise InvalidDataset([Problem(path.name, "expected a folder, a .zip, or a .json/.jsonl file")])
-        return path.parent, path
-    candidates = sorted(p for p in path.iterdir() if p.suffix.lower() in (".json", ".jsonl") and p.is_file())
-    if not candidates:  # a zip of a folder holds one top-level folder
-        subdirs = [p for p in path.iterdir() if p.is_dir() and not p.name.startswith((".", "__"))]
-        if len(subdirs) == 1:
-            return locate_data_file(subdirs[0], limits)
-        hint = (f" (a CoIN-style task folder: pass {path.name}/train; its test split is then used automatically)"
-                if {"train", "test"} <= {p.name for p in subdirs} else "")
-        raise InvalidDataset([Problem(path.name, "no .json or .jsonl file at the top of the instruction set" + hint)])
-    if len(candidates) > 1:
-        named = [p for p in candidates if p.stem in ("data", "train")]
-        if len(named) != 1:
-            raise InvalidDataset([Problem(path.name, f"several data files ({', '.join(p.name for p in candidates)}); keep one, or name it data.json")])
-        candidates = named
-    return path, candidates[0]
+    """Return (root folder, data file) for a folder, a data file (see `llaca.formats`), or a .zip."""
+    from .formats import open_source
+
+    source = open_source(path, limits)
+    return source.root, source.path
 
 
 # ----------------------------------------------------------------------------------------- validate
-
-def _iter_raw_records(data_file: Path, problems: list[Problem], limits: Limits = Limits()):
-    """Yield (index, line, raw) from JSON (a list) or JSONL (streamed line by line)."""
-    name = data_file.name
-    if data_file.suffix.lower() == ".jsonl":
-        with open(data_file, "rb") as f:
-            index = 0
-            for lineno, raw_line in enumerate(f, 1):
-                try:
-                    text = raw_line.decode("utf-8")
-                except UnicodeDecodeError as e:
-                    problems.append(Problem(name, f"not UTF-8 text ({e.reason} at byte {e.start})", line=lineno))
-                    continue
-                if not text.strip():
-                    continue
-                try:
-                    obj = json.loads(text)
-                except json.JSONDecodeError as e:
-                    problems.append(Problem(name, f"malformed JSON: {e.msg} (column {e.colno})", line=lineno))
-                    index += 1
-                    continue
-                yield index, lineno, obj
-                index += 1
-        return
-    size = data_file.stat().st_size
-    if size > limits.max_json_bytes:
-        problems.append(Problem(name, f"{size} bytes, over the limit of {limits.max_json_bytes} for a .json list "
-                                      "(parsed whole); write it as JSONL, one record per line (streamed)"))
-        return
-    try:
-        text = data_file.read_bytes().decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = data_file.read_bytes()[: e.start].count(b"\n") + 1
-        problems.append(Problem(name, f"not UTF-8 text ({e.reason} at byte {e.start})", line=line))
-        return
-    try:
-        obj = json.loads(text)
-    except json.JSONDecodeError as e:
-        problems.append(Problem(name, f"malformed JSON: {e.msg} (line {e.lineno}, column {e.colno})", line=e.lineno))
-        return
-    if not isinstance(obj, list):
-        problems.append(Problem(name, f"top level must be a list of records, not {type(obj).__name__}"))
-        return
-    for index, raw in enumerate(obj):
-        yield index, None, raw
-
 
 def _too_many_pixels(im: Image.Image, limits: Limits) -> str | None:
     """The decompression-bomb guard, read from the header before anything is decoded."""
@@ -251,23 +193,30 @@ def _too_many_pixels(im: Image.Image, limits: Limits) -> str | None:
     return None
 
 
-def _check_image(path: Path, limits: Limits) -> str | None:
-    """Return a message if the file is not a loadable, reasonably sized image."""
-    try:
-        size = path.stat().st_size
-    except OSError as e:
-        return f"cannot read image ({e.strerror})"
+def _check_image(path: Path | bytes, limits: Limits) -> str | None:
+    """Return a message if the file (or bytes embedded in a table) is not a loadable, reasonably sized image."""
+    if isinstance(path, bytes):
+        size, open_image = len(path), lambda: Image.open(io.BytesIO(path))
+    else:
+        try:
+            size = path.stat().st_size
+        except OSError as e:
+            return f"cannot read image ({e.strerror})"
+        open_image = lambda: Image.open(path)  # noqa: E731
     if size > limits.max_image_bytes:
-        return f"image file is {size} bytes, over the limit of {limits.max_image_bytes}"
+        return f"image {'file ' if not isinstance(path, bytes) else ''}is {size} bytes, over the limit of {limits.max_image_bytes}"
     try:
-        with Image.open(path) as im:
+        with open_image() as im:
             if message := _too_many_pixels(im, limits):
                 return message
             im.verify()
-        with Image.open(path) as im:
+        with open_image() as im:
             im.load()
     except Image.DecompressionBombError:
         return "image is too large (decompression-bomb guard)"
+    except Image.UnidentifiedImageError as e:
+        return "not a readable image (no known image format)" if isinstance(path, bytes) else \
+            f"not a readable image ({type(e).__name__}: {e})"
     except Exception as e:  # PIL raises many types for broken files
         return f"not a readable image ({type(e).__name__}: {e})"
     return None
@@ -290,77 +239,85 @@ def _image_file_problem(image: str, root: Path, limits: Limits, check_images: bo
     return candidate, (f"{image!r}: {message}" if message else None)
 
 
-def _parse_record(raw, index, line, root: Path, name: str, limits: Limits, seen_ids: set, problems: list[Problem],
-                  check_images: bool, image_checks: dict) -> Record | None:
+def _parse_record(raw, index, line, name: str, limits: Limits, seen_ids: set, problems: list[Problem],
+                  resolve_image, fields=None) -> Record | None:
+    """Check one LLaVA-shaped record (`llaca.formats` normalises every schema to it); `fields` names its parts
+    as the user's format does, `resolve_image` turns its image value into a checked file."""
+    from .formats import LLAVA_FIELDS
+
+    f = fields or LLAVA_FIELDS
+
     def bad(field, message, rid=None):
-        problems.append(Problem(name, message, index=index, record_id=rid, field=field, line=line))
+        rid = rid if rid is not None and not synthetic_id else None  # "row 3 (id '3')" says nothing new
+        problems.append(Problem(name, message, index=index, record_id=rid, field=field, line=line, unit=f.unit))
+
+    synthetic_id = False
 
     if not isinstance(raw, dict):
-        bad(None, f"record must be an object, not {type(raw).__name__}")
+        bad(None, f"{f.unit} must be an object, not {type(raw).__name__}")
         return None
     rid = raw.get("id")
     rid = str(rid) if rid is not None else None
     before = len(problems)
     if rid is None:
-        bad("id", "missing")
+        if f.id_required:
+            bad("id", "missing")
+        else:
+            rid, synthetic_id = str(index), True
     elif rid in seen_ids:
         bad("id", "duplicate id", rid)
     else:
         seen_ids.add(rid)
     image = raw.get("image")
-    image_path = None
-    if not isinstance(image, str) or not image.strip():
-        bad("image", "missing (every record needs an image path relative to the set)", rid)
-    else:
-        # Sets reuse images: each distinct path is resolved and decoded once (100k records stay ~1 s/10k).
-        if image not in image_checks:
-            image_checks[image] = _image_file_problem(image, root, limits, check_images)
-        image_path, message = image_checks[image]
-        if message:
-            bad("image", message, rid)
+    # Sets reuse images: each distinct path / content is resolved and decoded once (100k records ~1 s/10k).
+    image_path, message = resolve_image(image)
+    if message:
+        bad(f.image, message, rid)
     conv = raw.get("conversations")
     turns: list[tuple[str, str]] = []
     if not isinstance(conv, list) or not conv:
-        bad("conversations", "missing or empty (need human/gpt turns)", rid)
+        bad(f.turns, "missing or empty (need user/assistant turns)" if f.role == "role"
+            else "missing or empty (need human/gpt turns)", rid)
     else:
         pending_q = None
         image_tokens = 0
         for t, turn in enumerate(conv):
-            f = f"conversations[{t}]"
             if not isinstance(turn, dict):
-                bad(f, "turn must be an object with 'from' and 'value'", rid)
+                bad(f.turn(t), f"turn must be an object with '{f.role}' and '{f.text}'", rid)
                 continue
             role, value = turn.get("from"), turn.get("value")
             if not isinstance(value, str) or not value.strip():
-                bad(f + ".value", "missing or empty text", rid)
+                bad(f.turn(t, "value"), "missing or empty text", rid)
                 continue
             if len(value) > limits.max_text_chars:
-                bad(f + ".value", f"{len(value)} characters, over the limit of {limits.max_text_chars}", rid)
+                bad(f.turn(t, "value"), f"{len(value)} characters, over the limit of {limits.max_text_chars}", rid)
             image_tokens += value.count(IMAGE_TOKEN)
             if role in HUMAN_ROLES:
                 if pending_q is not None:
-                    bad(f + ".from", "two human turns in a row (assistant turn missing)", rid)
+                    bad(f.turn(t, "from"), "two human turns in a row (assistant turn missing)", rid)
                 pending_q = value.replace(IMAGE_TOKEN, "").strip()
                 if not pending_q:
-                    bad(f + ".value", "question has no text besides <image>", rid)
+                    bad(f.turn(t, "value"), "question has no text besides <image>", rid)
             elif role in GPT_ROLES:
                 if IMAGE_TOKEN in value:
-                    bad(f + ".value", "<image> token in an assistant turn", rid)
+                    bad(f.turn(t, "value"), "<image> token in an assistant turn", rid)
                 if pending_q is None:
-                    bad(f + ".from", "assistant turn without a human turn before it", rid)
+                    bad(f.turn(t, "from"), "assistant turn without a human turn before it", rid)
                 else:
                     turns.append((pending_q, value.strip()))
                     pending_q = None
             else:
-                bad(f + ".from", f"unknown role {role!r} (use 'human' or 'gpt')", rid)
+                hint = ("system messages are not supported (the tuner has no system prompt); "
+                        if role == "system" else "")
+                bad(f.turn(t, "from"), f"unknown role {role!r} ({hint}{f.roles_hint})", rid)
         if pending_q is not None:
-            bad(f"conversations[{len(conv) - 1}]", "last human turn has no assistant answer", rid)
-        if isinstance(image, str) and image_tokens == 0:
-            bad("conversations[0].value", "record has an image but no <image> token in the first human turn", rid)
+            bad(f.turn(len(conv) - 1), "last human turn has no assistant answer", rid)
+        if image is not None and image_tokens == 0:
+            bad(f.turn(0, "value"), "record has an image but no <image> token in the first human turn", rid)
         elif image_tokens > 1:
-            bad("conversations", f"{image_tokens} <image> tokens; exactly one per record is supported", rid)
+            bad(f.turns, f"{image_tokens} <image> tokens; exactly one per record is supported", rid)
         elif image_tokens == 1 and IMAGE_TOKEN not in str(conv[0].get("value", "") if isinstance(conv[0], dict) else ""):
-            bad("conversations[0].value", "the <image> token must be in the first human turn", rid)
+            bad(f.turn(0, "value"), "the <image> token must be in the first human turn", rid)
     if len(problems) > before or image_path is None:
         return None
     return Record(id=rid, image=image_path, turns=turns)
@@ -373,40 +330,61 @@ def token_limit(processor, fallback: int = 4096) -> int:
 
 
 def validate(path: str | os.PathLike, limits: Limits = Limits(), processor=None, check_images: bool = True) -> ValidationReport:
-    """Check a whole instruction set; never raises for bad content, returns every problem found."""
+    """Check a whole instruction set in any accepted format; never raises for bad content, returns every problem.
+
+    Embedded images (Parquet) are written under `$LLACA_HOME/uploads/` only if the whole set is valid."""
+    from . import formats
+
     problems: list[Problem] = []
     records: list[Record] = []
     try:
-        root, data_file = locate_data_file(path, limits)
+        source = formats.open_source(path, limits)
     except InvalidDataset as e:
         return ValidationReport(Path(path).stem, [], e.problems, e.total, None)
-    name = data_file.name
+    name = source.name
     seen: set[str] = set()
-    image_checks: dict[str, tuple[Path | None, str | None]] = {}  # image field -> (path, problem)
+    resolver = formats.ImageResolver(source, limits, check_images)
+    schema = None
     n_raw = 0
-    for index, line, raw in _iter_raw_records(data_file, problems, limits):
-        n_raw += 1
-        if n_raw > limits.max_records:
-            problems.append(Problem(name, f"more than {limits.max_records} records (limit)"))
-            break
-        rec = _parse_record(raw, index, line, root, name, limits, seen, problems, check_images, image_checks)
-        if rec is not None:
-            records.append(rec)
-    if n_raw == 0 and not problems:
-        problems.append(Problem(name, "the instruction set is empty (no records)"))
-    if processor is not None:
-        max_tokens = limits.max_tokens or token_limit(processor)
-        encoder = RecordEncoder(processor, max_tokens=None)
-        for i, rec in enumerate(records):
-            n = encoder.num_tokens(rec)
-            if n > max_tokens:
-                problems.append(Problem(name, f"{n} tokens, over the limit of {max_tokens}", index=i,
-                                        record_id=rec.id, field="conversations"))
-    set_name = root.name if data_file.stem in ("data", "train", "test") else data_file.stem
+    try:
+        for index, line, raw in source.rows(problems, limits):
+            n_raw += 1
+            if n_raw > limits.max_records:
+                problems.append(Problem(name, f"more than {limits.max_records} records (limit)"))
+                break
+            if schema is None:
+                schema = formats.detect(raw, source.tabular)
+                if missing := schema.missing_columns(raw if isinstance(raw, dict) else {}):
+                    columns = ", ".join(map(str, raw)) if isinstance(raw, dict) else ""
+                    problems.append(Problem(name, f"missing column {' and '.join(missing)} (columns: {columns})"))
+                    break
+            rec = _parse_record(schema.normalize(raw, index) if isinstance(raw, dict) else raw, index, line, name,
+                                limits, seen, problems, resolver, schema.fields)
+            if rec is not None:
+                records.append(rec)
+        if n_raw == 0 and not problems:
+            problems.append(Problem(name, "the instruction set is empty (no records)"))
+        if processor is not None:
+            max_tokens = limits.max_tokens or token_limit(processor)
+            encoder = RecordEncoder(processor, max_tokens=None)
+            if records:  # counts the image tokens once (an embedded image is not published yet)
+                encoder.num_image_tokens(load_image(resolver.readable_path(records[0].image)))
+            unit = schema.fields.unit if schema else "record"
+            for i, rec in enumerate(records):
+                n = encoder.num_tokens(rec)
+                if n > max_tokens:
+                    problems.append(Problem(name, f"{n} tokens, over the limit of {max_tokens}", index=i,
+                                            record_id=rec.id, field=schema.fields.turns, unit=unit))
+    finally:
+        resolver.finish(ok=not problems and bool(records))
+    data_file = source.path
+    set_name = source.root.name if data_file.stem in ("data", "train", "test") or source.container == "hf-disk" \
+        else data_file.stem
     if set_name in ("train", "test"):
-        set_name = f"{root.parent.name}-{set_name}"
+        set_name = f"{source.root.parent.name}-{set_name}"
     total = len(problems)
-    return ValidationReport(set_name, records, problems[: limits.max_problems], total, data_file)
+    return ValidationReport(set_name, records, problems[: limits.max_problems], total, data_file,
+                            format=formats.describe(source, schema, resolver), files=source.files)
 
 
 def load_instruction_set(path: str | os.PathLike, limits: Limits = Limits(), processor=None) -> InstructionSet:
@@ -416,10 +394,11 @@ def load_instruction_set(path: str | os.PathLike, limits: Limits = Limits(), pro
         raise InvalidDataset(report.problems, report.total_problems)
     return InstructionSet(
         name=report.name,
-        root=report.data_file.parent,
+        root=report.data_file if report.data_file.is_dir() else report.data_file.parent,
         data_file=report.data_file,
         records=report.records,
-        sha256=dataset_hash(report.data_file, report.records),
+        sha256=dataset_hash(report.files or [report.data_file], report.records),
+        format=report.format,
     )
 
 
@@ -431,9 +410,12 @@ def _sha256_file(path: Path) -> str:
     return h.hexdigest()
 
 
-def dataset_hash(data_file: Path, records: list[Record]) -> str:
-    """Content hash of the data file and every image it names (what a version was trained on)."""
-    h = hashlib.sha256(_sha256_file(data_file).encode())
+def dataset_hash(data_files: Path | list[Path], records: list[Record]) -> str:
+    """Content hash of the data file(s) and every image they name (what a version was trained on)."""
+    files = [data_files] if isinstance(data_files, Path) else list(data_files)
+    h = hashlib.sha256(_sha256_file(files[0]).encode())
+    for extra in files[1:]:  # Parquet shards, the files of a save_to_disk folder
+        h.update(_sha256_file(extra).encode())
     for path in sorted({str(r.image) for r in records}):
         h.update(_sha256_file(Path(path)).encode())
     return h.hexdigest()
@@ -465,7 +447,7 @@ def load_image(path: str | os.PathLike, limits: Limits = Limits()) -> Image.Imag
         with Image.open(path) as im:
             if message := _too_many_pixels(im, limits):
                 raise ValueError(f"{name}: {message}")
-            return im.convert("RGB")
+            return to_rgb(im)  # EXIF rotation, transparency over white, 16-bit scaled (llaca.images)
     except (Image.UnidentifiedImageError, Image.DecompressionBombError, OSError, SyntaxError) as e:
         raise ValueError(f"{name}: not a readable image ({type(e).__name__}: {e})") from None
 

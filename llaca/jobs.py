@@ -371,21 +371,22 @@ def stage_upload(files: list[str | Path], dest: str | Path, split: str = "train"
     """Assemble uploaded files into `dest/<name>/<split>/` and return that folder (the set to validate and train).
 
     A browser sends a flat list of files, so: one `.zip` is extracted through `llaca.data`'s safe extractor
-    (traversal, link and bomb checks) and copied; otherwise the one `.json`/`.jsonl` is copied and every
-    uploaded image is placed at each relative path the records name with its file name. What is still
+    (traversal, link and bomb checks) and copied; otherwise the one data file (any `llaca.formats` suffix) is
+    copied and every uploaded image is placed at each relative path the records name with its file name. What is still
     missing is left for the validator to report with record and field. With the CoIN layout
     (`<name>/train` + `<name>/test`), the tuner evaluates on the test split automatically.
     """
     from .data import InvalidDataset, Problem, locate_data_file
+    from .formats import DATA_SUFFIXES
 
     paths = [Path(f) for f in files or []]
     if not paths:
-        raise InvalidDataset([Problem("upload", "no files: upload a .zip, or a .json/.jsonl with its images")])
+        raise InvalidDataset([Problem("upload", "no files: upload a .zip, or a data file with its images")])
     zips = [p for p in paths if p.suffix.lower() == ".zip"]
-    data_files = [p for p in paths if p.suffix.lower() in (".json", ".jsonl")]
+    data_files = [p for p in paths if p.suffix.lower() in DATA_SUFFIXES]
     if len(zips) + len(data_files) != 1:
         found = ", ".join(p.name for p in zips + data_files) or "none"
-        message = f"expected exactly one .zip or one .json/.jsonl file (found: {found})"
+        message = f"expected exactly one .zip or one data file ({', '.join(DATA_SUFFIXES)}) (found: {found})"
         raise InvalidDataset([Problem("upload", message)])
     source = (zips or data_files)[0]
     name = _safe_name(name or (source.stem if source.stem not in ("data", "train", "test") else "upload"))
@@ -409,19 +410,14 @@ def stage_upload(files: list[str | Path], dest: str | Path, split: str = "train"
 
 
 def _image_fields(data_file: Path) -> list[str]:
-    """Every string `image` field in a JSON list / JSONL file, skipping anything malformed."""
-    text = data_file.read_text(encoding="utf-8", errors="replace")
+    """Every relative image path the data file names, in any accepted format (`llaca.formats`)."""
+    from .data import InvalidDataset
+    from .formats import referenced_images
+
     try:
-        rows = json.loads(text) if data_file.suffix.lower() == ".json" else None
-    except json.JSONDecodeError:
-        rows = None
-    if rows is None:
-        rows = []
-        for line in text.splitlines():
-            with contextlib.suppress(json.JSONDecodeError):
-                rows.append(json.loads(line))
-    rows = rows if isinstance(rows, list) else []
-    return [r["image"] for r in rows if isinstance(r, dict) and isinstance(r.get("image"), str) and r["image"].strip()]
+        return referenced_images(data_file)
+    except InvalidDataset:
+        return []  # the validator reports it
 
 
 # --------------------------------------------------------------------------------------------- the worker

@@ -171,3 +171,151 @@ CASES: list[Case] = [
     Case("zip-symlink", _zip_symlink, ("upload.zip", "symbolic link")),
     Case("not-a-zip", _not_a_zip, ("upload.zip", "not a readable zip")),
 ]
+
+
+# ------------------------------------------------------------------------- the same, for every other format
+# (llaca.formats): malformed row, missing column, undecodable image bytes, wrong role names, two images.
+
+def csv_set(folder: Path, text: str, name: str = "data.csv") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text(text, encoding="utf-8")
+    return [folder / name, png(folder / "a.png")]
+
+
+def parquet_set(folder: Path, rows: list[dict], kind: str = "qa", name: str = "data.parquet") -> list[Path]:
+    """A Parquet file as `datasets` writes it (Image features in the schema metadata)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Features, Image as HFImage, List, Value
+
+    features = Features({"id": Value("string"), "image": HFImage(), "question": Value("string"),
+                         "answer": Value("string")}) if kind.startswith("qa") else \
+        Features({"messages": List({"role": Value("string"), "content": Value("string")}), "images": List(HFImage())})
+    columns = {k: [r.get(k) for r in rows] for k in features}
+    if kind == "qa-no-answer":
+        features = Features({k: v for k, v in features.items() if k != "answer"})
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / name
+    pq.write_table(pa.Table.from_pydict({k: columns[k] for k in features}, schema=features.arrow_schema), path)
+    return [path]
+
+
+def embedded(blob: bytes | None = None) -> dict:
+    return {"bytes": blob if blob is not None else png_bytes(), "path": None}
+
+
+def msg(role_user="user", role_assistant="assistant", q="<image>What color?", a="red") -> list[dict]:
+    return [{"role": role_user, "content": q}, {"role": role_assistant, "content": a}]
+
+
+def jsonl_rows(folder: Path, rows: list, name: str = "data.jsonl") -> list[Path]:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / name).write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return [folder / name, png(folder / "a.png"), png(folder / "b.png")]
+
+
+def _saved_dataset_zip(d: Path) -> list[Path]:
+    """A save_to_disk folder (zipped, as a browser uploads a folder) whose second image is not an image."""
+    from datasets import Dataset, Features, Image as HFImage, Value
+
+    features = Features({"image": HFImage(), "question": Value("string"), "answer": Value("string")})
+    rows = {"image": [embedded(), embedded(b"GIF89a but not really")], "question": ["What?", "What?"],
+            "answer": ["red", "blue"]}
+    saved = d / "build" / "saved"
+    Dataset.from_dict(rows, features=features).save_to_disk(str(saved))
+    entries = {f"saved/{f.name}": f.read_bytes() for f in saved.iterdir()}
+    return zip_of(d, entries)
+
+
+def _bomb_png() -> bytes:
+    buf = io.BytesIO()
+    Image.new("L", (4200, 4200), 0).save(buf, format="PNG")  # 17.6 Mpx, ~20 kB
+    return buf.getvalue()
+
+
+def _truncated_parquet(d: Path) -> list[Path]:
+    files = parquet_set(d, [{"id": "1", "image": embedded(), "question": "q", "answer": "a"}])
+    files[0].write_bytes(files[0].read_bytes()[:200])
+    return files
+
+
+FORMAT_CASES: list[Case] = [
+    # CSV / TSV
+    Case("csv-malformed-row", lambda d: csv_set(d, "image,question,answer\na.png,What color?,red\na.png,oops\n"),
+         ("data.csv", "line 3", "row 1", "2 fields, the header has 3")),
+    Case("csv-unterminated-quote", lambda d: csv_set(d, 'image,question,answer\na.png,"What color?,red\n'),
+         ("data.csv", "line 2", "malformed CSV")),
+    Case("csv-missing-column", lambda d: csv_set(d, "image,question\na.png,What color?\n"),
+         ("data.csv", "missing column 'answer'", "columns: image, question")),
+    Case("tsv-empty-answer", lambda d: csv_set(d, "image\tquestion\tanswer\na.png\tWhat color?\t \n", "data.tsv"),
+         ("data.tsv", "line 2", "row 0", "field 'answer'", "missing or empty")),
+    Case("csv-image-not-found", lambda d: csv_set(d, "image,question,answer\nb.png,What color?,red\n"),
+         ("data.csv", "row 0", "field 'image'", "'b.png' not found")),
+    # Parquet (Hugging Face datasets)
+    Case("parquet-truncated", _truncated_parquet,
+         ("data.parquet", "not a readable Parquet")),
+    Case("parquet-missing-column", lambda d: parquet_set(d, [{"id": "1", "image": embedded(), "question": "q"}],
+                                                         kind="qa-no-answer"),
+         ("data.parquet", "missing column 'answer'")),
+    Case("parquet-null-answer", lambda d: parquet_set(d, [{"id": "1", "image": embedded(), "question": "q", "answer": "a"},
+                                                          {"id": "2", "image": embedded(), "question": "q", "answer": None}]),
+         ("data.parquet", "row 1 (id '2')", "field 'answer'", "missing or empty")),
+    Case("parquet-undecodable-image-bytes",
+         lambda d: parquet_set(d, [{"id": "1", "image": embedded(), "question": "q", "answer": "a"},
+                                   {"id": "2", "image": embedded(b"\x89PNG\r\n\x1a\n garbage"), "question": "q",
+                                    "answer": "a"}]),
+         ("data.parquet", "row 1 (id '2')", "field 'image'", "embedded image", "not a readable image")),
+    Case("parquet-decompression-bomb",
+         lambda d: parquet_set(d, [{"id": "1", "image": embedded(_bomb_png()), "question": "q", "answer": "a"}]),
+         ("data.parquet", "row 0 (id '1')", "field 'image'", "embedded image", "4200x4200 pixels", "decompression-bomb")),
+    Case("parquet-two-images", lambda d: parquet_set(d, [{"messages": msg(), "images": [embedded(), embedded()]}],
+                                                     kind="messages"),
+         ("data.parquet", "row 0", "field 'images'", "2 images in one record", "one image per record")),
+    Case("parquet-wrong-role", lambda d: parquet_set(d, [{"messages": msg(role_assistant="bot"), "images": [embedded()]}],
+                                                     kind="messages"),
+         ("data.parquet", "row 0", "field 'messages[1].role'", "unknown role 'bot'", "'user' or 'assistant'")),
+    Case("saved-dataset-undecodable-image-bytes", _saved_dataset_zip,
+         ("row 1", "field 'image'", "embedded image (21 bytes)", "not a readable image")),
+    # ShareGPT / OpenAI messages (JSON, JSONL)
+    Case("messages-malformed-row", lambda d: jsonl_rows(d, [{"messages": msg(), "images": ["a.png"]}, '{"messages": [']),
+         ("data.jsonl", "line 2", "malformed JSON")),
+    Case("messages-wrong-role", lambda d: jsonl_rows(d, [{"messages": msg(role_user="human_being"), "images": ["a.png"]}]),
+         ("data.jsonl", "line 1", "record 0", "field 'messages[0].role'", "unknown role 'human_being'")),
+    Case("messages-system-role", lambda d: jsonl_rows(d, [{"messages": [{"role": "system", "content": "Be brief."}] + msg(),
+                                                          "images": ["a.png"]}]),
+         ("record 0", "field 'messages[0].role'", "system messages are not supported")),
+    Case("messages-missing-key", lambda d: jsonl_rows(d, [{"messages": msg(), "images": ["a.png"]}, {"images": ["a.png"]}]),
+         ("data.jsonl", "line 2", "record 1", "field 'messages'", "missing or empty")),
+    Case("messages-two-images", lambda d: jsonl_rows(d, [{"messages": msg(q="<image><image>Same color?"),
+                                                          "images": ["a.png", "b.png"]}]),
+         ("record 0", "field 'images'", "2 images in one record")),
+    Case("sharegpt-wrong-role", lambda d: json_set(d, [{"conversations": [conv()[0], {"from": "model", "value": "red"}],
+                                                        "images": ["a.png"]}]),
+         ("data.json", "record 0", "field 'conversations[1].from'", "unknown role 'model'")),
+    Case("llava-two-images", lambda d: json_set(d, [record(1, image=["a.png", "a.png"])]),
+         ("record 0 (id '1')", "field 'image'", "2 images in one record")),
+]
+CASES += FORMAT_CASES
+
+
+if __name__ == "__main__":  # `python tests/broken_sets.py [--formats-only]`: each case and what the library says
+    import os
+    import sys
+    import tempfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    with tempfile.TemporaryDirectory() as tmp:
+        os.environ["LLACA_HOME"] = str(Path(tmp) / "home")
+        from llaca.data import validate
+
+        cases = FORMAT_CASES if "--formats-only" in sys.argv else CASES
+        print("| case | first problem reported (library; CLI and UI upload say the same, tests/test_hardening.py) |")
+        print("|---|---|")
+        for case in cases:
+            files = case.build(Path(tmp) / case.name)
+            report = validate(files[0] if files[0].suffix == ".zip" else files[0].parent)
+            assert not report.ok
+            first = str(report.problems[0]).replace("|", "\\|")
+            print(f"| {case.name} | {first}{f' (+{report.total_problems - 1} more)' if report.total_problems > 1 else ''} |")
+        leftovers = list((Path(tmp) / "home" / "uploads").glob("*-images*"))
+        print(f"\n{len(cases)} sets refused; embedded-image folders left behind: {len(leftovers)}")

@@ -213,6 +213,23 @@ def test_bad_upload_shows_every_error_with_record_and_field(client, tmp_path):
     assert message.startswith("⚠") and "valid instruction set" in message
 
 
+def test_csv_upload_shows_detected_format_and_converts_to_parquet(client, tmp_path):
+    """Another format through the real app: a CSV + its images, the detected format in the report, and the
+    Convert button's download (a Parquet file the loader reads back)."""
+    from gradio_client import handle_file
+
+    from llaca.bench.formats import write_example
+    from llaca.data import load_instruction_set
+
+    src = write_example("csv", tmp_path / "csv", n=4, n_images=2)
+    flat = [src / "data.csv", *sorted((src / "images").iterdir())]
+    report, gallery, data_path = client.predict([handle_file(str(f)) for f in flat], None, api_name="/validate")
+    assert report.startswith("✔") and "Detected: image / question / answer columns in CSV." in report, report
+    download, message = client.predict(data_path, "parquet", api_name="/export_data")
+    assert message == "" and Path(download).suffix == ".parquet"
+    assert [r.answer for r in load_instruction_set(download).records] == ["red", "green", "red", "green"]
+
+
 def test_a_stage_runs_in_the_worker_survives_a_worker_crash_and_becomes_a_version(client, app, coin_dir, tmp_path):
     """Upload (zip) → validate → start; kill the worker mid-stage (the app keeps serving), resume → new version,
     evaluated on its own test split. Chat latency is measured idle and while the worker trains."""

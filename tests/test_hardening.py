@@ -94,6 +94,7 @@ def test_broken_set_is_refused_everywhere_with_where_and_what(case, hard_home, s
     assert registry_state(hard_home) == before
     assert [j.id for j in JobStore(hard_home).list()] == jobs_before
     assert not (tmp_path.parent / "outside.txt").exists() and not (hard_home / "outside.txt").exists()
+    assert not list((hard_home / "uploads").glob("*-images*"))  # embedded images are kept only for valid sets
 
 
 def test_100k_records_validate_streaming_in_bounded_memory(tmp_path):

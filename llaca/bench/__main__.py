@@ -7,7 +7,7 @@ import sys
 # benchmark name -> module in llaca.bench whose main(argv) runs it
 BENCHMARKS = {
     "quality": "quality", "speed": "speed", "load": "load", "heldout": "heldout", "basecost": "basecost",
-    "corrections": "corrections", "grouping": "grouping",
+    "corrections": "corrections", "grouping": "grouping", "formats": "formats",
 }
 USAGE = f"usage: python -m llaca.bench {{{','.join(BENCHMARKS)}}} [options]   (python -m llaca.bench quality --help)"
 
