@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m llaca.bench {quality,speed,load} [options]   (python -m llaca.bench quality --help)"
+USAGE = "usage: python -m llaca.bench {quality,speed,load,overhead} [options]   (python -m llaca.bench quality --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,6 +18,8 @@ def main(argv: list[str] | None = None) -> int:
         from .speed import main as run
     elif which == "load":
         from .load import main as run
+    elif which == "overhead":
+        from .overhead import main as run
     else:
         print(f"error: unknown benchmark {which!r}\n{USAGE}", file=sys.stderr)
         return 2

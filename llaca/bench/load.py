@@ -48,6 +48,23 @@ def connect(url: str, timeout: float = 180.0):
             time.sleep(1.0)
 
 
+def start_app(home: Path, port: int, log: Path, root: Path = ROOT, **env) -> subprocess.Popen:
+    """`launch.py` of the checkout `root` over `home` on a loopback port, in its own process (`env`: extra
+    variables)."""
+    env = {**os.environ, "LLACA_HOME": str(home), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False", **env}
+    return subprocess.Popen([sys.executable, str(Path(root) / "launch.py"), "--port", str(port)], env=env,
+                            cwd=root, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+
+
+def export_ref(ref: str, out: Path) -> Path:
+    """The app as it was at git `ref`, exported to `out` (`git archive`; the repository is not touched), so a
+    benchmark can serve the old code and the new one in the same run."""
+    out.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", ref], check=True, capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(out)], input=archive, check=True)
+    return out
+
+
 def zip_folder(folder: Path, out: Path) -> Path:
     with zipfile.ZipFile(out, "w") as zf:
         for f in sorted(folder.rglob("*")):
@@ -105,9 +122,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..versions import Registry
 
     ensure_base(Registry(home))  # the shipped base (seconds), so the stage can start at once
-    env = {**os.environ, "LLACA_HOME": str(home), "HF_HUB_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-    server = subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port)], env=env, cwd=ROOT,
-                              stdout=open(work / "server.log", "w"), stderr=subprocess.STDOUT)
+    server = start_app(home, port, work / "server.log")
     try:
         coin_mini.write_task(work / "coin", "vizwiz", n_train=300, n_test=20, seed=0)
         images = []
