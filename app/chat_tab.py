@@ -117,6 +117,7 @@ def build(studio: Studio):
     def stream_reply(history, version_id, max_tokens, temperature, request: gr.Request):
         """Append an assistant message to `history` and grow it token by token."""
         history = list(history) + [_assistant(THINKING)]
+        shown = None
         yield history
         session = getattr(request, "session_hash", None) or "default"
         stop = stops[session] = threading.Event()
@@ -129,9 +130,9 @@ def build(studio: Studio):
             tokens = at_most_every(studio.models.stream(version_id, image, question, history=turns,
                                                         max_new_tokens=int(max_tokens), temperature=float(temperature),
                                                         stop_event=stop), UPDATE_EVERY_S)
-            with contextlib.closing(tokens):  # releases the model's lock even if the client goes away
+            with contextlib.closing(tokens):  # drops this answer from its batch even if the client goes away
                 for text in tokens:
-                    history[-1] = _assistant(text or THINKING)
+                    history[-1] = shown = _assistant(text or THINKING)
                     yield history
             suffix = " [stopped]" if stop.is_set() else ""
             history[-1] = _assistant((text or "(no answer)") + suffix)
@@ -140,7 +141,8 @@ def build(studio: Studio):
         finally:
             stop.set()  # ends generation if the client went away mid-stream
             stops.pop(session, None)
-        yield history
+        if history[-1] != shown:  # else the last update already showed the whole answer: no duplicate message
+            yield history
 
     def respond(message, history, version_id, max_tokens, temperature, request: gr.Request):
         """Submit: add the user's image + text, then stream the answer."""

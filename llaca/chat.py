@@ -3,8 +3,8 @@
 This is the model-worker side of LLaVA's serve/ split: the UI passes plain text, an image and settings,
 and gets strings back; it never touches tensors. `stream_answer` goes through `llaca.batching`: answers asked
 at the same time of the same model are generated in one batched `generate` call, each still streamed on its own.
-`stream_unbatched` is the path before batching (one `generate` + `TextIteratorStreamer` per answer), kept to
-measure against (`python -m llaca.bench overhead`).
+(Before, each answer ran its own `generate` with a `TextIteratorStreamer`; `python -m llaca.bench overhead`
+measures that code from its git commit against this one.)
 """
 from __future__ import annotations
 
@@ -12,18 +12,13 @@ import contextlib
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
 
 from .batching import Batcher, Request, consume
 from .data import load_image, to_messages
 
-# generate() runs beside the consumer that streams its tokens. Reusing threads matters on CPU: a fresh thread
-# pays its OpenMP/MKL start-up on every answer (see stream_answer).
-_GENERATION_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="llaca-generate")
 # Every batched answer of this process goes through one batcher (a 5 ms gathering window, up to 32 rows).
 BATCHER = Batcher()
 
@@ -87,48 +82,6 @@ def at_most_every(texts: Iterator[str], seconds: float) -> Iterator[str]:
     finally:
         if hasattr(texts, "close"):
             texts.close()
-
-
-def stream_unbatched(model, processor, image: Image.Image | None, question: str, history=(), max_new_tokens: int = 64,
-                     temperature: float = 0.0, stop_event: threading.Event | None = None) -> Iterator[str]:
-    """The path before batching: one `generate` per answer, yielding the answer token by token."""
-    inputs = _prepare(processor, image, history, question).to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
-    kwargs = dict(**inputs, streamer=streamer, **_generation_kwargs(processor, max_new_tokens, temperature))
-    if stop_event is not None:
-        from transformers import StoppingCriteria, StoppingCriteriaList
-
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **_):
-                return stop_event.is_set()
-
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
-    errors: list[BaseException] = []
-    threads = torch.get_num_threads()
-
-    def run():
-        # A new thread reports the caller's intra-op thread count, but its OpenMP/MKL pool runs at the machine
-        # default until the count is set in that thread; a fresh thread per answer also pays that start-up each
-        # time. Measured for one 10-token answer of the tiny model on 2 cores, 1 thread requested: new thread
-        # 46-48 ms, new thread + set_num_threads 19-21 ms, pooled thread ~14 ms, generate() inline 12-14 ms.
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                model.generate(**kwargs)
-        except BaseException as e:  # surface worker errors in the caller's thread
-            errors.append(e)
-            streamer.end()
-
-    done = _GENERATION_THREADS.submit(run)
-    text = ""
-    for piece in streamer:
-        text += piece
-        yield text.strip()
-    done.result()
-    if errors:
-        raise errors[0]
 
 
 @torch.inference_mode()
