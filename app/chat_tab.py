@@ -89,7 +89,10 @@ class ImageCache:
         self.size, self._images = size, {}
 
     def get(self, path: str):
-        stat = os.stat(path)
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return load_image(path)  # its readable error for a missing file
         key = (path, stat.st_mtime_ns, stat.st_size)
         image = self._images.get(key)
         if image is None:

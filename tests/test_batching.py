@@ -95,3 +95,47 @@ def test_concurrent_stream_answers_share_one_batch(model_and_processor, question
     assert [r[-1] if r else "" for r in results] == alone
     assert sum(batcher.batch_sizes.values()) < len(questions)  # fewer generate calls than answers
     assert max(batcher.batch_sizes) > 1
+
+
+# ------------------------------------------------------------------------------------------ the chat hot path
+
+def test_the_pool_resolves_a_version_once_until_the_registry_changes(llaca_home, monkeypatch):
+    """No meta.json is read per answer; a version created or deleted meanwhile is seen at once."""
+    from llaca.serving import ModelPool
+    from llaca.versions import VersionError
+
+    registry = Registry(llaca_home)
+    pool = ModelPool(registry)
+    reads = []
+    real_get = registry.get
+    monkeypatch.setattr(registry, "get", lambda ref=None: reads.append(ref) or real_get(ref))
+    assert not pool.is_loaded("base")
+    with pool.use("base"):
+        pass
+    assert pool.is_loaded("base")
+    reads.clear()
+    for _ in range(5):
+        assert pool._version("base").id == "base"
+    assert reads == []
+    extra = registry.create({"name": "x", "parent": "base", "weights": "full"}, lambda tmp: None)
+    assert pool._version(extra.id).id == extra.id  # created after the cache was filled
+    registry.delete(extra.id)
+    with pytest.raises(VersionError):
+        pool._version(extra.id)
+
+
+def test_a_conversation_decodes_its_image_once(tmp_path):
+    from PIL import Image
+
+    from app.chat_tab import ImageCache
+
+    path = tmp_path / "a.png"
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(path)
+    cache = ImageCache(size=2)
+    first = cache.get(str(path))
+    assert cache.get(str(path)) is first  # the second turn reuses the decoded image
+    Image.new("RGB", (32, 32), (10, 200, 10)).save(path)  # replaced in place: decoded again
+    assert cache.get(str(path)).size == (32, 32)
+    (tmp_path / "bad.png").write_bytes(b"not an image")
+    with pytest.raises(Exception, match="bad.png"):
+        cache.get(str(tmp_path / "bad.png"))
