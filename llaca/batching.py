@@ -191,7 +191,7 @@ class Batcher:
 def consume(request: Request, decode: Callable[[list[int]], str], timeout: float = 120.0) -> Iterator[str]:
     """The request's growing text: waits for its next token, takes every token already there, yields once."""
     tokens: list[int] = []
-    sent = ""
+    sent = None  # so an empty answer is still yielded once, at its end
     try:
         while True:
             items = [request.tokens.get(timeout=timeout)]
