@@ -190,15 +190,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m llaca.bench load", description=__doc__.split("\n\n")[0])
     p.add_argument("--clients", default="20", help="client counts, run one after the other (e.g. 1,20)")
     p.add_argument("--requests", type=int, default=3, help="questions per client, one after another")
+    p.add_argument("--requests-alone", type=int, default=12, help="questions of a single client (--clients 1)")
     p.add_argument("--max-tokens", type=int, default=24)
     p.add_argument("--stage", choices=["yes", "no", "both"], default="yes",
                    help="run the clients while a stage trains, without one, or both (without first)")
     p.add_argument("--stage-steps", type=int, default=2000, help="long enough to outlast the load")
+    p.add_argument("--stage-wait", type=int, default=900, help="seconds to wait for the stage's first step")
     p.add_argument("--before", default=None, metavar="REF", help="serve the app as it was at git REF")
     p.add_argument("--name", default="load", help="file names of the results (NAME.json, NAME.md)")
     p.add_argument("--out", default=str(ROOT / "bench_results" / "load"))
     args = p.parse_args(argv)
     counts = [int(c) for c in str(args.clients).split(",")]
+    per_client = lambda n: args.requests_alone if n == 1 else args.requests  # noqa: E731 - a median needs samples
 
     from .. import coin_mini
 
@@ -211,6 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     root = export_ref(args.before, work / "before") if args.before else ROOT
     server = start_app(home, port, work / "server.log", root=root)
     runs: list[dict] = []
+    problem = None
     try:
         coin_mini.write_task(work / "coin", "vizwiz", n_train=300, n_test=20, seed=0)
         images = []
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         store = JobStore(home)
         one_request(client, *images[0], args.max_tokens)  # the model loads on the first question: not measured
         if args.stage in ("no", "both"):
-            runs += [run_clients(port, images, n, args.requests, args.max_tokens, server.pid) for n in counts]
+            runs += [run_clients(port, images, n, per_client(n), args.max_tokens, server.pid) for n in counts]
         if args.stage in ("yes", "both"):
             train_zip = zip_folder(work / "coin" / "vizwiz" / "train", work / "vizwiz.zip")
             report, _, data_path = client.predict([handle_file(str(train_zip))], None, api_name="/validate")
@@ -238,16 +242,18 @@ def main(argv: list[str] | None = None) -> int:
                                         1e-3, False, api_name="/start_stage")
             if not message.startswith("Queued"):
                 raise RuntimeError(f"the stage was not queued: {message}")
-            deadline = time.time() + 600
+            deadline = time.time() + args.stage_wait
             while not any(j.status == "running" and store.events(j.id) for j in store.list()):
-                if time.time() > deadline:
-                    raise RuntimeError(f"the stage did not start: {message}")
+                if time.time() > deadline:  # the worker runs at nice 10: on a busy machine it may not get a turn
+                    problem = f"the stage made no step within {args.stage_wait} s of being queued"
+                    break
                 time.sleep(1.0)
-            job = next(j for j in store.list() if j.status == "running")
-            for n in counts:
-                runs.append(run_clients(port, images, n, args.requests, args.max_tokens, server.pid, store, job))
+            job = next((j for j in store.list() if j.status == "running" and store.events(j.id)), None)
+            for n in counts if job is not None else []:
+                runs.append(run_clients(port, images, n, per_client(n), args.max_tokens, server.pid, store, job))
                 runs[-1]["stage_still_training_at_end"] = store.get(job.id).status == "running"
-            store.cancel(job.id)
+            if job is not None:
+                store.cancel(job.id)
     finally:
         stop_app(server)
 
@@ -256,15 +262,16 @@ def main(argv: list[str] | None = None) -> int:
         run["app"] = app
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.json").write_text(json.dumps({"app": app, "machine": f"{os.cpu_count()} CPUs", "runs": runs},
-                                                      indent=1))
+    (out / f"{args.name}.json").write_text(json.dumps({"app": app, "machine": f"{os.cpu_count()} CPUs", "runs": runs,
+                                                       "problem": problem}, indent=1))
     md = (f"Chat clients x requests ({args.max_tokens} new tokens max, one image each); app: {app}; "
           f"{os.cpu_count()} CPUs shared with other users (load average at start -> end of each run in the last "
-          f"column):\n\n" + table_header() + "".join(table_row(r) for r in runs) + "\n")
+          f"column):\n\n" + table_header() + "".join(table_row(r) for r in runs) + "\n"
+          + (f"**{problem}**: no run with a training stage.\n" if problem else ""))
     (out / f"{args.name}.md").write_text(md)
     print(md)
     shutil.rmtree(work, ignore_errors=True)
-    return 0 if all(r["answered"] == r["requests"] for r in runs) else 1
+    return 0 if not problem and all(r["answered"] == r["requests"] for r in runs) else 1
 
 
 def table_header() -> str:
