@@ -87,6 +87,7 @@ class ImageCache:
 
     def __init__(self, size: int = 64):
         self.size, self._images = size, {}
+        self._evict = threading.Lock()  # only on a miss: sessions run in parallel threads
 
     def get(self, path: str):
         try:
@@ -96,9 +97,11 @@ class ImageCache:
         key = (path, stat.st_mtime_ns, stat.st_size)
         image = self._images.get(key)
         if image is None:
-            image = self._images[key] = load_image(path)  # raises the readable error for a bad file
-            while len(self._images) > self.size:
-                self._images.pop(next(iter(self._images)), None)
+            image = load_image(path)  # raises the readable error for a bad file
+            with self._evict:
+                self._images[key] = image
+                while len(self._images) > self.size:
+                    self._images.pop(next(iter(self._images)))
         return image
 
 
