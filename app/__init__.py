@@ -68,7 +68,10 @@ class Studio:
     def ready(self, version_id: str) -> None:
         """Load a version into the pool, one load at a time: transformers' `from_pretrained` is not thread-safe
         (two loads in parallel threads silently give garbage weights; measured here), and chat and compare
-        sessions run in parallel threads."""
+        sessions run in parallel threads. Once loaded, this takes no lock (a lock here would wait for a running
+        generation)."""
+        if self.models.is_loaded(version_id):
+            return
         with self._load_lock, self.models.use(version_id):
             pass
 

@@ -4,11 +4,16 @@ The conversation lives in the Chatbot itself (Gradio's messages format); each re
 image sent opens the context (this LLaVA takes one image per conversation), and the text turns after it are
 the history handed to `llaca.chat.stream_answer` (through the library's `ModelPool`). Stop sets a per-session
 event that generation checks at every token.
+
+Speed (issue 15, `python -m llaca.bench overhead`): answers asked together are generated in one batch (so many
+requests may wait in the function at once), the Chatbot is updated at most every `UPDATE_EVERY_S` instead of per
+token, a conversation's image is decoded once, and the hot path reads no files.
 """
 from __future__ import annotations
 
 import contextlib
 import mimetypes
+import os
 import random
 import threading
 import types
@@ -16,11 +21,16 @@ import types
 import gradio as gr
 
 from llaca import coin_mini
+from llaca.chat import at_most_every
 from llaca.data import load_image
 
 from . import SAMPLES_DIR, Studio, groups_ui, warn
 
-GENERATE_CONCURRENCY = 2  # two CPU cores: more parallel generations only slow each other down
+# Requests in the chat function at once. They do not generate in parallel: those of one version are gathered
+# into one batched generate (llaca.batching, up to 32 rows), so more in flight means bigger batches, not more threads
+# fighting for the cores.
+GENERATE_CONCURRENCY = 32
+UPDATE_EVERY_S = 0.1  # at most ~10 Chatbot updates a second per answer (each costs a postprocess + diff + message)
 THINKING = "…"
 
 # (task, seed): a few images per kind, rendered with coin_mini from a fixed seed (so the question is known).
@@ -71,6 +81,30 @@ def split_conversation(history: list[dict]) -> tuple[str | None, list[tuple[str,
     return image, turns, question or ""
 
 
+class ImageCache:
+    """Decoded images by path, so the turns of one conversation decode its image once (Gradio keeps an upload at
+    one path; size and mtime catch a file replaced in place). Small and bounded: a dict in insertion order."""
+
+    def __init__(self, size: int = 64):
+        self.size, self._images = size, {}
+        self._evict = threading.Lock()  # only on a miss: sessions run in parallel threads
+
+    def get(self, path: str):
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return load_image(path)  # its readable error for a missing file
+        key = (path, stat.st_mtime_ns, stat.st_size)
+        image = self._images.get(key)
+        if image is None:
+            image = load_image(path)  # raises the readable error for a bad file
+            with self._evict:
+                self._images[key] = image
+                while len(self._images) > self.size:
+                    self._images.pop(next(iter(self._images)))
+        return image
+
+
 def _image_part(path: str) -> dict:
     """A file part the Chatbot shows as an image (it needs the mime type to know)."""
     return {"type": "file", "file": {"path": path, "mime_type": mimetypes.guess_type(path)[0] or "image/png"}}
@@ -85,27 +119,29 @@ def _assistant(text: str) -> dict:
 def build(studio: Studio):
     stops: dict[str, threading.Event] = {}
     reply_hooks: list = []  # called with (history, version id, request) after every finished reply
+    images = ImageCache()
 
     def stream_reply(history, version_id, max_tokens, temperature, request: gr.Request):
         """Append an assistant message to `history` and grow it token by token."""
         history = list(history) + [_assistant(THINKING)]
+        shown = None
         yield history
         session = getattr(request, "session_hash", None) or "default"
         stop = stops[session] = threading.Event()
         try:
             image_path, turns, question = split_conversation(history[:-1])
-            image = load_image(image_path) if image_path else None
+            image = images.get(image_path) if image_path else None
             text = ""
             version_id = version_id or studio.newest_id() or "base"
             route = groups_ui.route(studio, version_id, question)  # a grouped version: its most similar group answers
             version_id = route.version if route else version_id
             studio.ready(version_id)
-            tokens = studio.models.stream(version_id, image, question, history=turns,
-                                          max_new_tokens=int(max_tokens), temperature=float(temperature),
-                                          stop_event=stop)
-            with contextlib.closing(tokens):  # releases the model's lock even if the client goes away
+            tokens = at_most_every(studio.models.stream(version_id, image, question, history=turns,
+                                                        max_new_tokens=int(max_tokens), temperature=float(temperature),
+                                                        stop_event=stop), UPDATE_EVERY_S)
+            with contextlib.closing(tokens):  # drops this answer from its batch even if the client goes away
                 for text in tokens:
-                    history[-1] = _assistant(text or THINKING)
+                    history[-1] = shown = _assistant(text or THINKING)
                     yield history
             suffix = " [stopped]" if stop.is_set() else ""
             history[-1] = _assistant((text or "(no answer)") + suffix)
@@ -118,7 +154,8 @@ def build(studio: Studio):
             stops.pop(session, None)
         for hook in reply_hooks:  # e.g. the opt-in conversation log (app/chat_log.py)
             hook(history, version_id, request)
-        yield history
+        if history[-1] != shown:  # else the last update already showed the whole answer: no duplicate message
+            yield history
 
     def respond(message, history, version_id, max_tokens, temperature, request: gr.Request):
         """Submit: add the user's image + text, then stream the answer."""
@@ -129,7 +166,7 @@ def build(studio: Studio):
             warn("Type a question (an image alone is not a question).")
             yield history, message
             return
-        if not studio.versions():
+        if not (version_id or studio.newest_id()):  # a picked version exists: no registry scan per message
             warn("No model yet: the base model is still being built (see the banner at the top).")
             yield history, message
             return

@@ -1,23 +1,26 @@
-"""Chat with a version: multi-turn, one image, streamed tokens (transformers' TextIteratorStreamer).
+"""Chat with a version: multi-turn, one image, streamed tokens.
 
 This is the model-worker side of LLaVA's serve/ split: the UI passes plain text, an image and settings,
-and gets strings back; it never touches tensors.
+and gets strings back; it never touches tensors. `stream_answer` goes through `llaca.batching`: answers asked
+at the same time of the same model are generated in one batched `generate` call, each still streamed on its own.
+(Before, each answer ran its own `generate` with a `TextIteratorStreamer`; `python -m llaca.bench overhead`
+measures that code from its git commit against this one.)
 """
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import time
+from collections.abc import Callable, Iterator
 
 import torch
 from PIL import Image
-from transformers import TextIteratorStreamer
 
+from .batching import Batcher, Request, consume
 from .data import load_image, to_messages
 
-# generate() runs beside the consumer that streams its tokens. Reusing threads matters on CPU: a fresh thread
-# pays its OpenMP/MKL start-up on every answer (see stream_answer).
-_GENERATION_THREADS = ThreadPoolExecutor(max_workers=8, thread_name_prefix="llaca-generate")
+# Every batched answer of this process goes through one batcher (a 5 ms gathering window, up to 32 rows).
+BATCHER = Batcher()
 
 
 def _prepare(processor, image: Image.Image, history: list[tuple[str, str]], question: str):
@@ -40,44 +43,45 @@ def _generation_kwargs(processor, max_new_tokens: int, temperature: float) -> di
 
 def stream_answer(model, processor, image: Image.Image | None, question: str, history=(), max_new_tokens: int = 64,
                   temperature: float = 0.0, stop_event: threading.Event | None = None) -> Iterator[str]:
-    """Yield the answer as it grows (cumulative text), token by token."""
-    inputs = _prepare(processor, image, history, question).to(model.device)
-    if "pixel_values" in inputs:
-        inputs["pixel_values"] = inputs["pixel_values"].to(model.dtype)
-    streamer = TextIteratorStreamer(processor.tokenizer, skip_prompt=True, skip_special_tokens=True, timeout=120)
-    kwargs = dict(**inputs, streamer=streamer, **_generation_kwargs(processor, max_new_tokens, temperature))
-    if stop_event is not None:
-        from transformers import StoppingCriteria, StoppingCriteriaList
+    """Yield the answer as it grows (cumulative text). Answers requested at the same time of the same `model`
+    share one batched `generate` (the caller must not switch its adapter meanwhile: `ModelPool.stream` does that
+    for versions)."""
+    yield from stream_batched(lambda: contextlib.nullcontext((model, processor)), processor, image, question,
+                              history, max_new_tokens, temperature, stop_event, key=("model", id(model)))
 
-        class _Stop(StoppingCriteria):
-            def __call__(self, input_ids, scores, **_):
-                return stop_event.is_set()
 
-        kwargs["stopping_criteria"] = StoppingCriteriaList([_Stop()])
-    errors: list[BaseException] = []
-    threads = torch.get_num_threads()
+def stream_batched(model_for: Callable, processor, image: Image.Image | None, question: str, history=(),
+                   max_new_tokens: int = 64, temperature: float = 0.0, stop_event: threading.Event | None = None,
+                   key: tuple = ()) -> Iterator[str]:
+    """The answer as it grows, generated in a batch with the other requests of the same `key` (and sampling).
 
-    def run():
-        # A new thread reports the caller's intra-op thread count, but its OpenMP/MKL pool runs at the machine
-        # default until the count is set in that thread; a fresh thread per answer also pays that start-up each
-        # time. Measured for one 10-token answer of the tiny model on 2 cores, 1 thread requested: new thread
-        # 46-48 ms, new thread + set_num_threads 19-21 ms, pooled thread ~14 ms, generate() inline 12-14 ms.
-        torch.set_num_threads(threads)
-        try:
-            with torch.inference_mode():
-                model.generate(**kwargs)
-        except BaseException as e:  # surface worker errors in the caller's thread
-            errors.append(e)
-            streamer.end()
+    The prompt and image are processed here, in the caller's thread; `model_for()` is entered around the batch
+    (e.g. `ModelPool.use(version)`). Each update carries every token that arrived since the last one.
+    """
+    request = Request(_prepare(processor, image, history, question), int(max_new_tokens), stop_event)
+    generation = _generation_kwargs(processor, max_new_tokens, temperature)
+    del generation["max_new_tokens"], generation["pad_token_id"]  # per row / per batch in llaca.batching
+    BATCHER.submit((key, temperature if temperature and temperature > 0 else 0.0), request, model_for, generation)
+    yield from consume(request, lambda ids: processor.tokenizer.decode(ids, skip_special_tokens=True).strip())
 
-    done = _GENERATION_THREADS.submit(run)
-    text = ""
-    for piece in streamer:
-        text += piece
-        yield text.strip()
-    done.result()
-    if errors:
-        raise errors[0]
+
+def at_most_every(texts: Iterator[str], seconds: float) -> Iterator[str]:
+    """The first text at once, then at most one per `seconds` (the newest), and always the last: a UI update per
+    token costs the server a Chatbot postprocess + diff + SSE message each, for text a reader cannot follow."""
+    last, held = float("-inf"), None
+    try:
+        for text in texts:
+            now = time.monotonic()
+            if now - last >= seconds:
+                last, held = now, None
+                yield text
+            else:
+                held = text
+        if held is not None:
+            yield held
+    finally:
+        if hasattr(texts, "close"):
+            texts.close()
 
 
 @torch.inference_mode()

@@ -8,12 +8,14 @@ cached whole. Loaded models are kept in a small LRU.
 
 One model holds one active adapter at a time, so every use goes through `pool.use(version)`, which takes that
 model's lock, activates the version's adapter and yields (model, processor): generations with different adapters
-on one model never interleave.
+on one model never interleave. `pool.stream` holds it per *batch* of answers (`llaca.batching`): answers asked of
+one version at the same time are generated together. The hot path reads no files: resolved versions are cached
+while the registry folder is unchanged (one `stat` per answer).
 
     pool = ModelPool(registry)
     with pool.use("v3") as (model, processor):
         answer = answer_once(model, processor, image, question)
-    for text in pool.stream("v3", image, question):   # holds the lock until the stream ends or is closed
+    for text in pool.stream("v3", image, question):   # batched with other answers of v3 asked meanwhile
         ...
 """
 from __future__ import annotations
@@ -24,7 +26,7 @@ import dataclasses
 import threading
 from collections.abc import Iterator
 
-from .versions import Registry, Version, base_of, load_base
+from .versions import Registry, Version, load_base
 
 
 @dataclasses.dataclass
@@ -54,6 +56,7 @@ class ModelPool:
         self._models: collections.OrderedDict[tuple, _Loaded] = collections.OrderedDict()
         self._pool_lock = threading.Lock()       # guards the dict; loading happens under the entry's key lock
         self._key_locks: dict[tuple, threading.Lock] = {}
+        self._versions: dict[str, tuple[int, Version]] = {}  # version id -> (registry folder mtime, version)
 
     # ------------------------------------------------------------------ public
     @contextlib.contextmanager
@@ -64,7 +67,7 @@ class ModelPool:
         """
         from peft import PeftModel
 
-        version = self.registry.get(ref)
+        version = self._version(ref)
         entry = self._entry(version, bits)
         with entry.lock:
             if version.weights == "lora":
@@ -85,17 +88,29 @@ class ModelPool:
             return answer_once(model, processor, image, question, history=history, **generation)
 
     def stream(self, ref: str, image, question: str, history=(), **generation) -> Iterator[str]:
-        """The growing answer of version `ref`; the model stays locked until the generator ends or is closed."""
-        from .chat import stream_answer
+        """The growing answer of version `ref`, generated in one batch with the other answers of `ref` asked at the
+        same time; the model is locked (and the version's adapter active) per batch."""
+        from .chat import stream_batched
 
-        with self.use(ref) as (model, processor):
-            yield from stream_answer(model, processor, image, question, history=history, **generation)
+        version = self._version(ref)
+        processor = self._entry(version, "auto").processor
+        yield from stream_batched(lambda: self.use(version.id), processor, image, question, history,
+                                  key=("version", version.id, version.created), **generation)
+
+    def is_loaded(self, ref: str) -> bool:
+        """Whether `ref` can answer without loading anything (its model, and its adapter if it has one)."""
+        version = self._version(ref)
+        base = self._version(version.meta["base_version"]) if version.weights == "lora" else version
+        with self._pool_lock:
+            entry = self._models.get((base.id, base.created, version.meta.get("quant_bits")))
+        return entry is not None and (version.weights != "lora" or (version.id, version.created) in entry.adapters)
 
     def forget(self, ref_or_id: str) -> None:
         """Drop a deleted version: its whole model if it was loaded as one, else its adapter (and a base left with
         no adapters, since peft cannot serve a PeftModel without one: it reloads on demand)."""
         from peft import PeftModel
 
+        self._versions.clear()
         with self._pool_lock:
             for key in [k for k in self._models if k[0] == ref_or_id]:
                 del self._models[key]
@@ -114,9 +129,22 @@ class ModelPool:
             return {f"{k[0]}@{k[2] or 'full'}": [a[0] for a in e.adapters] for k, e in self._models.items()}
 
     # ------------------------------------------------------------------ internals
+    def _version(self, ref: str) -> Version:
+        """`registry.get(ref)` without reading every meta.json per answer: a version id resolved before is reused
+        while the registry folder's mtime is unchanged (creating or deleting a version changes it; what serving
+        reads of a version, its weights, base and creation time, never changes in place)."""
+        stamp = self.registry.root.stat().st_mtime_ns
+        hit = self._versions.get(ref)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        version = self.registry.get(ref)
+        if version.id == ref:  # names can be renamed in place: resolve them every time
+            self._versions[ref] = (stamp, version)
+        return version
+
     def _entry(self, version: Version, bits) -> _Loaded:
         """The loaded model `version` runs on, loading it (once, even under concurrent requests) if needed."""
-        base = base_of(self.registry, version)
+        base = self._version(version.meta["base_version"]) if version.weights == "lora" else version
         bits = version.meta.get("quant_bits") if bits == "auto" else bits
         key = (base.id, base.created, bits)  # created: an id reused after a delete must not hit a stale model
         with self._pool_lock:
