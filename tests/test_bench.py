@@ -49,18 +49,20 @@ def test_speed_smoke_writes_the_ratios(llaca_home, tmp_path):
 
 
 def test_instruction_router_groups_by_template_and_routes_questions(coin_dir):
-    """The ICML version's grouping: CoIN-mini tasks have distinct templates -> one group each, routed back exactly;
-    a second dataset with the same template continues its group."""
+    """The ICML version's grouping (the library router the benchmark uses): CoIN-mini tasks have distinct templates
+    -> one group each, routed back exactly; a second dataset with the same template continues its group."""
     from llaca.data import load_instruction_set
+    from llaca.grouping import InstructionRouter
 
-    router = quality.InstructionRouter(threshold=0.9)
+    router = InstructionRouter(threshold=0.9)
     tasks = ["sciqa", "gqa", "vqav2"]
     for k, task in enumerate(tasks):
         texts = [r.question for r in load_instruction_set(coin_dir / task / "train").records]
-        assert router.match(texts) is None
+        assert router.match(texts)[0] is None
         assert router.add(None, texts, f"v{k}") == k
     again = [r.question for r in load_instruction_set(coin_dir / "gqa" / "test").records]
-    assert router.match(again) == 1
+    assert router.match(again)[0] == 1
     for k, task in enumerate(tasks):
         records = load_instruction_set(coin_dir / task / "test").records
-        assert router.split(records) == {f"v{k}": records}
+        assert {router.route(r.question).version for r in records} == {f"v{k}"}
+
