@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-USAGE = "usage: python -m llaca.bench {quality,speed,load} [options]   (python -m llaca.bench quality --help)"
+USAGE = "usage: python -m llaca.bench {quality,regimes,speed,load} [options]   (python -m llaca.bench quality --help)"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,6 +16,8 @@ def main(argv: list[str] | None = None) -> int:
         from .quality import main as run
     elif which == "speed":
         from .speed import main as run
+    elif which == "regimes":
+        from .regimes import main as run
     elif which == "load":
         from .load import main as run
     else:
