@@ -59,7 +59,8 @@ def _probe(seq_runs: list[dict]) -> dict | None:
 def _alpha(llaca_runs: list[dict]) -> list[dict]:
     """llaca's per-tensor alpha and EMA movement (first seed), plus what a tensor of the paper's size would see with
     the same per-element statistics: a, b, c are L1 sums over N elements, so alpha and the per-element movement both
-    scale as 1 / N (x N / PAPER_LORA_NUMEL)."""
+    scale as 1 / N (x N / PAPER_LORA_NUMEL). Extrapolated only for matrices (>= 1000 elements) on the fallback less
+    than half of their steps."""
     if not llaca_runs:
         return []
     out = []
@@ -67,7 +68,9 @@ def _alpha(llaca_runs: list[dict]) -> list[dict]:
         n = t.get("numel")
         row = {k: t.get(k) for k in ("name", "numel", "fallback_frac", "alpha_median", "alpha_all_median",
                                      "move_median", "kept")}
-        f = n / PAPER_LORA_NUMEL if n else None
+        # Only matrices whose alpha is mostly the equation's (the fallback is a constant: it does not scale with N).
+        scalable = n and n >= 1000 and (t.get("fallback_frac") or 0) < 0.5
+        f = n / PAPER_LORA_NUMEL if scalable else None
         row["alpha_paper"] = None if not f or t.get("alpha_median") is None else Q._sig(t["alpha_median"] * f)
         row["move_paper"] = None if not f or t.get("move_median") is None else Q._sig(t["move_median"] * f)
         out.append(row)
