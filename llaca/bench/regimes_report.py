@@ -135,9 +135,10 @@ def markdown(results: dict) -> str:
         "",
         f"| regime (base / model / lr) | seq | {LABEL['ema0.99']} | llaca | llaca+replay | llaca gain Avg.ACC | "
         "llaca Forgetting reduction | llaca+replay gain / reduction | targets met (F <= seq/2, Avg >= seq+10) | "
-        "probe: task i at lambda | probe: task i+1 at lambda | probe joint |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "probe: task i at lambda | probe: task i+1 at lambda | probe joint | other methods |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
+    main = ("seq", "ema0.99", "llaca", "llaca+replay")
     for g in results["regimes"]:
         lg, rg, pr = g["llaca_gain"] or {}, g["replay_gain"] or {}, g["probe"]
         targets = "n/a" if g["targets"] is None else f"{g['targets_met']}/2"
@@ -146,26 +147,30 @@ def markdown(results: dict) -> str:
             f"{_cell(g, 'llaca+replay')} | {_signed(lg.get('avg_acc'))} | {_signed(lg.get('forgetting_reduction'))} | "
             f"{_signed(rg.get('avg_acc'))} / {_signed(rg.get('forgetting_reduction'))} | {targets} | "
             f"{' '.join(f'{x:.0f}' for x in pr['old']) if pr else 'n/a'} | "
-            f"{' '.join(f'{x:.0f}' for x in pr['new']) if pr else 'n/a'} | {pr['joint'] if pr else 'n/a'} |")
+            f"{' '.join(f'{x:.0f}' for x in pr['new']) if pr else 'n/a'} | {pr['joint'] if pr else 'n/a'} | "
+            f"{', '.join(f'{m}: {_cell(g, m)}' for m in cfg['methods'] if m not in main) or '-'} |")
     missing = [g["name"] for g in results["regimes"] if g["runs_done"] < g["runs_planned"]]
     if missing:
         lines += ["", f"Not (fully) run: {', '.join(missing)}."]
     if results["best"]:
         lines += ["", f"Where llaca measured best (targets met, then Avg.ACC gain): {', '.join(results['best'])}."]
     lines += ["", "llaca's alpha (first seed; median over steps off the fallback) and per-element EMA movement "
-              "alpha * ||p - ema||_1 / N, median over the tensors of each size, next to what a tensor of the paper's "
+              "alpha * ||p - ema||_1 / N, median over the tensors of each size (matrices only), next to what a tensor of the paper's "
               f"size ({cfg['paper_lora_numel']:,} = 4096 x 128) would see with the same per-element statistics (x N / "
               f"{cfg['paper_lora_numel']:,}):", "",
               "| regime | tensor size N | tensors | fallback share | alpha | alpha at paper size | EMA move / element "
-              "/ step | at paper size |", "|---|---|---|---|---|---|---|---|"]
+              "/ step | at paper size | kept = prod(1 - alpha) per stage |", "|---|---|---|---|---|---|---|---|---|"]
     for g in results["regimes"]:
         by_n: dict[int, list[dict]] = {}
         for t in g["alpha"]:
             by_n.setdefault(t["numel"], []).append(t)
-        for n, ts in sorted(by_n.items(), key=lambda kv: -kv[0])[:3]:   # the three largest sizes
+        for n, ts in sorted(by_n.items(), key=lambda kv: -kv[0]):
+            if n < 1000:                 # norms and biases: always on the fallback here
+                continue
             med = lambda k: _med([t[k] for t in ts])  # noqa: E731
             lines.append(f"| {g['name']} | {n:,} | {len(ts)} | {_g(med('fallback_frac'))} | {_g(med('alpha_median'))} "
-                         f"| {_g(med('alpha_paper'))} | {_g(med('move_median'))} | {_g(med('move_paper'))} |")
+                         f"| {_g(med('alpha_paper'))} | {_g(med('move_median'))} | {_g(med('move_paper'))} | "
+                         f"{_g(med('kept'))} |")
     est = "" if results["estimate_s"] is None else f"; estimate before starting {results['estimate_s'] / 60:.0f} min"
     lines += ["", f"Wall time {results['wall_s'] / 60:.1f} min for this invocation ({results['machine']}{est}); the "
               f"runs themselves took {results['process_s'] / 60:.0f} process-minutes (cached runs count their own time)."]
