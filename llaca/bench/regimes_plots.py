@@ -33,6 +33,9 @@ def plot_map(results: dict, path: Path) -> None:
             vals = [(g[field] or {}).get(key, np.nan) for g in regs]
             ax.barh(y + (k - 1) * h, vals, height=h, color=color, label=label)
         ax.axvline(0, color="k", lw=0.8)
+        for k, g in enumerate(regs):
+            if not any(g[field] for field, _, _ in SERIES):
+                ax.text(0, k, "  not run", fontsize=7, color="gray", va="center")
         ax.set_yticks(y, names, fontsize=8)
         ax.invert_yaxis()
         ax.set_title(title, fontsize=10)
