@@ -41,7 +41,7 @@ def plot_map(results: dict, path: Path) -> None:
         ax.set_title(title, fontsize=10)
         ax.grid(axis="x", alpha=0.3)
     axes[1].set_yticklabels([])
-    axes[0].legend(fontsize=7, loc="lower right")
+    axes[0].legend(fontsize=7, loc="upper center", bbox_to_anchor=(1.05, -0.12), ncol=3)
     ax = axes[2]
     cmap = plt.get_cmap("tab20")
     for k, g in enumerate(regs):
