@@ -68,6 +68,7 @@ class StageConfig:
     load_in_8bit: bool = False
     train_vision: bool = False
     rule_hparams: dict = dataclasses.field(default_factory=dict)
+    replay_fraction: float = 0.0  # any rule but `replay`: mix in this fraction of earlier records (as ReplayRule does)
     checkpoint_every: int = 50
     evaluate_after: bool = True
     eval_limit: int | None = None
@@ -77,6 +78,8 @@ class StageConfig:
         keep = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
                 "max_grad_norm", "seed", "lora", "train_vision")
         out = {k: getattr(self, k) for k in keep}
+        if self.replay_fraction:  # only when set: run keys of existing stages are unchanged
+            out["replay_fraction"] = self.replay_fraction
         if self.lora:
             out.update(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
         if self.load_in_4bit or self.load_in_8bit:
@@ -113,6 +116,10 @@ class StageRecipe:
         records = self.dataset.records
         if cfg.method == "replay":
             records = self.rule.mix(records, self._replay_pool(), seed=cfg.seed)
+        elif cfg.replay_fraction:  # e.g. llaca over a stage that also replays what the registry holds
+            from .rules import ReplayRule
+
+            records = ReplayRule(cfg.replay_fraction).mix(records, self._replay_pool(), seed=cfg.seed)
         self.train_records = records
         self.model = self._make_trainable(model)
         self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
@@ -269,7 +276,8 @@ class StageRecipe:
             loss_avg = acc.reduce(torch.tensor(loss_sum, device=acc.device), reduction="mean").item()
             entry = {"step": self.step, "loss": round(loss_avg, 5), "lr": self.scheduler.get_last_lr()[0], **stats}
             self.log.append(entry)
-            self._trace({"step": self.step, "loss": loss_avg, "alpha": getattr(self.rule, "last_alpha", None)})
+            self._trace({"step": self.step, "loss": loss_avg, "alpha": getattr(self.rule, "last_alpha", None),
+                         "dist": getattr(self.rule, "last_dist", None)})
             elapsed = time.time() - start
             rate = (self.step - start_step) / max(elapsed, 1e-9)
             self.on_event({"type": "step", **entry, "total_steps": self.total_steps,

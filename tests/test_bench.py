@@ -66,3 +66,27 @@ def test_instruction_router_groups_by_template_and_routes_questions(coin_dir):
         records = load_instruction_set(coin_dir / task / "test").records
         assert {router.route(r.question).version for r in records} == {f"v{k}"}
 
+
+def test_quality_regime_knobs_are_in_the_cache_key():
+    """Every regime knob changes a run's cache key; the default regime keeps the key it had before the knobs."""
+    from llaca.paths import ASSETS_DIR
+
+    def key(*argv):
+        cfg = quality.resolve_config(quality.parse_args(["--tasks", "2", *argv]))
+        job = {"method": "llaca", "seed": 0, "home": "h", "tasks_root": "t", "tasks": cfg["tasks"],
+               "steps": cfg["steps"], "lr": cfg["lr"], "batch_size": cfg["batch_size"], "test_limit": None,
+               "base_test": None, "multitask_data": None, "run_home": "r",
+               **{k: cfg[k] for k in ("stage_kw", "llaca_hp", "base_id") if cfg.get(k)}}
+        return quality._job_key(job, {"created": 1.0, "stage": {"sha256": "x"}}), cfg
+
+    default, cfg = key()
+    assert not {"stage_kw", "llaca_hp", "base", "base_id"} & set(cfg)
+    variants = [("--lora",), ("--lora-r", "8"), ("--lora-r", "64"), ("--lr", "1e-4"), ("--steps", "80"),
+                ("--scale", "1.0"), ("--alpha-fallback", "0.001"), ("--base", str(ASSETS_DIR / "base_v1"))]
+    keys = [key(*v)[0] for v in variants]
+    assert len(set(keys + [default])) == len(variants) + 1
+    assert key("--lora-r", "8")[1]["stage_kw"] == {"lora": True, "lora_r": 8}
+    assert quality.job_rule({"method": "llaca", "llaca_hp": {"scale": 1.0}}) == \
+        ("llaca", {"scale": 1.0})
+    assert quality.job_rule({"method": "llaca-norm"})[1]["size_ref"] == 4096 * 128
+    assert quality.job_rule({"method": "seq", "llaca_hp": {"scale": 1.0}}) == ("seq", {})   # llaca rules only

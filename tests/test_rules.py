@@ -95,6 +95,24 @@ def test_llaca_first_step_then_update_by_hand():
     torch.testing.assert_close(rule.g_prev["w"], torch.tensor([0.5, -0.5]))   # g_prev <- g
 
 
+def test_llaca_norm_size_normalised_alpha_by_hand():
+    """`llaca-norm`: scale x N / size_ref per tensor. Same two steps as above on a 2-element tensor, size_ref = 8:
+    scale = 2 * 2 / 8 = 0.5; alpha = 0.5 * (1 + 1) / (3 * 1.5) = 2/9; ema = (7/9) [0, 0] + (2/9) [1, 2]."""
+    from llaca.rules.llaca import PAPER_LORA_NUMEL
+
+    assert llaca_alpha(3.0, 1.0, 1.5, numel=2, size_ref=8) == pytest.approx(2 / 9)
+    # a 192x192 matrix against the paper's 4096x128 LoRA matrix: 2 * (36864 / 524288) * 2 / 10 = 0.028125
+    assert llaca_alpha(10.0, 1.0, 1.0, numel=192 * 192, size_ref=PAPER_LORA_NUMEL) == pytest.approx(0.028125)
+    rule = LlacaRule(size_ref=8)
+    _, stats, _ = _two_steps(rule, [0.0, 0.0], [0.0, 0.5], [1.0, 2.0], [0.5, -0.5])
+    assert stats["alpha_mean"] == pytest.approx(2 / 9) and stats["alpha_fallback_frac"] == 0.0
+    torch.testing.assert_close(rule.ema["w"], torch.tensor([2 / 9, 4 / 9]))
+    assert rule.last_dist == {"w": pytest.approx(3.0)}                  # a = ||p - ema||_1 before the update
+    assert make_rule("llaca", **rule.hparams()).hparams() == {"scale": 2.0, "alpha_fallback": 0.01, "size_ref": 8.0}
+    with pytest.raises(ValueError, match="size_ref"):
+        LlacaRule(size_ref=0)
+
+
 def test_llaca_first_step_copies_weights():
     rule = LlacaRule()
     p = _param([1.0, -2.0])

@@ -106,6 +106,22 @@ def test_replay_mixes_earlier_stage_samples(llaca_home, coin_dir):
     assert replayed and all(i.startswith(("sciqa", "base")) for i in replayed)
 
 
+def test_llaca_with_replay_fraction_mixes_like_replay(llaca_home, coin_dir):
+    """`llaca+replay`: the llaca rule over a stage mixed with earlier records exactly as the replay rule mixes them."""
+    registry = Registry()
+    first = run_stage(StageConfig(data=str(coin_dir / "sciqa" / "train"), method="seq", max_steps=1, batch_size=8,
+                                  evaluate_after=False), registry)
+    cfgs = {m: StageConfig(data=str(coin_dir / "gqa" / "train"), parent=first.id, max_steps=1, batch_size=8, **kw)
+            for m, kw in (("replay", {"method": "replay", "rule_hparams": {"fraction": 0.25}}),
+                          ("llaca", {"method": "llaca", "replay_fraction": 0.25}))}
+    recipes = {m: StageRecipe(c, registry) for m, c in cfgs.items()}
+    for r in recipes.values():
+        r.setup()
+    assert [r.id for r in recipes["llaca"].train_records] == [r.id for r in recipes["replay"].train_records]
+    assert len(recipes["llaca"].train_records) == 48 + 12 and recipes["llaca"].rule.name == "llaca"
+    assert cfgs["llaca"].hparams()["replay_fraction"] == 0.25 and "replay_fraction" not in cfgs["replay"].hparams()
+
+
 def test_registry_guards(llaca_home):
     registry = Registry()
     with pytest.raises(VersionError):

@@ -7,7 +7,7 @@ import sys
 # benchmark name -> module in llaca.bench whose main(argv) runs it
 BENCHMARKS = {
     "quality": "quality", "speed": "speed", "load": "load", "heldout": "heldout", "basecost": "basecost",
-    "corrections": "corrections", "grouping": "grouping", "formats": "formats", "overhead": "overhead",
+    "corrections": "corrections", "grouping": "grouping", "formats": "formats", "overhead": "overhead", "regimes": "regimes",
 }
 USAGE = f"usage: python -m llaca.bench {{{','.join(BENCHMARKS)}}} [options]   (python -m llaca.bench quality --help)"
 

@@ -2,6 +2,7 @@
 
     python -m llaca.bench quality            # the default config (8 tasks x STAGE_STEPS, 3 seeds, all methods)
     python -m llaca.bench quality --quick    # 3 tasks, few steps, 1 seed: a few minutes
+    python -m llaca.bench quality --lora --lora-r 8 --lr 1e-4 --base assets/base_v1   # another regime / base
 
 Each (method, seed) is one run in its own registry (a copy of `base` under the work dir): stage j starts from
 stage j-1's version, exactly like `python -m llaca learn` chained by hand. After every stage the new version is
@@ -32,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..rules.llaca import PAPER_LORA_NUMEL
+
 # --- the per-stage recipe every method shares (the integrator calibrates these) ---------------------------------
 STAGE_STEPS = 150       # optimizer steps per task (multitask: len(tasks) x this, one stage)
 STAGE_LR = 1e-3
@@ -53,11 +56,14 @@ METHODS: dict[str, tuple[str, dict]] = {
     "llaca": ("llaca", {}),                   # faithful: the authors' code (scale 2, fallback 0.01)
     "llaca-port": ("llaca", {"scale": 0.01, "alpha_fallback": 0.001}),   # the later port's constants
     "llaca-grouped": ("llaca", {}),           # + the ICML version's instruction grouping (llaca.grouping)
+    "llaca-norm": ("llaca", {"size_ref": PAPER_LORA_NUMEL}),   # scale x N / (4096 x 128): the paper's per-element alpha
+    "llaca+replay": ("llaca", {}),            # the adaptive EMA over stages that mix in earlier records (REPLAY_MIX)
     "multitask": ("seq", {}),                 # all tasks jointly, one stage (upper bound)
 }
 DEFAULT_METHODS = ["seq", "ema0.9", "ema0.99", "ema0.999", "replay", "llaca", "multitask"]
 VARIANTS = ["llaca-port", "llaca-grouped"]     # what the port / the ICML version add; `--methods all` runs them too
 GROUPED = {"llaca-grouped": 0.90}             # TF-IDF similarity threshold (the ICML version's, fixed templates)
+REPLAY_MIX = {"llaca+replay": 0.2}            # fraction of earlier records mixed into each stage (as `replay`)
 
 
 def method_spec(name: str) -> tuple[str, dict]:
@@ -151,18 +157,24 @@ def _alpha_from_trace(trace_file: Path, numels: dict[str, int], fallback: float)
     final EMA still puts on its starting point (1: the tensor learned nothing this stage, 0: it followed the raw
     weights)."""
     per: dict[str, list[float]] = {}
+    move: dict[str, list[float]] = {}       # alpha * ||p - ema||_1 / N: how far the EMA moves per element per step
     with open(trace_file, encoding="utf-8") as f:
         for line in f:
             entry = json.loads(line)
             if entry.get("alpha") and entry.get("step", 0) > 1:
                 for name, a in entry["alpha"].items():
                     per.setdefault(name, []).append(a)
+                    d = (entry.get("dist") or {}).get(name)
+                    if d is not None and numels.get(name):
+                        move.setdefault(name, []).append(a * d / numels[name])
     out = {}
     for name, alphas in per.items():
         real = [a for a in alphas if a != fallback]
         log_kept = sum(math.log1p(-a) if a < 1 else -math.inf for a in alphas)
         out[name] = {"numel": numels.get(name), "fallback_frac": 1 - len(real) / len(alphas),
-                     "alpha_median": statistics.median(real) if real else None, "kept": math.exp(log_kept)}
+                     "alpha_median": statistics.median(real) if real else None, "kept": math.exp(log_kept),
+                     "alpha_all_median": statistics.median(alphas),
+                     "move_median": statistics.median(move[name]) if move.get(name) else None}
     return out
 
 
@@ -181,12 +193,14 @@ def _sig(x, n=4):
 
 def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, seed, steps, lr, batch_size, out_home,
                  *, label: str | None = None, test_limit: int | None = None, base_test: str | None = None,
-                 grouping: float | None = None, keep_weights: bool = False, log=print) -> dict:
+                 grouping: float | None = None, keep_weights: bool = False, stage_kw: dict | None = None,
+                 log=print) -> dict:
     """Learn `tasks` one after another from `base` with rule `method`; return A, the metrics and alpha diagnostics.
 
     A[j][i] = accuracy (%) on task i's test split after stage j (full rows). `base_test`: the base mixture's test
     split, evaluated after the last stage. Stage weights are deleted once the next stage has loaded them.
     `grouping`: a similarity threshold turns on instruction grouping (`llaca.grouping.InstructionRouter`).
+    `stage_kw`: more `StageConfig` fields for every stage (the regime: lora, lora_r, replay_fraction).
     """
     from ..grouping import InstructionRouter
     from ..metrics import cl_metrics
@@ -215,7 +229,8 @@ def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, se
         version = run_stage(StageConfig(
             data=str(data), method=stage_method, parent=start, name=f"{label}-{task}",
             max_steps=steps, lr=lr, batch_size=batch_size, seed=seed, rule_hparams=stage_hp,
-            evaluate_after=False, checkpoint_every=0, trace_dir=str(trace_dir) if traced else None), registry)
+            evaluate_after=False, checkpoint_every=0, trace_dir=str(trace_dir) if traced else None,
+            **(stage_kw or {})), registry)
         t1 = time.time()
         if router:
             group = router.add(group, texts, version.id)
@@ -243,7 +258,8 @@ def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, se
             f"{stage['eval_s']:.0f}s, loss {stage['final_loss']:.3f}, row {row}")
     result = {
         "method": label, "rule": method, "rule_hparams": dict(rule_hparams), "seed": seed, "tasks": list(tasks),
-        "steps": steps, "A": rows, "metrics": {k: _round(v) for k, v in cl_metrics(rows).items()},
+        "steps": steps, "stage_kw": dict(stage_kw or {}), "A": rows,
+        "metrics": {k: _round(v) for k, v in cl_metrics(rows).items()},
         "base_final": base_final, "stages": stages, "wall_s": round(time.time() - t_run, 1),
     }
     if tensors:
@@ -261,15 +277,18 @@ def _tensor_summary(per_stage: dict[str, list[dict]]) -> list[dict]:
     out = []
     for name, stages in per_stage.items():
         medians = [s["alpha_median"] for s in stages if s["alpha_median"] is not None]
+        moves = [s["move_median"] for s in stages if s.get("move_median") is not None]
         out.append({"name": name, "numel": stages[0]["numel"],
                     "fallback_frac": _sig(statistics.fmean(s["fallback_frac"] for s in stages)),
+                    "alpha_all_median": _sig(statistics.median(s["alpha_all_median"] for s in stages)),
+                    "move_median": _sig(statistics.median(moves)) if moves else None,
                     "alpha_median": _sig(statistics.median(medians)) if medians else None,
                     "kept": _sig(statistics.fmean(s["kept"] for s in stages))})
     return sorted(out, key=lambda t: (t["numel"] or 0, t["name"]))
 
 
 def run_multitask(base_registry_home, multitask_data, tasks_root, tasks, seed, steps, lr, batch_size, out_home, *,
-                  test_limit=None, base_test=None, log=print) -> dict:
+                  test_limit=None, base_test=None, stage_kw=None, log=print) -> dict:
     """One `seq` stage on the union of all tasks, len(tasks) x `steps` steps: A is a single row (Avg.ACC only)."""
     from ..tuner import StageConfig, run_stage
 
@@ -278,7 +297,8 @@ def run_multitask(base_registry_home, multitask_data, tasks_root, tasks, seed, s
     total = steps * len(tasks)
     version = run_stage(StageConfig(data=str(multitask_data), method="seq", parent="base", name="multitask",
                                     max_steps=total, lr=lr, batch_size=batch_size, seed=seed, evaluate_after=False,
-                                    checkpoint_every=0), registry)
+                                    checkpoint_every=0, **{k: v for k, v in (stage_kw or {}).items()
+                                                           if k != "replay_fraction"}), registry)
     t1 = time.time()
     tests = [str(Path(tasks_root) / t / "test") for t in tasks]
     row, base_acc, _ = _evaluate_row(registry, version.id, tests, test_limit, base_test)
@@ -363,11 +383,22 @@ def _run_job(job: dict) -> dict:
                   steps=job["steps"], lr=job["lr"], batch_size=job["batch_size"], out_home=job["run_home"],
                   test_limit=job["test_limit"], base_test=job["base_test"])
     log = functools.partial(print, flush=True)
+    stage_kw = dict(job.get("stage_kw") or {})
     if job["method"] == "multitask":
-        return run_multitask(multitask_data=job["multitask_data"], log=log, **common)
-    rule, hp = method_spec(job["method"])
+        return run_multitask(multitask_data=job["multitask_data"], log=log, stage_kw=stage_kw, **common)
+    rule, hp = job_rule(job)
+    if job["method"] in REPLAY_MIX:
+        stage_kw["replay_fraction"] = REPLAY_MIX[job["method"]]
     return run_sequence(method=rule, rule_hparams=hp, label=job["method"], grouping=GROUPED.get(job["method"]),
-                        log=log, **common)
+                        stage_kw=stage_kw, log=log, **common)
+
+
+def job_rule(job: dict) -> tuple[str, dict]:
+    """The rule and its hyper-parameters for a job: the method's, with --scale / --alpha-fallback on llaca rules."""
+    rule, hp = method_spec(job["method"])
+    if rule == "llaca":
+        hp.update(job.get("llaca_hp") or {})
+    return rule, hp
 
 
 def prepare_data(root: Path, tasks: list[str], seed: int = DATA_SEED, n_train: int = N_TRAIN,
@@ -495,7 +526,9 @@ def estimate_seconds(jobs: list[dict], cal: dict, n_workers: int) -> float:
 def _job_key(job: dict, base_meta: dict) -> str:
     keep = {k: v for k, v in job.items() if k not in ("run_home",)}
     keep["base"] = [base_meta.get("created"), base_meta.get("stage", {}).get("sha256")]
-    keep["spec"] = list(method_spec(job["method"])) if job["method"] != "multitask" else "multitask"
+    keep["spec"] = list(job_rule(job)) if job["method"] != "multitask" else "multitask"
+    if job.get("base_id"):           # --base: the weights' hash names the base (its registry copy is re-creatable)
+        keep["base"] = job["base_id"]
     return hashlib.sha256(json.dumps(keep, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
@@ -593,6 +626,25 @@ def _fmt(s: dict | None, nd=1) -> str:
     return f"{s['mean']:.{nd}f}" if s["n"] == 1 else f"{s['mean']:.{nd}f} ± {s['std']:.{nd}f}"
 
 
+DISPLAY = {"ema0.99": "ema0.99: fixed EMA (what the released scripts likely ran)"}   # docs/llaca.md, released pipeline
+
+
+def display_name(method: str) -> str:
+    return DISPLAY.get(method, method)
+
+
+def regime_label(cfg: dict) -> str:
+    """'' for the default regime, else e.g. 'LoRA r=8, llaca scale 1.0, base base_v1-9c94...; '."""
+    bits = []
+    kw = cfg.get("stage_kw") or {}
+    if kw.get("lora"):
+        bits.append(f"LoRA r={kw.get('lora_r', 16)}")
+    bits += [f"llaca {k} {v}" for k, v in (cfg.get("llaca_hp") or {}).items()]
+    if cfg.get("base_id"):
+        bits.append(f"base {cfg['base_id']}")
+    return "; ".join(bits) + "; " if bits else ""
+
+
 def markdown_table(results: dict) -> str:
     cfg, summary = results["config"], results["summary"]
     ref = results["base_reference"]
@@ -601,13 +653,13 @@ def markdown_table(results: dict) -> str:
     lines = [
         f"CoIN-mini{variant}, {len(cfg['tasks'])} tasks ({', '.join(cfg['tasks'])}), {cfg['steps']} steps/stage, "
         f"lr {cfg['lr']}, batch {cfg['batch_size']}, seeds {cfg['seeds']}, {cfg['test_n']} test records/task; "
-        "mean ± sample std over seeds; accuracies in %.",
+        f"{regime_label(cfg)}mean ± sample std over seeds; accuracies in %.",
         "",
         "| method | Avg.ACC ↑ | New.ACC ↑ | Forgetting ↓ | BWT ↑ | base skills after last stage | s / run |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in summary.items():
-        lines.append(f"| {name} | {_fmt(s['avg_acc'])} | {_fmt(s['new_acc'])} | {_fmt(s['forgetting'])} | "
+        lines.append(f"| {display_name(name)} | {_fmt(s['avg_acc'])} | {_fmt(s['new_acc'])} | {_fmt(s['forgetting'])} | "
                      f"{_fmt(s['bwt'])} | {_fmt(s['base_final'])} | {_fmt(s['wall_s'], 0)} |")
     lines += ["", f"`base` itself: base-mixture accuracy {ref['base_accuracy']}, zero-shot on the tasks "
               f"{ref['zero_shot_row']}.", ""]
@@ -640,6 +692,13 @@ def parse_args(argv):
     p.add_argument("--seeds", help=f"comma list of training seeds (default {','.join(map(str, SEEDS))})")
     p.add_argument("--steps", type=int, help=f"steps per stage (default {STAGE_STEPS})")
     p.add_argument("--lr", type=float, help=f"learning rate (default {STAGE_LR})")
+    p.add_argument("--lora", action="store_true", help="train LoRA adapters on the LM (+ the projector) instead of "
+                   "all non-vision weights; one adapter continued across stages")
+    p.add_argument("--lora-r", type=int, help="LoRA rank (default: the tuner's, 16; implies --lora)")
+    p.add_argument("--scale", type=float, help="llaca rules: the constant in alpha (default 2.0)")
+    p.add_argument("--alpha-fallback", type=float, help="llaca rules: alpha outside (0, 1) (default 0.01)")
+    p.add_argument("--base", help="a version folder to start from (e.g. assets/base_v1); default: the registry's "
+                   "`base` (installed from assets/base)")
     p.add_argument("--batch-size", type=int, help=f"global batch (default {STAGE_BATCH})")
     p.add_argument("--test-limit", type=int, help="test records per task (default: all)")
     p.add_argument("--jobs", type=int, default=2, help="parallel runs, one torch thread each (default 2)")
@@ -678,7 +737,22 @@ def resolve_config(args) -> dict:
             "lr": args.lr or STAGE_LR, "batch_size": args.batch_size or STAGE_BATCH, "test_limit": test_limit,
             "test_n": min(test_limit or N_TEST, N_TEST), "jobs": args.jobs, "quick": bool(args.quick),
             "data_seed": DATA_SEED, "n_train": N_TRAIN, "n_test": N_TEST,
-            **({"paraphrased": True} if args.paraphrased else {})}
+            **({"paraphrased": True} if args.paraphrased else {}), **regime_config(args)}
+
+
+def regime_config(args) -> dict:
+    """The regime knobs, only those set (so runs of the default regime keep their cache keys)."""
+    out = {}
+    if args.lora or args.lora_r:
+        out["stage_kw"] = {"lora": True, **({"lora_r": args.lora_r} if args.lora_r else {})}
+    hp = {k: v for k, v in (("scale", args.scale), ("alpha_fallback", args.alpha_fallback)) if v is not None}
+    if hp:
+        out["llaca_hp"] = hp
+    if args.base:
+        from .bases import base_id
+
+        out["base"], out["base_id"] = str(Path(args.base).resolve()), base_id(args.base)
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -729,23 +803,10 @@ def run_benchmark(cfg: dict, out: Path, home=None, data=None, work=None, fresh=F
 
 
 def _run_benchmark(cfg: dict, out: Path, home, data, work, fresh, dry_run) -> int:
-    from ..base_build import ensure_base
-    from ..versions import Registry
-
     t_start = time.time()
     _worker_init()
-    registry = Registry(home) if home else Registry()
-    base = ensure_base(registry)
-    work = Path(work) if work else registry.home / "bench" / "quality"
-    tasks_root = prepare_data(Path(data) if data else data_root(registry, cfg), cfg["tasks"],
-                              paraphrased=cfg.get("paraphrased", False))
-    base_test = base_test_split(registry, base)
-    multitask = prepare_multitask(tasks_root, cfg["tasks"], work) if "multitask" in cfg["methods"] else None
-    jobs = [{"method": m, "seed": s, "home": str(registry.home), "tasks_root": str(tasks_root), "tasks": cfg["tasks"],
-             "steps": cfg["steps"], "lr": cfg["lr"], "batch_size": cfg["batch_size"], "test_limit": cfg["test_limit"],
-             "base_test": base_test, "multitask_data": str(multitask) if multitask else None,
-             "run_home": str(work / "runs" / f"{m}-s{s}")}
-            for s in cfg["seeds"] for m in cfg["methods"]]
+    registry, base, work, tasks_root, base_test = setup_inputs(cfg, home, data, work)
+    jobs = make_jobs(cfg, registry, tasks_root, base_test, work)
     print(f"calibrating (base reference row + a few training steps) ...", flush=True)
     cal = calibrate(registry, tasks_root, cfg["tasks"], cfg["batch_size"], cfg["lr"], cfg["test_limit"], base_test, work)
     todo = [j for j in jobs if fresh or not _cache_path(j, work / "cache", base.meta).is_file()]
@@ -774,6 +835,35 @@ def _run_benchmark(cfg: dict, out: Path, home, data, work, fresh, dry_run) -> in
     print(markdown_table(results))
     print(f"wrote {out}/results.json, table.md, quality.png, alpha.png", flush=True)
     return 0
+
+
+def setup_inputs(cfg: dict, home=None, data=None, work=None, bench="quality"):
+    """(registry holding the base to start from, that base, work dir, CoIN-mini folder, base test split)."""
+    from ..base_build import ensure_base
+    from ..versions import Registry
+
+    registry = Registry(home) if home else Registry()
+    work = Path(work) if work else registry.home / "bench" / bench
+    tasks_root = prepare_data(Path(data) if data else data_root(registry, cfg), cfg["tasks"],
+                              paraphrased=cfg.get("paraphrased", False))
+    if cfg.get("base"):
+        from .bases import registry_for_base
+
+        registry = registry_for_base(cfg["base"], work)
+    base = ensure_base(registry)
+    return registry, base, work, tasks_root, base_test_split(registry, base)
+
+
+def make_jobs(cfg: dict, registry, tasks_root, base_test, work: Path) -> list[dict]:
+    """One job per (seed, method); its dict (minus run_home) plus the base is the run's cache key."""
+    multitask = prepare_multitask(tasks_root, cfg["tasks"], work) if "multitask" in cfg["methods"] else None
+    tag = f"{cfg['base_id']}-" if cfg.get("base_id") else ""
+    return [{"method": m, "seed": s, "home": str(registry.home), "tasks_root": str(tasks_root), "tasks": cfg["tasks"],
+             "steps": cfg["steps"], "lr": cfg["lr"], "batch_size": cfg["batch_size"], "test_limit": cfg["test_limit"],
+             "base_test": base_test, "multitask_data": str(multitask) if multitask else None,
+             "run_home": str(work / "runs" / f"{tag}{m}-s{s}"),
+             **{k: cfg[k] for k in ("stage_kw", "llaca_hp", "base_id") if cfg.get(k)}}
+            for s in cfg["seeds"] for m in cfg["methods"]]
 
 
 def _slim(run: dict, keep_trace: bool) -> dict:

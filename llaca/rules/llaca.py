@@ -15,6 +15,12 @@ successive gradients and every vector reduced to one scalar per tensor by an L1 
 from theta* (large a) or a sharp change in curvature (large c) lowers alpha: the EMA then holds on to
 what it knew (stability); a steep but smooth loss (large b) raises it (plasticity).
 
+Size-normalised variant (`size_ref`, the bench's named method `llaca-norm`; the faithful rule leaves it None):
+a, b and c are L1 sums over the N elements of a tensor, so alpha ~ 1/N and the EMA's per-element step alpha * a / N
+~ 1/N too: the same equation is ~14x more conservative per element on the paper's 4096x128 LoRA matrices than on a
+192x192 matrix. With `size_ref` set, scale is multiplied by N / size_ref per tensor, so every tensor gets the alpha a
+tensor of `size_ref` elements with the same per-element statistics would get (PAPER_LORA_NUMEL = 4096 * 128).
+
 `llaca_alpha` is the readable one-tensor reference; `LlacaRule.after_step` does the same for all tensors at
 once with torch._foreach_* ops and `llaca_alphas` (tests check the two agree).
 """
@@ -27,9 +33,15 @@ import torch
 
 from .base import Params, UpdateRule, ema_replace, fp32_copy, place_like, split_state, with_grad
 
+PAPER_LORA_NUMEL = 4096 * 128   # one LoRA matrix of the paper's setting (Vicuna-7B hidden 4096, rank 128)
 
-def llaca_alpha(a: float, b: float, c: float, scale: float = 2.0, fallback: float = 0.01) -> float:
-    """Reference: alpha = scale (1 + b) / (a c), or `fallback` unless 0 < alpha < 1 (inf / NaN included)."""
+
+def llaca_alpha(a: float, b: float, c: float, scale: float = 2.0, fallback: float = 0.01,
+                numel: int | None = None, size_ref: float | None = None) -> float:
+    """Reference: alpha = scale (1 + b) / (a c), or `fallback` unless 0 < alpha < 1 (inf / NaN included).
+    With `size_ref` (and the tensor's `numel`), scale is first multiplied by numel / size_ref."""
+    if size_ref is not None:
+        scale = scale * numel / size_ref
     try:
         alpha = scale * (1 + b) / (a * c)
     except ZeroDivisionError:                      # Python raises where torch gives inf / NaN
@@ -37,9 +49,10 @@ def llaca_alpha(a: float, b: float, c: float, scale: float = 2.0, fallback: floa
     return alpha if 0 < alpha < 1 else fallback    # NaN compares False -> fallback
 
 
-def llaca_alphas(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scale: float = 2.0,
+def llaca_alphas(a: torch.Tensor, b: torch.Tensor, c: torch.Tensor, scale: float | torch.Tensor = 2.0,
                  fallback: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """`llaca_alpha` on 1-D tensors of per-tensor norms. Returns (alpha, used_fallback).
+    """`llaca_alpha` on 1-D tensors of per-tensor norms (`scale`: one number, or one per tensor in float64).
+    Returns (alpha, used_fallback).
 
     Computed in float64 with the same operation order as the reference, so it matches Python floats bit for bit.
     """
@@ -66,7 +79,7 @@ class LlacaRule(UpdateRule):
 
     name = "llaca"
 
-    def __init__(self, scale: float = 2.0, alpha_fallback: float = 0.01,
+    def __init__(self, scale: float = 2.0, alpha_fallback: float = 0.01, size_ref: float | None = None,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """`all_reduce`: for sharded params (FSDP / ZeRO>=1) a callable summing a 1-D tensor of partial L1 sums
         across ranks (e.g. `lambda t: (dist.all_reduce(t), t)[1]`), so a, b, c are norms of the FULL tensor. Every
@@ -76,20 +89,30 @@ class LlacaRule(UpdateRule):
             raise ValueError(f"alpha_fallback must be in (0, 1], got {alpha_fallback}")
         if not (scale > 0 and math.isfinite(scale)):
             raise ValueError(f"scale must be a positive finite number, got {scale}")
+        if size_ref is not None and not (size_ref > 0 and math.isfinite(size_ref)):
+            raise ValueError(f"size_ref must be a positive finite number of elements, got {size_ref}")
+        if size_ref is not None and all_reduce is not None:
+            raise ValueError("size_ref needs whole tensors (their numel); it is not supported with sharded params")
         self.scale = float(scale)
+        self.size_ref = None if size_ref is None else float(size_ref)
         self.alpha_fallback = float(alpha_fallback)
         self.all_reduce = all_reduce
         self.ema: dict[str, torch.Tensor] = {}
         self.g_prev: dict[str, torch.Tensor] = {}
         self.step = 0
         self.last_alpha: dict[str, float] = {}     # alpha per tensor at the last step (for detailed plots)
+        self.last_dist: dict[str, float] = {}      # a = ||p - ema||_1 per tensor at the last step (EMA movement)
         self._unplaced = False
 
     def hparams(self) -> dict:
-        return {"scale": self.scale, "alpha_fallback": self.alpha_fallback}   # all_reduce is runtime wiring
+        hp = {"scale": self.scale, "alpha_fallback": self.alpha_fallback}   # all_reduce is runtime wiring
+        if self.size_ref is not None:                  # only when set: the faithful rule's metadata is unchanged
+            hp["size_ref"] = self.size_ref
+        return hp
 
     def start_stage(self, params: Params) -> None:
         self.ema, self.g_prev, self.step, self.last_alpha, self._unplaced = {}, {}, 0, {}, False
+        self.last_dist = {}
 
     @torch.no_grad()
     def after_step(self, params: Params) -> dict[str, float] | None:
@@ -107,6 +130,7 @@ class LlacaRule(UpdateRule):
         seen = [n for n in names if n not in fresh]
         alpha_list: list[float] = []
         fallback_list: list[float] = []
+        dist_list: list[float] = []
         if seen:
             theta = [params[n].detach() for n in seen]
             grad = [params[n].grad.detach() for n in seen]
@@ -125,9 +149,14 @@ class LlacaRule(UpdateRule):
             if self.all_reduce is not None:                    # shard sums -> norms of the full tensors
                 a, b, c = self.all_reduce(torch.cat([a, b, c])).view(3, -1)
 
-            alpha, fell_back = llaca_alphas(a, b, c, self.scale, self.alpha_fallback)
-            host = torch.cat([alpha, fell_back.double()]).tolist()   # the one host sync per step
-            alpha_list, fallback_list = host[:len(seen)], host[len(seen):]
+            scale = self.scale
+            if self.size_ref is not None:                      # per tensor: scale * N / size_ref
+                scale = torch.tensor([self.scale * params[n].numel() / self.size_ref for n in seen],
+                                     dtype=torch.float64, device=a.device)
+            alpha, fell_back = llaca_alphas(a, b, c, scale, self.alpha_fallback)
+            host = torch.cat([alpha, fell_back.double(), a.double()]).tolist()   # the one host sync per step
+            k = len(seen)
+            alpha_list, fallback_list, dist_list = host[:k], host[k:2 * k], host[2 * k:]
             torch._foreach_mul_(diff, alpha_list)
             torch._foreach_add_(ema, diff)                     # ema <- ema + alpha (p - ema) = (1 - alpha) ema + alpha p
             torch._foreach_copy_(g_prev, grad)                 # g_prev <- g
@@ -135,6 +164,7 @@ class LlacaRule(UpdateRule):
         alphas = [self.alpha_fallback] * len(fresh) + alpha_list
         n_fallback = len(fresh) + sum(fallback_list)
         self.last_alpha = dict(zip(fresh + seen, alphas))
+        self.last_dist = dict(zip(seen, dist_list))
         self.step += 1
         return {
             "alpha_mean": sum(alphas) / len(alphas),
