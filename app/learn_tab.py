@@ -33,6 +33,11 @@ LOG_LINES = 10
 POLL_SECONDS = 2.0
 AUTO = 0  # job selector value meaning "follow the active job"
 
+# Why the defaults are what they are, in one line (issue 11's regime map, README "Regime map").
+REGIME_NOTE = ("Defaults (`llaca`, full fine-tuning, lr 1e-3) are where the faithful LLaCA rule measured best in the "
+               "regime map (`bench_results/regimes/table.md`); even there it forgets much of each earlier task on this "
+               "model, and `replay` forgets least.")
+
 # The one-click demo: two CoIN-mini tasks learned with `seq`, then with `llaca`, from the base.
 DEMO_TASKS = coin_mini.DEFAULT_SEQUENCE[:2]
 DEMO_DATA = dict(n_train=400, n_test=50, seed=0)
@@ -335,6 +340,7 @@ def build(studio: Studio):
             export_file = gr.File(label="Converted set (download)", interactive=False, height=70)
         with gr.Column(scale=4):
             gr.Markdown("### 2 · How to learn it")
+            gr.Markdown(REGIME_NOTE, elem_id="regime-note")
             method = gr.Radio(METHODS, value="llaca", label="Method")
             beta = gr.Slider(0.5, 0.999, value=0.99, step=0.001, label="ema β (weight on the past)", visible=False)
             replay_fraction = gr.Slider(0.05, 1.0, value=0.2, step=0.05, label="replay fraction", visible=False)

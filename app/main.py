@@ -33,8 +33,8 @@ def launch_options(studio: Studio, **overrides) -> dict:
 
 def build_app(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="LLaCA Studio", analytics_enabled=False) as demo:
-        gr.Markdown("# LLaCA Studio\nTeach a small LLaVA new tasks one stage at a time, and see what it forgets "
-                    "— and what LLaCA's adaptive EMA keeps.", elem_id="app-title")
+        gr.Markdown("# LLaCA Studio\nTeach a small LLaVA new tasks one stage at a time, and measure what each update "
+                    "rule makes it forget.", elem_id="app-title")
         banner = gr.Markdown(studio.base_build_status(), elem_id="base-banner")
         with gr.Tabs(selected="chat") as tabs:
             with gr.Tab("Chat", id="chat") as chat_page:
