@@ -5,11 +5,7 @@ Plain functions over the library, so the tabs need only a few lines each.
 """
 from __future__ import annotations
 
-from pathlib import Path
-
-from llaca.grouping import (DEFAULT_THRESHOLD, Route, group_table, grouped_versions, plan_stage, route_question,
-                            router_of)
-from llaca.jobs import JobError
+from llaca.grouping import Route, group_table, grouped_versions, plan_stage, route_question, router_of
 
 from . import Studio
 
@@ -46,14 +42,10 @@ def preview_markdown(studio: Studio, data_path: str, parent: str | None, thresho
 def submit_grouped(studio: Studio, data_path: str, parent: str | None, threshold: float, name: str | None,
                    epochs: float, max_steps: float, lr: float, lora: bool):
     """Queue a grouped stage (a `grouped-stage` job: the worker runs `llaca.grouping.learn_grouped`)."""
-    from .learn_tab import staging_root
+    from .learn_tab import staged_data
 
-    if not data_path:
-        raise JobError("upload a valid instruction set first (the report above must show ✔)")
-    data = Path(data_path).resolve()
+    data = staged_data(studio, data_path)
     upload_dir = data.parent.parent
-    if upload_dir.parent != staging_root(studio).resolve() or not data.is_dir():
-        raise JobError("that upload is no longer staged; upload it again")
     parent = parent or studio.newest_id()
     studio.registry.get(parent)
     config = {"data": str(data), "from_version": parent, "threshold": float(threshold), "method": "llaca",

@@ -132,14 +132,20 @@ def stage_config(data: str, method: str, beta: float, replay_fraction: float, pa
             "lora": bool(lora), "rule_hparams": rule}
 
 
-def submit_upload(studio: Studio, data_path: str, config: dict):
-    """Queue a stage on a validated upload; the staged folder is copied into the job's own dir."""
+def staged_data(studio: Studio, data_path: str) -> Path:
+    """The validated upload's staged folder, or a JobError saying why there is none (any stage kind)."""
     if not data_path:
         raise JobError("upload a valid instruction set first (the report above must show ✔)")
     data = Path(data_path).resolve()
-    upload_dir = data.parent.parent
-    if upload_dir.parent != staging_root(studio).resolve() or not data.is_dir():
+    if data.parent.parent.parent != staging_root(studio).resolve() or not data.is_dir():
         raise JobError("that upload is no longer staged; upload it again")
+    return data
+
+
+def submit_upload(studio: Studio, data_path: str, config: dict):
+    """Queue a stage on a validated upload; the staged folder is copied into the job's own dir."""
+    data = staged_data(studio, data_path)
+    upload_dir = data.parent.parent
     if config["parent"] is None:
         config["parent"] = studio.newest_id()
     studio.registry.get(config["parent"])  # a clear error now rather than in the worker

@@ -15,10 +15,8 @@ overlap with what LLaVA-1.5 saw). Deterministic for a seed: every choice goes th
 """
 from __future__ import annotations
 
-import json
 import os
 import random
-import shutil
 from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path

@@ -33,7 +33,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .paths import llaca_home
+from .paths import llaca_home, sqlite_connection
 
 STATUSES = ("queued", "running", "done", "failed", "cancelled", "interrupted")
 FINAL = ("done", "failed", "cancelled")
@@ -147,14 +147,8 @@ class JobStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
 
-    @contextlib.contextmanager
     def _connect(self):
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            yield db
-        finally:
-            db.close()
+        return sqlite_connection(self.db_path)
 
     @contextlib.contextmanager
     def _transaction(self):

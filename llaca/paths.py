@@ -5,6 +5,7 @@ import contextlib
 import json
 import os
 import shutil
+import sqlite3
 import tempfile
 from pathlib import Path
 
@@ -77,3 +78,14 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 def atomic_write_json(path: Path, obj) -> None:
     atomic_write_text(path, json.dumps(obj, indent=1, sort_keys=False))
+
+
+@contextlib.contextmanager
+def sqlite_connection(path: Path):
+    """One autocommit SQLite connection with row access, closed after use (jobs.db, votes.db under $LLACA_HOME)."""
+    db = sqlite3.connect(path, timeout=30, isolation_level=None)
+    db.row_factory = sqlite3.Row
+    try:
+        yield db
+    finally:
+        db.close()

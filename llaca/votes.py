@@ -12,16 +12,14 @@ that met, so a version that never lost still gets a finite rating. Ratings are o
 """
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
 import random
-import sqlite3
 import time
 from pathlib import Path
 
-from .paths import atomic_write_text, llaca_home
+from .paths import atomic_write_text, llaca_home, sqlite_connection
 
 OUTCOMES = ("a", "b", "tie", "bothbad")
 ACROSS = "(across lineages)"
@@ -65,14 +63,8 @@ class VoteStore:
             db.execute("PRAGMA journal_mode=WAL")
             db.executescript(SCHEMA)
 
-    @contextlib.contextmanager
     def _connect(self):
-        db = sqlite3.connect(self.db_path, timeout=30, isolation_level=None)
-        db.row_factory = sqlite3.Row
-        try:
-            yield db
-        finally:
-            db.close()
+        return sqlite_connection(self.db_path)
 
     def add(self, *, version_a: str, version_b: str, outcome: str, question: str, answer_a: str, answer_b: str,
             image: str | Path | None = None, lineage: str = ACROSS, session: str | None = None) -> dict:

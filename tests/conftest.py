@@ -5,7 +5,9 @@ LlavaForConditionalGeneration going through every code path the product uses.
 """
 from __future__ import annotations
 
+import contextlib
 import os
+import types
 import shutil
 from pathlib import Path
 
@@ -58,3 +60,24 @@ def chatty_home(quick_home, tmp_path_factory) -> Path:
                           evaluate_after=False), Registry(home))
     return home
 
+
+
+@contextlib.contextmanager
+def served_app(home: Path):
+    """The real app (Blocks + queue + worker supervisor) serving `home` on a free loopback port, closed after."""
+    from app import Studio
+    from app.main import QUEUE, build_app, launch_options
+    from llaca.bench.load import free_port
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("LLACA_HOME", str(home))
+        studio = Studio(home)
+        demo = build_app(studio)
+        port = free_port()
+        demo.queue(**QUEUE).launch(**launch_options(studio, server_name="127.0.0.1", server_port=port,
+                                                    prevent_thread_lock=True, quiet=True))
+        try:
+            yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/", studio=studio, home=home, demo=demo)
+        finally:
+            demo.close()
+            studio.close()

@@ -11,13 +11,12 @@ import os
 import shutil
 import signal
 import time
-import types
 import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import served_app
 
-from llaca.bench.load import free_port
 from llaca.jobs import JobError, JobStore, pid_alive
 
 STAGE_TIMEOUT = 420  # seconds; the stage below takes ~20 s on an idle 2-core machine
@@ -29,26 +28,13 @@ STAGE_STEPS = 20
 @pytest.fixture(scope="module")
 def app(chatty_home, tmp_path_factory):
     """The real app (Blocks + queue + worker supervisor) serving a private copy of chatty_home."""
-    from app import Studio
-    from app.main import QUEUE, build_app, launch_options
-
     home = tmp_path_factory.mktemp("served") / "home"
     shutil.copytree(chatty_home, home)
     broken = home / "versions" / "broken"  # weights gone (e.g. deleted by hand): must fail as a message
     broken.mkdir()
     (broken / "meta.json").write_text(json.dumps({"id": "broken", "parent": "base", "weights": "full", "created": 1.0}))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLACA_HOME", str(home))
-        studio = Studio(home)
-        demo = build_app(studio)
-        port = free_port()
-        demo.queue(**QUEUE).launch(**launch_options(studio, server_name="127.0.0.1", server_port=port,
-                                                    prevent_thread_lock=True, quiet=True))
-        try:
-            yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/", studio=studio, home=home, demo=demo)
-        finally:
-            demo.close()
-            studio.close()
+    with served_app(home) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

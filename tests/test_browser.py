@@ -12,12 +12,11 @@ from __future__ import annotations
 
 import os
 import shutil
-import types
 from pathlib import Path
 
 import pytest
+from conftest import served_app
 
-from llaca.bench.load import free_port
 
 CHROMIUM = Path("/usr/bin/chromium")
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")
@@ -29,24 +28,12 @@ TABS = {"chat": "Chat", "learn": "Learn", "compare": "Compare", "versions": "Ver
 
 @pytest.fixture(scope="module")
 def served(request, tmp_path_factory):
-    from app import Studio
-    from app.main import QUEUE, build_app, launch_options
 
     source = Path(os.environ.get("LLACA_SCREENSHOT_HOME") or request.getfixturevalue("chatty_home"))
     home = tmp_path_factory.mktemp("browser") / "home"
     shutil.copytree(source, home, ignore=shutil.ignore_patterns("runs", "uploads", "locks", "exports"))
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLACA_HOME", str(home))
-        studio = Studio(home)
-        demo = build_app(studio)
-        port = free_port()
-        demo.queue(**QUEUE).launch(**launch_options(studio, server_name="127.0.0.1", server_port=port,
-                                                    prevent_thread_lock=True, quiet=True))
-        try:
-            yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/", studio=studio)
-        finally:
-            demo.close()
-            studio.close()
+    with served_app(home) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")

@@ -3,12 +3,10 @@ the library (new vs continue, routing per record, snapshots, delete guard, cap),
 from __future__ import annotations
 
 import json
-import math
 import shutil
-import time
-import types
 
 import pytest
+from conftest import served_app
 
 from llaca.grouping import GroupingError, InstructionRouter, evaluate_routed, learn_grouped, route_question
 
@@ -187,9 +185,6 @@ def test_cli_grouped_learn_eval_ask(llaca_home, coin_dir, paraphrased_sciqa, tmp
 @pytest.fixture(scope="module")
 def grouped_app(chatty_home, coin_dir, tmp_path_factory):
     """The real app over a home with a grouped lineage from `chatty`: group 0 = sciqa, group 1 = textvqa."""
-    from app import Studio
-    from app.main import QUEUE, build_app, launch_options
-    from llaca.bench.load import free_port
     from llaca.versions import Registry
 
     home = tmp_path_factory.mktemp("grouped_app") / "home"
@@ -198,18 +193,9 @@ def grouped_app(chatty_home, coin_dir, tmp_path_factory):
     g1, _ = learn_grouped(registry, str(coin_dir / "sciqa" / "train"), from_version="chatty", evaluate_after=False,
                           **STAGE)
     g2, _ = learn_grouped(registry, str(coin_dir / "textvqa" / "train"), evaluate_after=False, **STAGE)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLACA_HOME", str(home))
-        studio = Studio(home)
-        demo = build_app(studio)
-        port = free_port()
-        demo.queue(**QUEUE).launch(**launch_options(studio, server_name="127.0.0.1", server_port=port,
-                                                    prevent_thread_lock=True, quiet=True))
-        try:
-            yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/", studio=studio, ids=(g1.id, g2.id))
-        finally:
-            demo.close()
-            studio.close()
+    with served_app(home) as served:
+        served.ids = (g1.id, g2.id)
+        yield served
 
 
 def test_app_routes_and_shows_the_group(grouped_app, coin_dir):

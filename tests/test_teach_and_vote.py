@@ -10,11 +10,10 @@ from __future__ import annotations
 import json
 import shutil
 import time
-import types
 
 import pytest
+from conftest import served_app
 
-from llaca.bench.load import free_port
 from llaca.jobs import JobStore
 
 
@@ -24,23 +23,11 @@ CORRECTED = "a purple owl"
 
 @pytest.fixture(scope="module")
 def app(chatty_home, tmp_path_factory):
-    from app import Studio
-    from app.main import QUEUE, build_app, launch_options
 
     home = tmp_path_factory.mktemp("teach") / "home"
     shutil.copytree(chatty_home, home)
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("LLACA_HOME", str(home))
-        studio = Studio(home)
-        demo = build_app(studio)
-        port = free_port()
-        demo.queue(**QUEUE).launch(**launch_options(studio, server_name="127.0.0.1", server_port=port,
-                                                    prevent_thread_lock=True, quiet=True))
-        try:
-            yield types.SimpleNamespace(url=f"http://127.0.0.1:{port}/", studio=studio, home=home)
-        finally:
-            demo.close()
-            studio.close()
+    with served_app(home) as served:
+        yield served
 
 
 @pytest.fixture(scope="module")
