@@ -5,7 +5,8 @@ Plain functions over the library, so the tabs need only a few lines each.
 """
 from __future__ import annotations
 
-from llaca.grouping import Route, group_table, grouped_versions, plan_stage, route_question, router_of
+from llaca.grouping import (DEFAULT_THRESHOLD, Route, group_table, grouped_versions, plan_stage,  # noqa: F401
+                            route_question, router_of)  # DEFAULT_THRESHOLD: the Learn tab's slider default
 
 from . import Studio
 
