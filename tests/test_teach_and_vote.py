@@ -13,6 +13,7 @@ import time
 
 import pytest
 from conftest import served_app
+from test_app import as_input, last_answer, sample  # the chat helpers, shared
 
 from llaca.jobs import JobStore
 
@@ -35,30 +36,6 @@ def client(app):
     from gradio_client import Client
 
     return Client(app.url, verbose=False)
-
-
-def sample():
-    from app.chat_tab import samples
-
-    return samples()[0]  # (image path, question, gold answer)
-
-
-def last_answer(history: list[dict]) -> str:
-    content = history[-1]["content"]
-    assert history[-1]["role"] == "assistant"
-    return content if isinstance(content, str) else " ".join(p.get("text", "") for p in content)
-
-
-def as_input(history: list[dict]) -> list[dict]:
-    """A history the client got back, made sendable again (file parts back to uploads)."""
-    from gradio_client import handle_file
-
-    def part(p):
-        if p.get("type") == "file" and isinstance(p.get("file"), str):
-            return {**p, "file": handle_file(p["file"])}
-        return p
-
-    return [{**m, "content": [part(p) for p in m["content"]]} for m in history]
 
 
 def ask(client, image, question, version):
