@@ -19,7 +19,7 @@ import shutil
 import time
 from pathlib import Path
 
-from .paths import atomic_write_json, llaca_home
+from .paths import atomic_write_json, llaca_home, write_once
 
 
 class ConversationLog:
@@ -48,12 +48,7 @@ class ConversationLog:
         if image and Path(image).is_file():
             data = Path(image).read_bytes()
             image_rel = f"images/{hashlib.sha256(data).hexdigest()}{Path(image).suffix.lower() or '.png'}"
-            target = self.dir / image_rel
-            if not target.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp")
-                tmp.write_bytes(data)
-                tmp.replace(target)
+            write_once(self.dir / image_rel, data)
         record = {"tstamp": round(time.time(), 4), "type": "chat", "model": model, "session": session,
                   "image": image_rel, "messages": messages}
         path = self.dir / f"{time.strftime('%Y-%m-%d', time.gmtime())}-conv.json"

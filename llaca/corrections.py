@@ -28,7 +28,7 @@ import uuid
 from pathlib import Path
 
 from .data import IMAGE_TOKEN, InvalidDataset, Record, load_image, load_instruction_set, write_instruction_set
-from .paths import atomic_dir, atomic_write_json, llaca_home
+from .paths import atomic_dir, atomic_write_json, llaca_home, write_once
 
 MAX_TURN_CHARS = 4000  # the upload limit per turn (llaca.data.Limits)
 
@@ -159,12 +159,7 @@ class CorrectionStore:
         row = {"id": f"c{int(time.time())}-{uuid.uuid4().hex[:6]}", "image": rel, "conversations": conv,
                "llaca": {"version": version, "original": original, "created": time.time()}}
         with self._locked():
-            target = self.pending_dir / rel
-            if not target.is_file():
-                target.parent.mkdir(parents=True, exist_ok=True)
-                tmp = target.with_name(f".{target.name}.tmp-{uuid.uuid4().hex[:6]}")
-                tmp.write_bytes(data)
-                tmp.replace(target)
+            write_once(self.pending_dir / rel, data)
             atomic_write_json(self.data_file, self._read_rows() + [row])
         return self._row_to_correction(row)
 

@@ -7,6 +7,7 @@ import os
 import shutil
 import sqlite3
 import tempfile
+import threading
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -89,3 +90,14 @@ def sqlite_connection(path: Path):
         yield db
     finally:
         db.close()
+
+
+def write_once(target: Path, data: bytes) -> Path:
+    """Write content-addressed bytes (an image copied under its hash) unless already there, atomically."""
+    target = Path(target)
+    if not target.is_file():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+        tmp.write_bytes(data)
+        tmp.replace(target)
+    return target
