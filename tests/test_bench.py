@@ -90,3 +90,31 @@ def test_quality_regime_knobs_are_in_the_cache_key():
         ("llaca", {"scale": 1.0})
     assert quality.job_rule({"method": "llaca-norm"})[1]["size_ref"] == 4096 * 128
     assert quality.job_rule({"method": "seq", "llaca_hp": {"scale": 1.0}}) == ("seq", {})   # llaca rules only
+
+
+def test_grounding_variants_train_a_fresh_lm_on_the_frozen_tower(tmp_path):
+    """Tiny run of the base-v2 grounding diagnostic: real data variants, a real stage, per-family scores."""
+    from llaca import base_world
+    from llaca.bench import grounding
+    from llaca.paths import ASSETS_DIR
+
+    before = (list(base_world.READ_QS), base_world.sample_scene)
+    with grounding.world_variant("v2-1phrase") as bw:
+        assert bw.READ_QS == before[0][:1] and bw._HINT_KIND == {}
+    with grounding.world_variant("v2-easy") as bw:
+        scene = bw.sample_scene(__import__("random").Random(3))
+        assert scene.kind != "objects" or len(scene.things) == 1
+    assert (list(base_world.READ_QS), base_world.sample_scene) == before  # restored
+
+    out = tmp_path / "out"
+    assert grounding.main(["--tower-from", str(ASSETS_DIR / "base"), "--variants", "v2-easy", "v1", "--steps", "2",
+                           "--n-train", "32", "--test-n", "8", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
+    runs = sorted(json.loads(p.read_text())["variant"] for p in (out / "runs").glob("*.json"))
+    assert runs == ["v1", "v2-easy"]
+    for p in (out / "runs").glob("*.json"):
+        r = json.loads(p.read_text())
+        assert sum(f["n"] for f in r["per_family"].values()) == r["n_test"] == 8
+        assert 0 <= r["accuracy"] <= 100 and r["steps"] == 2
+    assert "| v2-easy | 2 |" in (out / "table.md").read_text()
+    assert grounding.family("What does the text say?", "cat") == "read"
+    assert grounding.family("Where is the cat?", "top left") == "region"

@@ -1,0 +1,118 @@
+"""Run the app's one-click demo for real, then screenshot Compare: before vs after the second stage, seq and llaca.
+
+    .venv/bin/python scripts/demo_screenshot.py HOME [OUT_DIR]
+
+HOME: a fresh (or existing) $LLACA_HOME. The demo is queued exactly as the Learn tab's "Run the demo" button does
+(`app.learn_tab.queue_demo`: two CoIN-mini tasks, seq then llaca, in the default regime) and the background worker
+trains it. Compare then asks the four demo versions (seq and llaca, after stage 1 = before stage 2, and after
+stage 2) the question of a held-out test record of the *first* task, so the picture shows what the second stage
+made each rule forget. Writes `compare.png` (default assets/screenshots) and prints the four answers and the gold.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+from test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+
+
+def run_demo(home: Path) -> dict[str, str]:
+    """Queue the demo through the job store and wait for the worker; {version name: id}."""
+    from app import Studio
+    from app.learn_tab import queue_demo
+    from llaca.base_build import ensure_base
+
+    studio = Studio(home, start_worker=True)
+    try:
+        ensure_base(studio.registry)
+        names = {v.meta.get("name"): v.id for v in studio.versions()}
+        if not all(f"demo-{m}-2-" in " ".join(map(str, names)) for m in ("seq", "llaca")):
+            jobs = queue_demo(studio)
+            while True:
+                states = [studio.jobs.get(j.id).status for j in jobs]
+                if any(s in ("failed", "cancelled") for s in states):
+                    raise SystemExit(f"a demo stage did not finish: {states}")
+                if all(s == "done" for s in states):
+                    break
+                time.sleep(3)
+        return {v.meta.get("name"): v.id for v in studio.versions()}
+    finally:
+        studio.close()
+
+
+def main(home: str, out: str = "assets/screenshots") -> None:
+    from playwright.sync_api import sync_playwright
+
+    from app import Studio
+    from app.learn_tab import DEMO_TASKS
+    from app.main import QUEUE, build_app, launch_options
+    from llaca.bench.load import free_port
+
+    home, out = Path(home), Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = run_demo(home)
+    first = DEMO_TASKS[0]
+    order = [f"demo-seq-1-{first}", f"demo-seq-2-{DEMO_TASKS[1]}", f"demo-llaca-1-{first}",
+             f"demo-llaca-2-{DEMO_TASKS[1]}"]
+    ids = [names[n] for n in order]
+    record = json.loads((home / "datasets" / "demo" / first / "test" / "data.json").read_text())[0]
+    image = home / "datasets" / "demo" / first / "test" / record["image"]
+    question = record["conversations"][0]["value"].replace("<image>", "").strip()
+    gold = record["conversations"][1]["value"]
+
+    served = Path(tempfile.mkdtemp()) / "home"
+    shutil.copytree(home, served, ignore=shutil.ignore_patterns("runs", "uploads", "locks", "exports", "jobs*"))
+    os.environ["LLACA_HOME"] = str(served)
+    studio = Studio(served, start_worker=False)
+    demo = build_app(studio)
+    port = free_port()
+    demo.queue(**QUEUE).launch(**launch_options(studio, server_name="127.0.0.1", server_port=port,
+                                                prevent_thread_lock=True, quiet=True))
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1360, "height": 1000})
+            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
+            page.wait_for_selector("#chat-input textarea", timeout=60_000)
+            page.get_by_role("tab", name="Compare").click()
+            page.wait_for_timeout(2500)
+            box = page.locator("#compare-versions")
+            while box.locator(".token-remove, [aria-label^='Remove']").count():
+                box.locator(".token-remove, [aria-label^='Remove']").first.click()
+                page.wait_for_timeout(300)
+            field = box.locator("input").first
+            for vid in ids:
+                field.click()
+                field.fill(vid)
+                page.keyboard.press("Enter")
+                page.wait_for_timeout(400)
+            page.keyboard.press("Escape")
+            page.set_input_files("#compare-image input[type=file]", str(image))
+            page.wait_for_timeout(1500)
+            page.get_by_label("Question").fill(question)
+            page.get_by_role("button", name="Ask all").click()
+            page.wait_for_function(
+                """n => [...document.querySelectorAll('.compare-answer textarea')]
+                        .filter(t => t.value.trim().length > 0).length >= n""", arg=len(ids), timeout=120_000)
+            page.wait_for_timeout(2500)
+            answers = page.eval_on_selector_all(".compare-answer textarea", "ts => ts.map(t => t.value)")
+            page.screenshot(path=str(out / "compare.png"), full_page=True)
+            browser.close()
+    finally:
+        demo.close()
+        studio.close()
+    print(json.dumps({"question": question, "gold": gold, "versions": dict(zip(order, ids)),
+                      "answers": dict(zip(order, answers))}, indent=1))
+    print(out / "compare.png")
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:])
