@@ -109,22 +109,32 @@ def _build_base(registry, seed, spec, vision_steps, base_steps, n_train, n_test,
 
 
 def train_and_publish(registry: Registry, model, processor, train_dir: Path, build: dict, vision_acc: float,
-                      t0: float, lr: float, batch_size: int, on_event, version_id: str) -> Version:
-    """Learn the base mixture as a `seq` stage from the pre-trained tower, then register it as a root version.
+                      t0: float, lr: float, batch_size: int, on_event, version_id: str,
+                      phases: list[tuple[Path, int]] | None = None) -> Version:
+    """Learn the base data as `seq` stages from the pre-trained tower, then register the result as a root version.
 
-    The initial model is staged in a scratch registry so the stage runs through the same tuner every other stage
-    uses; what gets published is its result with `build` (recipe, sizes, timings) in the meta.
+    `phases`: [(train dir, steps)] learned one after the other (default: `train_dir` for `build["base_steps"]`);
+    the last one's test split gives the base accuracy. The initial model is staged in a scratch registry so every
+    phase runs through the same tuner every other stage uses; what gets published is the last phase's result with
+    `build` (recipe, sizes, timings, each phase's own test accuracy) in the meta.
     """
     from .tuner import StageConfig, run_stage
 
+    phases = phases or [(train_dir, build["base_steps"])]
     with tempfile.TemporaryDirectory(dir=registry.home, prefix=".build-") as scratch:
         scratch_reg = Registry(scratch)
         scratch_reg.create({"name": "init", "parent": None, "weights": "full"},
                            lambda tmp: save_pretrained(model, processor, tmp / "model"), version_id="init")
-        cfg = StageConfig(data=str(train_dir), method="seq", parent="init", lr=lr, batch_size=batch_size,
-                          max_steps=build["base_steps"], warmup_ratio=0.05, seed=build["seed"], checkpoint_every=0,
-                          name=version_id)
-        built = run_stage(cfg, scratch_reg, on_event=on_event)
+        parent, phase_log = "init", []
+        for k, (data, steps) in enumerate(phases):
+            cfg = StageConfig(data=str(data), method="seq", parent=parent, lr=lr, batch_size=batch_size,
+                              max_steps=steps, warmup_ratio=0.05, seed=build["seed"], checkpoint_every=0,
+                              name=version_id if k == len(phases) - 1 else f"{version_id}-phase{k + 1}")
+            built = run_stage(cfg, scratch_reg, on_event=on_event)
+            parent = built.id
+            test = built.meta["metrics"].get("test", {})
+            phase_log.append({"data": Path(data).parent.name, "steps": steps,
+                              "test_accuracy": next(iter(test.values()), {}).get("accuracy")})
         meta = {k: v for k, v in built.meta.items() if k not in ("id", "created")}
         test = meta["metrics"].get("test", {})
         meta.update(
@@ -132,7 +142,8 @@ def train_and_publish(registry: Registry, model, processor, train_dir: Path, bui
             method="pretrain",
             metrics={**meta["metrics"], "base_accuracy": next(iter(test.values()), {}).get("accuracy"),
                      "vision_aux_accuracy": round(vision_acc, 2)},
-            build={**build, "seconds": round(time.time() - t0, 1), "parameters": count_parameters(model)},
+            build={**build, "seconds": round(time.time() - t0, 1), "parameters": count_parameters(model),
+                   **({"phases": phase_log} if len(phases) > 1 else {})},
         )
 
         def write(tmp: Path):

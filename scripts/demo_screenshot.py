@@ -6,7 +6,8 @@ HOME: a fresh (or existing) $LLACA_HOME. The demo is queued exactly as the Learn
 (`app.learn_tab.queue_demo`: two CoIN-mini tasks, seq then llaca, in the default regime) and the background worker
 trains it. Compare then asks the four demo versions (seq and llaca, after stage 1 = before stage 2, and after
 stage 2) the question of a held-out test record of the *first* task, so the picture shows what the second stage
-made each rule forget. Writes `compare.png` (default assets/screenshots) and prints the four answers and the gold.
+made each rule forget. Writes `compare.png` (default assets/screenshots) and prints the four answers, the gold, and
+every demo version's accuracy on both tasks' test splits (one record is an anecdote; the accuracies are the figure).
 """
 from __future__ import annotations
 
@@ -46,6 +47,22 @@ def run_demo(home: Path) -> dict[str, str]:
         return {v.meta.get("name"): v.id for v in studio.versions()}
     finally:
         studio.close()
+
+
+def demo_accuracies(home: Path, version_ids: dict[str, str]) -> dict[str, dict[str, float]]:
+    """Each demo version's accuracy on both demo tasks' test splits (50 records each): the picture's context."""
+    from app.learn_tab import DEMO_TASKS
+    from llaca.data import load_instruction_set
+    from llaca.evaluate import evaluate
+    from llaca.versions import Registry, load_version
+
+    registry = Registry(home)
+    tests = {t: load_instruction_set(home / "datasets" / "demo" / t / "test") for t in DEMO_TASKS}
+    out = {}
+    for name, vid in version_ids.items():
+        model, processor = load_version(registry, vid)
+        out[name] = {t: round(evaluate(model, processor, ts).accuracy, 1) for t, ts in tests.items()}
+    return out
 
 
 def main(home: str, out: str = "assets/screenshots") -> None:
@@ -110,7 +127,9 @@ def main(home: str, out: str = "assets/screenshots") -> None:
         demo.close()
         studio.close()
     print(json.dumps({"question": question, "gold": gold, "versions": dict(zip(order, ids)),
-                      "answers": dict(zip(order, answers))}, indent=1))
+                      "answers": dict(zip(order, answers)),
+                      "test accuracy (%)": demo_accuracies(home, dict(zip(["base", *order], ["base", *ids])))},
+                     indent=1))
     print(out / "compare.png")
 
 

@@ -110,11 +110,29 @@ def test_build_base_v2_registers_beside_base(tmp_path):
     from llaca.versions import Registry, load_version
 
     reg = Registry(tmp_path / "home")
-    v = base_build_v2.build_base_v2(reg, vision_steps=3, base_steps=3, n_train=24, n_test=6)
+    v = base_build_v2.build_base_v2(reg, vision_steps=3, base_steps=3, n_train=24, n_test=6, align_steps=2,
+                                    align_records=12)
     assert v.id == "base-v2" and v.meta["parent"] is None and v.meta["build"]["world"] == "v2"
+    phases = v.meta["build"]["phases"]  # the alignment phases, then the instructions, each with its test score
+    assert [p["steps"] for p in phases] == [2, 2, 2, 3] and phases[-1]["data"] == "base"
+    assert all(0 <= p["test_accuracy"] <= 100 for p in phases)
     assert v.meta["build"]["spec"] == base_build_v2.SPEC.__dict__ and not reg.exists("base")
     model, processor = load_version(reg, "base-v2")
     assert model.config.vision_config.hidden_size == 128
     assert len(processor.tokenizer) == model.config.text_config.vocab_size <= base_build_v2.SPEC.vocab_size
     test = base_test_split(reg, v)
     assert test.endswith("base/test") and (Path(test) / "data.json").is_file()
+
+
+def test_attribute_questions_are_well_formed():
+    """Alignment data: each attribute's fixed question with a well-formed answer."""
+    import random
+
+    rng = random.Random(0)
+    for attribute in bw.ATTRIBUTES:
+        image, question, answer = bw.attribute_sample(rng, [attribute])
+        assert image.size == (64, 64) and "{" not in question
+        ok = {"colour": answer in bw.PALETTE, "shape": answer in bw.SHAPE_KINDS,
+              "read": answer in bw.WORDS, "region": answer in bw.REGIONS,
+              "count": answer.isdigit() and 1 <= int(answer) <= 6, "group": answer.islower()}[attribute]
+        assert ok, (attribute, question, answer)

@@ -107,10 +107,11 @@ def test_grounding_variants_train_a_fresh_lm_on_the_frozen_tower(tmp_path):
     assert (list(base_world.READ_QS), base_world.sample_scene) == before  # restored
 
     out = tmp_path / "out"
-    assert grounding.main(["--tower-from", str(ASSETS_DIR / "base"), "--variants", "v2-easy", "v1", "--steps", "2",
+    assert grounding.main(["--tower-from", str(ASSETS_DIR / "base"), "--variants", "v2-easy", "v1", "attr:colour,count",
+                           "--steps", "2",
                            "--n-train", "32", "--test-n", "8", "--out", str(out), "--work", str(tmp_path / "work")]) == 0
     runs = sorted(json.loads(p.read_text())["variant"] for p in (out / "runs").glob("*.json"))
-    assert runs == ["v1", "v2-easy"]
+    assert runs == ["attr:colour,count", "v1", "v2-easy"]
     for p in (out / "runs").glob("*.json"):
         r = json.loads(p.read_text())
         assert sum(f["n"] for f in r["per_family"].values()) == r["n_test"] == 8
@@ -118,3 +119,6 @@ def test_grounding_variants_train_a_fresh_lm_on_the_frozen_tower(tmp_path):
     assert "| v2-easy | 2 |" in (out / "table.md").read_text()
     assert grounding.family("What does the text say?", "cat") == "read"
     assert grounding.family("Where is the cat?", "top left") == "region"
+    assert grounding.family("What shape is this?", "star") == "shape"
+    with pytest.raises(Exception, match="attr:A,B"):
+        grounding.check_variant("attr:colour,smell")

@@ -10,7 +10,10 @@ as the base build does), and reports test accuracy per answer family. What varie
 - `v2-easy`   the same families and phrasings on easy scenes only: one large object (sprite or shape), a word, or
               an empty frame, on a plain background;
 - `v2-1phrase` the v2 scenes with one phrasing per family and no answer-format lines;
-- `v1`        base v1's own mixture (captions + colour + shape QA on CoIN-mini-like scenes; what v1 grounds on).
+- `v1`        base v1's own mixture (captions + colour + shape QA on CoIN-mini-like scenes; what v1 grounds on);
+- `attr:T,U,..` one fixed question per attribute T in {colour, shape, group, read, region, count}, in equal shares,
+              on v2-world scenes (one shape or sprite anywhere, a word, or 1-6 copies of one thing for count): how
+              many attributes can be learned together in the step budget.
 
 Plus a shuffled-image control on the `v2` run (same questions, images permuted across records): the drop from the
 true images is what the model reads from the picture at all. Runs are cached in `<out>/runs/`; one torch thread.
@@ -30,6 +33,7 @@ from collections import defaultdict
 from pathlib import Path
 
 VARIANTS = ("v2", "v2-easy", "v2-1phrase", "v1")
+from ..base_world import ATTRIBUTE_QUESTIONS, ATTRIBUTES
 PHRASE_LISTS = ("CAPTION_QS", "NAME_QS", "GROUP_QS", "REGION_QS", "COLOUR_QS", "BOX_QS", "COUNT_QS", "READ_QS",
                 "YESNO_QS", "MCQ_QS", "SENTENCE_QS", "UNANS_HINTS", "UNANS_LINES")
 
@@ -48,6 +52,16 @@ def easy_scene(rng: random.Random):
     thing = (bw._sprite_thing(rng, rng.randrange(len(sprites)), box) if rng.random() < 0.5
              else bw._shape_thing(rng, box))
     return bw.Scene("objects", "plain", things=[thing], seed=rng.getrandbits(31))
+
+
+def check_variant(variant: str) -> str:
+    if variant in VARIANTS:
+        return variant
+    attrs = variant.removeprefix("attr:").split(",")
+    if not variant.startswith("attr:") or not all(a in ATTRIBUTES for a in attrs):
+        raise argparse.ArgumentTypeError(f"{variant!r}: one of {', '.join(VARIANTS)} or attr:A,B,... with A, B in "
+                                         f"{', '.join(ATTRIBUTES)}")
+    return variant
 
 
 @contextlib.contextmanager
@@ -73,13 +87,17 @@ def write_data(variant: str, root: Path, n_train: int, n_test: int, seed: int = 
     """`root/<variant>/{train,test}` (written once)."""
     from ..coin_mini import write_base_mixture, write_split
 
-    out = root / variant
+    out = root / variant.replace(":", "-").replace(",", "+")
     if (out / "test" / "data.json").is_file():
         return out
     if variant == "v1":
         write_base_mixture(root / "v1-mixture", seed=seed, n_train=n_train, n_test=n_test)
         (root / "v1-mixture" / "base").rename(out)
         return out
+    if variant.startswith("attr:"):
+        from ..base_world import write_attribute_set
+
+        return write_attribute_set(out, variant.removeprefix("attr:").split(","), n_train, n_test, seed)
     with world_variant(variant) as bw:
         for split, n, s in (("train", n_train, 0), ("test", n_test, 1)):
             rng = random.Random(seed * 1000 + 4242 + s)
@@ -94,6 +112,10 @@ def family(question: str, answer: str) -> str:
     if "\nA." in question or "Options:" in question:
         return "mcq"
     first = question.split("\n")[0]
+    if first == ATTRIBUTE_QUESTIONS["shape"]:
+        return "shape"
+    if first == ATTRIBUTE_QUESTIONS["group"]:
+        return "group"
     for name, qs in (("caption", bw.CAPTION_QS), ("sentence", bw.SENTENCE_QS), ("name", bw.NAME_QS),
                      ("group", bw.GROUP_QS), ("read", bw.READ_QS)):
         if first in qs:
@@ -110,7 +132,7 @@ def family(question: str, answer: str) -> str:
         return "colour"
     if answer.endswith("."):
         return "caption"
-    return "other (v1: shape)"
+    return "other"
 
 
 def fresh_model_on_tower(tower_from: Path, seed: int = 0):
@@ -195,7 +217,8 @@ def main(argv=None) -> int:
 
     p = argparse.ArgumentParser(prog="python -m llaca.bench grounding", description=__doc__.split("\n\n")[0])
     p.add_argument("--tower-from", required=True, help="a version folder whose vision tower is used (frozen)")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
+    p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=check_variant,
+                   help=f"{', '.join(VARIANTS)} or attr:A,B,... (A, B in {', '.join(ATTRIBUTES)})")
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--n-train", type=int, default=8000)
     p.add_argument("--test-n", type=int, default=200)
@@ -208,7 +231,7 @@ def main(argv=None) -> int:
     work = Path(a.work) if a.work else llaca_home() / "bench" / "grounding"
     results = []
     for variant in a.variants:
-        key = f"{variant}-{a.steps}-{a.n_train}-{a.test_n}-{Path(a.tower_from).resolve().name}"
+        key = f"{variant.replace(':', '-').replace(',', '+')}-{a.steps}-{a.n_train}-{a.test_n}-{Path(a.tower_from).resolve().name}"
         cached = out / "runs" / f"{key}.json"
         if cached.is_file():
             results.append(json.loads(cached.read_text()))
