@@ -108,6 +108,13 @@ def _build_base(registry, seed, spec, vision_steps, base_steps, n_train, n_test,
                              lr=BASE_LR, batch_size=BASE_BATCH, on_event=on_event, version_id=version_id)
 
 
+def own_test_accuracy(meta: dict, train_dir) -> float | None:
+    """A stage's accuracy on its own test split (`<set>-test`), not on the earlier stages' splits it also reports."""
+    test = meta["metrics"].get("test", {})
+    own = test.get(f"{Path(train_dir).parent.name}-test") or (list(test.values())[-1] if test else {})
+    return own.get("accuracy")
+
+
 def train_and_publish(registry: Registry, model, processor, train_dir: Path, build: dict, vision_acc: float,
                       t0: float, lr: float, batch_size: int, on_event, version_id: str,
                       phases: list[tuple[Path, int]] | None = None) -> Version:
@@ -132,15 +139,13 @@ def train_and_publish(registry: Registry, model, processor, train_dir: Path, bui
                               name=version_id if k == len(phases) - 1 else f"{version_id}-phase{k + 1}")
             built = run_stage(cfg, scratch_reg, on_event=on_event)
             parent = built.id
-            test = built.meta["metrics"].get("test", {})
             phase_log.append({"data": Path(data).parent.name, "steps": steps,
-                              "test_accuracy": next(iter(test.values()), {}).get("accuracy")})
+                              "test_accuracy": own_test_accuracy(built.meta, data)})
         meta = {k: v for k, v in built.meta.items() if k not in ("id", "created")}
-        test = meta["metrics"].get("test", {})
         meta.update(
             parent=None,
             method="pretrain",
-            metrics={**meta["metrics"], "base_accuracy": next(iter(test.values()), {}).get("accuracy"),
+            metrics={**meta["metrics"], "base_accuracy": own_test_accuracy(built.meta, phases[-1][0]),
                      "vision_aux_accuracy": round(vision_acc, 2)},
             build={**build, "seconds": round(time.time() - t0, 1), "parameters": count_parameters(model),
                    **({"phases": phase_log} if len(phases) > 1 else {})},

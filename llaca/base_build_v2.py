@@ -34,10 +34,10 @@ VISION_LR = 2e-3
 # Alignment phases before the instructions (`base_world.attribute_sample`; why: `python -m llaca.bench grounding`):
 # attributes are grounded a few at a time, each phase keeping the earlier ones.
 ALIGN_PHASES = (("colour", "shape"), ("colour", "shape", "region", "count"), base_world.ATTRIBUTES)
-ALIGN_STEPS = 800
+ALIGN_STEPS = 0  # off by default: 800 per phase (+ base_steps=3200) measured no better, 31.0% (README "Base v2")
 ALIGN_RECORDS = 8000
 REHEARSAL = 0.3  # share of attribute questions in the instruction phase's training records
-BASE_STEPS = 3200  # 4000 before the alignment phases; they take ~6 of the 30 build minutes
+BASE_STEPS = 4000
 BASE_BATCH = 16
 BASE_LR = 3e-3
 N_TRAIN = 16000

@@ -521,9 +521,9 @@ def sample(rng: random.Random) -> tuple[Image.Image, str, str]:
 
 # --------------------------------------------------------------------------- alignment (LLaVA's stage 1, shrunk)
 # One fixed question per visual attribute, short answers. Measured (`python -m llaca.bench grounding`): a fresh LM
-# on the frozen tower learns "what colour is the star" alone to 98% in 400 steps, but in the full instruction mixture
-# (or in a mix of four attributes from the start) it stays at the answer prior for 2,000+ steps; learned first, the
-# attribute is kept when the others are added. So the build teaches attributes in phases, then the instructions.
+# on the frozen tower learns "what colour is the star" alone to ~95% in 400 steps, but in the full instruction
+# mixture (or in a mix of four attributes from the start) it stays at the answer prior. `build_base_v2(align_steps=N)`
+# teaches attributes in phases before the instructions; at the full build budget that measured no better (README).
 ATTRIBUTES = ("colour", "shape", "group", "read", "region", "count")
 ATTRIBUTE_QUESTIONS = {"colour": "What colour is the {shape}?", "shape": "What shape is this?",
                        "group": "What kind of thing is this?", "read": "What does the text say?",

@@ -308,7 +308,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--name", default=None)
     s.add_argument("--epochs", type=float, default=3.0, help="passes over the set (default 3: ~280 steps for a 1500-record CoIN-mini task, what a stage needs to reach its plateau here)")
     s.add_argument("--max-steps", type=int, default=None)
-    s.add_argument("--lr", type=float, default=1e-3)
+    s.add_argument("--lr", type=float, default=StageConfig.lr,
+                   help="default %(default)g: where the faithful rule measured best in the regime map (README)")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--grad-accum", type=int, default=1)
     s.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + projector instead of full weights")
