@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
+from conftest import served_app  # noqa: E402
+from test_browser import browser_page, served_copy  # noqa: E402
 
 
 def run_demo(home: Path) -> dict[str, str]:
@@ -66,12 +65,7 @@ def demo_accuracies(home: Path, version_ids: dict[str, str]) -> dict[str, dict[s
 
 
 def main(home: str, out: str = "assets/screenshots") -> None:
-    from playwright.sync_api import sync_playwright
-
-    from app import Studio
     from app.learn_tab import DEMO_TASKS
-    from app.main import QUEUE, build_app, launch_options
-    from llaca.bench.load import free_port
 
     home, out = Path(home), Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -85,47 +79,32 @@ def main(home: str, out: str = "assets/screenshots") -> None:
     question = record["conversations"][0]["value"].replace("<image>", "").strip()
     gold = record["conversations"][1]["value"]
 
-    served = Path(tempfile.mkdtemp()) / "home"
-    shutil.copytree(home, served, ignore=shutil.ignore_patterns("runs", "uploads", "locks", "exports", "jobs*"))
+    served = served_copy(home)
     os.environ["LLACA_HOME"] = str(served)
-    studio = Studio(served, start_worker=False)
-    demo = build_app(studio)
-    port = free_port()
-    demo.queue(**QUEUE).launch(**launch_options(studio, server_name="127.0.0.1", server_port=port,
-                                                prevent_thread_lock=True, quiet=True))
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1360, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
-            page.wait_for_selector("#chat-input textarea", timeout=60_000)
-            page.get_by_role("tab", name="Compare").click()
-            page.wait_for_timeout(2500)
-            box = page.locator("#compare-versions")
-            while box.locator(".token-remove, [aria-label^='Remove']").count():
-                box.locator(".token-remove, [aria-label^='Remove']").first.click()
-                page.wait_for_timeout(300)
-            field = box.locator("input").first
-            for vid in ids:
-                field.click()
-                field.fill(vid)
-                page.keyboard.press("Enter")
-                page.wait_for_timeout(400)
-            page.keyboard.press("Escape")
-            page.set_input_files("#compare-image input[type=file]", str(image))
-            page.wait_for_timeout(1500)
-            page.get_by_label("Question").fill(question)
-            page.get_by_role("button", name="Ask all").click()
-            page.wait_for_function(
-                """n => [...document.querySelectorAll('.compare-answer textarea')]
-                        .filter(t => t.value.trim().length > 0).length >= n""", arg=len(ids), timeout=120_000)
-            page.wait_for_timeout(2500)
-            answers = page.eval_on_selector_all(".compare-answer textarea", "ts => ts.map(t => t.value)")
-            page.screenshot(path=str(out / "compare.png"), full_page=True)
-            browser.close()
-    finally:
-        demo.close()
-        studio.close()
+    with served_app(served, start_worker=False) as app, browser_page(app.url) as page:
+        page.get_by_role("tab", name="Compare").click()
+        page.wait_for_timeout(2500)
+        box = page.locator("#compare-versions")
+        while box.locator(".token-remove, [aria-label^='Remove']").count():
+            box.locator(".token-remove, [aria-label^='Remove']").first.click()
+            page.wait_for_timeout(300)
+        field = box.locator("input").first
+        for vid in ids:
+            field.click()
+            field.fill(vid)
+            page.keyboard.press("Enter")
+            page.wait_for_timeout(400)
+        page.keyboard.press("Escape")
+        page.set_input_files("#compare-image input[type=file]", str(image))
+        page.wait_for_timeout(1500)
+        page.get_by_label("Question").fill(question)
+        page.get_by_role("button", name="Ask all").click()
+        page.wait_for_function(
+            """n => [...document.querySelectorAll('.compare-answer textarea')]
+                    .filter(t => t.value.trim().length > 0).length >= n""", arg=len(ids), timeout=120_000)
+        page.wait_for_timeout(2500)
+        answers = page.eval_on_selector_all(".compare-answer textarea", "ts => ts.map(t => t.value)")
+        page.screenshot(path=str(out / "compare.png"), full_page=True)
     print(json.dumps({"question": question, "gold": gold, "versions": dict(zip(order, ids)),
                       "answers": dict(zip(order, answers)),
                       "test accuracy (%)": demo_accuracies(home, dict(zip(["base", *order], ["base", *ids])))},

@@ -12,84 +12,62 @@ Writes grouped_chat.png, grouped_learn.png, grouped_compare.png, grouped_version
 from __future__ import annotations
 
 import os
-import shutil
 import sys
-import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from test_browser import CHROMIUM, CHROMIUM_ARGS, wait_for_answer  # noqa: E402
+from conftest import served_app  # noqa: E402
+from test_browser import browser_page, served_copy, wait_for_answer  # noqa: E402
 
 
 def main(home, version, image, question, upload_zip, out="assets/screenshots", image2=None, question2=None) -> None:
-    from playwright.sync_api import sync_playwright
-
-    from app import Studio
-    from app.main import QUEUE, build_app, launch_options
-    from llaca.bench.load import free_port
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    served = Path(tempfile.mkdtemp()) / "home"
-    shutil.copytree(home, served, ignore=shutil.ignore_patterns("runs", "uploads", "locks", "exports", "jobs*"))
+    served = served_copy(Path(home))
     os.environ["LLACA_HOME"] = str(served)
-    studio = Studio(served, start_worker=False)
-    demo = build_app(studio)
-    port = free_port()
-    demo.queue(**QUEUE).launch(**launch_options(studio, server_name="127.0.0.1", server_port=port,
-                                                prevent_thread_lock=True, quiet=True))
-    try:
-        with sync_playwright() as p:
-            browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1360, "height": 1000})
-            page.goto(f"http://127.0.0.1:{port}/", wait_until="domcontentloaded")
-            page.wait_for_selector("#chat-input textarea", timeout=60_000)
-            page.locator("#chat-version input").fill(version)
-            page.keyboard.press("Enter")
-            page.set_input_files("#chat-input input[type=file]", str(image))
+    with served_app(served, start_worker=False) as app, browser_page(app.url) as page:
+        page.locator("#chat-version input").fill(version)
+        page.keyboard.press("Enter")
+        page.set_input_files("#chat-input input[type=file]", str(image))
+        page.wait_for_selector("#chat-input img", timeout=30_000)
+        page.fill("#chat-input textarea", question)
+        page.press("#chat-input textarea", "Enter")
+        wait_for_answer(page, 2)   # the answer, then the badge naming the group
+        page.wait_for_function("() => document.body.innerText.includes('answered by group')", timeout=60_000)
+        if image2:
+            page.set_input_files("#chat-input input[type=file]", str(image2))
             page.wait_for_selector("#chat-input img", timeout=30_000)
-            page.fill("#chat-input textarea", question)
+            page.fill("#chat-input textarea", question2)
             page.press("#chat-input textarea", "Enter")
-            wait_for_answer(page, 2)   # the answer, then the badge naming the group
-            page.wait_for_function("() => document.body.innerText.includes('answered by group')", timeout=60_000)
-            if image2:
-                page.set_input_files("#chat-input input[type=file]", str(image2))
-                page.wait_for_selector("#chat-input img", timeout=30_000)
-                page.fill("#chat-input textarea", question2)
-                page.press("#chat-input textarea", "Enter")
-                wait_for_answer(page, 4)
-            page.screenshot(path=str(out / "grouped_chat.png"), full_page=True)
+            wait_for_answer(page, 4)
+        page.screenshot(path=str(out / "grouped_chat.png"), full_page=True)
 
-            page.get_by_role("tab", name="Learn").click()
-            page.wait_for_timeout(2000)
-            page.get_by_label("grouped: llaca per instruction group (later LLaCA)").check()
-            page.set_input_files("#train-files input[type=file]", str(upload_zip))
-            preview = "(document.querySelector('#grouping-preview')?.innerText || '')"
-            page.wait_for_function(f"() => (t => t.includes('answered by') || t.includes('no groups yet'))({preview})",
-                                   timeout=120_000)
-            page.wait_for_timeout(1500)
-            page.screenshot(path=str(out / "grouped_learn.png"), full_page=True)
+        page.get_by_role("tab", name="Learn").click()
+        page.wait_for_timeout(2000)
+        page.get_by_label("grouped: llaca per instruction group (later LLaCA)").check()
+        page.set_input_files("#train-files input[type=file]", str(upload_zip))
+        preview = "(document.querySelector('#grouping-preview')?.innerText || '')"
+        page.wait_for_function(f"() => (t => t.includes('answered by') || t.includes('no groups yet'))({preview})",
+                               timeout=120_000)
+        page.wait_for_timeout(1500)
+        page.screenshot(path=str(out / "grouped_learn.png"), full_page=True)
 
-            page.get_by_role("tab", name="Compare").click()
-            page.wait_for_timeout(2500)
-            page.set_input_files("#compare-image input[type=file]", str(image))
-            page.wait_for_timeout(1500)
-            page.get_by_label("Question").fill(question)
-            page.get_by_role("button", name="Ask all").click()
-            page.wait_for_function("() => document.body.innerText.includes('answered by group')", timeout=60_000)
-            page.wait_for_timeout(2000)
-            page.screenshot(path=str(out / "grouped_compare.png"), full_page=True)
+        page.get_by_role("tab", name="Compare").click()
+        page.wait_for_timeout(2500)
+        page.set_input_files("#compare-image input[type=file]", str(image))
+        page.wait_for_timeout(1500)
+        page.get_by_label("Question").fill(question)
+        page.get_by_role("button", name="Ask all").click()
+        page.wait_for_function("() => document.body.innerText.includes('answered by group')", timeout=60_000)
+        page.wait_for_timeout(2000)
+        page.screenshot(path=str(out / "grouped_compare.png"), full_page=True)
 
-            page.get_by_role("tab", name="Versions").click()
-            page.wait_for_timeout(3000)
-            page.locator("#groups-table").scroll_into_view_if_needed()
-            page.screenshot(path=str(out / "grouped_versions.png"), full_page=True)
-            browser.close()
-    finally:
-        demo.close()
-        studio.close()
+        page.get_by_role("tab", name="Versions").click()
+        page.wait_for_timeout(3000)
+        page.locator("#groups-table").scroll_into_view_if_needed()
+        page.screenshot(path=str(out / "grouped_versions.png"), full_page=True)
     for name in ("chat", "learn", "compare", "versions"):
         print(out / f"grouped_{name}.png")
 

@@ -63,15 +63,17 @@ def chatty_home(quick_home, tmp_path_factory) -> Path:
 
 
 @contextlib.contextmanager
-def served_app(home: Path):
-    """The real app (Blocks + queue + worker supervisor) serving `home` on a free loopback port, closed after."""
+def served_app(home: Path, start_worker: bool = True):
+    """The real app (Blocks + queue + worker supervisor) serving `home` on a free loopback port, closed after.
+
+    `start_worker=False`: no background training (screenshot scripts that only show what `home` holds)."""
     from app import Studio
     from app.main import QUEUE, build_app, launch_options
     from llaca.bench.load import free_port
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("LLACA_HOME", str(home))
-        studio = Studio(home)
+        studio = Studio(home, start_worker=start_worker)
         demo = build_app(studio)
         port = free_port()
         demo.queue(**QUEUE).launch(**launch_options(studio, server_name="127.0.0.1", server_port=port,

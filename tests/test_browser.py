@@ -10,8 +10,10 @@ Screenshots go to pytest's tmp dir. The committed ones (assets/screenshots) were
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -36,17 +38,34 @@ def served(request, tmp_path_factory):
         yield served
 
 
-@pytest.fixture(scope="module")
-def page(served):
+def served_copy(source: Path) -> Path:
+    """A throwaway copy of a $LLACA_HOME for a screenshot script to serve (no run caches, uploads, locks, exports
+    or job queue), so nothing the script does touches the original."""
+    served = Path(tempfile.mkdtemp()) / "home"
+    shutil.copytree(source, served, ignore=shutil.ignore_patterns("runs", "uploads", "locks", "exports", "jobs*"))
+    return served
+
+
+@contextlib.contextmanager
+def browser_page(url: str):
+    """Headless Debian chromium (Playwright) on the app at `url`, once the chat box is there; closed after."""
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path=str(CHROMIUM), headless=True, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1360, "height": 1000})
-        page.goto(served.url, wait_until="domcontentloaded")
-        page.wait_for_selector("#chat-input textarea", timeout=60_000)
+        try:
+            page = browser.new_page(viewport={"width": 1360, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            page.wait_for_selector("#chat-input textarea", timeout=60_000)
+            yield page
+        finally:
+            browser.close()
+
+
+@pytest.fixture(scope="module")
+def page(served):
+    with browser_page(served.url) as page:
         yield page
-        browser.close()
 
 
 def shots_dir(tmp_path_factory) -> Path:
