@@ -31,15 +31,16 @@ SPEC = TinySpec(vision_hidden=128, vision_layers=4, vocab_size=3072)
 VISION_STEPS = 3000
 VISION_BATCH = 64
 VISION_LR = 2e-3
-# Alignment phases before the instructions (`base_world.attribute_sample`; why: `python -m llaca.bench grounding`):
-# attributes are grounded a few at a time, each phase keeping the earlier ones.
-ALIGN_PHASES = (("colour", "shape"), ("colour", "shape", "region", "count"), base_world.ATTRIBUTES)
-ALIGN_STEPS = 0  # off by default: 800 per phase (+ base_steps=3200) measured no better, 31.0% (README "Base v2")
+# Alignment before the instructions (`base_world.attribute_sample`, LLaVA's stage 1 shrunk; why: `python -m llaca.bench
+# grounding`): one fixed question per attribute, all six together. At lr 3e-3 a fresh LM stays at the answer priors
+# on any mix of attributes (three phases of 800 steps measured no better than none: 31.0%); at 5e-4 it grounds them.
+ALIGN_PHASES = (base_world.ATTRIBUTES,)
+ALIGN_STEPS = 1600
 ALIGN_RECORDS = 8000
 REHEARSAL = 0.3  # share of attribute questions in the instruction phase's training records
-BASE_STEPS = 4000
+BASE_STEPS = 2400  # instruction steps after alignment (4,000 LM steps in all, as before)
 BASE_BATCH = 16
-BASE_LR = 3e-3
+BASE_LR = 5e-4  # 3e-3 (v1's) kept a fresh LM at the answer priors on any multi-question mixture (grounding bench)
 N_TRAIN = 16000
 N_TEST = 300
 FLAT_HEADS = ("region", "count", "word", "shape", "colour")  # heads that also read where things are
@@ -110,7 +111,8 @@ def pretrain_vision(model, processor, steps: int, seed: int, on_event=None) -> f
 def ensure_mixture(registry: Registry, seed: int, n_train: int = N_TRAIN, n_test: int = N_TEST,
                    splits=("train", "test"), rehearsal: float = 0.0) -> Path:
     """The v2 instruction mixture on disk (each split written once per seed, size and rehearsal share)."""
-    root = registry.home / "datasets" / (f"base-v2-mixture-seed{seed}" + (f"-rehearsal{rehearsal:g}" if rehearsal else ""))
+    name = f"base-v2-mixture-d{base_world.DATA_VERSION}-seed{seed}" + (f"-rehearsal{rehearsal:g}" if rehearsal else "")
+    root = registry.home / "datasets" / name
     for split, n in (("train", n_train), ("test", n_test)):
         stamp = root / "base" / f"{split}.size"
         if split in splits and not (stamp.is_file() and stamp.read_text() == str(n)):
@@ -152,7 +154,8 @@ def build_base_v2(registry: Registry | None = None, seed: int = 0, vision_steps:
         vision_acc = pretrain_vision(model, processor, vision_steps, seed, on_event)
         build = {"world": "v2", "seed": seed, "vision_steps": vision_steps, "base_steps": base_steps,
                  "align_steps": align_steps, "align_phases": [list(a) for a in ALIGN_PHASES] if align_steps else [],
-                 "rehearsal": rehearsal, "n_train": n_train, "n_test": n_test,
+                 "rehearsal": rehearsal, "lr": BASE_LR, "data_version": base_world.DATA_VERSION,
+                 "n_train": n_train, "n_test": n_test,
                  "vision_seconds": round(time.time() - t0, 1), "spec": SPEC.__dict__}
         return train_and_publish(registry, model, processor, data_root / "base" / "train", build, vision_acc, t0,
                                  lr=BASE_LR, batch_size=BASE_BATCH, on_event=on_event, version_id=version_id,

@@ -26,6 +26,9 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from . import image_pack
 
+# Bumped whenever the data a seed gives changes (names the cached mixtures, so a rebuild never reuses stale data).
+# 2: "count everything" questions, shapes named by their noun.
+DATA_VERSION = 2
 SIZE = 64
 SS = 4  # supersampling for anti-aliased shapes
 
@@ -377,6 +380,10 @@ BOX_QS = ["Give the bounding box of the {x} as [x1,y1,x2,y2] with one decimal.",
           "Output the box of the object described here: {x}."]
 COUNT_QS = ["How many {xs} are there?", "Count the {xs} in the picture. Reply with a number.",
             "How many {xs} can you see? Answer with a digit.", "What is the number of {xs}?"]
+# Counting everything, whatever it is (a scene of mixed things): users ask this without naming the things.
+COUNT_ALL_QS = ["How many things are in the picture?", "Count all the items you can see.",
+                "What is the total number of objects shown?", "How many separate objects does this picture have?",
+                "Tell me how many things appear here."]
 READ_QS = ["What does the text say?", "Read the word in the image.", "What is written here?",
            "What is the title on this sign?", "Which word is printed in the picture? One word.",
            "What is the label's text?"]
@@ -413,7 +420,8 @@ def _target(rng, scene: Scene) -> Thing:
     return rng.choice(scene.things)
 
 
-_HINT_KIND = {"caption": "sentence", "sentence": "sentence", "read": "word", "count": "count", "name": "phrase",
+_HINT_KIND = {"caption": "sentence", "sentence": "sentence", "read": "word", "count": "count", "count_all": "count",
+              "name": "phrase",
               "group": "phrase", "region": "region", "region_multi": "region", "box": "box", "box_multi": "box",
               "yesno": "yesno", "colour_unans": "colour"}
 
@@ -437,7 +445,7 @@ def _ask_family(rng, scene: Scene) -> tuple[str, str, str]:
         fams += ["colour_unans"] * 4 + ["yesno"]
     else:
         one_kind = len({_thing_phrase(t) for t in scene.things}) == 1
-        fams += ["yesno", "yesno"]
+        fams += ["yesno", "yesno", "count_all"]
         if one_kind:
             fams += ["count"] * 2 + ["mcq_count"]
         if len(scene.things) == 1:
@@ -473,8 +481,10 @@ def _ask_family(rng, scene: Scene) -> tuple[str, str, str]:
         n = len(scene.things)
         noun = _plural(_thing_phrase(t), 2)
         return (fam, *(_pick(rng, COUNT_QS).format(xs=noun), str(n)))
-    if fam == "name":
-        return (fam, *(_pick(rng, NAME_QS), _thing_phrase(t) if t.kind == "shape" else t.name))
+    if fam == "count_all":
+        return (fam, *(_pick(rng, COUNT_ALL_QS), str(len(scene.things))))
+    if fam == "name":  # the noun: a red star is "star" (its colour has its own questions)
+        return (fam, *(_pick(rng, NAME_QS), t.name))
     if fam == "group":
         return (fam, *(_pick(rng, GROUP_QS), t.group))
     if fam == "region":

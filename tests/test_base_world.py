@@ -113,8 +113,9 @@ def test_build_base_v2_registers_beside_base(tmp_path):
     v = base_build_v2.build_base_v2(reg, vision_steps=3, base_steps=3, n_train=24, n_test=6, align_steps=2,
                                     align_records=12)
     assert v.id == "base-v2" and v.meta["parent"] is None and v.meta["build"]["world"] == "v2"
-    phases = v.meta["build"]["phases"]  # the alignment phases, then the instructions, each with its test score
-    assert [p["steps"] for p in phases] == [2, 2, 2, 3] and phases[-1]["data"] == "base"
+    phases = v.meta["build"]["phases"]  # the alignment phase(s), then the instructions, each with its test score
+    assert [p["steps"] for p in phases] == [2] * len(base_build_v2.ALIGN_PHASES) + [3]
+    assert phases[-1]["data"] == "base" and v.meta["build"]["lr"] == base_build_v2.BASE_LR
     assert all(0 <= p["test_accuracy"] <= 100 for p in phases)
     assert v.meta["build"]["spec"] == base_build_v2.SPEC.__dict__ and not reg.exists("base")
     model, processor = load_version(reg, "base-v2")

@@ -3,8 +3,8 @@
 Base v2 (`--recipe v2`) scores 31% on its own test although linear probes on its tower read colour (96%), region
 (87%) and scanned digits (98%): its LM answers from the question's prior. This benchmark isolates why. Every run
 starts from the same point — a *fresh* projector + LM (v2's sizes and tokenizer) on a *frozen* pre-trained tower
-taken from a version folder — trains it as a `seq` stage through the tuner for `--steps` steps (lr 3e-3, batch 16,
-as the base build does), and reports test accuracy per answer family. What varies is the data:
+taken from a version folder — trains it as a `seq` stage through the tuner for `--steps` steps (batch 16, at each of
+`--lrs`; 3e-3 is what the base build used until 2026-11-26), and reports test accuracy per answer family. What varies is the data:
 
 - `v2`        the base-v2 instruction mixture (`llaca.base_world`, every scene kind and phrasing);
 - `v2-easy`   the same families and phrasings on easy scenes only: one large object (sprite or shape), a word, or
@@ -34,7 +34,7 @@ from pathlib import Path
 
 VARIANTS = ("v2", "v2-easy", "v2-1phrase", "v1")
 from ..base_world import ATTRIBUTE_QUESTIONS, ATTRIBUTES
-PHRASE_LISTS = ("CAPTION_QS", "NAME_QS", "GROUP_QS", "REGION_QS", "COLOUR_QS", "BOX_QS", "COUNT_QS", "READ_QS",
+PHRASE_LISTS = ("CAPTION_QS", "NAME_QS", "GROUP_QS", "REGION_QS", "COLOUR_QS", "BOX_QS", "COUNT_QS", "COUNT_ALL_QS", "READ_QS",
                 "YESNO_QS", "MCQ_QS", "SENTENCE_QS", "UNANS_HINTS", "UNANS_LINES")
 
 
@@ -150,7 +150,8 @@ def fresh_model_on_tower(tower_from: Path, seed: int = 0):
     return model, processor
 
 
-def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int, shuffled_control: bool) -> dict:
+def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int, shuffled_control: bool,
+            lr: float = 3e-3) -> dict:
     import torch
 
     from ..data import load_image, load_instruction_set
@@ -166,7 +167,7 @@ def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int,
         reg = Registry(home)
         reg.create({"name": "init", "parent": None, "weights": "full"},
                    lambda tmp: save_pretrained(model, processor, tmp / "model"), version_id="init")
-        cfg = StageConfig(data=str(data / "train"), method="seq", parent="init", lr=3e-3, batch_size=16,
+        cfg = StageConfig(data=str(data / "train"), method="seq", parent="init", lr=lr, batch_size=16,
                           max_steps=steps, warmup_ratio=0.05, seed=0, checkpoint_every=0, evaluate_after=False,
                           name=variant)
         version = run_stage(cfg, reg)
@@ -178,7 +179,7 @@ def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int,
         questions, golds = [r.question for r in records], [r.answer for r in records]
         with torch.inference_mode():
             preds = generate_answers(trained, proc, images, questions)
-            out = {"variant": variant, "steps": steps, "train_seconds": round(train_s, 1),
+            out = {"variant": variant, "steps": steps, "lr": lr, "train_seconds": round(train_s, 1),
                    "final_loss": round(sum(x["loss"] for x in log[-50:]) / max(len(log[-50:]), 1), 4),
                    "accuracy": accuracy(preds, golds), "n_test": len(records)}
             if shuffled_control:
@@ -198,14 +199,14 @@ def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int,
 
 def report(results: list[dict], tower: str) -> str:
     fams = sorted({f for r in results for f in r["per_family"]})
-    lines = [f"Fresh projector + LM on the frozen tower of `{tower}`, lr 3e-3, batch 16, one torch thread; "
+    lines = [f"Fresh projector + LM on the frozen tower of `{tower}`, batch 16, one torch thread; "
              "accuracy on each variant's own test split (%).", "",
-             "| data | steps | test acc. | shuffled images | final loss | " + " | ".join(fams) + " |",
-             "|---|---|---|---|---|" + "---|" * len(fams)]
+             "| data | steps | lr | test acc. | shuffled images | final loss | " + " | ".join(fams) + " |",
+             "|---|---|---|---|---|---|" + "---|" * len(fams)]
     for r in results:
         cells = [f"{r['per_family'][f]['accuracy']:.0f} (n={r['per_family'][f]['n']})" if f in r["per_family"] else ""
                  for f in fams]
-        lines.append(f"| {r['variant']} | {r['steps']} | {r['accuracy']:.1f} | {r.get('accuracy_shuffled_images', '')} "
+        lines.append(f"| {r['variant']} | {r['steps']} | {r.get('lr', 3e-3):g} | {r['accuracy']:.1f} | {r.get('accuracy_shuffled_images', '')} "
                      f"| {r['final_loss']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -220,6 +221,8 @@ def main(argv=None) -> int:
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), type=check_variant,
                    help=f"{', '.join(VARIANTS)} or attr:A,B,... (A, B in {', '.join(ATTRIBUTES)})")
     p.add_argument("--steps", type=int, default=800)
+    p.add_argument("--lrs", type=float, nargs="+", default=[3e-3],
+                   help="peak learning rates; each variant runs at each (3e-3: the base build's until 2026-11-26)")
     p.add_argument("--n-train", type=int, default=8000)
     p.add_argument("--test-n", type=int, default=200)
     p.add_argument("--out", default="bench_results/base_v2/grounding", help="run JSONs + table.md")
@@ -230,17 +233,23 @@ def main(argv=None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     work = Path(a.work) if a.work else llaca_home() / "bench" / "grounding"
     results = []
-    for variant in a.variants:
-        key = f"{variant.replace(':', '-').replace(',', '+')}-{a.steps}-{a.n_train}-{a.test_n}-{Path(a.tower_from).resolve().name}"
+    for variant, lr in [(v, lr) for v in a.variants for lr in a.lrs]:
+        lr_key = "" if lr == 3e-3 else f"-lr{lr:g}"  # runs cached before --lrs keep their names
+        key = f"{variant.replace(':', '-').replace(',', '+')}-{a.steps}-{a.n_train}-{a.test_n}-{Path(a.tower_from).resolve().name}{lr_key}"
         cached = out / "runs" / f"{key}.json"
         if cached.is_file():
             results.append(json.loads(cached.read_text()))
             continue
         data = write_data(variant, work, a.n_train, max(a.test_n, 8))
-        r = run_one(variant, data, Path(a.tower_from), a.steps, a.test_n, shuffled_control=variant == "v2")
+        r = run_one(variant, data, Path(a.tower_from), a.steps, a.test_n, shuffled_control=variant == "v2", lr=lr)
         cached.write_text(json.dumps(r, indent=1))
-        print(json.dumps({k: r[k] for k in ("variant", "accuracy", "per_family")}), flush=True)
+        print(json.dumps({k: r[k] for k in ("variant", "lr", "accuracy", "per_family")}), flush=True)
         results.append(r)
+    # the table keeps every run cached for this tower, not only this invocation's
+    tower_name = Path(a.tower_from).resolve().name
+    earlier = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))
+               if f.stem.endswith(f"-{tower_name}") or f"-{tower_name}-lr" in f.stem]
+    results += [r for r in earlier if r not in results]
     (out / "table.md").write_text(report(results, a.tower_from))
     print((out / "table.md").read_text())
     return 0
