@@ -25,7 +25,10 @@ def _progress_printer(desc: str):
         kind = event.get("type")
         if kind in ("start", "step"):
             phase = event.get("phase", "stage")
-            if state["bar"] is None or state["phase"] != phase:
+            bar = state["bar"]
+            # a new bar per phase, and per stage of a multi-stage job (its total changes or its step restarts)
+            new_stage = bar is not None and (bar.total != event["total_steps"] or event.get("step", 0) < bar.n)
+            if bar is None or state["phase"] != phase or new_stage:
                 if state["bar"] is not None:
                     state["bar"].close()
                 state["bar"] = tqdm(total=event["total_steps"], desc=f"{desc} [{phase}]", unit="step",

@@ -91,3 +91,15 @@ def test_vision_flag_trains_or_freezes_the_tower(llaca_home, coin_dir):
     assert len(changed) > len(base) // 2, "the tower's weights moved in the stage"
     meta = json.loads((llaca_home / "versions" / "v2" / "meta.json").read_text())
     assert meta["hparams"]["train_vision"] is True
+
+
+def test_progress_bar_restarts_for_each_stage_of_a_job(capsys):
+    """A multi-phase build (alignment, then instructions) shows one bar per phase, not one bar counting both."""
+    from llaca.cli import _progress_printer
+
+    on_event = _progress_printer("build-base")
+    for total, steps in ((4, 4), (6, 3)):
+        for k in range(1, steps + 1):
+            on_event({"type": "step", "phase": "stage", "step": k, "total_steps": total, "loss": 1.0})
+    err = capsys.readouterr().err
+    assert "4/4" in err and "3/6" in err
