@@ -27,9 +27,8 @@ from PIL import Image, ImageDraw, ImageFilter, ImageFont
 from . import image_pack
 
 # Bumped whenever the data a seed gives changes (names the cached mixtures, so a rebuild never reuses stale data).
-# 2: "count everything" questions, shapes named by their noun. 3: generic answer-format lines shared by all
-# short-answer families, more phrasings.
-DATA_VERSION = 3
+# 2: "count everything" questions, shapes named by their noun.
+DATA_VERSION = 2
 SIZE = 64
 SS = 4  # supersampling for anti-aliased shapes
 
@@ -363,8 +362,7 @@ CAPTION_QS = ["Describe the image briefly.", "What do you see?", "Give a short c
               "Write a one-line description of the photo."]
 NAME_QS = ["What is this? Reply with a word or short phrase.", "Name the thing in the picture.",
            "What is shown here? Answer briefly.", "Which object is in the image? Use a few words.",
-           "Identify the object.", "What does this picture show? One phrase only.", "What object is this?",
-           "What is the main thing in this picture?", "What is pictured here?", "Tell me what this thing is."]
+           "Identify the object.", "What does this picture show? One phrase only."]
 GROUP_QS = ["What kind of thing is this?", "Which category does the object belong to?",
             "Classify the picture into a category. Answer with the category only.",
             "What type of object is pictured? Give the class name."]
@@ -379,17 +377,16 @@ BOX_QS = ["Give the bounding box of the {x} as [x1,y1,x2,y2] with one decimal.",
           "Where exactly is the {x}? Reply with its box [x1,y1,x2,y2], coordinates from 0 to 1.",
           "Locate the {x}. Output the box coordinates.", "Find the {x} and give its bounding box.",
           "What are the coordinates of the box around the {x}?", "Mark the {x} with a bounding box.",
-          "Output the box of the object described here: {x}.",
-          "Give the box coordinates of the area that shows: {x}.", "Draw a box around the {x}: x1,y1,x2,y2?"]
+          "Output the box of the object described here: {x}."]
 COUNT_QS = ["How many {xs} are there?", "Count the {xs} in the picture. Reply with a number.",
             "How many {xs} can you see? Answer with a digit.", "What is the number of {xs}?"]
 # Counting everything, whatever it is (a scene of mixed things): users ask this without naming the things.
 COUNT_ALL_QS = ["How many things are in the picture?", "Count all the items you can see.",
                 "What is the total number of objects shown?", "How many separate objects does this picture have?",
-                "Tell me how many things appear here.", "How many objects can be seen in this photo?"]
+                "Tell me how many things appear here."]
 READ_QS = ["What does the text say?", "Read the word in the image.", "What is written here?",
            "What is the title on this sign?", "Which word is printed in the picture? One word.",
-           "What is the label's text?", "What title is printed on it?", "Which word do you read here?"]
+           "What is the label's text?"]
 YESNO_QS = ["Is there {a} in the picture? Answer yes or no.", "Does the image contain {a}?",
             "Can you see {a} here? Reply yes or no.", "Is {a} shown in this image?"]
 MCQ_QS = ["{q}\n{options}\nReply with the letter of the correct option.",
@@ -413,14 +410,6 @@ FORMAT_HINTS = {
     "yesno": ["Answer yes or no.", "Reply with yes or no only."],
     "sentence": ["Keep it short.", "One sentence, please."],
 }
-# Lines that ask for a short answer without saying which kind: drawn for any short-answer family, so that a format
-# line never tells the family apart and the model learns to answer the question whatever line follows it (with
-# per-family lines only, a base answered CoIN-mini's unseen format line with the wrong family: counting 0%
-# with the line, 75% without it; measured on a v2 build).
-GENERIC_HINTS = ["Answer briefly.", "Reply with a short answer.", "Use as few words as possible.",
-                 "Give a short answer.", "Respond concisely.", "Keep the answer to a word or two.",
-                 "Answer in one or two words.", "Please be brief.", "Short answer only.",
-                 "Just give the answer, nothing else.", "No explanation needed.", "Be concise."]
 UNANS_LINES = ["If it cannot be seen, answer 'unanswerable'.", "Say unanswerable when the picture does not show it.",
                "When you cannot tell, reply 'unanswerable'."]
 SENTENCE_QS = ["Describe the picture in one sentence.", "Tell me about this image in a full sentence.",
@@ -443,9 +432,7 @@ def _ask(rng, scene: Scene) -> tuple[str, str]:
     if fam == "colour_unans" and rng.random() < 0.5:  # the unanswerable rule on its own line
         question += "\n" + _pick(rng, UNANS_LINES)
     if fam in _HINT_KIND and rng.random() < 0.5:
-        kind = _HINT_KIND[fam]
-        generic = kind != "sentence" and rng.random() < 0.5
-        question += "\n" + _pick(rng, GENERIC_HINTS if generic else FORMAT_HINTS[kind])
+        question += "\n" + _pick(rng, FORMAT_HINTS[_HINT_KIND[fam]])
     return question, answer
 
 

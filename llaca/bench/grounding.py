@@ -34,8 +34,8 @@ from pathlib import Path
 
 VARIANTS = ("v2", "v2-easy", "v2-1phrase", "v1")
 from ..base_world import ATTRIBUTE_QUESTIONS, ATTRIBUTES
-PHRASE_LISTS = ("CAPTION_QS", "NAME_QS", "GROUP_QS", "REGION_QS", "COLOUR_QS", "BOX_QS", "COUNT_QS", "COUNT_ALL_QS",
-                "READ_QS", "GENERIC_HINTS", "YESNO_QS", "MCQ_QS", "SENTENCE_QS", "UNANS_HINTS", "UNANS_LINES")
+PHRASE_LISTS = ("CAPTION_QS", "NAME_QS", "GROUP_QS", "REGION_QS", "COLOUR_QS", "BOX_QS", "COUNT_QS", "COUNT_ALL_QS", "READ_QS",
+                "YESNO_QS", "MCQ_QS", "SENTENCE_QS", "UNANS_HINTS", "UNANS_LINES")
 
 
 def easy_scene(rng: random.Random):
