@@ -169,17 +169,29 @@ def ensure_base(registry: Registry | None = None, on_event=None) -> Version:
             return registry.get("base")
         if (SHIPPED_BASE / "meta.json").is_file():
             return install_shipped_base(registry)
-        return build_base(registry, on_event=on_event)
+        from .base_build_v2 import build_base_v2  # the default recipe since base v2 shipped
+
+        return build_base_v2(registry, on_event=on_event, version_id="base")
 
 
 def install_shipped_base(registry: Registry) -> Version:
-    """Register `assets/base` as `base`; its data paths are re-pointed at a locally regenerated base mixture."""
+    """Register `assets/base` as `base`; its data paths are re-pointed at a locally regenerated base mixture.
+
+    Base v2's training split (16,000 records) is not written here: `base_build_v2.ensure_mixture` writes it when
+    wanted (stages never read it: replay draws from the version's own `replay/` folder)."""
     meta = json.loads((SHIPPED_BASE / "meta.json").read_text())
-    seed = meta.get("build", {}).get("seed", 0)
-    data_root = registry.home / "datasets" / f"base-mixture-seed{seed}"
-    if not (data_root / "base" / "test" / "data.json").is_file():
-        coin_mini.write_base_mixture(data_root, seed=seed, n_train=meta["build"].get("n_train", 6000),
-                                     n_test=meta["build"].get("n_test", 150))
+    build = meta.get("build", {})
+    seed = build.get("seed", 0)
+    if build.get("world") == "v2":  # its test split only (300 records, ~1 s): the first launch stays instant
+        from .base_build_v2 import ensure_mixture
+
+        data_root = ensure_mixture(registry, seed, build["n_train"], build["n_test"], splits=("test",),
+                                   rehearsal=build.get("rehearsal", 0.0))
+    else:
+        data_root = registry.home / "datasets" / f"base-mixture-seed{seed}"
+        if not (data_root / "base" / "test" / "data.json").is_file():
+            coin_mini.write_base_mixture(data_root, seed=seed, n_train=build.get("n_train", 6000),
+                                         n_test=build.get("n_test", 150))
     meta = {k: v for k, v in meta.items() if k not in ("id", "created")}
     meta["stage"] = {**meta.get("stage", {}), "path": str(data_root / "base" / "train"),
                      "test_path": str(data_root / "base" / "test")}

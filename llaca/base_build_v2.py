@@ -1,15 +1,14 @@
-"""Base v2 (experimental): a foundation pre-trained on real drawings, emoji, fonts and many instruction formats.
+"""Base v2, the shipped `base`: a foundation pre-trained on real drawings, emoji, fonts and many instruction formats.
 
-`python -m llaca build-base --recipe v2` registers it as `base-v2` next to the shipped `base` (v1), so stages can
-start from it (`learn --from base-v2`). It is NOT the default: measured on 2026-11-26 it scores 31.0% on its own
-test split (v1: 92.67% on v1's), because its language model learned the answer formats but not to ground them in
-the image (reading 0%, regions answered "center"), although linear probes on its tower read regions (87%) and
-scanned digits (98%) — see README "Base v2". What it is:
-
+`python -m llaca build-base` builds it (`--recipe v1`: the previous base, kept in `assets/base_v1`). What it is:
 (0) a byte-level BPE trained on the world's texts (no CoIN-mini text), (1) a CLIP tower (128x4, wider than v1's)
 pre-trained on `llaca.base_world` scenes with one head per label the world knows (fine sprite label, group, shape,
 colour, count, region, word; mean-pooled and, for the spatial ones, flattened features), then frozen; (2) projector
-+ LM (v1's size) instruction-tuned on eleven families in many phrasings, as a `seq` stage through the tuner.
++ LM (v1's size) first aligned on one fixed question per visual attribute (LLaVA's stage 1, shrunk), then
+instruction-tuned on eleven families in many phrasings with 30% of the alignment questions rehearsed, each phase a
+`seq` stage through the tuner, at lr 5e-4: at v1's 3e-3 a fresh LM stayed at the answer priors on any mixture of
+questions (`python -m llaca.bench grounding --lrs`; the first v2 builds scored 31% on their own test). Measured
+numbers (own test, zero-shot CoIN-mini, held-out real images, cost): README "The embedded base".
 Deterministic for a seed (one torch thread).
 """
 from __future__ import annotations

@@ -51,21 +51,18 @@ def _progress_printer(desc: str):
 
 def cmd_build_base(args) -> int:
     from .base_build import build_base
+    from .base_build_v2 import build_base_v2
     from .versions import Registry
 
     registry = Registry()
-    if args.recipe == "v2":  # experimental: registered beside `base`, never replacing it (README "Base v2")
-        from .base_build_v2 import build_base_v2
-
-        vid = "base-v2" if not registry.exists("base-v2") else f"base-v2-{args.seed}-{int(time.time())}"
-        v = build_base_v2(registry, seed=args.seed, on_event=_progress_printer("build-base v2"), version_id=vid)
-    elif registry.exists("base") and not args.force:
-        print("base already exists (use --force to rebuild it as a new version id 'base-<seed>')", file=sys.stderr)
+    if registry.exists("base") and not args.force:
+        print("base already exists (use --force to build another one as a new version id "
+              f"'base-{args.recipe}-<seed>-<time>')", file=sys.stderr)
         print("base")
         return 0
-    else:
-        vid = "base" if not registry.exists("base") else f"base-{args.seed}-{int(time.time())}"
-        v = build_base(registry, seed=args.seed, on_event=_progress_printer("build-base"), version_id=vid)
+    vid = "base" if not registry.exists("base") else f"base-{args.recipe}-{args.seed}-{int(time.time())}"
+    build = build_base_v2 if args.recipe == "v2" else build_base
+    v = build(registry, seed=args.seed, on_event=_progress_printer(f"build-base {args.recipe}"), version_id=vid)
     b = v.meta["build"]
     print(f"parameters {b['parameters']:,}  build {b['seconds']:.0f}s  base-task accuracy "
           f"{v.meta['metrics']['base_accuracy']}%", file=sys.stderr)
@@ -294,9 +291,9 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("build-base", help="build the embedded default model (version 'base')")
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--force", action="store_true", help="build again even if 'base' exists")
-    s.add_argument("--recipe", choices=("v1", "v2"), default="v1",
-                   help="v1: the shipped base (default); v2: experimental base on real drawings, emoji and many "
-                        "instruction formats, registered as 'base-v2' (README 'Base v2')")
+    s.add_argument("--recipe", choices=("v1", "v2"), default="v2",
+                   help="v2 (default, the shipped base): real drawings, emoji, fonts and eleven instruction families; "
+                        "v1: the previous base on CoIN-mini-like scenes (README 'The embedded base')")
     s.set_defaults(func=cmd_build_base)
 
     s = sub.add_parser("register", help="register a LLaVA checkpoint (folder or cached hub id) as a root version")

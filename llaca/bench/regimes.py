@@ -41,7 +41,7 @@ MODELS = {"full": {}, "lora8": {"lora": True, "lora_r": 8}, "lora64": {"lora": T
 LRS = (1e-3, 1e-4, 3e-4)            # run in this order: 3e-4 last, the column to drop when time is short
 METHODS = ["seq", "ema0.99", "llaca", "llaca+replay"]
 CORE = ("seq", "llaca")             # run first in every regime, then the other methods (what a short budget keeps)
-DEFAULT_BASES = ("assets/base_v1", "assets/base")   # the previous base, then today's (same weights: counted once)
+DEFAULT_BASES = ("assets/base_v1", "assets/base")   # base v1, then the shipped base (v2 since 2026-11-26)
 PROBE_POINTS = (0.25, 0.5, 0.75)    # interior points; lambda 0 and 1 are cells of seq's A matrix
 
 
