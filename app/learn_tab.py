@@ -34,10 +34,11 @@ POLL_SECONDS = 2.0
 AUTO = 0  # job selector value meaning "follow the active job"
 
 # Why the defaults are what they are, in one line (issue 11's regime map, README "Regime map").
-REGIME_NOTE = ("Defaults (`llaca`, full fine-tuning, lr 1e-3): from base v1, the only regime where the faithful LLaCA rule "
-               "forgot less than `seq` at 3 seeds x 8 tasks (Forgetting 54.6 vs 74.9); from the shipped base v2 it also "
-               "forgets less at 1e-3 (79.1 vs 93.6, one seed) and as much at 3e-4. It still forgets most of each earlier "
-               "task on this model; `replay` forgets least. See the regime map and 'Base v2' in the README.")
+REGIME_NOTE = ("Defaults (`llaca`, full fine-tuning, lr 1e-3): from base v1, the only regime where the faithful "
+               "LLaCA rule forgot less than `seq` at 3 seeds x 8 tasks (Forgetting 54.6 vs 74.9); from the shipped "
+               "base v2 it also forgets less at 1e-3 (78.4 vs 86.9, 3 seeds) and as much at 3e-4 (one seed). It still "
+               "forgets most of each earlier task on this model; `replay` forgets least. See the regime map and "
+               "'Base v2' in the README.")
 
 # The one-click demo: two CoIN-mini tasks learned with `seq`, then with `llaca`, from the base.
 DEMO_TASKS = coin_mini.DEFAULT_SEQUENCE[:2]

@@ -4,7 +4,8 @@ Base v2 (`--recipe v2`) scores 31% on its own test although linear probes on its
 (87%) and scanned digits (98%): its LM answers from the question's prior. This benchmark isolates why. Every run
 starts from the same point — a *fresh* projector + LM (v2's sizes and tokenizer) on a *frozen* pre-trained tower
 taken from a version folder — trains it as a `seq` stage through the tuner for `--steps` steps (batch 16, at each of
-`--lrs`; 3e-3 is what the base build used until 2026-11-26), and reports test accuracy per answer family. What varies is the data:
+`--lrs`; 3e-3 is what the base build used until 2026-11-26), and reports test accuracy per answer family. What
+varies is the data:
 
 - `v2`        the base-v2 instruction mixture (`llaca.base_world`, every scene kind and phrasing);
 - `v2-easy`   the same families and phrasings on easy scenes only: one large object (sprite or shape), a word, or
@@ -34,8 +35,8 @@ from pathlib import Path
 
 VARIANTS = ("v2", "v2-easy", "v2-1phrase", "v1")
 from ..base_world import ATTRIBUTE_QUESTIONS, ATTRIBUTES
-PHRASE_LISTS = ("CAPTION_QS", "NAME_QS", "GROUP_QS", "REGION_QS", "COLOUR_QS", "BOX_QS", "COUNT_QS", "COUNT_ALL_QS", "READ_QS",
-                "YESNO_QS", "MCQ_QS", "SENTENCE_QS", "UNANS_HINTS", "UNANS_LINES")
+PHRASE_LISTS = ("CAPTION_QS", "NAME_QS", "GROUP_QS", "REGION_QS", "COLOUR_QS", "BOX_QS", "COUNT_QS", "COUNT_ALL_QS",
+                "READ_QS", "YESNO_QS", "MCQ_QS", "SENTENCE_QS", "UNANS_HINTS", "UNANS_LINES")
 
 
 def easy_scene(rng: random.Random):
@@ -206,7 +207,8 @@ def report(results: list[dict], tower: str) -> str:
     for r in results:
         cells = [f"{r['per_family'][f]['accuracy']:.0f} (n={r['per_family'][f]['n']})" if f in r["per_family"] else ""
                  for f in fams]
-        lines.append(f"| {r['variant']} | {r['steps']} | {r.get('lr', 3e-3):g} | {r['accuracy']:.1f} | {r.get('accuracy_shuffled_images', '')} "
+        lines.append(f"| {r['variant']} | {r['steps']} | {r.get('lr', 3e-3):g} | {r['accuracy']:.1f} "
+                     f"| {r.get('accuracy_shuffled_images', '')} "
                      f"| {r['final_loss']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
@@ -235,7 +237,8 @@ def main(argv=None) -> int:
     results = []
     for variant, lr in [(v, lr) for v in a.variants for lr in a.lrs]:
         lr_key = "" if lr == 3e-3 else f"-lr{lr:g}"  # runs cached before --lrs keep their names
-        key = f"{variant.replace(':', '-').replace(',', '+')}-{a.steps}-{a.n_train}-{a.test_n}-{Path(a.tower_from).resolve().name}{lr_key}"
+        name = variant.replace(':', '-').replace(',', '+')
+        key = f"{name}-{a.steps}-{a.n_train}-{a.test_n}-{Path(a.tower_from).resolve().name}{lr_key}"
         cached = out / "runs" / f"{key}.json"
         if cached.is_file():
             results.append(json.loads(cached.read_text()))
