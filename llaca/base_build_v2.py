@@ -135,7 +135,8 @@ def build_base_v2(registry: Registry | None = None, seed: int = 0, vision_steps:
                   rehearsal: float = REHEARSAL) -> Version:
     """Build base v2 and register it as `version_id` (a root version beside `base`).
 
-    `align_steps=0` skips the alignment phases (and rehearsal): the recipe as first built (31.0% on its test).
+    `align_steps=0` skips the alignment phases (and rehearsal); the first builds did that, at lr 3e-3 (31.0% on
+    their test).
     """
     registry = registry or Registry()
     threads = torch.get_num_threads()
