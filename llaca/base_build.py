@@ -174,24 +174,29 @@ def ensure_base(registry: Registry | None = None, on_event=None) -> Version:
         return build_base_v2(registry, on_event=on_event, version_id="base")
 
 
-def install_shipped_base(registry: Registry) -> Version:
-    """Register `assets/base` as `base`; its data paths are re-pointed at a locally regenerated base mixture.
+def base_data_root(registry: Registry, build: dict) -> Path:
+    """The folder of a base's own mixture as its `build` meta describes it, with the test split written.
 
     Base v2's training split (16,000 records) is not written here: `base_build_v2.ensure_mixture` writes it when
-    wanted (stages never read it: replay draws from the version's own `replay/` folder)."""
-    meta = json.loads((SHIPPED_BASE / "meta.json").read_text())
-    build = meta.get("build", {})
+    wanted (stages never read it: replay draws from the version's own `replay/` folder), so installing stays fast.
+    """
     seed = build.get("seed", 0)
-    if build.get("world") == "v2":  # its test split only (300 records, ~1 s): the first launch stays instant
+    if build.get("world") == "v2":
         from .base_build_v2 import ensure_mixture
 
-        data_root = ensure_mixture(registry, seed, build["n_train"], build["n_test"], splits=("test",),
-                                   rehearsal=build.get("rehearsal", 0.0))
-    else:
-        data_root = registry.home / "datasets" / f"base-mixture-seed{seed}"
-        if not (data_root / "base" / "test" / "data.json").is_file():
-            coin_mini.write_base_mixture(data_root, seed=seed, n_train=build.get("n_train", 6000),
-                                         n_test=build.get("n_test", 150))
+        return ensure_mixture(registry, seed, build["n_train"], build["n_test"], splits=("test",),
+                              rehearsal=build.get("rehearsal", 0.0))
+    root = registry.home / "datasets" / f"base-mixture-seed{seed}"
+    if not (root / "base" / "test" / "data.json").is_file():
+        coin_mini.write_base_mixture(root, seed=seed, n_train=build.get("n_train", 6000),
+                                     n_test=build.get("n_test", 150))
+    return root
+
+
+def install_shipped_base(registry: Registry) -> Version:
+    """Register `assets/base` as `base`; its data paths are re-pointed at a locally regenerated base mixture."""
+    meta = json.loads((SHIPPED_BASE / "meta.json").read_text())
+    data_root = base_data_root(registry, meta.get("build", {}))
     meta = {k: v for k, v in meta.items() if k not in ("id", "created")}
     meta["stage"] = {**meta.get("stage", {}), "path": str(data_root / "base" / "train"),
                      "test_path": str(data_root / "base" / "test")}

@@ -8,7 +8,7 @@ colour, count, region, word; mean-pooled and, for the spatial ones, flattened fe
 instruction-tuned on eleven families in many phrasings with 30% of the alignment questions rehearsed, each phase a
 `seq` stage through the tuner, at lr 5e-4: at v1's 3e-3 a fresh LM stayed at the answer priors on any mixture of
 questions (`python -m llaca.bench grounding --lrs`; the first v2 builds scored 31% on their own test). Measured
-numbers (own test, zero-shot CoIN-mini, held-out real images, cost): README "The embedded base".
+numbers (own test, zero-shot CoIN-mini, held-out real images, cost): README "Base v2".
 Deterministic for a seed (one torch thread).
 """
 from __future__ import annotations

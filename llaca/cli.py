@@ -293,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--force", action="store_true", help="build again even if 'base' exists")
     s.add_argument("--recipe", choices=("v1", "v2"), default="v2",
                    help="v2 (default, the shipped base): real drawings, emoji, fonts and eleven instruction families; "
-                        "v1: the previous base on CoIN-mini-like scenes (README 'The embedded base')")
+                        "v1: the previous base on CoIN-mini-like scenes (README 'Base v2')")
     s.set_defaults(func=cmd_build_base)
 
     s = sub.add_parser("register", help="register a LLaVA checkpoint (folder or cached hub id) as a root version")

@@ -451,7 +451,7 @@ def prepare_multitask(tasks_root: Path, tasks: list[str], out: Path) -> Path:
 
 def base_test_split(registry, base) -> str | None:
     """The base mixture's test split (base meta `stage.test_path`), regenerated if that folder is gone."""
-    from .. import coin_mini
+    from ..base_build import base_data_root
 
     tp = base.meta.get("stage", {}).get("test_path")
     if tp and Path(tp).is_dir():
@@ -459,15 +459,7 @@ def base_test_split(registry, base) -> str | None:
     build = base.meta.get("build") or {}
     if not build:
         return None  # an external checkpoint: no base mixture to check retention on
-    seed = build.get("seed", 0)
-    if build.get("world") == "v2":  # `build-base --recipe v2`
-        from ..base_build_v2 import ensure_mixture
-
-        return str(ensure_mixture(registry, seed, build["n_train"], build["n_test"], splits=("test",)) / "base" / "test")
-    root = registry.home / "datasets" / f"base-mixture-seed{seed}"
-    if not (root / "base" / "test" / "data.json").is_file():
-        coin_mini.write_base_mixture(root, seed=seed, n_train=build.get("n_train", 6000), n_test=build.get("n_test", 150))
-    return str(root / "base" / "test")
+    return str(base_data_root(registry, build) / "base" / "test")
 
 
 def calibrate(registry, tasks_root: Path, tasks: list[str], batch_size: int, lr: float, test_limit, base_test,
