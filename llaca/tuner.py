@@ -26,6 +26,7 @@ import json
 import math
 import os
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -34,11 +35,29 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from . import data as D
-from .paths import atomic_dir, llaca_home
+from .paths import atomic_dir
 from .rules import make_rule
 from .versions import Registry, Version, base_of, load_base
 
 LM_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+VISION_LINEAR_LAYERS = r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+
+
+def vision_block_pattern(model, n: int) -> str:
+    """Regex (up to the block index) of the tower's last `n` encoder blocks whose output LLaVA reads.
+
+    LLaVA reads hidden state `vision_feature_layer` (-1 here, -2 in llava-1.5): blocks after it never reach the LM,
+    so "the last n" counts back from that one.
+    """
+    cfg = model.config
+    layers = cfg.vision_config.num_hidden_layers
+    feature = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else max(cfg.vision_feature_layer)
+    used = layers + 1 + feature if feature < 0 else feature  # hidden_states[0] is the embeddings
+    if not 0 < n <= used:
+        raise ValueError(f"vision_blocks={n}: the tower has {used} blocks that feed the language model (1..{used})")
+    return r".*vision_tower\..*encoder\.layers\.(" + "|".join(str(i) for i in range(used - n, used)) + r")"
 
 
 class StageCancelled(RuntimeError):
@@ -67,6 +86,7 @@ class StageConfig:
     load_in_4bit: bool = False  # QLoRA: the frozen base in NF4 (bitsandbytes); a QLoRA parent's setting is inherited
     load_in_8bit: bool = False
     train_vision: bool = False
+    vision_blocks: int = 0  # the tower's last N blocks that feed LLaVA's features learn (full weights or, --lora, LoRA)
     rule_hparams: dict = dataclasses.field(default_factory=dict)
     replay_fraction: float = 0.0  # any rule but `replay`: mix in this fraction of earlier records (as ReplayRule does)
     checkpoint_every: int = 50
@@ -78,6 +98,8 @@ class StageConfig:
         keep = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
                 "max_grad_norm", "seed", "lora", "train_vision")
         out = {k: getattr(self, k) for k in keep}
+        if self.vision_blocks:  # only when set, like replay_fraction
+            out["vision_blocks"] = self.vision_blocks
         if self.replay_fraction:  # only when set: run keys of existing stages are unchanged
             out["replay_fraction"] = self.replay_fraction
         if self.lora:
@@ -171,10 +193,13 @@ class StageRecipe:
 
     def _make_trainable(self, model):
         cfg = self.cfg
+        if cfg.train_vision and cfg.vision_blocks:
+            raise ValueError("train_vision trains the whole tower; vision_blocks its last blocks only: choose one")
         if cfg.lora or getattr(model, "peft_config", None):
             return self._make_lora(model)
+        last = re.compile(vision_block_pattern(model, cfg.vision_blocks) + r"\.") if cfg.vision_blocks else None
         for name, p in model.named_parameters():
-            p.requires_grad = cfg.train_vision or "vision_tower" not in name
+            p.requires_grad = cfg.train_vision or "vision_tower" not in name or bool(last and last.match(name))
         return model
 
     def _make_lora(self, model):
@@ -186,8 +211,11 @@ class StageRecipe:
             return model
         for p in model.parameters():
             p.requires_grad = False
+        targets = LM_LINEAR_LAYERS
+        if self.cfg.vision_blocks:  # LoRA also on the tower's last blocks (as LLaVA variants that adapt the tower)
+            targets += "|" + vision_block_pattern(model, self.cfg.vision_blocks) + VISION_LINEAR_LAYERS
         config = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
-                            target_modules=LM_LINEAR_LAYERS, modules_to_save=["multi_modal_projector"])
+                            target_modules=targets, modules_to_save=["multi_modal_projector"])
         return get_peft_model(model, config)
 
     def _replay_pool(self) -> list[D.Record]:

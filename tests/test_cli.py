@@ -93,6 +93,39 @@ def test_vision_flag_trains_or_freezes_the_tower(llaca_home, coin_dir):
     assert meta["hparams"]["train_vision"] is True
 
 
+def test_vision_blocks_adapt_only_the_towers_last_blocks(llaca_home, coin_dir):
+    """`--vision-blocks 1` trains the last tower block that feeds the LM and nothing else of the tower; with `--lora`
+    it puts LoRA adapters on that block's linear layers (beside the LM's); an impossible N is a clear error."""
+    import re
+
+    from safetensors.torch import load_file
+
+    from llaca.versions import Registry, load_version
+
+    config = load_version(Registry(llaca_home), "base")[0].config
+    last = config.vision_config.num_hidden_layers + config.vision_feature_layer  # feature layer -1: the last block
+    train = coin_dir / "textvqa" / "train"
+    out = llaca("learn", train, "--method", "seq", "--from", "base", "--max-steps", "3", "--batch-size", "8",
+                "--vision-blocks", "1", "--no-eval", home=llaca_home)
+    vid = out.stdout.strip().splitlines()[-1]
+    base, new = (load_file(llaca_home / "versions" / v / "model" / "model.safetensors") for v in ("base", vid))
+    moved = {k for k in base if "vision_tower" in k and not (base[k] == new[k]).all()}
+    assert moved and all(re.search(rf"encoder\.layers\.{last}\.", k) for k in moved), sorted(moved)
+    assert json.loads((llaca_home / "versions" / vid / "meta.json").read_text())["hparams"]["vision_blocks"] == 1
+
+    out = llaca("learn", train, "--method", "seq", "--from", "base", "--max-steps", "2", "--batch-size", "8",
+                "--lora", "--vision-blocks", "1", "--no-eval", home=llaca_home)
+    adapter = load_file(llaca_home / "versions" / out.stdout.strip().splitlines()[-1] / "adapter" /
+                        "adapter_model.safetensors")
+    tower_lora = {k for k in adapter if "vision_tower" in k and "lora_" in k}
+    assert tower_lora and all(re.search(rf"encoder\.layers\.{last}\.", k) for k in tower_lora), sorted(tower_lora)
+    assert any("language_model" in k and "lora_" in k for k in adapter)
+
+    bad = llaca("learn", train, "--from", "base", "--max-steps", "2", "--vision-blocks", "99", "--no-eval",
+                home=llaca_home, check=False)
+    assert bad.returncode != 0 and "vision_blocks=99" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_progress_bar_restarts_for_each_stage_of_a_job(capsys):
     """A multi-phase build (alignment, then instructions) shows one bar per phase, not one bar counting both."""
     from llaca.cli import _progress_printer

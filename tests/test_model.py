@@ -74,3 +74,30 @@ def test_shipped_base_is_what_the_current_recipe_builds_and_scores_its_figure(tm
     result = evaluate(model, processor, load_instruction_set(base.meta["stage"]["test_path"]))
     assert result.n == build["n_test"]
     assert abs(result.accuracy - meta["metrics"]["base_accuracy"]) <= 2.0, result.accuracy
+    # exactly the records the figure was scored on (a generator change would otherwise score other ones silently)
+    assert base_build.split_fingerprint(base.meta["stage"]["test_path"]) == build["test_sha256"]
+
+
+def test_a_base_test_split_other_than_the_scored_one_is_refused_by_benchmarks(tmp_path, caplog):
+    """A v1-world build with a recorded fingerprint that today's records do not match: benchmarks refuse it (they
+    would report the base's skills on other records), installing only logs it."""
+    import pytest
+
+    from llaca import base_build
+    from llaca.bench.quality import base_test_split
+    from llaca.versions import Version
+
+    build = {"seed": 0, "n_train": 8, "n_test": 4}
+    registry = Registry(tmp_path / "home")
+    root = base_build.base_data_root(registry, build)
+    good = base_build.split_fingerprint(root / "base" / "test")
+    base_build.base_data_root(registry, {**build, "test_sha256": good}, strict=True)   # the same records: accepted
+    stale = {**build, "test_sha256": "0" * 64}
+    with pytest.raises(base_build.StaleTestSplit, match="other test records than the base was scored on"):
+        base_build.base_data_root(registry, stale, strict=True)
+    with caplog.at_level("WARNING"):
+        base_build.base_data_root(registry, stale)
+    assert "other test records" in caplog.text
+    scored = Version("b", tmp_path, {"build": stale, "stage": {"test_path": str(root / "base" / "test")}})
+    with pytest.raises(base_build.StaleTestSplit):
+        base_test_split(registry, scored)

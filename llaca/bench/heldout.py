@@ -23,8 +23,51 @@ from pathlib import Path
 VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vision": True},
             # the same with plain fine-tuning, to tell what the tower does from what the update rule does
             "frozen tower, seq": {"train_vision": False, "method": "seq"},
-            "tower trained, seq": {"train_vision": True, "method": "seq"}}
+            "tower trained, seq": {"train_vision": True, "method": "seq"},
+            # only the blocks nearest the LM adapt (`--vision-blocks N`), full weights or LoRA (`--lora`)
+            "last block trained": {"vision_blocks": 1}, "last 2 blocks trained": {"vision_blocks": 2},
+            "LoRA": {"lora": True}, "LoRA + last 2 tower blocks": {"lora": True, "vision_blocks": 2}}
 DEFAULT_VARIANTS = ["frozen tower", "tower trained"]
+
+
+def tower_probe(registry, version: str, data_root: Path, name: str) -> dict:
+    """Linear probe (logistic regression on standardised features) of the frozen tower, train split -> test split.
+
+    The features are those LLaVA reads (hidden state `vision_feature_layer`, CLS dropped), mean-pooled and
+    flattened: what a frozen-tower stage could reach on this set if the LM read them perfectly. A stage near the
+    probe is limited by the tower, not by the stage recipe.
+    """
+    import torch
+    from sklearn.linear_model import LogisticRegression
+
+    from ..data import load_image, load_instruction_set
+    from ..versions import load_version
+
+    model, processor = load_version(registry, version)
+    cfg = model.config
+    tower = model.model.vision_tower
+
+    def features(split: str):
+        records = load_instruction_set(str(data_root / name / split)).records
+        pooled, flat = [], []
+        with torch.no_grad():
+            for i in range(0, len(records), 64):
+                images = [load_image(r.image) for r in records[i:i + 64]]
+                pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(tower.dtype)
+                tokens = tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
+                pooled.append(tokens.mean(1).float())
+                flat.append(tokens.flatten(1).float())
+        return torch.cat(pooled).numpy(), torch.cat(flat).numpy(), [r.answer for r in records]
+
+    (p_tr, f_tr, y_tr), (p_te, f_te, y_te) = features("train"), features("test")
+    out = {}
+    for kind, x_tr, x_te in (("pooled", p_tr, p_te), ("flat", f_tr, f_te)):
+        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
+        clf = LogisticRegression(max_iter=2000).fit((x_tr - mu) / sd, y_tr)
+        out[kind] = round(100 * clf.score((x_te - mu) / sd, y_te), 1)
+    majority = max(set(y_te), key=y_te.count)
+    out["majority"] = round(100 * y_te.count(majority) / len(y_te), 1)
+    return out
 
 
 def _base_fingerprint(registry, version: str) -> str:
@@ -99,9 +142,12 @@ def main(argv=None) -> int:
             coin_mini.write_coin_mini(coin_root)
         results.update(zero_shot(registry, a.version, coin_root, a.zero_shot_limit))
         print(json.dumps({k: results[k] for k in ("zero_shot", "tasks_in_10_70", "base_test")}))
+    results["probe"] = {}
     for name in a.sets:
         if not (data / name / "test" / "data.json").is_file():
             heldout.write_sets(data, [name])
+        results["probe"][name] = tower_probe(registry, a.version, data, name)
+        print(json.dumps({"probe": name, **results["probe"][name]}))
         for variant in a.variants:
             cache = out / "runs" / f"{fp}-{name}-{variant.replace(' ', '_').replace(',', '')}.json"
             if cache.is_file():
@@ -115,6 +161,9 @@ def main(argv=None) -> int:
     lines = ["| set | tower | method | steps | test accuracy | base test after | s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['set']} | {r['variant']} | {r['method']} | {r['steps']} | {r['test_accuracy']} (n={r['n_test']}) "
               f"| {r['base_test_after']} | {r['seconds']} |" for r in results["stages"]]
+    lines += ["", "Linear probe of the frozen tower (train -> test split; the most a frozen-tower stage could reach):", "",
+              "| set | pooled features | flat features | majority class |", "|---|---|---|---|"]
+    lines += [f"| {n} | {r['pooled']} | {r['flat']} | {r['majority']} |" for n, r in results["probe"].items()]
     (out / "table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0

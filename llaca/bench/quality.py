@@ -450,16 +450,18 @@ def prepare_multitask(tasks_root: Path, tasks: list[str], out: Path) -> Path:
 
 
 def base_test_split(registry, base) -> str | None:
-    """The base mixture's test split (base meta `stage.test_path`), regenerated if that folder is gone."""
-    from ..base_build import base_data_root
+    """The base mixture's test split (base meta `stage.test_path`), regenerated if that folder is gone; refused
+    (`base_build.StaleTestSplit`) if its records differ from those the base was scored on."""
+    from ..base_build import base_data_root, check_test_split
 
+    build = base.meta.get("build") or {}
     tp = base.meta.get("stage", {}).get("test_path")
     if tp and Path(tp).is_dir():
+        check_test_split(build, Path(tp))
         return tp
-    build = base.meta.get("build") or {}
     if not build:
         return None  # an external checkpoint: no base mixture to check retention on
-    return str(base_data_root(registry, build) / "base" / "test")
+    return str(base_data_root(registry, build, strict=True) / "base" / "test")
 
 
 def calibrate(registry, tasks_root: Path, tasks: list[str], batch_size: int, lr: float, test_limit, base_test,
@@ -799,7 +801,7 @@ def _run_benchmark(cfg: dict, out: Path, home, data, work, fresh, dry_run) -> in
     _worker_init()
     registry, base, work, tasks_root, base_test = setup_inputs(cfg, home, data, work)
     jobs = make_jobs(cfg, registry, tasks_root, base_test, work)
-    print(f"calibrating (base reference row + a few training steps) ...", flush=True)
+    print("calibrating (base reference row + a few training steps) ...", flush=True)
     cal = calibrate(registry, tasks_root, cfg["tasks"], cfg["batch_size"], cfg["lr"], cfg["test_limit"], base_test, work)
     todo = [j for j in jobs if fresh or not _cache_path(j, work / "cache", base.meta).is_file()]
     est = estimate_seconds(todo, cal, cfg["jobs"])
