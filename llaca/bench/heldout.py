@@ -34,8 +34,8 @@ def tower_probe(registry, version: str, data_root: Path, name: str) -> dict:
     """Linear probe (logistic regression on standardised features) of the frozen tower, train split -> test split.
 
     The features are those LLaVA reads (hidden state `vision_feature_layer`, CLS dropped), mean-pooled and
-    flattened: what a frozen-tower stage could reach on this set if the LM read them perfectly. A stage near the
-    probe is limited by the tower, not by the stage recipe.
+    flattened: a reference for a frozen-tower stage (not a bound: the LM reads them non-linearly). A stage far
+    below the probe is limited by the stage recipe; one at the probe, by the tower's features.
     """
     import torch
     from sklearn.linear_model import LogisticRegression
@@ -161,7 +161,8 @@ def main(argv=None) -> int:
     lines = ["| set | tower | method | steps | test accuracy | base test after | s |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['set']} | {r['variant']} | {r['method']} | {r['steps']} | {r['test_accuracy']} (n={r['n_test']}) "
               f"| {r['base_test_after']} | {r['seconds']} |" for r in results["stages"]]
-    lines += ["", "Linear probe of the frozen tower (train -> test split; the most a frozen-tower stage could reach):", "",
+    lines += ["", "Linear probe of the frozen tower (logistic regression, train -> test split: what a linear read-out of "
+              "the features the LM sees reaches):", "",
               "| set | pooled features | flat features | majority class |", "|---|---|---|---|"]
     lines += [f"| {n} | {r['pooled']} | {r['flat']} | {r['majority']} |" for n, r in results["probe"].items()]
     (out / "table.md").write_text("\n".join(lines) + "\n")

@@ -1,0 +1,81 @@
+"""Tower pre-training variants -> linear probe on the held-out sets (tux, digits). Session experiment, 2026-11-26.
+
+    python bench_results/base_v2/scripts/tower_exp.py VARIANT STEPS P_SPRITE   # e.g. aug_labw 1500 0.5
+
+VARIANT: control | aug (a P_SPRITE share of augmented single sprites) | labw (label 1.0, group 2.0 head weights) |
+aug_labw (both). One torch thread; ~3.5 min per 1,500 steps. Appends a JSON line to /tmp/s19/tower_exp.jsonl
+(this session's lines: ../tower_exp.jsonl).
+"""
+import sys, time, random, json, torch, numpy as np
+from PIL import Image, ImageOps, ImageEnhance
+sys.path.insert(0, "/work/main")
+torch.set_num_threads(1)
+from sklearn.linear_model import LogisticRegression
+from transformers import AutoProcessor
+from llaca import base_world, image_pack, heldout, base_build_v2 as b2
+from llaca.model import build_model
+
+variant, steps = sys.argv[1], int(sys.argv[2])
+P_SPRITE = float(sys.argv[3]) if len(sys.argv) > 3 else 0.5
+processor = AutoProcessor.from_pretrained("/work/main/assets/base/model")
+model = build_model(processor, b2.SPEC, seed=0)
+orig_aux_batch = base_world.aux_batch
+labels_idx, groups_idx = base_world._sprite_labels()
+pack, sprites = image_pack.load()
+
+def aug_sprite(rng):
+    """One real sprite, augmented, on a random plain/gradient background: label + group heads."""
+    i = rng.randrange(len(sprites))
+    im = Image.fromarray(pack[i])
+    if rng.random() < 0.5: im = ImageOps.mirror(im)
+    im = im.rotate(rng.uniform(-20, 20), resample=Image.BILINEAR, expand=True)
+    rgb, a = im.convert("RGB"), im.getchannel("A")
+    rgb = ImageEnhance.Color(rgb).enhance(rng.uniform(0.0, 1.6) if rng.random() < 0.8 else 0.0)
+    rgb = ImageEnhance.Brightness(rgb).enhance(rng.uniform(0.7, 1.3))
+    rgb = ImageEnhance.Contrast(rgb).enhance(rng.uniform(0.7, 1.3))
+    im = rgb.convert("RGBA"); im.putalpha(a)
+    if im.getbbox(): im = im.crop(im.getbbox())
+    side = rng.randint(30, 62); im.thumbnail((side, side), Image.BILINEAR)
+    bg = tuple(rng.randint(140, 255) for _ in range(3)) if rng.random() < 0.8 else tuple(rng.randint(0, 255) for _ in range(3))
+    c = Image.new("RGBA", (64, 64), bg + (255,))
+    c.paste(im, (rng.randint(0, 64 - im.width), rng.randint(0, 64 - im.height)), im)
+    lab = {h: -100 for h in base_world.aux_heads()}
+    lab.update(label=labels_idx[sprites[i].label], group=groups_idx[sprites[i].group], shape=0, colour=0, count=1, region=-100, word=0)
+    return c.convert("RGB"), lab
+
+def aux_batch_aug(rng, n):
+    k = sum(rng.random() < P_SPRITE for _ in range(n))
+    imgs, labs = orig_aux_batch(rng, n - k)
+    extra = [aug_sprite(rng) for _ in range(k)]
+    imgs = list(imgs) + [e[0] for e in extra]
+    labs = {h: torch.cat([labs[h], torch.tensor([e[1][h] for e in extra], dtype=torch.long)]) for h in labs}
+    return imgs, labs
+
+if variant.startswith("aug"):
+    base_world.aux_batch = aux_batch_aug
+if "labw" in variant:
+    base_world.AUX_WEIGHTS["label"] = 1.0; base_world.AUX_WEIGHTS["group"] = 2.0
+if "grp4" in variant:
+    base_world.AUX_WEIGHTS["label"] = 1.0; base_world.AUX_WEIGHTS["group"] = 4.0
+t0 = time.time()
+acc = b2.pretrain_vision(model, processor, steps, seed=0)
+train_s = time.time() - t0
+model.eval()
+def feats(images, which):
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            t = model.model.vision_tower(b2.pixels(processor, images[i:i+64]), output_hidden_states=True).hidden_states[-1][:, 1:]
+            out.append(t.mean(1) if which == "mean" else t.flatten(1))
+    return torch.cat(out).numpy()
+res = {"variant": variant, "steps": steps, "p_sprite": P_SPRITE, "head_acc": round(acc, 1), "train_s": round(train_s)}
+for name in ("tuxpaint", "digits"):
+    tr, te = getattr(heldout, f"{name}_records")(0)
+    for which in ("mean", "flat"):
+        Xtr, Xte = feats([r[0] for r in tr], which), feats([r[0] for r in te], which)
+        mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
+        clf = LogisticRegression(max_iter=2000).fit((Xtr - mu) / sd, [r[2] for r in tr])
+        res[f"{name}_{which}"] = round(100 * clf.score((Xte - mu) / sd, [r[2] for r in te]), 1)
+print(json.dumps(res), flush=True)
+with open("/tmp/s19/tower_exp.jsonl", "a") as f: f.write(json.dumps(res) + "\n")
+torch.save({k: v for k, v in model.model.vision_tower.state_dict().items()}, f"/tmp/s19/tower_{variant}_{steps}_{P_SPRITE}.pt")
