@@ -125,10 +125,18 @@ def cmd_learn(args) -> int:
         rule_hparams["scale"] = args.scale
     if args.alpha_fallback is not None:
         rule_hparams["alpha_fallback"] = args.alpha_fallback
+    replay_fraction = 0.0  # any rule but `replay`: mix earlier records into the stage (`llaca` + replay, measured)
     if args.replay_fraction is not None:
-        rule_hparams["fraction"] = args.replay_fraction
+        if not args.replay_fraction >= 0:
+            raise ValueError(f"--replay-fraction must be >= 0, got {args.replay_fraction}")
+        if args.method == "replay":
+            rule_hparams["fraction"] = args.replay_fraction
+        else:
+            replay_fraction = args.replay_fraction
     parent = _pick_version(registry, root, args.from_version)
     if args.grouped:
+        if replay_fraction:
+            raise ValueError("--replay-fraction with --grouped applies to --method replay only")
         return _learn_grouped(args, registry, parent, rule_hparams)
     if args.threshold is not None or args.max_groups is not None:
         raise ValueError("--threshold and --max-groups apply to --grouped learning only")
@@ -137,7 +145,7 @@ def cmd_learn(args) -> int:
                       grad_accum=args.grad_accum, seed=args.seed, lora=args.lora, rule_hparams=rule_hparams,
                       load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, trace_dir=args.trace_dir,
                       evaluate_after=not args.no_eval,
-                      vision_blocks=args.vision_blocks,
+                      vision_blocks=args.vision_blocks, replay_fraction=replay_fraction,
                       **({} if args.vision is None else {"train_vision": args.vision == "train"}))
     version = run_stage(cfg, registry, on_event=_progress_printer(f"learn {args.method}"))
     if version is not None:  # None on non-main ranks under accelerate launch
@@ -324,7 +332,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--beta", type=float, default=None, help="ema: weight on the past (default 0.99)")
     s.add_argument("--scale", type=float, default=None, help="llaca: the constant in alpha (default 2.0)")
     s.add_argument("--alpha-fallback", type=float, default=None, help="llaca: alpha when out of (0,1) (default 0.01)")
-    s.add_argument("--replay-fraction", type=float, default=None, help="replay: extra earlier samples (default 0.2)")
+    s.add_argument("--replay-fraction", type=float, default=None, help="share of earlier records mixed into the stage (replay: default 0.2; "
+                        "other methods: default 0, e.g. `--method llaca --replay-fraction 0.2`, README 'Continual learning')")
     s.add_argument("--no-eval", action="store_true", help="skip the automatic evaluation after the stage")
     s.add_argument("--trace-dir", default=None, help="every process appends its per-tensor alpha to DIR/rank<k>.jsonl")
     s.add_argument("--grouped", action="store_true", help="instruction grouping (llaca.grouping): continue the most "

@@ -339,3 +339,17 @@ def test_launch_requires_auth_beyond_loopback():
     with pytest.raises(SystemExit):
         launch.parse_args(["--share"])
     assert launch.parse_args(["--host", "0.0.0.0", "--auth", "me:secret"]).auth == "me:secret"
+
+
+def test_learn_tab_llaca_plus_replay_is_llaca_with_a_replay_share():
+    """The Learn tab's "llaca + replay" submits the faithful rule over a stage that mixes in earlier records (the
+    StageConfig the CLI's `--method llaca --replay-fraction` builds); plain `replay` keeps its own rule fraction."""
+    from app.learn_tab import LLACA_REPLAY, METHODS, stage_config
+    from llaca.tuner import StageConfig
+
+    assert LLACA_REPLAY in [value for _, value in METHODS]
+    mixed = StageConfig(**stage_config("d", LLACA_REPLAY, 0.99, 0.3, None, "", 1, 0, 1e-3, False))
+    assert (mixed.method, mixed.replay_fraction, mixed.rule_hparams) == ("llaca", 0.3, {})
+    assert mixed.hparams()["replay_fraction"] == 0.3
+    plain = StageConfig(**stage_config("d", "replay", 0.99, 0.3, None, "", 1, 0, 1e-3, False))
+    assert (plain.method, plain.replay_fraction, plain.rule_hparams) == ("replay", 0.0, {"fraction": 0.3})

@@ -126,6 +126,22 @@ def test_vision_blocks_adapt_only_the_towers_last_blocks(llaca_home, coin_dir):
     assert bad.returncode != 0 and "vision_blocks=99" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_replay_fraction_mixes_earlier_records_into_a_llaca_stage(llaca_home, coin_dir):
+    """`--method llaca --replay-fraction 0.5` (the measured llaca+replay) trains on the stage's records plus half as
+    many replayed from the lineage: more steps per epoch, recorded in the version's hparams."""
+    first = llaca("learn", coin_dir / "sciqa" / "train", "--method", "seq", "--from", "base", "--epochs", "1",
+                  "--batch-size", "8", "--no-eval", home=llaca_home).stdout.strip().splitlines()[-1]
+    second = llaca("learn", coin_dir / "textvqa" / "train", "--method", "llaca", "--from", first, "--epochs", "1",
+                   "--batch-size", "8", "--replay-fraction", "0.5", "--no-eval",
+                   home=llaca_home).stdout.strip().splitlines()[-1]
+    meta = json.loads((llaca_home / "versions" / second / "meta.json").read_text())
+    assert meta["method"] == "llaca" and meta["hparams"]["replay_fraction"] == 0.5
+    assert meta["steps"] == (48 + 24) // 8  # 48 stage records + 24 replayed, batch 8, one epoch
+    bad = llaca("learn", coin_dir / "textvqa" / "train", "--grouped", "--replay-fraction", "0.5", "--no-eval",
+                home=llaca_home, check=False)
+    assert bad.returncode != 0 and "--replay-fraction" in bad.stderr and "Traceback" not in bad.stderr
+
+
 def test_progress_bar_restarts_for_each_stage_of_a_job(capsys):
     """A multi-phase build (alignment, then instructions) shows one bar per phase, not one bar counting both."""
     from llaca.cli import _progress_printer
