@@ -26,7 +26,9 @@ VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vi
             "tower trained, seq": {"train_vision": True, "method": "seq"},
             # only the blocks nearest the LM adapt (`--vision-blocks N`), full weights or LoRA (`--lora`)
             "last block trained": {"vision_blocks": 1}, "last 2 blocks trained": {"vision_blocks": 2},
-            "LoRA": {"lora": True}, "LoRA + last 2 tower blocks": {"lora": True, "vision_blocks": 2}}
+            "LoRA": {"lora": True}, "LoRA + last 2 tower blocks": {"lora": True, "vision_blocks": 2},
+            # 20% of the stage's records replayed from the base's own mixture (`replay/` of the base version)
+            "frozen tower, replay": {"method": "replay"}, "frozen tower, llaca+replay": {"replay_fraction": 0.2}}
 DEFAULT_VARIANTS = ["frozen tower", "tower trained"]
 
 
