@@ -332,8 +332,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--beta", type=float, default=None, help="ema: weight on the past (default 0.99)")
     s.add_argument("--scale", type=float, default=None, help="llaca: the constant in alpha (default 2.0)")
     s.add_argument("--alpha-fallback", type=float, default=None, help="llaca: alpha when out of (0,1) (default 0.01)")
-    s.add_argument("--replay-fraction", type=float, default=None, help="share of earlier records mixed into the stage (replay: default 0.2; "
-                        "other methods: default 0, e.g. `--method llaca --replay-fraction 0.2`, README 'Continual learning')")
+    s.add_argument("--replay-fraction", type=float, default=None,
+                   help="share of earlier records mixed into the stage (replay: default 0.2; other methods: default 0, "
+                        "e.g. `--method llaca --replay-fraction 0.2`, README 'Continual learning')")
     s.add_argument("--no-eval", action="store_true", help="skip the automatic evaluation after the stage")
     s.add_argument("--trace-dir", default=None, help="every process appends its per-tensor alpha to DIR/rank<k>.jsonl")
     s.add_argument("--grouped", action="store_true", help="instruction grouping (llaca.grouping): continue the most "
