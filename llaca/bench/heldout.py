@@ -28,7 +28,10 @@ VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vi
             "last block trained": {"vision_blocks": 1}, "last 2 blocks trained": {"vision_blocks": 2},
             "LoRA": {"lora": True}, "LoRA + last 2 tower blocks": {"lora": True, "vision_blocks": 2},
             # 20% of the stage's records replayed from the base's own mixture (`replay/` of the base version)
-            "frozen tower, replay": {"method": "replay"}, "frozen tower, llaca+replay": {"replay_fraction": 0.2}}
+            "frozen tower, replay": {"method": "replay"}, "frozen tower, llaca+replay": {"replay_fraction": 0.2},
+            # the same at the rate where replay forgot least over CoIN-mini (README 'Continual learning')
+            "frozen tower, replay, lr 3e-4": {"method": "replay", "lr": 3e-4},
+            "frozen tower, llaca+replay, lr 3e-4": {"replay_fraction": 0.2, "lr": 3e-4}}
 DEFAULT_VARIANTS = ["frozen tower", "tower trained"]
 
 
