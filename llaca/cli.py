@@ -126,9 +126,7 @@ def cmd_learn(args) -> int:
     if args.alpha_fallback is not None:
         rule_hparams["alpha_fallback"] = args.alpha_fallback
     replay_fraction = 0.0  # any rule but `replay`: mix earlier records into the stage (`llaca` + replay, measured)
-    if args.replay_fraction is not None:
-        if not args.replay_fraction >= 0:
-            raise ValueError(f"--replay-fraction must be >= 0, got {args.replay_fraction}")
+    if args.replay_fraction is not None:  # a negative share is refused by ReplayRule, which mixes it in either way
         if args.method == "replay":
             rule_hparams["fraction"] = args.replay_fraction
         else:

@@ -35,7 +35,7 @@ VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vi
 DEFAULT_VARIANTS = ["frozen tower", "tower trained"]
 
 
-def tower_probe(registry, version: str, data_root: Path, name: str) -> dict:
+def tower_probe(model, processor, data_root: Path, name: str) -> dict:
     """Linear probe (logistic regression on standardised features) of the frozen tower, train split -> test split.
 
     The features are those LLaVA reads (hidden state `vision_feature_layer`, CLS dropped), mean-pooled and
@@ -46,9 +46,7 @@ def tower_probe(registry, version: str, data_root: Path, name: str) -> dict:
     from sklearn.linear_model import LogisticRegression
 
     from ..data import load_image, load_instruction_set
-    from ..versions import load_version
 
-    model, processor = load_version(registry, version)
     cfg = model.config
     tower = model.model.vision_tower
 
@@ -80,26 +78,24 @@ def _base_fingerprint(registry, version: str) -> str:
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "external"
 
 
-def zero_shot(registry, version: str, coin_root: Path, limit: int | None) -> dict:
+def zero_shot(model, processor, coin_root: Path, limit: int | None, base_test: str | None) -> dict:
     from .. import coin_mini
     from ..evaluate import evaluate
-    from ..versions import load_version
-    from .quality import _test_set, base_test_split
+    from .quality import _test_set
 
-    model, processor = load_version(registry, version)
     row = {t: round(evaluate(model, processor, _test_set(str(coin_root / t / "test")), limit=limit).accuracy, 1)
            for t in coin_mini.DEFAULT_SEQUENCE}
-    base_test = base_test_split(registry, registry.get(version))
     base_acc = round(evaluate(model, processor, _test_set(base_test)).accuracy, 2) if base_test else None
     in_band = sum(10 <= v <= 70 for v in row.values())
     return {"zero_shot": row, "tasks_in_10_70": in_band, "base_test": base_acc}
 
 
-def stage_run(registry, version: str, data_root: Path, name: str, variant: str, work: Path) -> dict:
+def stage_run(registry, version: str, data_root: Path, name: str, variant: str, work: Path,
+              base_test: str | None) -> dict:
     from ..evaluate import evaluate
     from ..tuner import StageConfig, run_stage
     from ..versions import Registry, load_version
-    from .quality import _test_set, base_test_split
+    from .quality import _test_set
 
     home = work / f"{name}-{variant.replace(' ', '_').replace(',', '')}"
     shutil.rmtree(home, ignore_errors=True)
@@ -112,7 +108,6 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     seconds = time.time() - t0
     model, processor = load_version(reg, learned.id)
     test = evaluate(model, processor, _test_set(str(data_root / name / "test")))
-    base_test = base_test_split(registry, registry.get(version))
     retained = evaluate(model, processor, _test_set(base_test)).accuracy if base_test else None
     shutil.rmtree(reg.home, ignore_errors=True)
     return {"set": name, "variant": variant, "method": cfg.method, "steps": learned.meta.get("steps"),
@@ -123,7 +118,8 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
 def main(argv=None) -> int:
     from .. import coin_mini, heldout
     from ..base_build import ensure_base
-    from ..versions import Registry
+    from ..versions import Registry, load_version
+    from .quality import base_test_split
 
     p = argparse.ArgumentParser(prog="python -m llaca.bench heldout", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_results/heldout")
@@ -140,25 +136,27 @@ def main(argv=None) -> int:
     ensure_base(registry)
     fp = _base_fingerprint(registry, a.version)
     results = {"version": a.version, "base_sha256_12": fp, "stages": []}
+    model, processor = load_version(registry, a.version)
+    base_test = base_test_split(registry, registry.get(a.version))  # once: checked against the base's fingerprint
     data = work / "data"
     if not a.skip_zero_shot:
         coin_root = data / "coin-mini"
         if not (coin_root / "ocrvqa" / "test" / "data.json").is_file():
             coin_mini.write_coin_mini(coin_root)
-        results.update(zero_shot(registry, a.version, coin_root, a.zero_shot_limit))
+        results.update(zero_shot(model, processor, coin_root, a.zero_shot_limit, base_test))
         print(json.dumps({k: results[k] for k in ("zero_shot", "tasks_in_10_70", "base_test")}))
     results["probe"] = {}
     for name in a.sets:
         if not (data / name / "test" / "data.json").is_file():
             heldout.write_sets(data, [name])
-        results["probe"][name] = tower_probe(registry, a.version, data, name)
+        results["probe"][name] = tower_probe(model, processor, data, name)
         print(json.dumps({"probe": name, **results["probe"][name]}))
         for variant in a.variants:
             cache = out / "runs" / f"{fp}-{name}-{variant.replace(' ', '_').replace(',', '')}.json"
             if cache.is_file():
                 run = json.loads(cache.read_text())
             else:
-                run = stage_run(registry, a.version, data, name, variant, work)
+                run = stage_run(registry, a.version, data, name, variant, work, base_test)
                 cache.write_text(json.dumps(run, indent=1))
             results["stages"].append(run)
             print(json.dumps(run))
