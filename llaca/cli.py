@@ -113,7 +113,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_learn(args) -> int:
-    from .tuner import StageConfig, run_stage
+    from .tuner import DEFAULT_RECIPE, StageConfig, run_stage
 
     if args.model and args.from_version:
         raise ValueError("use either --from VERSION (continue a version) or --model PATH_OR_ID (its lineage), not both")
@@ -126,7 +126,9 @@ def cmd_learn(args) -> int:
     if args.alpha_fallback is not None:
         rule_hparams["alpha_fallback"] = args.alpha_fallback
     replay_fraction = 0.0  # any rule but `replay`: mix earlier records into the stage (`llaca` + replay, measured)
-    if args.replay_fraction is not None:  # a negative share is refused by ReplayRule, which mixes it in either way
+    if args.replay_fraction is None and args.method == DEFAULT_RECIPE["method"] and not args.grouped:
+        replay_fraction = DEFAULT_RECIPE["replay_fraction"]  # the default recipe
+    elif args.replay_fraction is not None:  # a negative share is refused by ReplayRule, which mixes it in either way
         if args.method == "replay":
             rule_hparams["fraction"] = args.replay_fraction
         else:
@@ -290,7 +292,7 @@ def _split_options(args: list[str]) -> tuple[list[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .rules import RULES
-    from .tuner import StageConfig
+    from .tuner import DEFAULT_RECIPE, StageConfig
 
     p = argparse.ArgumentParser(prog="python -m llaca", description="LLaCA Studio: continual instruction tuning of LLaVA")
     sub = p.add_subparsers(dest="command", required=True)
@@ -310,13 +312,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("learn", help="learn an instruction set as a new stage -> new version")
     s.add_argument("data", help="instruction set: folder, .zip or data file (LLaVA/ShareGPT JSON(L), CSV/TSV, Parquet; see README)")
-    s.add_argument("--method", choices=RULES, default="llaca")
+    s.add_argument("--method", choices=RULES, default=DEFAULT_RECIPE["method"],
+                   help="update rule (default %(default)s, with 20%% replay unless --replay-fraction says otherwise)")
     s.add_argument("--from", dest="from_version", default=None, help="parent version (default: newest)")
     s.add_argument("--name", default=None)
     s.add_argument("--epochs", type=float, default=3.0, help="passes over the set (default 3: ~280 steps for a 1500-record CoIN-mini task, what a stage needs to reach its plateau here)")
     s.add_argument("--max-steps", type=int, default=None)
-    s.add_argument("--lr", type=float, default=StageConfig.lr,
-                   help="default %(default)g: where the faithful rule measured best in the regime map (README)")
+    s.add_argument("--lr", type=float, default=DEFAULT_RECIPE["lr"],
+                   help="default %(default)g: where replay (and llaca + replay) forgot least (README 'Continual learning')")
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--grad-accum", type=int, default=1)
     s.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + projector instead of full weights")
@@ -331,8 +334,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=float, default=None, help="llaca: the constant in alpha (default 2.0)")
     s.add_argument("--alpha-fallback", type=float, default=None, help="llaca: alpha when out of (0,1) (default 0.01)")
     s.add_argument("--replay-fraction", type=float, default=None,
-                   help="share of earlier records mixed into the stage (replay: default 0.2; other methods: default 0, "
-                        "e.g. `--method llaca --replay-fraction 0.2`, README 'Continual learning')")
+                   help="share of earlier records mixed into the stage (default: %g with %s, the default recipe; 0 with "
+                        "the other methods and --grouped; replay's own default 0.2). `--replay-fraction 0` runs the "
+                        "faithful rule alone (README 'Continual learning')" % (DEFAULT_RECIPE["replay_fraction"],
+                                                                              DEFAULT_RECIPE["method"]))
     s.add_argument("--no-eval", action="store_true", help="skip the automatic evaluation after the stage")
     s.add_argument("--trace-dir", default=None, help="every process appends its per-tensor alpha to DIR/rank<k>.jsonl")
     s.add_argument("--grouped", action="store_true", help="instruction grouping (llaca.grouping): continue the most "

@@ -1,13 +1,14 @@
-"""Run the app's one-click demo for real, then screenshot Compare: before vs after the second stage, seq and llaca.
+"""Run the app's one-click demo for real, then screenshot Compare: what each arm kept of the first task.
 
     .venv/bin/python scripts/demo_screenshot.py HOME [OUT_DIR]
 
 HOME: a fresh (or existing) $LLACA_HOME. The demo is queued exactly as the Learn tab's "Run the demo" button does
-(`app.learn_tab.queue_demo`: two CoIN-mini tasks, seq then llaca, in the default regime) and the background worker
-trains it. Compare then asks the four demo versions (seq and llaca, after stage 1 = before stage 2, and after
-stage 2) the question of a held-out test record of the *first* task, so the picture shows what the second stage
-made each rule forget. Writes `compare.png` (default assets/screenshots) and prints the four answers, the gold, and
-every demo version's accuracy on both tasks' test splits (one record is an anecdote; the accuracies are the figure).
+(`app.learn_tab.queue_demo`: `llaca.demo.TASKS` learned by each of `llaca.demo.DEFAULT_ARMS` at the default lr) and
+the background worker trains it. Compare then asks four demo versions (`seq` after the first task, and every arm
+after the last) the question of a held-out test record of the *first* task, so the picture shows what the later
+stages made each arm forget. Writes `compare.png` (default assets/screenshots) and prints the four answers, the
+gold, and every demo version's accuracy on every task's test split (one record is an anecdote; the accuracies are
+the figure).
 """
 from __future__ import annotations
 
@@ -28,13 +29,15 @@ def run_demo(home: Path) -> dict[str, str]:
     """Queue the demo through the job store and wait for the worker; {version name: id}."""
     from app import Studio
     from app.learn_tab import queue_demo
+    from llaca import demo
     from llaca.base_build import ensure_base
 
     studio = Studio(home, start_worker=True)
     try:
         ensure_base(studio.registry)
         names = {v.meta.get("name"): v.id for v in studio.versions()}
-        if not all(f"demo-{m}-2-" in " ".join(map(str, names)) for m in ("seq", "llaca")):
+        last = [c["name"] for c in (demo.stage_configs(home, arm)[-1] for arm in demo.DEFAULT_ARMS)]
+        if not all(n in names for n in last):
             jobs = queue_demo(studio)
             while True:
                 states = [studio.jobs.get(j.id).status for j in jobs]
@@ -50,13 +53,13 @@ def run_demo(home: Path) -> dict[str, str]:
 
 def demo_accuracies(home: Path, version_ids: dict[str, str]) -> dict[str, dict[str, float]]:
     """Each demo version's accuracy on both demo tasks' test splits (50 records each): the picture's context."""
-    from app.learn_tab import DEMO_TASKS
+    from llaca.demo import TASKS
     from llaca.data import load_instruction_set
     from llaca.evaluate import evaluate
     from llaca.versions import Registry, load_version
 
     registry = Registry(home)
-    tests = {t: load_instruction_set(home / "datasets" / "demo" / t / "test") for t in DEMO_TASKS}
+    tests = {t: load_instruction_set(home / "datasets" / "demo" / t / "test") for t in TASKS}
     out = {}
     for name, vid in version_ids.items():
         model, processor = load_version(registry, vid)
@@ -65,14 +68,14 @@ def demo_accuracies(home: Path, version_ids: dict[str, str]) -> dict[str, dict[s
 
 
 def main(home: str, out: str = "assets/screenshots") -> None:
-    from app.learn_tab import DEMO_TASKS
+    from llaca import demo
 
     home, out = Path(home), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     names = run_demo(home)
-    first = DEMO_TASKS[0]
-    order = [f"demo-seq-1-{first}", f"demo-seq-2-{DEMO_TASKS[1]}", f"demo-llaca-1-{first}",
-             f"demo-llaca-2-{DEMO_TASKS[1]}"]
+    first = demo.TASKS[0]
+    chains = [[c["name"] for c in demo.stage_configs(home, arm)] for arm in demo.DEFAULT_ARMS]
+    order = [chains[0][0]] + [chain[-1] for chain in chains]  # seq after task 1, then every arm after the last task
     ids = [names[n] for n in order]
     record = json.loads((home / "datasets" / "demo" / first / "test" / "data.json").read_text())[0]
     image = home / "datasets" / "demo" / first / "test" / record["image"]

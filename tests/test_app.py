@@ -313,19 +313,28 @@ def test_queue_order_parents_cancel_and_recovery(tmp_path):
         store.submit({"nonsense": 1})
 
 
-def test_demo_queues_seq_and_llaca_chains(quick_home, tmp_path, monkeypatch):
+def test_demo_queues_one_chain_per_default_arm(quick_home, tmp_path, monkeypatch):
     from app import Studio
-    from app.learn_tab import DEMO_TASKS, queue_demo
+    from app.learn_tab import queue_demo
+    from llaca import demo
+    from llaca.tuner import StageConfig
 
     home = tmp_path / "home"
     shutil.copytree(quick_home, home)
     monkeypatch.setenv("LLACA_HOME", str(home))
     studio = Studio(home, start_worker=False)
     jobs = queue_demo(studio)
-    assert [j.config["method"] for j in jobs] == ["seq"] * len(DEMO_TASKS) + ["llaca"] * len(DEMO_TASKS)
-    assert jobs[0].config["parent"] == "base" and jobs[1].parent_job == jobs[0].id
-    assert jobs[len(DEMO_TASKS)].config["parent"] == "base"
-    assert all((Path(j.config["data"]).parent / "test" / "data.json").is_file() for j in jobs)
+    n = len(demo.TASKS)
+    assert len(jobs) == n * len(demo.DEFAULT_ARMS)
+    for a, arm in enumerate(demo.DEFAULT_ARMS):
+        chain = jobs[a * n:(a + 1) * n]
+        assert chain[0].config["parent"] == "base" and chain[1].parent_job == chain[0].id
+        for job in chain:
+            config = StageConfig(**job.config)  # what the worker will run
+            assert (config.method, config.lr) == (demo.ARMS[arm]["method"], demo.ARMS[arm]["lr"])
+            assert config.replay_fraction == demo.ARMS[arm].get("replay_fraction", 0.0)
+            assert config.max_steps == demo.STAGE["max_steps"]
+            assert (Path(config.data).parent / "test" / "data.json").is_file()
     with pytest.raises(JobError):
         queue_demo(studio)  # not twice while it is queued
 

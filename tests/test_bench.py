@@ -122,3 +122,41 @@ def test_grounding_variants_train_a_fresh_lm_on_the_frozen_tower(tmp_path):
     assert grounding.family("What shape is this?", "star") == "shape"
     with pytest.raises(Exception, match="attr:A,B"):
         grounding.check_variant("attr:colour,smell")
+
+
+def test_demo_bench_runs_each_arm_and_its_metrics_match_its_rows(llaca_home, tmp_path, monkeypatch):
+    from llaca import demo
+    from llaca.bench import demo as demo_bench
+
+    monkeypatch.setattr(demo, "STAGE", dict(max_steps=2, batch_size=4, checkpoint_every=0))
+    monkeypatch.setattr(demo, "DATA", dict(n_train=16, n_test=6, seed=0))
+    out = tmp_path / "demo"
+    args = ["--out", str(out), "--tasks", "2"]
+    assert demo_bench.main(args + ["--arms", "seq, lr 1e-3", "llaca+replay, lr 3e-4"]) == 0
+    results = json.loads((out / "results_2tasks.json").read_text())
+    assert [(r["arm"], r["method"], r["lr"]) for r in results["runs"]] == [("seq, lr 1e-3", "seq", 1e-3),
+                                                                             ("llaca+replay, lr 3e-4", "llaca", 3e-4)]
+    assert results["runs"][1]["replay_fraction"] == 0.2
+    first, second = demo.TASKS[:2]
+    for run in results["runs"]:
+        assert [row["stage"] for row in run["after"]] == [1, 2]
+        assert all(0 <= row[t] <= 100 for row in run["after"] for t in (first, second))
+        m = demo_bench.run_metrics(run)  # two tasks: Forgetting is what stage 2 took from task 1
+        assert m["forgetting"] == pytest.approx(run["after"][0][first] - run["after"][1][first])
+        assert m["avg_acc"] == pytest.approx((run["after"][1][first] + run["after"][1][second]) / 2)
+    table = (out / "table_2tasks.md").read_text()
+    assert "| seq, lr 1e-3 | 0 |" in table and "| llaca+replay, lr 3e-4 | 0 |" in table
+    cached = sorted(p.name for p in (out / "runs").iterdir())
+    assert len(cached) == 2
+    stamp = {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()}
+    assert demo_bench.main(args + ["--arms", "seq, lr 1e-3"]) == 0  # resumes from the cache, trains nothing
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "runs").iterdir()} == stamp
+
+
+def test_the_demo_button_compares_rules_at_one_lr_and_ends_with_the_default_recipe():
+    from llaca import demo
+    from llaca.tuner import DEFAULT_RECIPE
+
+    assert demo.ARMS[demo.DEFAULT_ARMS[-1]] == DEFAULT_RECIPE
+    assert {demo.ARMS[a]["lr"] for a in demo.DEFAULT_ARMS} == {DEFAULT_RECIPE["lr"]}
+    assert [demo.ARMS[a]["method"] for a in demo.DEFAULT_ARMS[:2]] == ["seq", "llaca"]

@@ -142,6 +142,29 @@ def test_replay_fraction_mixes_earlier_records_into_a_llaca_stage(llaca_home, co
     assert bad.returncode != 0 and "--replay-fraction" in bad.stderr and "Traceback" not in bad.stderr
 
 
+def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_faithful_rule(llaca_home, coin_dir):
+    """No flags: `llaca` with 20% replay at lr 3e-4 (llaca.tuner.DEFAULT_RECIPE); `--replay-fraction 0` the rule
+    alone; another method gets no replay it did not ask for."""
+    from llaca.tuner import DEFAULT_RECIPE
+
+    first = llaca("learn", coin_dir / "sciqa" / "train", "--method", "seq", "--from", "base", "--epochs", "1",
+                  "--batch-size", "8", "--no-eval", home=llaca_home).stdout.strip().splitlines()[-1]
+
+    def learned(*flags):
+        vid = llaca("learn", coin_dir / "textvqa" / "train", "--from", first, "--epochs", "1", "--batch-size", "8",
+                    "--no-eval", *flags, home=llaca_home).stdout.strip().splitlines()[-1]
+        return json.loads((llaca_home / "versions" / vid / "meta.json").read_text())
+
+    default = learned()
+    assert (default["method"], default["hparams"]["lr"]) == (DEFAULT_RECIPE["method"], DEFAULT_RECIPE["lr"]) == ("llaca", 3e-4)
+    assert default["hparams"]["replay_fraction"] == DEFAULT_RECIPE["replay_fraction"] == 0.2
+    assert default["steps"] == 8  # 48 stage records + 10 replayed (round(9.6)) = 58, batch 8: 7 full + 1 partial
+    alone = learned("--replay-fraction", "0")
+    assert alone["method"] == "llaca" and "replay_fraction" not in alone["hparams"] and alone["steps"] == 48 // 8
+    seq = learned("--method", "seq")
+    assert "replay_fraction" not in seq["hparams"] and seq["steps"] == 48 // 8
+
+
 def test_progress_bar_restarts_for_each_stage_of_a_job(capsys):
     """A multi-phase build (alignment, then instructions) shows one bar per phase, not one bar counting both."""
     from llaca.cli import _progress_printer

@@ -8,7 +8,7 @@ import sys
 BENCHMARKS = {
     "quality": "quality", "speed": "speed", "load": "load", "heldout": "heldout", "basecost": "basecost",
     "corrections": "corrections", "grouping": "grouping", "formats": "formats", "overhead": "overhead", "regimes": "regimes",
-    "grounding": "grounding",
+    "grounding": "grounding", "demo": "demo",
 }
 USAGE = f"usage: python -m llaca.bench {{{','.join(BENCHMARKS)}}} [options]   (python -m llaca.bench quality --help)"
 
