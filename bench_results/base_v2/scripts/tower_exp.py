@@ -1,12 +1,14 @@
 """Tower pre-training variants -> linear probe on the held-out sets (tux, digits). Session experiment, 2026-11-26.
 
-    python bench_results/base_v2/scripts/tower_exp.py VARIANT STEPS P_SPRITE   # e.g. aug_labw 1500 0.5
+    [SPEC='{"patch_size": 8}'] [OUT=DIR] python bench_results/base_v2/scripts/tower_exp.py VARIANT STEPS P_SPRITE
 
 VARIANT: control | aug (a P_SPRITE share of augmented single sprites) | labw (label 1.0, group 2.0 head weights) |
-aug_labw (both). One torch thread; ~3.5 min per 1,500 steps. Appends a JSON line to /tmp/s19/tower_exp.jsonl
-(this session's lines: ../tower_exp.jsonl).
+aug_labw (both). SPEC: TinySpec fields that differ from the shipped tower's (2026-11-26, second session: patch 8,
+and 256 wide x 6 layers). One torch thread; ~3.5 min per 1,500 steps at the shipped size. Appends a JSON line to
+$OUT/tower_exp.jsonl (default /tmp; the sessions' lines: ../tower_exp.jsonl).
 """
-import sys, time, random, json, torch, numpy as np
+import sys, time, json, torch
+from safetensors.torch import save_file
 from PIL import Image, ImageOps, ImageEnhance
 sys.path.insert(0, "/work/main")
 torch.set_num_threads(1)
@@ -18,7 +20,10 @@ from llaca.model import build_model
 variant, steps = sys.argv[1], int(sys.argv[2])
 P_SPRITE = float(sys.argv[3]) if len(sys.argv) > 3 else 0.5
 processor = AutoProcessor.from_pretrained("/work/main/assets/base/model")
-model = build_model(processor, b2.SPEC, seed=0)
+import dataclasses, os
+SPEC = dataclasses.replace(b2.SPEC, **json.loads(os.environ.get("SPEC", "{}")))
+model = build_model(processor, SPEC, seed=0)
+print(SPEC, sum(p.numel() for p in model.model.vision_tower.parameters()), flush=True)
 orig_aux_batch = base_world.aux_batch
 labels_idx, groups_idx = base_world._sprite_labels()
 pack, sprites = image_pack.load()
@@ -68,7 +73,7 @@ def feats(images, which):
             t = model.model.vision_tower(b2.pixels(processor, images[i:i+64]), output_hidden_states=True).hidden_states[-1][:, 1:]
             out.append(t.mean(1) if which == "mean" else t.flatten(1))
     return torch.cat(out).numpy()
-res = {"variant": variant, "steps": steps, "p_sprite": P_SPRITE, "head_acc": round(acc, 1), "train_s": round(train_s)}
+res = {"spec": os.environ.get("SPEC", "{}"), "variant": variant, "steps": steps, "p_sprite": P_SPRITE, "head_acc": round(acc, 1), "train_s": round(train_s)}
 for name in ("tuxpaint", "digits"):
     tr, te = getattr(heldout, f"{name}_records")(0)
     for which in ("mean", "flat"):
@@ -77,5 +82,6 @@ for name in ("tuxpaint", "digits"):
         clf = LogisticRegression(max_iter=2000).fit((Xtr - mu) / sd, [r[2] for r in tr])
         res[f"{name}_{which}"] = round(100 * clf.score((Xte - mu) / sd, [r[2] for r in te]), 1)
 print(json.dumps(res), flush=True)
-with open("/tmp/s19/tower_exp.jsonl", "a") as f: f.write(json.dumps(res) + "\n")
-torch.save({k: v for k, v in model.model.vision_tower.state_dict().items()}, f"/tmp/s19/tower_{variant}_{steps}_{P_SPRITE}.pt")
+with open(os.environ.get("OUT", "/tmp") + "/tower_exp.jsonl", "a") as f: f.write(json.dumps(res) + "\n")
+save_file({k: v.contiguous() for k, v in model.model.vision_tower.state_dict().items()},
+          os.environ.get("OUT", "/tmp") + f"/tower_{variant}_{steps}_{P_SPRITE}.safetensors")
