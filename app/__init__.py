@@ -119,7 +119,7 @@ def version_label(v: Version) -> str:
     stage = v.meta.get("stage", {}).get("name")
     bits = [v.id if v.name == v.id else f"{v.id} '{v.name}'"]
     if v.id != "base" and stage:
-        bits += [stage, v.meta.get("method", "?")]
+        bits += [stage, v.method or "?"]
     bits.append(time.strftime("%H:%M", time.localtime(v.created)))
     return " · ".join(bits)
 

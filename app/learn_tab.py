@@ -149,7 +149,8 @@ def submit_upload(studio: Studio, data_path: str, config: dict):
     if config["parent"] is None:
         config["parent"] = studio.newest_id()
     studio.registry.get(config["parent"])  # a clear error now rather than in the worker
-    label = f"{config['method']} · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
+    method = config["method"] + (f" + {config['replay_fraction']:.0%} replay" if config.get("replay_fraction") else "")
+    label = f"{method} · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
     return studio.jobs.submit(config, label=label, upload_dir=upload_dir)
 
 

@@ -45,7 +45,7 @@ def lineage_rows(studio: Studio) -> list[list]:
         data = f"{stage.get('name', '–')} ({stage.get('n_records', '?')})" if stage else "–"
         accs = " · ".join(f"{k} {d['accuracy']:.0f}" for k, d in _tests(v).items())
         rows.append([("\u2003" * depth) + ("└ " if depth else "") + v.id, v.name if v.name != v.id else "",
-                     v.parent or "", v.meta.get("method", ""), data, v.meta.get("steps", ""),
+                     v.parent or "", v.method or "", data, v.meta.get("steps", ""),
                      time.strftime("%m-%d %H:%M", time.localtime(v.created)), accs])
         for kid in kids.get(v.id, []):
             walk(kid, depth + 1)
@@ -71,7 +71,7 @@ def lineage_panel(studio: Studio, version_id: str) -> dict:
     matrix = [[_tests(v).get(t, {}).get("accuracy") for t in tests] for v in chain]
     square = len(tests) == len(chain) and all(matrix[j][i] is not None for j in range(len(chain)) for i in range(j + 1))
     metrics = cl_metrics_lower(matrix) if square and chain else None
-    methods = [v.meta.get("method") for v in chain if v.meta.get("method") not in (None, "pretrain")]
+    methods = [v.method for v in chain if v.meta.get("method") not in (None, "pretrain")]
     return {"title": f"{version_id} ({' → '.join(dict.fromkeys(methods)) or 'base'})",
             "stages": [v.id if v.id == "base" else f"{v.id} {v.meta.get('stage', {}).get('name', '')}" for v in chain],
             "tests": tests, "matrix": matrix, "metrics": metrics, "methods": methods}

@@ -53,13 +53,21 @@ class Version:
     def weights(self) -> str:
         return self.meta.get("weights", "full")
 
+    @property
+    def method(self) -> str | None:
+        """The rule as people name it: 'llaca + 20% replay' for a stage that also replayed earlier records (the
+        default recipe), else the rule's name ('llaca', 'seq', ...)."""
+        method = self.meta.get("method")
+        share = (self.meta.get("hparams") or {}).get("replay_fraction")
+        return f"{method} + {share:.0%} replay" if method and share else method
+
     def label(self) -> str:
         stage = self.meta.get("stage", {}).get("name")
         bits = [self.id]
         if self.name != self.id:
             bits.append(f"'{self.name}'")
         if stage:
-            bits.append(f"{stage} ({self.meta.get('method')})")
+            bits.append(f"{stage} ({self.method})")
         return " ".join(bits)
 
 

@@ -146,6 +146,7 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
     """No flags: `llaca` with 20% replay at lr 3e-4 (llaca.tuner.DEFAULT_RECIPE); `--replay-fraction 0` the rule
     alone; another method gets no replay it did not ask for."""
     from llaca.tuner import DEFAULT_RECIPE
+    from llaca.versions import Version
 
     first = llaca("learn", coin_dir / "sciqa" / "train", "--method", "seq", "--from", "base", "--epochs", "1",
                   "--batch-size", "8", "--no-eval", home=llaca_home).stdout.strip().splitlines()[-1]
@@ -161,6 +162,8 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
     assert default["steps"] == 8  # 48 stage records + 10 replayed (round(9.6)) = 58, batch 8: 7 full + 1 partial
     alone = learned("--replay-fraction", "0")
     assert alone["method"] == "llaca" and "replay_fraction" not in alone["hparams"] and alone["steps"] == 48 // 8
+    named = {Version("v", llaca_home, meta).method for meta in (default, alone)}  # what the app's labels show
+    assert named == {"llaca + 20% replay", "llaca"}
     seq = learned("--method", "seq")
     assert "replay_fraction" not in seq["hparams"] and seq["steps"] == 48 // 8
 
