@@ -27,7 +27,7 @@ import pytest
 from safetensors.torch import load_file
 
 from llaca.data import load_instruction_set
-from llaca.tuner import StageConfig, run_stage
+from llaca.tuner import DEFAULT_RECIPE, StageConfig, run_stage
 from llaca.versions import Registry
 
 REPO = Path(__file__).resolve().parents[1]
@@ -46,20 +46,21 @@ def read_trace(path: Path) -> list[dict]:
 
 def test_two_process_ddp_matches_single_process(quick_home, llaca_home, coin_dir, tmp_path):
     data = coin_dir / "vizwiz" / "train"
-    args = dict(method="llaca", max_steps=4, batch_size=8, seed=0)
+    args = dict(max_steps=4, batch_size=8, seed=0)  # `learn`'s defaults otherwise: llaca + 20% replay, lr 3e-4
 
     # The data must exercise the token normalisation: answers of different lengths.
     assert len({len(r.answer) for r in load_instruction_set(data).records}) > 1
 
     single = run_stage(StageConfig(data=str(data), parent="base", evaluate_after=False,
-                                   trace_dir=str(tmp_path / "single"), **args), Registry(llaca_home))
+                                   trace_dir=str(tmp_path / "single"), **DEFAULT_RECIPE, **args), Registry(llaca_home))
+    assert single.meta["hparams"]["replay_fraction"] == DEFAULT_RECIPE["replay_fraction"]
 
     ddp_home = tmp_path / "ddp_home"
     shutil.copytree(quick_home, ddp_home, symlinks=True)
     env = {**os.environ, "LLACA_HOME": str(ddp_home), "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "examples/accelerate_ddp.yaml"),
            "--num_processes", "2", "--main_process_port", str(free_port()),
-           "-m", "llaca", "learn", str(data), "--from", "base", "--method", args["method"],
+           "-m", "llaca", "learn", str(data), "--from", "base",
            "--max-steps", str(args["max_steps"]), "--batch-size", str(args["batch_size"]), "--seed", str(args["seed"]),
            "--trace-dir", str(tmp_path / "ddp")]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=REPO, timeout=300)
