@@ -321,3 +321,13 @@ def test_app_killed_mid_stage_keeps_queue_and_job_and_resumes_on_restart(llaca_h
     starts = [e for e in store.events(job.id) if e.get("type") == "start"]
     assert starts[-1].get("resumed") and starts[-1]["step"] >= 50, starts
     assert Registry(llaca_home).get(store.get(job.id).version_id).name == "survivor"
+
+
+def test_worker_env_sets_a_short_openmp_spin_unless_the_user_chose_one(tmp_path):
+    """The niced worker beside a busy core ran 47x slower with OpenMP's default spin-wait (bench `contention`)."""
+    from llaca.jobs import WORKER_THREAD_ENV, worker_env
+
+    env = worker_env(tmp_path, environ={"PATH": "/usr/bin"})
+    assert env["GOMP_SPINCOUNT"] == WORKER_THREAD_ENV["GOMP_SPINCOUNT"] == "1000"
+    assert env["LLACA_HOME"] == str(tmp_path) and env["HF_HUB_OFFLINE"] == "1" and env["PATH"] == "/usr/bin"
+    assert worker_env(tmp_path, environ={"GOMP_SPINCOUNT": "0"})["GOMP_SPINCOUNT"] == "0"

@@ -8,7 +8,7 @@ import sys
 BENCHMARKS = {
     "quality": "quality", "speed": "speed", "load": "load", "heldout": "heldout", "basecost": "basecost",
     "corrections": "corrections", "grouping": "grouping", "formats": "formats", "overhead": "overhead", "regimes": "regimes",
-    "grounding": "grounding", "demo": "demo",
+    "grounding": "grounding", "demo": "demo", "contention": "contention",
 }
 USAGE = f"usage: python -m llaca.bench {{{','.join(BENCHMARKS)}}} [options]   (python -m llaca.bench quality --help)"
 
