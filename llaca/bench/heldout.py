@@ -93,7 +93,7 @@ def zero_shot(model, processor, coin_root: Path, limit: int | None, base_test: s
 
 
 def stage_run(registry, version: str, data_root: Path, name: str, variant: str, work: Path,
-              base_test: str | None) -> dict:
+              base_test: str | None, seed: int = 0) -> dict:
     from ..evaluate import evaluate
     from ..tuner import StageConfig, run_stage
     from ..versions import Registry, load_version
@@ -105,14 +105,14 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     reg = Registry(home)
     t0 = time.time()
     cfg = StageConfig(data=str(data_root / name / "train"), parent="base", checkpoint_every=0,
-                      evaluate_after=False, **VARIANTS[variant])
+                      evaluate_after=False, seed=seed, **VARIANTS[variant])
     learned = run_stage(cfg, reg)
     seconds = time.time() - t0
     model, processor = load_version(reg, learned.id)
     test = evaluate(model, processor, _test_set(str(data_root / name / "test")))
     retained = evaluate(model, processor, _test_set(base_test)).accuracy if base_test else None
     shutil.rmtree(reg.home, ignore_errors=True)
-    return {"set": name, "variant": variant, "method": cfg.method, "steps": learned.meta.get("steps"),
+    return {"set": name, "variant": variant, "seed": seed, "method": cfg.method, "steps": learned.meta.get("steps"),
             "test_accuracy": round(test.accuracy, 1), "n_test": test.n,
             "base_test_after": None if retained is None else round(retained, 1), "seconds": round(seconds, 1)}
 
@@ -130,6 +130,7 @@ def main(argv=None) -> int:
     p.add_argument("--version", default="base", help="the base version to start from (e.g. base-v2)")
     p.add_argument("--zero-shot-limit", type=int, default=100, help="test records per CoIN-mini task")
     p.add_argument("--skip-zero-shot", action="store_true")
+    p.add_argument("--seeds", nargs="*", type=int, default=[0], help="stage seeds (batch order, replayed records)")
     a = p.parse_args(argv)
     out = Path(a.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -154,18 +155,21 @@ def main(argv=None) -> int:
         results["probe"][name] = tower_probe(model, processor, data, name)
         print(json.dumps({"probe": name, **results["probe"][name]}))
         for variant in a.variants:
-            cache = out / "runs" / f"{fp}-{name}-{variant.replace(' ', '_').replace(',', '')}.json"
-            if cache.is_file():
-                run = json.loads(cache.read_text())
-            else:
-                run = stage_run(registry, a.version, data, name, variant, work, base_test)
-                cache.write_text(json.dumps(run, indent=1))
-            results["stages"].append(run)
-            print(json.dumps(run))
+            for seed in a.seeds:
+                tag = f"-seed{seed}" if seed else ""  # seed 0's runs keep the key they were cached under
+                cache = out / "runs" / f"{fp}-{name}-{variant.replace(' ', '_').replace(',', '')}{tag}.json"
+                if cache.is_file():
+                    run = {"seed": 0, **json.loads(cache.read_text())}
+                else:
+                    run = stage_run(registry, a.version, data, name, variant, work, base_test, seed)
+                    cache.write_text(json.dumps(run, indent=1))
+                results["stages"].append(run)
+                print(json.dumps(run))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    lines = ["| set | tower | method | steps | test accuracy | base test after | s |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['set']} | {r['variant']} | {r['method']} | {r['steps']} | {r['test_accuracy']} (n={r['n_test']}) "
-              f"| {r['base_test_after']} | {r['seconds']} |" for r in results["stages"]]
+    lines = ["| set | tower | method | seed | steps | test accuracy | base test after | s |",
+             "|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['set']} | {r['variant']} | {r['method']} | {r['seed']} | {r['steps']} | {r['test_accuracy']} "
+              f"(n={r['n_test']}) | {r['base_test_after']} | {r['seconds']} |" for r in results["stages"]]
     lines += ["", "Linear probe of the frozen tower (logistic regression, train -> test split: what a linear read-out of "
               "the features the LM sees reaches):", "",
               "| set | pooled features | flat features | majority class |", "|---|---|---|---|"]
