@@ -92,6 +92,20 @@ def test_quality_regime_knobs_are_in_the_cache_key():
     assert quality.job_rule({"method": "seq", "llaca_hp": {"scale": 1.0}}) == ("seq", {})   # llaca rules only
 
 
+def test_quality_cache_key_ignores_the_multitask_set_except_for_multitask_and_finds_old_keys(tmp_path):
+    base = {"created": 1.0, "stage": {"sha256": "x"}}
+    job = {"method": "llaca", "seed": 0, "tasks": ["sciqa"], "steps": 2, "lr": 1e-3, "multitask_data": None}
+    with_multitask = {**job, "multitask_data": "/w/multitask-abc"}  # what a run beside `multitask` was keyed with
+    assert quality._job_key(job, base) == quality._job_key(with_multitask, base)
+    mt = {**with_multitask, "method": "multitask"}
+    assert quality._job_key(mt, base) != quality._job_key({**mt, "multitask_data": "/w/other"}, base)
+    old = tmp_path / f"llaca-s0-{quality._job_key(with_multitask, base, legacy=True)}.json"
+    assert quality._cache_path(with_multitask, tmp_path, base).name != old.name  # nothing cached: the new key
+    old.write_text("{}")
+    assert quality._cache_path(with_multitask, tmp_path, base) == old  # a run cached under its old key is reused
+    assert quality._cache_path(job, tmp_path, base) != old  # a subset run was never keyed with the path
+
+
 def test_grounding_variants_train_a_fresh_lm_on_the_frozen_tower(tmp_path):
     """Tiny run of the base-v2 grounding diagnostic: real data variants, a real stage, per-family scores."""
     from llaca import base_world

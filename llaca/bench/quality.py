@@ -517,8 +517,10 @@ def estimate_seconds(jobs: list[dict], cal: dict, n_workers: int) -> float:
     return max(load)
 
 
-def _job_key(job: dict, base_meta: dict) -> str:
+def _job_key(job: dict, base_meta: dict, legacy: bool = False) -> str:
     keep = {k: v for k, v in job.items() if k not in ("run_home",)}
+    if job["method"] != "multitask" and not legacy:  # only multitask reads its set: a subset of methods reuses runs
+        keep["multitask_data"] = None
     keep["base"] = [base_meta.get("created"), base_meta.get("stage", {}).get("sha256")]
     keep["spec"] = list(job_rule(job)) if job["method"] != "multitask" else "multitask"
     if job.get("base_id"):           # --base: the weights' hash names the base (its registry copy is re-creatable)
@@ -527,7 +529,13 @@ def _job_key(job: dict, base_meta: dict) -> str:
 
 
 def _cache_path(job: dict, cache: Path | None, base_meta: dict) -> Path | None:
-    return cache / f"{job['method']}-s{job['seed']}-{_job_key(job, base_meta)}.json" if cache else None
+    """The run's cache file; a run cached before 2026-11-26 under a key that also hashed the multitask set's path
+    (when `multitask` was among the methods) is found there too."""
+    if not cache:
+        return None
+    name = lambda legacy: f"{job['method']}-s{job['seed']}-{_job_key(job, base_meta, legacy)}.json"  # noqa: E731
+    path, old = cache / name(False), cache / name(True)
+    return old if not path.is_file() and old.is_file() else path
 
 
 def run_jobs(jobs: list[dict], n_workers: int, cache: Path | None, base_meta: dict, fresh: bool = False) -> list[dict]:
