@@ -62,13 +62,22 @@ def leaves(studio: Studio) -> list[Version]:
     return [v for v in reversed(versions) if v.id not in parents]
 
 
+def lineage_matrix(scores: list[dict]) -> tuple[list[str], list[list]]:
+    """Columns and rows of a lineage's accuracy matrix from each version's test scores (root→leaf). Columns are the
+    test sets the newest version was scored on (it is scored on every stage's), in the order they first appear: a
+    set only an early phase was scored on (base v2's alignment test, inside its build) is not a stage of the lineage
+    and would make the matrix non-square, so no Avg.ACC / Forgetting."""
+    last = set(scores[-1]) if scores else set()
+    tests: list[str] = []
+    for s in scores:
+        tests += [t for t in s if t in last and t not in tests]
+    return tests, [[s.get(t, {}).get("accuracy") for t in tests] for s in scores]
+
+
 def lineage_panel(studio: Studio, version_id: str) -> dict:
     """The accuracy matrix of a lineage: rows = evaluated versions root→leaf, columns = test sets in stage order."""
     chain = [v for v in studio.registry.lineage(version_id) if _tests(v)]
-    tests: list[str] = []
-    for v in chain:
-        tests += [t for t in _tests(v) if t not in tests]
-    matrix = [[_tests(v).get(t, {}).get("accuracy") for t in tests] for v in chain]
+    tests, matrix = lineage_matrix([_tests(v) for v in chain])
     square = len(tests) == len(chain) and all(matrix[j][i] is not None for j in range(len(chain)) for i in range(j + 1))
     metrics = cl_metrics_lower(matrix) if square and chain else None
     methods = [v.method for v in chain if v.meta.get("method") not in (None, "pretrain")]

@@ -362,3 +362,18 @@ def test_learn_tab_llaca_plus_replay_is_llaca_with_a_replay_share():
     assert mixed.hparams()["replay_fraction"] == 0.3
     plain = StageConfig(**stage_config("d", "replay", 0.99, 0.3, None, "", 1, 0, 1e-3, False))
     assert (plain.method, plain.replay_fraction, plain.rule_hparams) == ("replay", 0.0, {"fraction": 0.3})
+
+
+def test_lineage_matrix_is_square_when_the_base_also_scored_a_build_phase():
+    """Base v2's meta scores its alignment test too; the lineage's stages are the sets the newest version was scored
+    on, so Avg.ACC / Forgetting show (they were blank for every v2 lineage)."""
+    from app.versions_tab import lineage_matrix
+    from llaca.metrics import cl_metrics
+
+    base = {"align-test": {"accuracy": 56.5}, "base-test": {"accuracy": 42.0}}
+    v1 = {"base-test": {"accuracy": 33.0}, "sciqa-test": {"accuracy": 100.0}}
+    v2 = {"base-test": {"accuracy": 28.0}, "sciqa-test": {"accuracy": 96.0}, "textvqa-test": {"accuracy": 84.0}}
+    tests, matrix = lineage_matrix([base, v1, v2])
+    assert tests == ["base-test", "sciqa-test", "textvqa-test"]
+    assert matrix == [[42.0, None, None], [33.0, 100.0, None], [28.0, 96.0, 84.0]]
+    assert cl_metrics(matrix)["forgetting"] == pytest.approx(((42.0 - 28.0) + (100.0 - 96.0)) / 2)

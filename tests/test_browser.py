@@ -4,9 +4,11 @@ image in the chat, sees the streamed answer, and takes a screenshot of every tab
 Screenshots go to pytest's tmp dir. The committed ones (assets/screenshots) were made with
 
     LLACA_SCREENSHOTS=assets/screenshots LLACA_SCREENSHOT_HOME=<a $LLACA_HOME after the demo> \
-    LLACA_SCREENSHOT_VERSION=v3 .venv/bin/python -m pytest tests/test_browser.py
+    LLACA_SCREENSHOT_VERSION=v12 .venv/bin/python -m pytest tests/test_browser.py   # learn.png, versions.png
+    LLACA_SCREENSHOT_VERSION=base ...   # chat.png (the demo's versions learned other tasks than colours)
 
-(the real base and the demo's versions give real heatmaps; v3 is the demo's first llaca stage).
+(the real base and the demo's versions give real heatmaps; v12 is the demo's last stage with the default recipe;
+Compare's shot comes from scripts/demo_screenshot.py on the same home).
 """
 from __future__ import annotations
 
