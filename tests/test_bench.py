@@ -177,21 +177,22 @@ def test_the_demo_button_compares_rules_at_one_lr_and_ends_with_the_default_reci
 
 
 def test_heldout_bench_stage_seed_probe_and_cache(llaca_home, tmp_path):
-    """The CLI-default stage on held-out digits with stage seed 1, on the tiny base: the run is recorded with its
-    seed under a seed-tagged key (seed 0 keeps its pre-seed key), a probe per set, and a rerun reads the cache."""
+    """The CLI-default stage on held-out digits with stage seed 1 (12 steps), on the tiny base: the run is recorded
+    with its seed under a tagged key (seed 0 at full length keeps its old key), a probe per set, and a rerun reads
+    the cache."""
     from llaca.bench import heldout as heldout_bench
 
     out = tmp_path / "heldout"
-    args = ["--out", str(out), "--sets", "digits", "--skip-zero-shot", "--seeds", "1",
+    args = ["--out", str(out), "--sets", "digits", "--skip-zero-shot", "--seeds", "1", "--max-steps", "12",
             "--variants", "frozen tower, llaca+replay, lr 3e-4"]
     assert heldout_bench.main(args) == 0
     results = json.loads((out / "results.json").read_text())
     (run,) = results["stages"]
     assert (run["set"], run["seed"], run["method"], run["n_test"]) == ("digits", 1, "llaca", 397)
-    assert 0 <= run["test_accuracy"] <= 100 and run["steps"] > 0
+    assert 0 <= run["test_accuracy"] <= 100 and run["steps"] == 12
     assert 0 <= results["probe"]["digits"]["flat"] <= 100
     (cached,) = (out / "runs").iterdir()
-    assert cached.name.endswith("-digits-frozen_tower_llaca+replay_lr_3e-4-seed1.json")
+    assert cached.name.endswith("-digits-frozen_tower_llaca+replay_lr_3e-4-seed1-steps12.json")
     stamp = cached.stat().st_mtime_ns
     assert heldout_bench.main(args) == 0
     assert cached.stat().st_mtime_ns == stamp and len(list((out / "runs").iterdir())) == 1

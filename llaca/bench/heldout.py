@@ -93,7 +93,7 @@ def zero_shot(model, processor, coin_root: Path, limit: int | None, base_test: s
 
 
 def stage_run(registry, version: str, data_root: Path, name: str, variant: str, work: Path,
-              base_test: str | None, seed: int = 0) -> dict:
+              base_test: str | None, seed: int = 0, max_steps: int | None = None) -> dict:
     from ..evaluate import evaluate
     from ..tuner import StageConfig, run_stage
     from ..versions import Registry, load_version
@@ -105,7 +105,7 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     reg = Registry(home)
     t0 = time.time()
     cfg = StageConfig(data=str(data_root / name / "train"), parent="base", checkpoint_every=0,
-                      evaluate_after=False, seed=seed, **VARIANTS[variant])
+                      evaluate_after=False, seed=seed, max_steps=max_steps, **VARIANTS[variant])
     learned = run_stage(cfg, reg)
     seconds = time.time() - t0
     model, processor = load_version(reg, learned.id)
@@ -131,6 +131,8 @@ def main(argv=None) -> int:
     p.add_argument("--zero-shot-limit", type=int, default=100, help="test records per CoIN-mini task")
     p.add_argument("--skip-zero-shot", action="store_true")
     p.add_argument("--seeds", nargs="*", type=int, default=[0], help="stage seeds (batch order, replayed records)")
+    p.add_argument("--max-steps", type=int, default=None, help="cap each stage (a quick check; default: the CLI's "
+                   "epochs)")
     a = p.parse_args(argv)
     out = Path(a.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
@@ -156,12 +158,13 @@ def main(argv=None) -> int:
         print(json.dumps({"probe": name, **results["probe"][name]}))
         for variant in a.variants:
             for seed in a.seeds:
-                tag = f"-seed{seed}" if seed else ""  # seed 0's runs keep the key they were cached under
+                # seed 0 at full length keeps the key it was cached under before these options
+                tag = (f"-seed{seed}" if seed else "") + (f"-steps{a.max_steps}" if a.max_steps else "")
                 cache = out / "runs" / f"{fp}-{name}-{variant.replace(' ', '_').replace(',', '')}{tag}.json"
                 if cache.is_file():
                     run = {"seed": 0, **json.loads(cache.read_text())}
                 else:
-                    run = stage_run(registry, a.version, data, name, variant, work, base_test, seed)
+                    run = stage_run(registry, a.version, data, name, variant, work, base_test, seed, a.max_steps)
                     cache.write_text(json.dumps(run, indent=1))
                 results["stages"].append(run)
                 print(json.dumps(run))
