@@ -171,8 +171,11 @@ def test_the_demo_button_compares_rules_at_one_lr_and_ends_with_the_default_reci
     from llaca import demo
     from llaca.tuner import DEFAULT_RECIPE
 
-    assert demo.ARMS[demo.DEFAULT_ARMS[-1]] == DEFAULT_RECIPE
+    rule = {k: DEFAULT_RECIPE[k] for k in ("method", "lr", "replay_fraction")}  # the demo's stages set max_steps
+    assert demo.ARMS[demo.DEFAULT_ARMS[-1]] == rule
     assert {demo.ARMS[a]["lr"] for a in demo.DEFAULT_ARMS} == {DEFAULT_RECIPE["lr"]}
+    from llaca.bench.heldout import VARIANTS
+    assert {"method": "llaca", **VARIANTS["CLI defaults"]} == DEFAULT_RECIPE  # the held-out bench measures `learn`'s
     assert [demo.ARMS[a]["method"] for a in demo.DEFAULT_ARMS[:2]] == ["seq", "llaca"]
 
 

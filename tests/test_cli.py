@@ -156,6 +156,8 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
                     "--no-eval", *flags, home=llaca_home).stdout.strip().splitlines()[-1]
         return json.loads((llaca_home / "versions" / vid / "meta.json").read_text())
 
+    from llaca.cli import build_parser
+    assert build_parser().parse_args(["learn", "d"]).epochs == DEFAULT_RECIPE["epochs"] == 5.0
     default = learned()
     assert (default["method"], default["hparams"]["lr"]) == (DEFAULT_RECIPE["method"], DEFAULT_RECIPE["lr"]) == ("llaca", 3e-4)
     assert default["hparams"]["replay_fraction"] == DEFAULT_RECIPE["replay_fraction"] == 0.2
