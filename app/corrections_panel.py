@@ -10,12 +10,12 @@ import gradio as gr
 
 from llaca.corrections import CorrectionStore, SmallSetRecipe, queue_learn
 from llaca.rules import RULES
+from llaca.tuner import StageConfig
 
 from . import Studio, warn
-from .learn_tab import STAGE_DEFAULTS
 
 COLUMNS = ["id", "question", "corrected answer", "was", "by"]
-DEFAULT_METHOD = STAGE_DEFAULTS["method"]  # the product's default method (StageConfig), llaca
+DEFAULT_METHOD = StageConfig.method  # the library's default rule, llaca (corrections keep their own small-set recipe)
 
 
 def preview_rows(store: CorrectionStore) -> list[list]:

@@ -6,7 +6,6 @@ tail. Jobs queue up (one trains at a time) and survive an app restart.
 """
 from __future__ import annotations
 
-import dataclasses
 import html
 import shutil
 import time
@@ -20,7 +19,8 @@ from llaca import demo
 from llaca.data import InvalidDataset, validate
 from llaca.formats import DATA_SUFFIXES
 from llaca.jobs import JobError, stage_upload
-from llaca.tuner import DEFAULT_RECIPE, StageConfig
+from llaca.tuner import DEFAULT_RECIPE
+from llaca.versions import method_label
 
 from . import Studio, groups_ui, plots, warn
 
@@ -31,7 +31,6 @@ METHODS = [("llaca + replay: the adaptive EMA over a stage that also replays ear
            ("ema: fixed β", "ema"), ("replay: mix in earlier samples", "replay"),
            ("grouped: llaca per instruction group (later LLaCA)", groups_ui.GROUPED)]
 DEFAULT_METHOD = LLACA_REPLAY if DEFAULT_RECIPE["replay_fraction"] else DEFAULT_RECIPE["method"]
-STAGE_DEFAULTS = {f.name: f.default for f in dataclasses.fields(StageConfig)}  # the library's calibrated defaults
 PREVIEW = 6
 LOG_LINES = 10
 POLL_SECONDS = 2.0
@@ -150,8 +149,7 @@ def submit_upload(studio: Studio, data_path: str, config: dict):
     if config["parent"] is None:
         config["parent"] = studio.newest_id()
     studio.registry.get(config["parent"])  # a clear error now rather than in the worker
-    method = config["method"] + (f" + {config['replay_fraction']:.0%} replay" if config.get("replay_fraction") else "")
-    label = f"{method} · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
+    label = f"{method_label(config['method'], config.get('replay_fraction'))} · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
     return studio.jobs.submit(config, label=label, upload_dir=upload_dir)
 
 

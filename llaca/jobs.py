@@ -571,7 +571,7 @@ def error_text(e: BaseException) -> str:
 # The worker runs niced beside the app (and whatever else the machine does). PyTorch's OpenMP threads spin-wait for
 # each other by default: when another process holds one core, the niced worker's second thread is starved and every
 # op waits for it (measured on 2 cores, `python -m llaca.bench contention`: 0.14 s/step idle, 6.7 s/step beside one
-# busy core). A short spin (then sleep) keeps the idle speed and makes the busy case 0.30 s/step. A value the user
+# busy core). A short spin (then sleep) keeps the idle speed and makes the busy case 0.33 s/step. A value the user
 # set in the environment wins (the dict is applied first).
 WORKER_THREAD_ENV = {"GOMP_SPINCOUNT": "1000"}
 

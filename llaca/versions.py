@@ -31,6 +31,12 @@ class VersionError(ValueError):
     pass
 
 
+def method_label(method: str | None, replay_fraction: float | None = None) -> str | None:
+    """'llaca + 20% replay' for a stage that also replayed earlier records (the default recipe), else the rule's
+    name ('llaca', 'seq', ...)."""
+    return f"{method} + {replay_fraction:.0%} replay" if method and replay_fraction else method
+
+
 @dataclasses.dataclass
 class Version:
     id: str
@@ -55,11 +61,8 @@ class Version:
 
     @property
     def method(self) -> str | None:
-        """The rule as people name it: 'llaca + 20% replay' for a stage that also replayed earlier records (the
-        default recipe), else the rule's name ('llaca', 'seq', ...)."""
-        method = self.meta.get("method")
-        share = (self.meta.get("hparams") or {}).get("replay_fraction")
-        return f"{method} + {share:.0%} replay" if method and share else method
+        """The rule as people name it (`method_label`)."""
+        return method_label(self.meta.get("method"), (self.meta.get("hparams") or {}).get("replay_fraction"))
 
     def label(self) -> str:
         stage = self.meta.get("stage", {}).get("name")

@@ -52,7 +52,7 @@ def run_demo(home: Path) -> dict[str, str]:
 
 
 def demo_accuracies(home: Path, version_ids: dict[str, str]) -> dict[str, dict[str, float]]:
-    """Each demo version's accuracy on both demo tasks' test splits (50 records each): the picture's context."""
+    """Each demo version's accuracy on every demo task's test split (50 records each): the picture's context."""
     from llaca.demo import TASKS
     from llaca.data import load_instruction_set
     from llaca.evaluate import evaluate

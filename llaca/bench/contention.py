@@ -43,9 +43,10 @@ def settings() -> dict[str, dict]:
             "one thread": {"LLACA_BENCH_THREADS": "1"}}
 
 
-def time_stage(data: Path, home: Path, steps: int, env: dict, busy: bool) -> dict:
-    shutil.rmtree(home / "versions", ignore_errors=True)
-    shutil.copytree(home.parent / "base_copy", home / "versions" / "base")
+def time_stage(data: Path, base_home: Path, home: Path, steps: int, env: dict, busy: bool) -> dict:
+    from .quality import _fresh_registry
+
+    _fresh_registry(base_home, home)  # the base alone: the stage always writes v1
     clean = {k: v for k, v in os.environ.items() if k not in ("GOMP_SPINCOUNT", "OMP_WAIT_POLICY", "OMP_NUM_THREADS")}
     repo = str(Path(__file__).resolve().parents[2])
     hog = subprocess.Popen([sys.executable, "-c", BUSY]) if busy else None
@@ -77,13 +78,12 @@ def main(argv=None) -> int:
     shutil.rmtree(work, ignore_errors=True)
     registry = Registry()
     ensure_base(registry)
-    shutil.copytree(registry.get("base").path, work / "base_copy")
     data = coin_mini.write_task(work / "data", "sciqa", 400, 10, 0) / "train"
     load = os.getloadavg()[0]
     rows = []
     for name, env in settings().items():
-        idle = time_stage(data, work / "home", a.steps, env, busy=False)
-        busy = time_stage(data, work / "home", a.steps, env, busy=True)
+        idle = time_stage(data, registry.home, work / "home", a.steps, env, busy=False)
+        busy = time_stage(data, registry.home, work / "home", a.steps, env, busy=True)
         rows.append({"setting": name, "env": env, "threads": idle["threads"], "idle_s_per_step": idle["s_per_step"],
                      "busy_s_per_step": busy["s_per_step"], "slowdown": busy["s_per_step"] / idle["s_per_step"]})
         print(json.dumps(rows[-1]), flush=True)

@@ -21,21 +21,20 @@ def arm_run(registry, arm: str, seed: int, tasks, root: Path, work: Path, base_t
     from .. import demo
     from ..evaluate import evaluate
     from ..tuner import StageConfig, run_stage
-    from ..versions import Registry, load_version
-    from .quality import _test_set
+    from ..versions import load_version
+    from .quality import _fresh_registry, _test_set
 
     home = work / f"{demo.slug(arm)}-seed{seed}"
-    shutil.rmtree(home, ignore_errors=True)
-    shutil.copytree(registry.get("base").path, home / "versions" / "base")  # a private registry per arm
-    reg = Registry(home)
+    reg = _fresh_registry(registry.home, home)  # a private registry per arm
     tests = {t: _test_set(str(root / t / "test")) for t in tasks}
+    base_set = _test_set(base_test) if base_test else None
     rows, t0 = [], time.time()
     for stage, config in enumerate(demo.stage_configs(root, arm, tasks), 1):
         version = run_stage(StageConfig(**config, seed=seed, evaluate_after=False), reg)
         model, processor = load_version(reg, version.id)
         row = {"stage": stage, **{t: round(evaluate(model, processor, s).accuracy, 1) for t, s in tests.items()}}
-        if base_test:
-            row["base"] = round(evaluate(model, processor, _test_set(base_test)).accuracy, 1)
+        if base_set:
+            row["base"] = round(evaluate(model, processor, base_set).accuracy, 1)
         rows.append(row)
     shutil.rmtree(home, ignore_errors=True)
     return {"arm": arm, "seed": seed, **demo.ARMS[arm], "tasks": list(tasks), "after": rows,
@@ -113,6 +112,7 @@ def main(argv=None) -> int:
     stem = f"_{len(tasks)}tasks"
     (out / f"results{stem}.json").write_text(json.dumps({"base_sha256_12": fp, "base": base_row, "runs": runs},
                                                         indent=1) + "\n")
-    (out / f"table{stem}.md").write_text(table(runs, base_row))
-    print(table(runs, base_row))
+    text = table(runs, base_row)
+    (out / f"table{stem}.md").write_text(text)
+    print(text)
     return 0

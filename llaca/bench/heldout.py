@@ -21,6 +21,8 @@ import shutil
 import time
 from pathlib import Path
 
+from ..tuner import DEFAULT_RECIPE
+
 VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vision": True},
             # the same with plain fine-tuning, to tell what the tower does from what the update rule does
             "frozen tower, seq": {"train_vision": False, "method": "seq"},
@@ -33,8 +35,8 @@ VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vi
             # the same at the rate where replay forgot least over CoIN-mini (README 'Continual learning')
             "frozen tower, replay, lr 3e-4": {"method": "replay", "lr": 3e-4},
             "frozen tower, llaca+replay, lr 3e-4": {"replay_fraction": 0.2, "lr": 3e-4},
-            # `learn` with no options (llaca.tuner.DEFAULT_RECIPE): the previous one with 5 epochs instead of 3
-            "CLI defaults": {"replay_fraction": 0.2, "lr": 3e-4, "epochs": 5.0}}
+            # `learn` with no options: the previous one with 5 epochs instead of 3
+            "CLI defaults": dict(DEFAULT_RECIPE)}
 DEFAULT_VARIANTS = ["CLI defaults", "frozen tower", "tower trained"]
 
 
