@@ -20,6 +20,7 @@ Plus a shuffled-image control on the `v2` run (same questions, images permuted a
 true images is what the model reads from the picture at all. Runs are cached in `<out>/runs/`; one torch thread.
 
     python -m llaca.bench grounding --tower-from DIR [--variants v2 v2-easy v2-1phrase v1] [--steps 800]
+        [--text-size 384x4x4] [--max-grad-norm 1] [--train-vision]   # the LM's size, clipping, the tower learning
 """
 from __future__ import annotations
 
@@ -136,8 +137,9 @@ def family(question: str, answer: str) -> str:
     return "other"
 
 
-def fresh_model_on_tower(tower_from: Path, seed: int = 0):
-    """v2's tokenizer and sizes, a fresh projector + LM, the tower copied from `tower_from/model`."""
+def fresh_model_on_tower(tower_from: Path, seed: int = 0, text_size: tuple[int, int, int] | None = None):
+    """v2's tokenizer and sizes (or LM `text_size` = hidden, layers, heads), a fresh projector + LM, the tower copied
+    from `tower_from/model`."""
     from ..base_build_v2 import SPEC, tokenizer
     from ..model import build_model, build_processor, load_pretrained
 
@@ -145,6 +147,8 @@ def fresh_model_on_tower(tower_from: Path, seed: int = 0):
     vc = source.config.vision_config
     spec = dataclasses.replace(SPEC, vision_hidden=vc.hidden_size, vision_layers=vc.num_hidden_layers,
                                vision_heads=vc.num_attention_heads)
+    if text_size:
+        spec = dataclasses.replace(spec, text_hidden=text_size[0], text_layers=text_size[1], text_heads=text_size[2])
     processor = build_processor(tokenizer(seed, SPEC), spec)
     model = build_model(processor, spec, seed=seed)
     model.model.vision_tower.load_state_dict(source.model.vision_tower.state_dict())
@@ -152,7 +156,8 @@ def fresh_model_on_tower(tower_from: Path, seed: int = 0):
 
 
 def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int, shuffled_control: bool,
-            lr: float = 3e-3) -> dict:
+            lr: float = 3e-3, text_size: tuple[int, int, int] | None = None,
+            max_grad_norm: float | None = None, train_vision: bool = False) -> dict:
     import torch
 
     from ..data import load_image, load_instruction_set
@@ -162,7 +167,8 @@ def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int,
     from ..tuner import StageConfig, run_stage
     from ..versions import Registry, load_version
 
-    model, processor = fresh_model_on_tower(tower_from)
+    model, processor = fresh_model_on_tower(tower_from, text_size=text_size)
+    n_params = sum(p.numel() for p in model.parameters())
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="grounding-") as home:
         reg = Registry(home)
@@ -170,7 +176,7 @@ def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int,
                    lambda tmp: save_pretrained(model, processor, tmp / "model"), version_id="init")
         cfg = StageConfig(data=str(data / "train"), method="seq", parent="init", lr=lr, batch_size=16,
                           max_steps=steps, warmup_ratio=0.05, seed=0, checkpoint_every=0, evaluate_after=False,
-                          name=variant)
+                          max_grad_norm=max_grad_norm, train_vision=train_vision, name=variant)
         version = run_stage(cfg, reg)
         log = json.loads((version.path / "train_log.json").read_text())
         trained, proc = load_version(reg, version.id)
@@ -181,6 +187,9 @@ def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int,
         with torch.inference_mode():
             preds = generate_answers(trained, proc, images, questions)
             out = {"variant": variant, "steps": steps, "lr": lr, "train_seconds": round(train_s, 1),
+                   "text_size": list(text_size) if text_size else None, "max_grad_norm": max_grad_norm,
+                   "train_vision": train_vision,
+                   "parameters": n_params,
                    "final_loss": round(sum(x["loss"] for x in log[-50:]) / max(len(log[-50:]), 1), 4),
                    "accuracy": accuracy(preds, golds), "n_test": len(records)}
             if shuffled_control:
@@ -207,7 +216,10 @@ def report(results: list[dict], tower: str) -> str:
     for r in results:
         cells = [f"{r['per_family'][f]['accuracy']:.0f} (n={r['per_family'][f]['n']})" if f in r["per_family"] else ""
                  for f in fams]
-        lines.append(f"| {r['variant']} | {r['steps']} | {r.get('lr', 3e-3):g} | {r['accuracy']:.1f} "
+        size = "x".join(map(str, r["text_size"])) if r.get("text_size") else "192x4x4"
+        clip = f", clip {r['max_grad_norm']:g}" if r.get("max_grad_norm") else ""
+        clip += ", tower trained" if r.get("train_vision") else ""
+        lines.append(f"| {r['variant']} ({size}{clip}) | {r['steps']} | {r.get('lr', 3e-3):g} | {r['accuracy']:.1f} "
                      f"| {r.get('accuracy_shuffled_images', '')} "
                      f"| {r['final_loss']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
@@ -225,6 +237,10 @@ def main(argv=None) -> int:
     p.add_argument("--steps", type=int, default=800)
     p.add_argument("--lrs", type=float, nargs="+", default=[3e-3],
                    help="peak learning rates; each variant runs at each (3e-3: the base build's until 2026-11-26)")
+    p.add_argument("--text-size", type=lambda v: tuple(int(x) for x in v.split("x")), default=None,
+                   help="LM hidden x layers x heads, e.g. 256x6x4 (default: base v2's 192x4x4)")
+    p.add_argument("--max-grad-norm", type=float, default=None, help="clip gradients (default: none, as the build)")
+    p.add_argument("--train-vision", action="store_true", help="the tower learns too (default: frozen, as the build)")
     p.add_argument("--n-train", type=int, default=8000)
     p.add_argument("--test-n", type=int, default=200)
     p.add_argument("--out", default="bench_results/base_v2/grounding", help="run JSONs + table.md")
@@ -237,6 +253,12 @@ def main(argv=None) -> int:
     results = []
     for variant, lr in [(v, lr) for v in a.variants for lr in a.lrs]:
         lr_key = "" if lr == 3e-3 else f"-lr{lr:g}"  # runs cached before --lrs keep their names
+        if a.text_size:
+            lr_key += "-lm" + "x".join(map(str, a.text_size))
+        if a.max_grad_norm:
+            lr_key += f"-clip{a.max_grad_norm:g}"
+        if a.train_vision:
+            lr_key += "-tower"
         name = variant.replace(':', '-').replace(',', '+')
         key = f"{name}-{a.steps}-{a.n_train}-{a.test_n}-{Path(a.tower_from).resolve().name}{lr_key}"
         cached = out / "runs" / f"{key}.json"
@@ -244,7 +266,8 @@ def main(argv=None) -> int:
             results.append(json.loads(cached.read_text()))
             continue
         data = write_data(variant, work, a.n_train, max(a.test_n, 8))
-        r = run_one(variant, data, Path(a.tower_from), a.steps, a.test_n, shuffled_control=variant == "v2", lr=lr)
+        r = run_one(variant, data, Path(a.tower_from), a.steps, a.test_n, shuffled_control=variant == "v2", lr=lr,
+                    text_size=a.text_size, max_grad_norm=a.max_grad_norm, train_vision=a.train_vision)
         cached.write_text(json.dumps(r, indent=1))
         print(json.dumps({k: r[k] for k in ("variant", "lr", "accuracy", "per_family")}), flush=True)
         results.append(r)
@@ -253,6 +276,8 @@ def main(argv=None) -> int:
     earlier = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))
                if f.stem.endswith(f"-{tower_name}") or f"-{tower_name}-lr" in f.stem]
     results += [r for r in earlier if r not in results]
-    (out / "table.md").write_text(report(results, a.tower_from))
-    print((out / "table.md").read_text())
+    # one table per tower: `table.md` is the v2c tower's (a folder named `base`), later towers get their own
+    table = out / ("table.md" if tower_name == "base" else f"table_{tower_name}.md")
+    table.write_text(report(results, a.tower_from))
+    print(table.read_text())
     return 0
