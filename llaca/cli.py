@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     s = sub.add_parser("learn", help="learn an instruction set as a new stage -> new version")
     s.add_argument("data", help="instruction set: folder, .zip or data file (LLaVA/ShareGPT JSON(L), CSV/TSV, Parquet; see README)")
     s.add_argument("--method", choices=RULES, default=DEFAULT_RECIPE["method"],
-                   help="update rule (default %(default)s, with 20%% replay unless --replay-fraction says otherwise)")
+                   help="update rule (default %%(default)s, with %d%%%% replay unless --replay-fraction says otherwise)"
+                        % round(100 * DEFAULT_RECIPE["replay_fraction"]))
     s.add_argument("--from", dest="from_version", default=None, help="parent version (default: newest)")
     s.add_argument("--name", default=None)
     s.add_argument("--epochs", type=float, default=DEFAULT_RECIPE["epochs"],

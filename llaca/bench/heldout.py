@@ -99,13 +99,10 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
               base_test: str | None, seed: int = 0, max_steps: int | None = None) -> dict:
     from ..evaluate import evaluate
     from ..tuner import StageConfig, run_stage
-    from ..versions import Registry, load_version
-    from .quality import _test_set
+    from ..versions import load_version
+    from .quality import _fresh_registry, _test_set
 
-    home = work / f"{name}-{variant.replace(' ', '_').replace(',', '')}"
-    shutil.rmtree(home, ignore_errors=True)
-    shutil.copytree(registry.get(version).path, home / "versions" / "base")  # a private registry per run
-    reg = Registry(home)
+    reg = _fresh_registry(registry.home, work / f"{name}-{variant.replace(' ', '_').replace(',', '')}", version)
     t0 = time.time()
     cfg = StageConfig(data=str(data_root / name / "train"), parent="base", checkpoint_every=0,
                       evaluate_after=False, seed=seed, max_steps=max_steps, **VARIANTS[variant])

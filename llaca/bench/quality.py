@@ -89,13 +89,14 @@ def _test_set(path: str):
     return load_instruction_set(path)
 
 
-def _fresh_registry(base_registry_home, out_home):
-    """A private registry holding only a copy of the user's `base` (each run writes its own versions)."""
+def _fresh_registry(base_registry_home, out_home, version: str = "base"):
+    """A private registry holding only a copy of the user's `version` as its `base` (each run writes its own
+    versions; `version` must be a full-weight root, as `base` and a built `base-v2` are)."""
     from ..versions import Registry
 
     out_home = Path(out_home)
     shutil.rmtree(out_home, ignore_errors=True)
-    src = Registry(base_registry_home).get("base").path
+    src = Registry(base_registry_home).get(version).path
     shutil.copytree(src, out_home / "versions" / "base")
     return Registry(out_home)
 
