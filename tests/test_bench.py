@@ -86,6 +86,10 @@ def test_quality_regime_knobs_are_in_the_cache_key():
     keys = [key(*v)[0] for v in variants]
     assert len(set(keys + [default])) == len(variants) + 1
     assert key("--lora-r", "8")[1]["stage_kw"] == {"lora": True, "lora_r": 8}
+    # --data is read as it is: with --paraphrased the fixed set's cached runs would come back as paraphrased ones
+    with pytest.raises(ValueError, match="give one or the other"):
+        quality.resolve_config(quality.parse_args(["--paraphrased", "--data", "somewhere"]))
+    assert quality.resolve_config(quality.parse_args(["--paraphrased"]))["paraphrased"] is True
     assert quality.job_rule({"method": "llaca", "llaca_hp": {"scale": 1.0}}) == \
         ("llaca", {"scale": 1.0})
     assert quality.job_rule({"method": "llaca-norm"})[1]["size_ref"] == 4096 * 128

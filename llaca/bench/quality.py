@@ -735,6 +735,10 @@ def resolve_config(args) -> dict:
         raise ValueError("need at least one seed, task and method")
     for m in methods:
         method_spec(m)
+    if args.paraphrased and getattr(args, "data", None):
+        # --data is read as it is (whichever variant it holds): the fixed set's runs would be reused as paraphrased
+        raise ValueError("--paraphrased writes and reads its own CoIN-mini variant under $LLACA_HOME/datasets; "
+                         "--data would be used as it is: give one or the other")
     test_limit = args.test_limit or q.get("test_limit") or TEST_LIMIT
     return {"tasks": tasks, "methods": methods, "seeds": list(seeds), "steps": args.steps or q.get("steps") or STAGE_STEPS,
             "lr": args.lr or STAGE_LR, "batch_size": args.batch_size or STAGE_BATCH, "test_limit": test_limit,
