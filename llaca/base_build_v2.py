@@ -90,9 +90,12 @@ def pretrain_vision(model, processor, steps: int, seed: int, on_event=None) -> f
     acc, last = 0.0, min(20, steps)
     for step in tqdm(range(steps), desc="vision pre-training (v2)", leave=False):
         images, labels = base_world.aux_batch(rng, VISION_BATCH)
-        # The features LLaVA reads: last hidden layer, CLS dropped ("default" strategy).
-        tokens = vision(pixels(processor, images), output_hidden_states=True).hidden_states[-1][:, 1:]
-        pooled_logits = {k: h(tokens.mean(1)) for k, h in pooled.items()}
+        # The features LLaVA reads: last hidden layer, CLS dropped ("default" strategy) or kept ("full"). Kept, the
+        # CLS token is what the pooled heads read, so the LM gets one token that sums the image up.
+        hidden = vision(pixels(processor, images), output_hidden_states=True).hidden_states[-1]
+        tokens = hidden[:, 1:]
+        summary = hidden[:, 0] if model.config.vision_feature_select_strategy == "full" else tokens.mean(1)
+        pooled_logits = {k: h(summary) for k, h in pooled.items()}
         flat_logits = {k: h(tokens.flatten(1)) for k, h in flat.items()}
         loss = weighted_loss(pooled_logits, labels) + weighted_loss(flat_logits, labels)
         opt.zero_grad(set_to_none=True)

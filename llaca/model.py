@@ -59,6 +59,8 @@ class TinySpec:
     text_heads: int = 4
     vocab_size: int = 2048
     max_positions: int = 256
+    # LLaVA's image tokens: "default" drops CLIP's CLS token (LLaVA-1.5), "full" keeps it as one more token
+    feature_strategy: str = "default"
 
 
 def train_tokenizer(texts: list[str], vocab_size: int = 2048) -> PreTrainedTokenizerFast:
@@ -99,7 +101,7 @@ def build_processor(tokenizer: PreTrainedTokenizerFast, spec: TinySpec = TinySpe
         image_processor=image_processor,
         tokenizer=tokenizer,
         patch_size=spec.patch_size,
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=spec.feature_strategy,
         num_additional_image_tokens=1,  # CLIP's CLS, dropped again by the "default" strategy
         chat_template=CHAT_TEMPLATE,
     )
@@ -133,7 +135,7 @@ def build_model(processor: LlavaProcessor, spec: TinySpec = TinySpec(), seed: in
         vision_config=vision,
         text_config=text,
         image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-        vision_feature_select_strategy="default",
+        vision_feature_select_strategy=spec.feature_strategy,
         vision_feature_layer=-1,
         projector_hidden_act="gelu",
         pad_token_id=tok.pad_token_id,

@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 
 from llaca.chat import answer_once, stream_answer
-from llaca.model import CHAT_TEMPLATE, count_parameters, load_pretrained
+from llaca.model import CHAT_TEMPLATE, TinySpec, count_parameters, load_pretrained
 from llaca.versions import Registry, load_version
 
 
@@ -60,7 +60,8 @@ def test_shipped_base_is_what_the_current_recipe_builds_and_scores_its_figure(tm
 
     meta = json.loads((base_build.SHIPPED_BASE / "meta.json").read_text())
     build = meta["build"]
-    assert build["world"] == "v2" and build["spec"] == base_build_v2.SPEC.__dict__
+    # a spec field added after the build (feature_strategy) must hold its default in the shipped model
+    assert build["world"] == "v2" and TinySpec(**build["spec"]) == base_build_v2.SPEC
     assert (build["vision_steps"], build["align_steps"], build["base_steps"], build["lr"], build["data_version"]) == (
         base_build_v2.VISION_STEPS, base_build_v2.ALIGN_STEPS, base_build_v2.BASE_STEPS, base_build_v2.BASE_LR,
         base_world.DATA_VERSION)
@@ -101,3 +102,33 @@ def test_a_base_test_split_other_than_the_scored_one_is_refused_by_benchmarks(tm
     scored = Version("b", tmp_path, {"build": stale, "stage": {"test_path": str(root / "base" / "test")}})
     with pytest.raises(base_build.StaleTestSplit):
         base_test_split(registry, scored)
+
+
+def test_full_feature_strategy_keeps_the_cls_token_as_an_image_token(tmp_path):
+    """`TinySpec.feature_strategy="full"` (a grounding-bench option): one more image token, the CLS, which the
+    tower's pooled heads are trained on; saved and loaded as any LLaVA folder, it answers."""
+    import dataclasses
+
+    from llaca import base_build_v2 as b2
+    from llaca.model import build_model, build_processor, save_pretrained
+
+    spec = dataclasses.replace(b2.SPEC, text_hidden=64, text_layers=1, vision_hidden=32, vision_layers=1,
+                               feature_strategy="full")
+    processor = build_processor(b2.tokenizer(0, b2.SPEC), spec)
+    model = build_model(processor, spec, seed=0)
+    image = Image.new("RGB", (64, 64), "red")
+    ids = processor(text=processor.image_token, images=image)["input_ids"][0]
+    assert sum(i == processor.image_token_id for i in ids) == (64 // 16) ** 2 + 1
+    # with "default" no head reads the CLS output (only the patches'); with "full" the pooled heads do
+    class_embedding = model.model.vision_tower.embeddings.class_embedding
+    grads = {}
+    for strategy in ("default", "full"):
+        model.config.vision_feature_select_strategy = strategy
+        hook = class_embedding.register_hook(lambda g, s=strategy: grads.setdefault(s, g.norm().item()) and None)
+        b2.pretrain_vision(model, processor, steps=1, seed=0)
+        hook.remove()
+    # not zero with "default": the CLS embedding still reaches the patches through attention (measured ratio ~10)
+    assert grads["full"] > 3 * grads["default"]
+    loaded, proc = load_pretrained(save_pretrained(model, processor, tmp_path / "full"))
+    assert loaded.config.vision_feature_select_strategy == "full"
+    assert isinstance(answer_once(loaded, proc, image, "What colour is it?", max_new_tokens=3), str)

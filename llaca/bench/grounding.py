@@ -146,7 +146,8 @@ def fresh_model_on_tower(tower_from: Path, seed: int = 0, text_size: tuple[int, 
     source, _ = load_pretrained(Path(tower_from) / "model")
     vc = source.config.vision_config
     spec = dataclasses.replace(SPEC, vision_hidden=vc.hidden_size, vision_layers=vc.num_hidden_layers,
-                               vision_heads=vc.num_attention_heads)
+                               vision_heads=vc.num_attention_heads,
+                               feature_strategy=source.config.vision_feature_select_strategy)
     if text_size:
         spec = dataclasses.replace(spec, text_hidden=text_size[0], text_layers=text_size[1], text_heads=text_size[2])
     processor = build_processor(tokenizer(seed, SPEC), spec)
