@@ -21,7 +21,6 @@ from broken_sets import embedded, parquet_set, png
 from llaca import cli
 from llaca.bench.formats import FORMATS, write_example
 from llaca.data import load_image, load_instruction_set, validate
-from llaca.formats.export import export_data
 
 
 @pytest.fixture(autouse=True)
