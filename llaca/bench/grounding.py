@@ -253,15 +253,15 @@ def main(argv=None) -> int:
     work = Path(a.work) if a.work else llaca_home() / "bench" / "grounding"
     results = []
     for variant, lr in [(v, lr) for v in a.variants for lr in a.lrs]:
-        lr_key = "" if lr == 3e-3 else f"-lr{lr:g}"  # runs cached before --lrs keep their names
+        suffix = "" if lr == 3e-3 else f"-lr{lr:g}"  # runs cached before --lrs (and the options below) keep their names
         if a.text_size:
-            lr_key += "-lm" + "x".join(map(str, a.text_size))
+            suffix += "-lm" + "x".join(map(str, a.text_size))
         if a.max_grad_norm:
-            lr_key += f"-clip{a.max_grad_norm:g}"
+            suffix += f"-clip{a.max_grad_norm:g}"
         if a.train_vision:
-            lr_key += "-tower"
+            suffix += "-tower"
         name = variant.replace(':', '-').replace(',', '+')
-        key = f"{name}-{a.steps}-{a.n_train}-{a.test_n}-{Path(a.tower_from).resolve().name}{lr_key}"
+        key = f"{name}-{a.steps}-{a.n_train}-{a.test_n}-{Path(a.tower_from).resolve().name}{suffix}"
         cached = out / "runs" / f"{key}.json"
         if cached.is_file():
             results.append(json.loads(cached.read_text()))
@@ -275,7 +275,7 @@ def main(argv=None) -> int:
     # the table keeps every run cached for this tower, not only this invocation's
     tower_name = Path(a.tower_from).resolve().name
     earlier = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))
-               if f.stem.endswith(f"-{tower_name}") or f"-{tower_name}-lr" in f.stem]
+               if f.stem.endswith(f"-{tower_name}") or f"-{tower_name}-" in f.stem]
     results += [r for r in earlier if r not in results]
     # one table per tower: `table.md` is the v2c tower's (a folder named `base`), later towers get their own
     table = out / ("table.md" if tower_name == "base" else f"table_{tower_name}.md")

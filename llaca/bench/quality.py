@@ -735,7 +735,7 @@ def resolve_config(args) -> dict:
         raise ValueError("need at least one seed, task and method")
     for m in methods:
         method_spec(m)
-    if args.paraphrased and getattr(args, "data", None):
+    if args.paraphrased and args.data:
         # --data is read as it is (whichever variant it holds): the fixed set's runs would be reused as paraphrased
         raise ValueError("--paraphrased writes and reads its own CoIN-mini variant under $LLACA_HOME/datasets; "
                          "--data would be used as it is: give one or the other")
