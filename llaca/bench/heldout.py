@@ -40,6 +40,15 @@ VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vi
 DEFAULT_VARIANTS = ["CLI defaults", "frozen tower", "tower trained"]
 
 
+def linear_probe(x_train, y_train, x_test, y_test) -> float:
+    """Test accuracy (%) of a logistic regression fitted on standardised training features (the tower probes' read-out)."""
+    from sklearn.linear_model import LogisticRegression
+
+    mu, sd = x_train.mean(0), x_train.std(0) + 1e-6
+    clf = LogisticRegression(max_iter=2000).fit((x_train - mu) / sd, y_train)
+    return round(100 * clf.score((x_test - mu) / sd, y_test), 1)
+
+
 def tower_probe(model, processor, data_root: Path, name: str) -> dict:
     """Linear probe (logistic regression on standardised features) of the frozen tower, train split -> test split.
 
@@ -48,7 +57,6 @@ def tower_probe(model, processor, data_root: Path, name: str) -> dict:
     below the probe is limited by the stage recipe; one at the probe, by the tower's features.
     """
     import torch
-    from sklearn.linear_model import LogisticRegression
 
     from ..data import load_image, load_instruction_set
 
@@ -68,11 +76,8 @@ def tower_probe(model, processor, data_root: Path, name: str) -> dict:
         return torch.cat(pooled).numpy(), torch.cat(flat).numpy(), [r.answer for r in records]
 
     (p_tr, f_tr, y_tr), (p_te, f_te, y_te) = features("train"), features("test")
-    out = {}
-    for kind, x_tr, x_te in (("pooled", p_tr, p_te), ("flat", f_tr, f_te)):
-        mu, sd = x_tr.mean(0), x_tr.std(0) + 1e-6
-        clf = LogisticRegression(max_iter=2000).fit((x_tr - mu) / sd, y_tr)
-        out[kind] = round(100 * clf.score((x_te - mu) / sd, y_te), 1)
+    out = {kind: linear_probe(x_tr, y_tr, x_te, y_te) for kind, x_tr, x_te in (("pooled", p_tr, p_te),
+                                                                                ("flat", f_tr, f_te))}
     majority = max(set(y_te), key=y_te.count)
     out["majority"] = round(100 * y_te.count(majority) / len(y_te), 1)
     return out

@@ -2,8 +2,8 @@
 import sys, json, time, dataclasses, torch
 sys.path.insert(0, "/work/main")
 torch.set_num_threads(1)
-from sklearn.linear_model import LogisticRegression
 from llaca import heldout, base_build_v2 as b2
+from llaca.bench.heldout import linear_probe
 from llaca.model import build_model, build_processor, save_pretrained
 steps, out = int(sys.argv[1]), sys.argv[2]
 spec = dataclasses.replace(b2.SPEC, feature_strategy="full")
@@ -21,9 +21,7 @@ def feats(images, which):
 for name in ("tuxpaint", "digits"):
     tr, te = getattr(heldout, f"{name}_records")(0)
     for which in ("cls", "mean", "flat"):
-        Xtr, Xte = feats([r[0] for r in tr], which), feats([r[0] for r in te], which)
-        mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
-        clf = LogisticRegression(max_iter=2000).fit((Xtr - mu) / sd, [r[2] for r in tr])
-        res[f"{name}_{which}"] = round(100 * clf.score((Xte - mu) / sd, [r[2] for r in te]), 1)
+        res[f"{name}_{which}"] = linear_probe(feats([r[0] for r in tr], which), [r[2] for r in tr],
+                                              feats([r[0] for r in te], which), [r[2] for r in te])
 print(json.dumps(res), flush=True)
 save_pretrained(model, processor, f"{out}/model")

@@ -8,9 +8,9 @@ import sys
 from pathlib import Path
 
 import torch
-from sklearn.linear_model import LogisticRegression
 
 from llaca import base_build_v2 as b2, heldout
+from llaca.bench.heldout import linear_probe
 from llaca.model import load_pretrained
 
 torch.set_num_threads(1)
@@ -37,9 +37,7 @@ for name in ("tuxpaint", "digits"):
     ftr, fte = features([r[0] for r in train]), features([r[0] for r in test])
     for k in ftr:
         for which in ("mean", "flat"):
-            xtr, xte = ftr[k][which], fte[k][which]
-            mu, sd = xtr.mean(0), xtr.std(0) + 1e-6
-            clf = LogisticRegression(max_iter=2000).fit((xtr - mu) / sd, [r[2] for r in train])
-            res[f"{name} layer {k} {which}"] = round(100 * clf.score((xte - mu) / sd, [r[2] for r in test]), 1)
+            res[f"{name} layer {k} {which}"] = linear_probe(ftr[k][which], [r[2] for r in train],
+                                                            fte[k][which], [r[2] for r in test])
             print(name, k, which, res[f"{name} layer {k} {which}"], flush=True)
 print(json.dumps(res))
