@@ -134,7 +134,7 @@ def test_grounding_variants_train_a_fresh_lm_on_the_frozen_tower(tmp_path):
         r = json.loads(p.read_text())
         assert sum(f["n"] for f in r["per_family"].values()) == r["n_test"] == 8
         assert 0 <= r["accuracy"] <= 100 and r["steps"] == 2
-    assert "| v2-easy (192x4x4) | 2 |" in (out / "table.md").read_text()
+    assert "| v2-easy (192x4x4) | 2 |" in (out / "table_base.md").read_text()
     default_params = json.loads(next((out / "runs").glob("v1-*.json")).read_text())["parameters"]
     # the LM's size, clipping and a learning tower are options of the same run (own cache keys, own table rows)
     assert grounding.main(["--tower-from", str(ASSETS_DIR / "base"), "--variants", "v1", "--steps", "2",
@@ -143,7 +143,7 @@ def test_grounding_variants_train_a_fresh_lm_on_the_frozen_tower(tmp_path):
     small = json.loads(next((out / "runs").glob("v1-*-lm64x2x2-clip1-tower.json")).read_text())
     assert small["text_size"] == [64, 2, 2] and small["max_grad_norm"] == 1 and small["train_vision"]
     assert small["parameters"] < default_params
-    assert "| v1 (64x2x2, clip 1, tower trained) | 2 |" in (out / "table.md").read_text()
+    assert "| v1 (64x2x2, clip 1, tower trained) | 2 |" in (out / "table_base.md").read_text()
     assert grounding.family("What does the text say?", "cat") == "read"
     assert grounding.family("Where is the cat?", "top left") == "region"
     assert grounding.family("What shape is this?", "star") == "shape"

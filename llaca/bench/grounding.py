@@ -164,12 +164,12 @@ def run_one(variant: str, data: Path, tower_from: Path, steps: int, test_n: int,
     from ..data import load_image, load_instruction_set
     from ..evaluate import generate_answers
     from ..metrics import accuracy
-    from ..model import save_pretrained
+    from ..model import count_parameters, save_pretrained
     from ..tuner import StageConfig, run_stage
     from ..versions import Registry, load_version
 
     model, processor = fresh_model_on_tower(tower_from, text_size=text_size)
-    n_params = sum(p.numel() for p in model.parameters())
+    n_params = count_parameters(model)
     t0 = time.time()
     with tempfile.TemporaryDirectory(prefix="grounding-") as home:
         reg = Registry(home)
@@ -244,7 +244,7 @@ def main(argv=None) -> int:
     p.add_argument("--train-vision", action="store_true", help="the tower learns too (default: frozen, as the build)")
     p.add_argument("--n-train", type=int, default=8000)
     p.add_argument("--test-n", type=int, default=200)
-    p.add_argument("--out", default="bench_results/base_v2/grounding", help="run JSONs + table.md")
+    p.add_argument("--out", default="bench_results/base_v2/grounding", help="run JSONs + table_<tower>.md")
     p.add_argument("--work", default=None, help="generated data (default $LLACA_HOME/bench/grounding)")
     a = p.parse_args(argv)
     torch.set_num_threads(1)
@@ -277,8 +277,7 @@ def main(argv=None) -> int:
     earlier = [json.loads(f.read_text()) for f in sorted((out / "runs").glob("*.json"))
                if f.stem.endswith(f"-{tower_name}") or f"-{tower_name}-" in f.stem]
     results += [r for r in earlier if r not in results]
-    # one table per tower: `table.md` is the v2c tower's (a folder named `base`), later towers get their own
-    table = out / ("table.md" if tower_name == "base" else f"table_{tower_name}.md")
+    table = out / f"table_{tower_name}.md"  # one table per tower
     table.write_text(report(results, a.tower_from))
     print(table.read_text())
     return 0
