@@ -12,10 +12,10 @@ from safetensors.torch import save_file
 from PIL import Image, ImageOps, ImageEnhance
 sys.path.insert(0, "/work/main")
 torch.set_num_threads(1)
-from sklearn.linear_model import LogisticRegression
 from transformers import AutoProcessor
 from llaca import base_world, image_pack, heldout, base_build_v2 as b2
 from llaca.model import build_model
+from llaca.bench.heldout import linear_probe
 
 variant, steps = sys.argv[1], int(sys.argv[2])
 P_SPRITE = float(sys.argv[3]) if len(sys.argv) > 3 else 0.5
@@ -77,10 +77,8 @@ res = {"spec": os.environ.get("SPEC", "{}"), "variant": variant, "steps": steps,
 for name in ("tuxpaint", "digits"):
     tr, te = getattr(heldout, f"{name}_records")(0)
     for which in ("mean", "flat"):
-        Xtr, Xte = feats([r[0] for r in tr], which), feats([r[0] for r in te], which)
-        mu, sd = Xtr.mean(0), Xtr.std(0) + 1e-6
-        clf = LogisticRegression(max_iter=2000).fit((Xtr - mu) / sd, [r[2] for r in tr])
-        res[f"{name}_{which}"] = round(100 * clf.score((Xte - mu) / sd, [r[2] for r in te]), 1)
+        res[f"{name}_{which}"] = linear_probe(feats([r[0] for r in tr], which), [r[2] for r in tr],
+                                              feats([r[0] for r in te], which), [r[2] for r in te])
 print(json.dumps(res), flush=True)
 with open(os.environ.get("OUT", "/tmp") + "/tower_exp.jsonl", "a") as f: f.write(json.dumps(res) + "\n")
 save_file({k: v.contiguous() for k, v in model.model.vision_tower.state_dict().items()},
