@@ -314,13 +314,72 @@ def aux_labels(scene: Scene) -> dict[str, int]:
     return out
 
 
-def aux_batch(rng: random.Random, n: int):
-    """n rendered scenes and a LongTensor of labels per head (-100 = ignore)."""
+def aux_batch(rng: random.Random, n: int, dense_grid: int = 0):
+    """n rendered scenes and a LongTensor of labels per head (-100 = ignore); with `dense_grid` also the per-patch
+    labels of `dense_labels` (each `(n, grid * grid)`)."""
     import torch
 
     scenes = [sample_scene(rng) for _ in range(n)]
     per = [aux_labels(s) for s in scenes]
-    return [render(s) for s in scenes], {h: torch.tensor([p[h] for p in per]) for h in aux_heads()}
+    labels = {h: torch.tensor([p[h] for p in per]) for h in aux_heads()}
+    if dense_grid:
+        dense = [dense_labels(s, dense_grid) for s in scenes]
+        labels.update({h: torch.tensor([d[h] for d in dense]) for h in dense_heads()})
+    return [render(s) for s in scenes], labels
+
+
+@lru_cache(maxsize=1)
+def dense_heads() -> dict[str, int]:
+    """Per-patch head name -> classes: what the thing under an image token is (group also covers background)."""
+    labels, groups = _sprite_labels()
+    return {"patch_group": len(groups) + 4,  # + shape, text, empty frame, background
+            "patch_label": len(labels), "patch_shape": len(SHAPE_KINDS), "patch_colour": len(PALETTE),
+            "patch_word": len(WORDS)}
+
+
+def dense_labels(scene: Scene, grid: int) -> dict[str, list[int]]:
+    """Per-patch labels (row-major over a grid x grid split of the image): which thing each image token shows.
+
+    The image-level heads of `aux_labels` name a thing only when the scene holds one kind, so in a scene of several
+    things no token is ever told what it shows, and the LM must find identities the tower was not trained to keep.
+    Here every patch gets the thing covering most of it (and a thing always owns the patch of its centre); a text
+    scene's word goes to every patch (the LM may read it from any token); the rest is background. -100 = ignore.
+    """
+    labels, groups = _sprite_labels()
+    _, sprites = image_pack.load()
+    n, cell = grid * grid, SIZE // grid
+    out = {h: [-100] * n for h in dense_heads()}
+    shape_g, text_g, empty_g, background_g = len(groups), len(groups) + 1, len(groups) + 2, len(groups) + 3
+    if scene.kind == "empty":
+        out["patch_group"] = [empty_g] * n
+        return out
+    if scene.kind == "text":
+        out["patch_group"] = [text_g] * n
+        out["patch_word"] = [WORDS.index(scene.text)] * n
+        return out
+    owner: list[Thing | None] = [None] * n
+    for i in range(n):
+        r, c = divmod(i, grid)
+        x1, y1 = c * cell, r * cell
+        best = 0
+        for t in scene.things:
+            area = max(0, min(x1 + cell, t.box[2]) - max(x1, t.box[0])) * max(0, min(y1 + cell, t.box[3]) - max(y1, t.box[1]))
+            if area > best and area >= cell * cell // 4:
+                best, owner[i] = area, t
+    for t in scene.things:  # a small thing split over four patches still owns the one under its centre
+        cx, cy = (t.box[0] + t.box[2]) // 2, (t.box[1] + t.box[3]) // 2
+        owner[min(cy // cell, grid - 1) * grid + min(cx // cell, grid - 1)] = t
+    for i, t in enumerate(owner):
+        if t is None:
+            out["patch_group"][i] = background_g
+        elif t.kind == "shape":
+            out["patch_group"][i] = shape_g
+            out["patch_shape"][i] = SHAPE_KINDS.index(t.shape)
+            out["patch_colour"][i] = list(PALETTE).index(t.colour)
+        else:
+            out["patch_group"][i] = groups[t.group]
+            out["patch_label"][i] = labels[sprites[t.sprite].label]
+    return out
 
 
 # --------------------------------------------------------------------------- instructions

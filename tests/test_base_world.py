@@ -85,6 +85,45 @@ def test_aux_labels_match_the_scene():
             assert bw.REGIONS[labels["region"] - 1] == bw.region_of(scene.things[0].box)
 
 
+def test_dense_labels_name_what_each_patch_shows():
+    """Per-token labels for the tower: the thing covering most of a patch, a small thing's centre patch, else
+    background; a text scene's word on every token; an empty frame everywhere."""
+    _, sprites = image_pack.load()
+    labels, groups = bw._sprite_labels()
+    star = bw.Thing("shape", "star", "shape", (0, 0, 32, 32), colour="red", shape="star")
+    small = bw.Thing("sprite", "x", sprites[5].group, (40, 40, 52, 52), sprite=5)  # 12 px, centre in patch (2, 2)
+    d = bw.dense_labels(bw.Scene("objects", "plain", things=[star, small]), grid=4)
+    heads = bw.dense_heads()
+    assert set(d) == set(heads) and all(len(v) == 16 for v in d.values())
+    star_patches, small_patch = {0, 1, 4, 5}, 2 * 4 + 2
+    for i in range(16):
+        if i in star_patches:
+            assert (d["patch_group"][i], d["patch_shape"][i], d["patch_colour"][i]) == (
+                len(groups), bw.SHAPE_KINDS.index("star"), list(bw.PALETTE).index("red"))
+            assert d["patch_label"][i] == -100
+        elif i == small_patch:
+            assert d["patch_group"][i] == groups[sprites[5].group]
+            assert d["patch_label"][i] == labels[sprites[5].label] and d["patch_shape"][i] == -100
+        else:
+            assert d["patch_group"][i] == len(groups) + 3 and d["patch_label"][i] == -100
+    text = bw.dense_labels(bw.Scene("text", "plain", text="owl"), grid=4)
+    assert text["patch_word"] == [bw.WORDS.index("owl")] * 16 and text["patch_group"] == [len(groups) + 1] * 16
+    assert bw.dense_labels(bw.Scene("empty", "dark"), grid=2)["patch_group"] == [len(groups) + 2] * 4
+    rng = random.Random(0)
+    for _ in range(200):
+        for h, vs in bw.dense_labels(bw.sample_scene(rng), grid=4).items():
+            assert all(v == -100 or 0 <= v < heads[h] for v in vs), h
+
+
+def test_dense_labels_do_not_change_the_scene_stream():
+    """Asking for per-token labels draws the same scenes (the shipped base's build stays bit-identical)."""
+    images, plain = bw.aux_batch(random.Random(0), 8)
+    again, dense = bw.aux_batch(random.Random(0), 8, dense_grid=4)
+    assert all(np.array_equal(np.asarray(a), np.asarray(b)) for a, b in zip(images, again))
+    assert all(plain[k].equal(dense[k]) for k in plain)
+    assert dense["patch_group"].shape == (8, 16)
+
+
 def test_box_and_region_are_computed_from_pixels():
     assert bw.format_box((0, 32, 32, 64)) == "[0.0,0.5,0.5,1.0]"
     assert bw.region_of((0, 0, 10, 10)) == "top left"

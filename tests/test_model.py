@@ -132,3 +132,21 @@ def test_full_feature_strategy_keeps_the_cls_token_as_an_image_token(tmp_path):
     loaded, proc = load_pretrained(save_pretrained(model, processor, tmp_path / "full"))
     assert loaded.config.vision_feature_select_strategy == "full"
     assert isinstance(answer_once(loaded, proc, image, "What colour is it?", max_new_tokens=3), str)
+
+
+def test_dense_tower_objective_reaches_the_weights():
+    """`pretrain_vision(dense=True)` adds per-token heads: the same step moves the tower differently."""
+    import dataclasses
+
+    from llaca import base_build_v2 as b2
+    from llaca.model import build_model, build_processor
+
+    spec = dataclasses.replace(b2.SPEC, text_hidden=64, text_layers=1, vision_hidden=32, vision_layers=1)
+    processor = build_processor(b2.tokenizer(0, b2.SPEC), spec)
+    towers = {}
+    for dense in (False, True):
+        model = build_model(processor, spec, seed=0)
+        b2.pretrain_vision(model, processor, steps=2, seed=0, dense=dense)
+        towers[dense] = model.model.vision_tower.state_dict()
+    moved = [k for k in towers[False] if not torch.equal(towers[False][k], towers[True][k])]
+    assert "embeddings.patch_embedding.weight" in moved
