@@ -2,13 +2,14 @@
 
 Each of the 16 image tokens is the sum of learned embeddings of what that patch shows, read from the scene itself
 (`base_world.dense_labels`: group, sprite label, shape, colour, word) plus, on the patch under a thing's centre,
-a centre flag and the thing's box (x1, y1, x2, y2 in tenths). No tower could give the LM more. Same records, LM,
-optimiser, lr, steps and test as `python -m llaca.bench grounding --variants v2 --lrs 5e-4` (control: 35.5% at
-800 steps on the v2f tower). If the LM with the oracle stays far below 90%, the LM's learning, not the tower, is
-what keeps the base from its own test in the build's budget.
+a centre flag and the thing's box (x1, y1, x2, y2 in tenths): the scene's facts, exact, per token; no tower
+carries more about the scene. Same records, LM, optimiser, lr, steps and test as `python -m llaca.bench grounding
+--variants v2 --lrs 5e-4` (control: 35.5% at 800 steps on the v2f tower). If the LM with the oracle stays far below
+90%, the LM's learning, not the tower, is what keeps the base from its own test in the build's budget.
 
 Usage: oracle_lm.py STEPS TOWER_DIR GROUNDING_WORK OUT.json  (TOWER_DIR only sizes the fresh model; its tower is
-unused). THREADS env: torch threads (default 1, as the grounding bench).
+unused). Env: THREADS (torch threads, default 1 as the grounding bench), N_TRAIN (records, default the bench's
+8000), TEXT_SIZE (e.g. 384x4x4; default base v2's 192x4x4), LOOKUP (below).
 """
 import json, os, random, sys, time
 from pathlib import Path
@@ -55,10 +56,26 @@ def oracle(scene) -> torch.Tensor:
 
 train = scenes_like_grounding(0 * 1000 + 4242, int(os.environ.get("N_TRAIN", "8000")))  # the bench: 8000
 test = scenes_like_grounding(0 * 1000 + 4242 + 1, 200)
+# LOOKUP=f: that share of the training records becomes a text-only multiple-choice lookup (the answer is stated in
+# the question; the image is an empty frame): does the letter-lookup, not the image, keep multiple choice at chance?
+POOLS = {"colour": list(bw.PALETTE), "word": bw.WORDS, "shape": bw.SHAPE_KINDS, "region": bw.REGIONS,
+         "number": [str(k) for k in range(1, 7)]}
+
+
+def lookup_item(rng):
+    kind = rng.choice(sorted(POOLS))
+    answer = rng.choice(POOLS[kind])
+    return (bw.Scene("empty", "blank", seed=0),
+            *bw._mcq(rng, f"The {kind} is {answer}. Which {kind} is it?", answer, POOLS[kind]))
+
+
+lookup_rng, lookup = random.Random(7), float(os.environ.get("LOOKUP", "0"))
+train = [lookup_item(lookup_rng) if lookup_rng.random() < lookup else item for item in train]
 written = json.loads((work / "v2" / "test" / "data.json").read_text())
 assert [r["conversations"][1]["value"] for r in written[:200]] == [a for _, _, a in test], "not the bench's records"
 
-model, processor = fresh_model_on_tower(tower)
+text_size = tuple(int(v) for v in os.environ["TEXT_SIZE"].split("x")) if os.environ.get("TEXT_SIZE") else None
+model, processor = fresh_model_on_tower(tower, text_size=text_size)  # TEXT_SIZE=384x4x4: the LM's hidden x layers x heads
 hidden = model.config.text_config.hidden_size
 sizes = [n + 1 for n in bw.dense_heads().values()] + [2, 12, 12, 12, 12]
 torch.manual_seed(0)
@@ -126,7 +143,8 @@ golds = [a for _, _, a in test]
 fams = {}
 for (_, q, a), p in zip(test, preds):
     fams.setdefault(family(q, a), []).append((p, a))
-res = {"run": "oracle image tokens", "steps": steps, "lr": 5e-4, "train_seconds": round(train_s, 1),
+res = {"run": "oracle image tokens", "steps": steps, "n_train": len(train), "text_size": text_size, "lookup": lookup,
+       "parameters": sum(p.numel() for p in params), "lr": 5e-4, "train_seconds": round(train_s, 1),
        "final_loss": round(sum(losses[-50:]) / 50, 4), "accuracy": accuracy(preds, golds), "n_test": len(test),
        "per_family": {f: {"accuracy": accuracy([p for p, _ in v], [a for _, a in v]), "n": len(v)}
                       for f, v in sorted(fams.items())}}
