@@ -342,7 +342,7 @@ def dense_labels(scene: Scene, grid: int) -> dict[str, list[int]]:
 
     The image-level heads of `aux_labels` name a thing only when the scene holds one kind, so in a scene of several
     things no token is ever told what it shows, and the LM must find identities the tower was not trained to keep.
-    Here every patch gets the thing covering most of it (and a thing always owns the patch of its centre); a text
+    Here a patch gets the thing covering most of it (a quarter at least; a thing always owns its centre's patch); a text
     scene's word goes to every patch (the LM may read it from any token); the rest is background. -100 = ignore.
     """
     labels, groups = _sprite_labels()
@@ -363,7 +363,8 @@ def dense_labels(scene: Scene, grid: int) -> dict[str, list[int]]:
         x1, y1 = c * cell, r * cell
         best = 0
         for t in scene.things:
-            area = max(0, min(x1 + cell, t.box[2]) - max(x1, t.box[0])) * max(0, min(y1 + cell, t.box[3]) - max(y1, t.box[1]))
+            w = max(0, min(x1 + cell, t.box[2]) - max(x1, t.box[0]))
+            area = w * max(0, min(y1 + cell, t.box[3]) - max(y1, t.box[1]))
             if area > best and area >= cell * cell // 4:
                 best, owner[i] = area, t
     for t in scene.things:  # a small thing split over four patches still owns the one under its centre

@@ -16,7 +16,8 @@ def feats(images, which):
     outs = []
     with torch.no_grad():
         for i in range(0, len(images), 64):
-            h = model.model.vision_tower(b2.pixels(processor, images[i:i+64]), output_hidden_states=True).hidden_states[-1]
+            pixels = b2.pixels(processor, images[i:i + 64])
+            h = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
             outs.append(h[:, 1:].mean(1) if which == "mean" else h[:, 1:].flatten(1))
     return torch.cat(outs).numpy()
 for name in ("tuxpaint", "digits"):

@@ -9,7 +9,7 @@ carries more about the scene. Same records, LM, optimiser, lr, steps and test as
 
 Usage: oracle_lm.py STEPS TOWER_DIR GROUNDING_WORK OUT.json  (TOWER_DIR only sizes the fresh model; its tower is
 unused). Env: THREADS (torch threads, default 1 as the grounding bench), N_TRAIN (records, default the bench's
-8000), TEXT_SIZE (e.g. 384x4x4; default base v2's 192x4x4), LOOKUP (below).
+8000), TEXT_SIZE (e.g. 384x4x4; default base v2's 192x4x4), LOOKUP (below), SEED (default 0).
 """
 import json, os, random, sys, time
 from pathlib import Path
@@ -75,10 +75,11 @@ written = json.loads((work / "v2" / "test" / "data.json").read_text())
 assert [r["conversations"][1]["value"] for r in written[:200]] == [a for _, _, a in test], "not the bench's records"
 
 text_size = tuple(int(v) for v in os.environ["TEXT_SIZE"].split("x")) if os.environ.get("TEXT_SIZE") else None
-model, processor = fresh_model_on_tower(tower, text_size=text_size)  # TEXT_SIZE=384x4x4: the LM's hidden x layers x heads
+seed = int(os.environ.get("SEED", "0"))  # the LM's init, the oracle tables' and the record order
+model, processor = fresh_model_on_tower(tower, seed=seed, text_size=text_size)
 hidden = model.config.text_config.hidden_size
 sizes = [n + 1 for n in bw.dense_heads().values()] + [2, 12, 12, 12, 12]
-torch.manual_seed(0)
+torch.manual_seed(seed)
 tables = torch.nn.ModuleList(torch.nn.Embedding(n, hidden) for n in sizes)
 for t in tables:
     torch.nn.init.normal_(t.weight, std=model.config.text_config.initializer_range)
@@ -106,7 +107,7 @@ def encode(item):
 params = [p for p in model.parameters() if p.requires_grad] + list(tables.parameters())
 opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
 sched = get_cosine_schedule_with_warmup(opt, int(0.05 * steps), steps)
-order, rng = [], random.Random(0)
+order, rng = [], random.Random(seed)
 t0 = time.time()
 model.train()
 losses = []
@@ -134,7 +135,8 @@ preds = []
 with torch.inference_mode():
     for s in range(0, len(test), 32):
         chunk = test[s:s + 32]
-        prompts = [processor.apply_chat_template(to_messages([(q, None)]), add_generation_prompt=True) for _, q, _ in chunk]
+        prompts = [processor.apply_chat_template(to_messages([(q, None)]), add_generation_prompt=True)
+                   for _, q, _ in chunk]
         inputs = processor(text=prompts, images=[blank] * len(chunk), padding=True, return_tensors="pt")
         inputs["pixel_values"] = torch.stack([oracle(sc) for sc, _, _ in chunk])
         gen = model.generate(**inputs, max_new_tokens=48, do_sample=False, pad_token_id=tok.pad_token_id)
@@ -144,6 +146,7 @@ fams = {}
 for (_, q, a), p in zip(test, preds):
     fams.setdefault(family(q, a), []).append((p, a))
 res = {"run": "oracle image tokens", "steps": steps, "n_train": len(train), "text_size": text_size, "lookup": lookup,
+       "seed": seed,
        "parameters": sum(p.numel() for p in params), "lr": 5e-4, "train_seconds": round(train_s, 1),
        "final_loss": round(sum(losses[-50:]) / 50, 4), "accuracy": accuracy(preds, golds), "n_test": len(test),
        "per_family": {f: {"accuracy": accuracy([p for p, _ in v], [a for _, a in v]), "n": len(v)}
