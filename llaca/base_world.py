@@ -342,8 +342,9 @@ def dense_labels(scene: Scene, grid: int) -> dict[str, list[int]]:
 
     The image-level heads of `aux_labels` name a thing only when the scene holds one kind, so in a scene of several
     things no token is ever told what it shows, and the LM must find identities the tower was not trained to keep.
-    Here a patch gets the thing covering most of it (a quarter at least; a thing always owns its centre's patch); a text
-    scene's word goes to every patch (the LM may read it from any token); the rest is background. -100 = ignore.
+    Here a patch gets the thing covering most of it (a quarter at least; a thing always owns its centre's patch);
+    a text scene's word goes to every patch (the LM may read it from any token); the rest is background.
+    -100 = ignore.
     """
     labels, groups = _sprite_labels()
     _, sprites = image_pack.load()
