@@ -9,7 +9,7 @@ carries more about the scene. Same records, LM, optimiser, lr, steps and test as
 
 Usage: oracle_lm.py STEPS TOWER_DIR GROUNDING_WORK OUT.json  (TOWER_DIR only sizes the fresh model; its tower is
 unused). Env: THREADS (torch threads, default 1 as the grounding bench), N_TRAIN (records, default the bench's
-8000), TEXT_SIZE (e.g. 384x4x4; default base v2's 192x4x4), LOOKUP (below), SEED (default 0).
+8000), TEXT_SIZE (e.g. 384x4x4; default base v2's 192x4x4), LOOKUP (below), SEED (default 0), LR (default 5e-4).
 """
 import json, os, random, sys, time
 from pathlib import Path
@@ -105,7 +105,8 @@ def encode(item):
 
 
 params = [p for p in model.parameters() if p.requires_grad] + list(tables.parameters())
-opt = torch.optim.AdamW(params, lr=5e-4, weight_decay=0.0)
+lr = float(os.environ.get("LR", "5e-4"))  # the build's and the grounding control's
+opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 sched = get_cosine_schedule_with_warmup(opt, int(0.05 * steps), steps)
 order, rng = [], random.Random(seed)
 t0 = time.time()
@@ -147,7 +148,7 @@ for (_, q, a), p in zip(test, preds):
     fams.setdefault(family(q, a), []).append((p, a))
 res = {"run": "oracle image tokens", "steps": steps, "n_train": len(train), "text_size": text_size, "lookup": lookup,
        "seed": seed,
-       "parameters": sum(p.numel() for p in params), "lr": 5e-4, "train_seconds": round(train_s, 1),
+       "parameters": sum(p.numel() for p in params), "lr": lr, "train_seconds": round(train_s, 1),
        "final_loss": round(sum(losses[-50:]) / 50, 4), "accuracy": accuracy(preds, golds), "n_test": len(test),
        "per_family": {f: {"accuracy": accuracy([p for p, _ in v], [a for _, a in v]), "n": len(v)}
                       for f, v in sorted(fams.items())}}
