@@ -9,7 +9,8 @@ carries more about the scene. Same records, LM, optimiser, lr, steps and test as
 
 Usage: oracle_lm.py STEPS TOWER_DIR GROUNDING_WORK OUT.json  (TOWER_DIR only sizes the fresh model; its tower is
 unused). Env: THREADS (torch threads, default 1 as the grounding bench), N_TRAIN (records, default the bench's
-8000), TEXT_SIZE (e.g. 384x4x4; default base v2's 192x4x4), LOOKUP (below), SEED (default 0), LR (default 5e-4).
+8000), TEXT_SIZE (e.g. 384x4x4; default base v2's 192x4x4), LOOKUP (below), SEED (default 0), LR (default 5e-4), ALIGNED
+(below).
 """
 import json, os, random, sys, time
 from pathlib import Path
@@ -85,9 +86,39 @@ for t in tables:
     torch.nn.init.normal_(t.weight, std=model.config.text_config.initializer_range)
 
 
+# ALIGNED=1: the five identity fields are the LM's own input embeddings of their words (mean over the word's tokens),
+# as a text-aligned (CLIP-like) tower's features would be after alignment; centre flag and box stay learned tables.
+aligned = os.environ.get("ALIGNED") == "1"
+
+
+def field_words() -> list[list[str]]:
+    labels, groups = bw._sprite_labels()
+    _, sprites = bw.image_pack.load()
+    name_of = {}
+    for sp in sprites:
+        name_of.setdefault(sp.label, bw.readable_name(sp))
+    return [list(groups) + ["shape", "text", "empty", "background"], [name_of[lab] for lab in labels],
+            list(bw.SHAPE_KINDS), list(bw.PALETTE), list(bw.WORDS)]
+
+
+word_ids = []
+for words in field_words():  # per field: (values + 1, longest) token ids and mask; row 0 = none
+    toks = [[]] + [processor.tokenizer(" " + w, add_special_tokens=False)["input_ids"] for w in words]
+    width = max(len(t) for t in toks)
+    word_ids.append((torch.tensor([t + [0] * (width - len(t)) for t in toks]),
+                     torch.tensor([[1.0] * len(t) + [0.0] * (width - len(t)) for t in toks])))
+
+
 def oracle_features(pixel_values=None, **_):
     ids = pixel_values.long()
-    feats = sum(tables[k](ids[..., k]) for k in range(len(sizes)))
+    if not aligned:
+        feats = sum(tables[k](ids[..., k]) for k in range(len(sizes)))
+    else:
+        embed = model.get_input_embeddings()
+        feats = sum(tables[k](ids[..., k]) for k in range(5, len(sizes)))
+        for k, (tok, mask) in enumerate(word_ids):
+            vecs = (embed(tok) * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp(min=1)
+            feats = feats + vecs[ids[..., k]]
     return BaseModelOutputWithPooling(pooler_output=tuple(feats))
 
 
@@ -147,9 +178,9 @@ fams = {}
 for (_, q, a), p in zip(test, preds):
     fams.setdefault(family(q, a), []).append((p, a))
 res = {"run": "oracle image tokens", "steps": steps, "n_train": len(train), "text_size": text_size, "lookup": lookup,
-       "seed": seed,
+       "seed": seed, "aligned": aligned,
        "parameters": sum(p.numel() for p in params), "lr": lr, "train_seconds": round(train_s, 1),
-       "final_loss": round(sum(losses[-50:]) / 50, 4), "accuracy": accuracy(preds, golds), "n_test": len(test),
+       "final_loss": round(sum(losses[-50:]) / len(losses[-50:]), 4), "accuracy": accuracy(preds, golds), "n_test": len(test),
        "per_family": {f: {"accuracy": accuracy([p for p, _ in v], [a for _, a in v]), "n": len(v)}
                       for f, v in sorted(fams.items())}}
 out.write_text(json.dumps(res, indent=1))
