@@ -49,6 +49,35 @@ def linear_probe(x_train, y_train, x_test, y_test) -> float:
     return round(100 * clf.score((x_test - mu) / sd, y_test), 1)
 
 
+def readout_probes(model, processor, readouts=("mean", "flat"), sets=("tuxpaint", "digits")) -> dict:
+    """`{"<set>_<readout>": accuracy}`: linear probes of the tower's last layer on the held-out sets, built in memory
+    (`llaca.heldout.<set>_records(0)`), for tower experiments that have no version on disk. Readouts: "cls" (CLIP's
+    CLS token), "mean" (patch tokens mean-pooled), "flat" (patch tokens flattened)."""
+    import torch
+
+    from .. import heldout
+    from ..base_build_v2 import pixels
+
+    tower = model.model.vision_tower
+
+    def features(images, readout):
+        outs = []
+        with torch.no_grad():
+            for i in range(0, len(images), 64):
+                h = tower(pixels(processor, images[i:i + 64]), output_hidden_states=True).hidden_states[-1]
+                patches = h[:, 1:]
+                outs.append(h[:, 0] if readout == "cls" else patches.mean(1) if readout == "mean" else patches.flatten(1))
+        return torch.cat(outs).numpy()
+
+    out = {}
+    for name in sets:
+        train, test = getattr(heldout, f"{name}_records")(0)
+        for readout in readouts:
+            out[f"{name}_{readout}"] = linear_probe(features([r[0] for r in train], readout), [r[2] for r in train],
+                                                    features([r[0] for r in test], readout), [r[2] for r in test])
+    return out
+
+
 def tower_probe(model, processor, data_root: Path, name: str) -> dict:
     """Linear probe (logistic regression on standardised features) of the frozen tower, train split -> test split.
 

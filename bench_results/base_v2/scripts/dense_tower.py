@@ -3,8 +3,8 @@ grounding bench (`python -m llaca.bench grounding --tower-from OUT`). Usage: den
 import sys, json, time, torch
 sys.path.insert(0, "/work/main")
 torch.set_num_threads(int(__import__("os").environ.get("THREADS", "2")))
-from llaca import heldout, base_build_v2 as b2
-from llaca.bench.heldout import linear_probe
+from llaca import base_build_v2 as b2
+from llaca.bench.heldout import readout_probes
 from llaca.model import build_model, build_processor, save_pretrained
 steps, out = int(sys.argv[1]), sys.argv[2]
 dense = len(sys.argv) < 4 or sys.argv[3] == "1"
@@ -12,18 +12,6 @@ processor = build_processor(b2.tokenizer(0, b2.SPEC), b2.SPEC)
 model = build_model(processor, b2.SPEC, seed=0)
 t0 = time.time(); acc = b2.pretrain_vision(model, processor, steps, seed=0, dense=dense); ts = time.time() - t0
 res = {"steps": steps, "dense": dense, "head_acc": round(acc, 1), "train_s": round(ts)}
-def feats(images, which):
-    outs = []
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            pixels = b2.pixels(processor, images[i:i + 64])
-            h = model.model.vision_tower(pixels, output_hidden_states=True).hidden_states[-1]
-            outs.append(h[:, 1:].mean(1) if which == "mean" else h[:, 1:].flatten(1))
-    return torch.cat(outs).numpy()
-for name in ("tuxpaint", "digits"):
-    tr, te = getattr(heldout, f"{name}_records")(0)
-    for which in ("mean", "flat"):
-        res[f"{name}_{which}"] = linear_probe(feats([r[0] for r in tr], which), [r[2] for r in tr],
-                                              feats([r[0] for r in te], which), [r[2] for r in te])
+res.update(readout_probes(model, processor))
 print(json.dumps(res), flush=True)
 save_pretrained(model, processor, f"{out}/model")

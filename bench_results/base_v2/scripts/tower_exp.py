@@ -13,9 +13,9 @@ from PIL import Image, ImageOps, ImageEnhance
 sys.path.insert(0, "/work/main")
 torch.set_num_threads(1)
 from transformers import AutoProcessor
-from llaca import base_world, image_pack, heldout, base_build_v2 as b2
+from llaca import base_world, image_pack, base_build_v2 as b2
 from llaca.model import build_model
-from llaca.bench.heldout import linear_probe
+from llaca.bench.heldout import readout_probes
 
 variant, steps = sys.argv[1], int(sys.argv[2])
 P_SPRITE = float(sys.argv[3]) if len(sys.argv) > 3 else 0.5
@@ -66,19 +66,8 @@ t0 = time.time()
 acc = b2.pretrain_vision(model, processor, steps, seed=0)
 train_s = time.time() - t0
 model.eval()
-def feats(images, which):
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(images), 64):
-            t = model.model.vision_tower(b2.pixels(processor, images[i:i+64]), output_hidden_states=True).hidden_states[-1][:, 1:]
-            out.append(t.mean(1) if which == "mean" else t.flatten(1))
-    return torch.cat(out).numpy()
 res = {"spec": os.environ.get("SPEC", "{}"), "variant": variant, "steps": steps, "p_sprite": P_SPRITE, "head_acc": round(acc, 1), "train_s": round(train_s)}
-for name in ("tuxpaint", "digits"):
-    tr, te = getattr(heldout, f"{name}_records")(0)
-    for which in ("mean", "flat"):
-        res[f"{name}_{which}"] = linear_probe(feats([r[0] for r in tr], which), [r[2] for r in tr],
-                                              feats([r[0] for r in te], which), [r[2] for r in te])
+res.update(readout_probes(model, processor))
 print(json.dumps(res), flush=True)
 with open(os.environ.get("OUT", "/tmp") + "/tower_exp.jsonl", "a") as f: f.write(json.dumps(res) + "\n")
 save_file({k: v.contiguous() for k, v in model.model.vision_tower.state_dict().items()},
