@@ -3,7 +3,7 @@
 Base v1 learned CoIN-mini's own image kinds with three fixed questions, so every CoIN-mini task started at 0%
 zero-shot and each stage had to learn its answer format from nothing. LLaVA-1.5 (CoIN's start) instead follows
 instructions in many formats about many kinds of images. This module is that foundation, shrunk: scenes built from
-real images (`llaca.image_pack`: openclipart drawings and Noto emoji), text in the system's font families,
+real images (`llaca.image_pack`: openclipart drawings and Noto emoji), text in 16 font faces shipped in `assets/fonts`,
 anti-aliased shapes of ten kinds in eleven colours at any position, and empty / dark / noisy frames; then eleven
 instruction families, each with several phrasings, covering every answer format continual tasks use (option
 letter, one word, class name, region name, colour or "unanswerable", box, count, title, yes/no, short sentence).
@@ -25,6 +25,7 @@ import numpy as np
 from PIL import Image, ImageDraw, ImageFilter, ImageFont
 
 from . import image_pack
+from .paths import ASSETS_DIR
 
 # Bumped whenever the data a seed gives changes (names the cached mixtures, so a rebuild never reuses stale data).
 # 2: "count everything" questions, shapes named by their noun.
@@ -50,16 +51,24 @@ cat dog sun car box cup map hat pen bus egg owl apple bell boat book cake fish f
 milk moon rain ring rose ship shoe star tree toy open stop exit sale park shop home
 """.split()))
 
-# The text fonts (Debian fonts-dejavu-core/-extra, fonts-liberation, fonts-freefont-ttf), listed rather than
-# discovered: the list draws random choices, so a machine with other fonts still gets the same data stream (a
-# missing file renders with PIL's default font instead). Upright faces only: 48 faces with italics and 103 words
-# were not learnable in the build budget (a linear probe on the tower read 11% of the words, measured).
-FONTS: tuple[str, ...] = tuple(f"/usr/share/fonts/truetype/{name}.ttf" for name in (
+# The text fonts: Debian's fonts-dejavu-core/-extra, fonts-liberation and fonts-freefont-ttf files, shipped byte for
+# byte in assets/fonts (licences beside them) so the data a seed gives never depends on what the machine has
+# installed. Listed rather than discovered, in a fixed order: the list draws random choices. A missing file is an
+# error (`FontMissing`), never a fallback: another face would silently change the base's test split. Upright faces
+# only: 48 faces with italics and 103 words were not learnable in the build budget (a linear probe on the tower
+# read 11% of the words, measured).
+FONT_DIR = ASSETS_DIR / "fonts"
+FONT_NAMES: tuple[str, ...] = (
     "dejavu/DejaVuSans", "dejavu/DejaVuSans-Bold", "dejavu/DejaVuSerif", "dejavu/DejaVuSerif-Bold",
     "dejavu/DejaVuSansCondensed", "dejavu/DejaVuSansMono", "freefont/FreeSans", "freefont/FreeSansBold",
     "freefont/FreeSerif", "freefont/FreeSerifBold", "liberation/LiberationSans-Regular",
     "liberation/LiberationSans-Bold", "liberation/LiberationSerif-Regular", "liberation/LiberationSerif-Bold",
-    "liberation/LiberationSansNarrow-Regular", "liberation/LiberationMono-Regular"))
+    "liberation/LiberationSansNarrow-Regular", "liberation/LiberationMono-Regular")
+FONTS: tuple[str, ...] = tuple(str(FONT_DIR / f"{name}.ttf") for name in FONT_NAMES)
+
+
+class FontMissing(FileNotFoundError):
+    """A font file the world renders with is not there (the data would differ from what was measured)."""
 
 
 def font_files() -> tuple[str, ...]:
@@ -67,8 +76,11 @@ def font_files() -> tuple[str, ...]:
 
 
 @lru_cache(maxsize=512)
-def _font(path: str | None, size: int) -> ImageFont.FreeTypeFont:
-    return ImageFont.truetype(path, size) if path and os.path.isfile(path) else ImageFont.load_default(size=size)
+def _font(path: str, size: int) -> ImageFont.FreeTypeFont:
+    if not path or not os.path.isfile(path):
+        raise FontMissing(f"font file {path!r} is missing: base_world renders text only with the fonts shipped in "
+                          f"{FONT_DIR} (restore them from git; see {FONT_DIR / 'README.md'})")
+    return ImageFont.truetype(path, size)
 
 
 # --------------------------------------------------------------------------- scenes

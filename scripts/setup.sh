@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One-time set-up on a fresh machine: a venv with the pinned requirements (offline-capable, CPU torch).
 # `--test` also installs Debian's Chromium + driver for the headless-browser test (needs root/apt).
-# `--images` installs what rebuilding base v2 and the held-out benchmark read (Debian packages, ~300 MB):
-#   fonts (text rendering), openclipart-png + fonts-noto-color-emoji (re-deriving assets/imagepack),
-#   tuxpaint-stamps-default (the held-out drawing set). The shipped base and pack need none of it.
+# `--images` installs the Debian packages that re-deriving assets/imagepack (openclipart-png,
+#   fonts-noto-color-emoji) and the held-out drawing benchmark (tuxpaint-stamps-default) read. The shipped base,
+#   the pack and rebuilding base v2 need none of it: the world's text fonts ship in assets/fonts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [ ! -x .venv/bin/python ]; then
@@ -22,7 +22,6 @@ for arg in "$@"; do
     --test)
       [ -x /usr/bin/chromium ] || apt_install chromium chromium-driver ;;
     --images)
-      apt_install fonts-dejavu-core fonts-dejavu-extra fonts-liberation fonts-freefont-ttf \
-                  openclipart-png fonts-noto-color-emoji tuxpaint-stamps-default ;;
+      apt_install openclipart-png fonts-noto-color-emoji tuxpaint-stamps-default ;;
   esac
 done
