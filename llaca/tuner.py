@@ -14,8 +14,17 @@ Several processes (DDP: `accelerate launch --multi_gpu --num_processes N -m llac
 rank takes its share of each global batch, the loss is normalised by the label tokens of the whole global batch
 (so N ranks compute the same gradient as one process would), DDP all-reduces the gradients, and the rule then sees
 identical gradients and weights on every rank, so alpha and the EMA agree without any extra communication. Only
-rank 0 writes checkpoints and the version. FSDP / DeepSpeed are refused: this loop steps the optimizer itself and
-the rules read whole tensors (LlacaRule's `all_reduce` hook is the piece a sharded loop would need).
+rank 0 writes checkpoints and the version.
+
+Sharded (FSDP2 through accelerate's FSDP plugin, `fsdp_version: 2`; `accelerate launch --config_file
+configs/accelerate/fsdp_cpu.yaml -m llaca learn ...`; docs/sharded-training.md): the same data split and loss, but
+every parameter, gradient, AdamW moment and the rule's own state (EMA, previous gradient) is a 1/N shard per rank.
+The rule reads each rank's shards; LLaCA's per-tensor L1 norms a, b, c are shard sums made whole by ONE all-reduce per
+step for all tensors (rules/llaca.py), so alpha is the same number on every rank, and the EMA update, elementwise,
+needs no communication. The rule still runs after `optimizer.step()` and before `zero_grad()`, on the gradients the
+step used (FSDP2 leaves reduce-scattered gradient shards in `p.grad`; nothing zeroes them before `zero_grad`).
+Checkpoints are sharded (each rank writes its own shards); the version is gathered into one safetensors model.
+DeepSpeed is refused (`make_accelerator` says why).
 """
 from __future__ import annotations
 
@@ -37,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from . import data as D
 from .paths import atomic_dir
 from .rules import make_rule
+from .rules.base import local
 from .versions import Registry, Version, base_of, load_base
 
 LM_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -165,7 +175,11 @@ class StageRecipe:
 
         self.scheduler = get_cosine_schedule_with_warmup(
             self.optimizer, math.ceil(cfg.warmup_ratio * self.total_steps), self.total_steps)
-        self.model = self.accelerator.prepare(self.model)
+        self.sharded = is_sharded(self.accelerator)
+        if self.sharded:
+            self._shard()
+        else:
+            self.model = self.accelerator.prepare(self.model)
         self._check_rule_sees_model_params()
         self.input_dtype = getattr(self.accelerator.unwrap_model(self.model), "dtype", torch.float32)
         self.run_dir = self.registry.home / "runs" / self._run_key()
@@ -193,6 +207,24 @@ class StageRecipe:
 
             model = PeftModel.from_pretrained(model, parent.path / "adapter", is_trainable=True)
         return model, processor
+
+    def _shard(self) -> None:
+        """FSDP2 via accelerate: shard the model (each parameter becomes a DTensor) and hand the rule the new params.
+
+        FSDP2 replaces the Parameter objects, so `self.params` is rebuilt from the sharded model (same names; accelerate
+        re-points the optimizer at them, which is why it must get the model and the optimizer together). LLaCA's L1
+        shard sums are then summed across ranks by one all-reduce per step (`rule.all_reduce`).
+        """
+        if self.bits:
+            raise ValueError(f"{self.bits}-bit QLoRA is not supported with FSDP here: the frozen quantized base is small "
+                             "(a 7B base is ~4 GB in 4-bit), so launch it with DDP (configs/accelerate/ddp_gpu.yaml)")
+        narrow_wrap_policy(self.accelerator.state.fsdp_plugin, self.model)
+        acc = self.accelerator
+        self.model, _ = acc.prepare(self.model, self.optimizer)  # the raw optimizer's params are swapped
+        pin_fsdp(acc)
+        self.params = {n: p for n, p in acc.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        if hasattr(self.rule, "all_reduce"):
+            self.rule.all_reduce = all_reduce_sum
 
     def _check_rule_sees_model_params(self) -> None:
         """The rule updates the Parameter objects it was given: they must be the ones the wrapped model trains."""
@@ -299,10 +331,10 @@ class StageRecipe:
                     loss = self.model(**batch, num_items_in_batch=n_tokens).loss * acc.num_processes
                     acc.backward(loss)
                 loss_sum += loss.item()
-            grads = [p.grad for p in self.params.values() if p.grad is not None]
+            grads = [local(p.grad) for p in self.params.values() if p.grad is not None]
             clip = 1.0
             if cfg.max_grad_norm:
-                norm = float(acc.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm))
+                norm = float(full(acc.clip_grad_norm_(list(self.params.values()), cfg.max_grad_norm)))
                 clip = min(1.0, cfg.max_grad_norm / (norm + 1e-6))  # the factor clip_grad_norm_ applied
             self.optimizer.step()
             if clip < 1.0:  # LLaCA's alpha is defined on the unclipped gradient (docs/llaca.md)
@@ -323,7 +355,8 @@ class StageRecipe:
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
         self.rule.end_stage(self.params)
-        self._trace({"final_sums": {n: p.detach().double().sum().item() for n, p in self.params.items()}})
+        if self.cfg.trace_dir:  # (full() gathers the shards: every rank takes part)
+            self._trace({"final_sums": {n: full(p.detach()).double().sum().item() for n, p in self.params.items()}})
 
     def _trace(self, entry: dict) -> None:
         """Per-rank record (debugging distributed runs: every rank must compute the same alpha and weights)."""
@@ -336,40 +369,77 @@ class StageRecipe:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self) -> None:
-        if not self.accelerator.is_main_process:
+        """Trainable weights, AdamW moments, rule state, schedule and log, atomically.
+
+        Unsharded: rank 0 writes them (every rank holds the same). Sharded: every rank writes its own shards
+        (`shard-<rank>.*.safetensors`) into one temp folder, and rank 0 renames it into place once all have written,
+        so a killed run leaves either the previous checkpoint or this one, whole.
+        """
+        acc = self.accelerator
+        if not (self.sharded or acc.is_main_process):
             return
+        final = self.run_dir / "checkpoint"
+        if not self.sharded:
+            with atomic_dir(final) as tmp:
+                self._write_shard(tmp, prefix="")
+                self._write_state_json(tmp)
+        else:
+            tmp = self.run_dir / f".checkpoint.tmp-{self.step}"
+            if acc.is_main_process:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir(parents=True)
+            acc.wait_for_everyone()
+            self._write_shard(tmp, prefix=f"shard-{acc.process_index}.")
+            acc.wait_for_everyone()
+            if acc.is_main_process:
+                self._write_state_json(tmp)
+                with atomic_dir(final) as swap:  # rename the complete folder into place, replacing the old one
+                    swap.rmdir()
+                    os.replace(tmp, swap)
+            acc.wait_for_everyone()
+        self.on_event({"type": "checkpoint", "step": self.step})
+
+    def _write_shard(self, folder: Path, prefix: str) -> None:
+        """This rank's trainable weights, optimizer state and rule state (its local shards when sharded)."""
         opt_state = {}
         names = list(self.params)
         for idx, state in self.optimizer.state_dict()["state"].items():
             for key, value in state.items():
-                opt_state[f"{names[idx]}::{key}"] = torch.as_tensor(value).clone()
-        with atomic_dir(self.run_dir / "checkpoint") as tmp:
-            save_file({n: p.detach().contiguous() for n, p in self.params.items()}, str(tmp / "trainable.safetensors"))
-            save_file(opt_state, str(tmp / "optimizer.safetensors"))
-            save_file({k: v.contiguous() for k, v in self.rule.state_dict().items()} or {"_": torch.zeros(0)},
-                      str(tmp / "rule.safetensors"))
-            sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
-            (tmp / "state.json").write_text(json.dumps({"step": self.step, "scheduler": sched, "log": self.log}))
-        self.on_event({"type": "checkpoint", "step": self.step})
+                opt_state[f"{names[idx]}::{key}"] = local(torch.as_tensor(value)).clone()
+        save_file({n: local(p.detach()).clone() for n, p in self.params.items()},
+                  str(folder / f"{prefix}trainable.safetensors"))
+        save_file(opt_state, str(folder / f"{prefix}optimizer.safetensors"))
+        save_file({k: v.contiguous() for k, v in self.rule.state_dict().items()} or {"_": torch.zeros(0)},
+                  str(folder / f"{prefix}rule.safetensors"))
+
+    def _write_state_json(self, folder: Path) -> None:
+        sched = {k: v for k, v in self.scheduler.state_dict().items() if k != "lr_lambdas"}
+        (folder / "state.json").write_text(json.dumps({"step": self.step, "scheduler": sched, "log": self.log,
+                                                       "processes": self.accelerator.num_processes,
+                                                       "sharded": self.sharded}))
 
     def _maybe_resume(self) -> None:
         ckpt = self.run_dir / "checkpoint"
         if not (ckpt / "state.json").is_file():
             return
         state = json.loads((ckpt / "state.json").read_text())
-        trainable = load_file(str(ckpt / "trainable.safetensors"))
+        if state.get("sharded", False) != self.sharded:  # (the run key holds the number of processes, not the kind)
+            raise RuntimeError(f"{ckpt} was written by a {'sharded' if state.get('sharded') else 'DDP'} run; resume it "
+                               f"with the same launch configuration, or delete it to start the stage again")
+        prefix = f"shard-{self.accelerator.process_index}." if self.sharded else ""
+        trainable = load_file(str(ckpt / f"{prefix}trainable.safetensors"))
         with torch.no_grad():
             for n, p in self.params.items():
-                p.copy_(trainable[n])
-        opt_flat = load_file(str(ckpt / "optimizer.safetensors"))
+                local(p).copy_(trainable[n])
+        opt_flat = load_file(str(ckpt / f"{prefix}optimizer.safetensors"))
         names = list(self.params)
         opt_state = {}
         for key, value in opt_flat.items():
             name, field = key.split("::")
-            opt_state.setdefault(names.index(name), {})[field] = value
+            opt_state.setdefault(names.index(name), {})[field] = like_param(value, self.params[name])
         sd = self.optimizer.state_dict()
         self.optimizer.load_state_dict({"state": opt_state, "param_groups": sd["param_groups"]})
-        rule_state = {k: v for k, v in load_file(str(ckpt / "rule.safetensors")).items() if k != "_"}
+        rule_state = {k: v for k, v in load_file(str(ckpt / f"{prefix}rule.safetensors")).items() if k != "_"}
         self.rule.load_state_dict(rule_state)
         # LambdaLR state needs its lambda slots back (functions are not saved).
         self.scheduler.load_state_dict({**state["scheduler"], "lr_lambdas": [None] * len(self.optimizer.param_groups)})
@@ -378,9 +448,29 @@ class StageRecipe:
         self.step, self.log = state["step"], state["log"]
 
     # ------------------------------------------------------------------ save + evaluate
+    def _unshard(self) -> None:
+        """Sharded: gather the stage's weights into an ordinary (unsharded) model on rank 0, which then saves and
+        evaluates it exactly as an unsharded run does: one consolidated safetensors model (or adapter) per version.
+
+        Every rank takes part in the gather (torch's full state dict, as accelerate's `get_state_dict` makes it under
+        FSDP2: received by rank 0, on CPU); rank 0 rebuilds the parent's model (+ the same LoRA wrapping) and loads it, strictly. A sharded model
+        could not serve rank 0 alone anyway: each of its forwards gathers weights from every rank.
+        """
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full_state = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.accelerator.is_main_process:
+            return
+        model, _ = self._load_parent()
+        model = self._make_trainable(model)
+        model.load_state_dict(full_state, strict=True)
+        self.model = model.to(self.accelerator.device)
+
     def save(self) -> Version | None:
         """Write the new version (main process only); returns it, or None on other ranks."""
         acc = self.accelerator
+        if self.sharded:
+            self._unshard()
         acc.wait_for_everyone()
         if not acc.is_main_process:
             return None
@@ -444,23 +534,117 @@ class StageRecipe:
         return results
 
 
+DEEPSPEED_REFUSAL = (
+    "DeepSpeed is not supported by the stage loop: its engine steps the optimizer and zeroes the gradients inside "
+    "`accelerator.backward`, before LLaCA can read them (the authors' released pipeline ran a fixed beta = 0.99 "
+    "for that reason, docs/llaca.md), and ZeRO keeps gradients in flat partitions whose per-tensor L1 sums it does not "
+    "expose. Shard with FSDP2 instead: accelerate launch --config_file configs/accelerate/fsdp_gpu.yaml (or "
+    "fsdp_offload_gpu.yaml) -m llaca learn ... (docs/sharded-training.md)")
+
+
 def make_accelerator():
     """An Accelerator that matches how the process was launched, or a clear error.
 
     Several processes on a machine without CUDA: accelerate only picks gloo DDP when told `cpu=True`; without it
-    every rank would train alone and each would write its own version.
+    every rank would train alone and each would write its own version. With `cpu=True` it also drops an FSDP plugin
+    (it sets FSDP up for accelerators only) and DeepSpeed, silently: FSDP2 itself runs on CPU over gloo, so an FSDP
+    launch is switched back to FSDP (`_fsdp_on_cpu`), and DeepSpeed is refused before anything is set up.
     """
     from accelerate import Accelerator
     from accelerate.utils import DistributedType
 
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true":
+        raise ValueError(DEEPSPEED_REFUSAL)
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    acc = Accelerator(cpu=world > 1 and not torch.cuda.is_available())
+    on_cpu = world > 1 and not torch.cuda.is_available()
+    acc = Accelerator(cpu=on_cpu)
+    if on_cpu and os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        _fsdp_on_cpu(acc)
     if acc.num_processes != world:
         raise RuntimeError(f"launched as {world} processes but accelerate set up {acc.num_processes}")
-    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED, DistributedType.MEGATRON_LM):
-        raise ValueError(f"{acc.distributed_type.value} is not supported by the stage loop (it steps the optimizer "
-                         "itself and the update rule reads whole tensors); launch plain DDP (--multi_gpu)")
+    if acc.distributed_type == DistributedType.DEEPSPEED:
+        raise ValueError(DEEPSPEED_REFUSAL)
+    if acc.distributed_type == DistributedType.FSDP and not acc.is_fsdp2:
+        raise ValueError("FSDP version 1 is not supported by the stage loop (its flat parameters hide the per-tensor "
+                         "shards the update rule reads): set `fsdp_version: 2` in the accelerate config "
+                         "(configs/accelerate/fsdp_gpu.yaml)")
+    if acc.distributed_type == DistributedType.MEGATRON_LM:
+        raise ValueError("Megatron-LM is not supported by the stage loop; use DDP or FSDP2 (docs/sharded-training.md)")
     return acc
+
+
+def _fsdp_on_cpu(acc) -> None:
+    """Turn the gloo DDP state accelerate made on CPU into the FSDP2 state the launch asked for.
+
+    accelerate builds the FSDP plugin from the `FSDP_*` variables `accelerate launch` exports but keeps it only on
+    accelerators; on CPU it sets up MULTI_CPU. The process group (gloo) is what FSDP2 needs on CPU, so setting the
+    distributed type and the plugin is all that differs: `prepare` then shards with `fully_shard` as on GPUs.
+    """
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment, as Accelerator() would on a GPU
+    if plugin.fsdp_version != 2:
+        raise ValueError("FSDP on CPU needs `fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp_cpu.yaml)")
+    acc.state.fsdp_plugin = plugin
+    pin_fsdp(acc)
+
+
+def pin_fsdp(acc) -> None:
+    """Set (again) accelerate's distributed type to FSDP.
+
+    Each `AcceleratorState()` made after the Accelerator (accelerate makes one per prepared optimizer) copies the
+    process-level type (MULTI_CPU on CPU, MULTI_GPU on GPUs) over it, and accelerate's FSDP2 paths (`no_sync`,
+    `clip_grad_norm_`) are chosen by it. The stage loop keeps its own `sharded` flag and gathers the weights with torch.
+    """
+    from accelerate.utils import DistributedType
+
+    acc.state.distributed_type = DistributedType.FSDP
+
+
+def narrow_wrap_policy(plugin, model) -> None:
+    """Wrap only the `_no_split_modules` classes the model holds (unless the config names its own).
+
+    accelerate's TRANSFORMER_BASED_WRAP shards each listed block as its own unit, and stops if a listed class is not
+    in the model: LLaVA inherits CLIP's list, text-side classes (CLIPTextEmbeddings) included, while it holds the
+    vision tower only. That would stop every LLaVA, llava-1.5-7b as well as the tiny base.
+    """
+    from accelerate.utils.dataclasses import get_module_class_from_name
+    from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
+
+    if plugin.auto_wrap_policy is transformer_auto_wrap_policy and plugin.transformer_cls_names_to_wrap is None:
+        names = getattr(model, "_no_split_modules", None) or []
+        plugin.transformer_cls_names_to_wrap = [n for n in names if get_module_class_from_name(model, n) is not None]
+
+
+def is_sharded(acc) -> bool:
+    """True under FSDP2: parameters, gradients and optimizer state are per-rank shards (DTensors)."""
+    from accelerate.utils import DistributedType
+
+    return acc.distributed_type == DistributedType.FSDP
+
+
+def all_reduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all ranks, in place (LLaCA's shard sums: one call per step for all tensors)."""
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.SUM)
+    return t
+
+
+def full(t):
+    """The whole tensor: a DTensor's shards gathered from every rank (a collective), anything else as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def like_param(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """A saved local optimizer-state shard back as the DTensor AdamW expects for a sharded param (moments are sharded
+    like the param; the step counter is a plain scalar)."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(param, DTensor) and value.dim() > 0:
+        return DTensor.from_local(value.to(param.to_local().device), param.device_mesh, param.placements,
+                                  shape=param.shape, stride=param.stride(), run_check=False)
+    return value
 
 
 def run_stage(config: StageConfig, registry: Registry | None = None, on_event=None, should_stop=None) -> Version | None:

@@ -10,6 +10,11 @@ A rule rides along with an ordinary optimizer loop (docs/llaca.md, "The rule as 
     rule.end_stage(params)                   # ema/llaca: write theta* into the model (`ema_replace`)
 
 Resuming an interrupted stage: `start_stage(params)` then `load_state_dict(saved)`.
+
+Sharded parameters (FSDP2: each is a DTensor, and each rank holds one shard of it and of its gradient): the rules
+work on the rank's local shard (`local`), so their state (EMA, previous gradient) is sharded exactly like the
+parameters, and `state_dict` holds the rank's shards. Elementwise updates (the EMA axpy) need no communication;
+only quantities summed over a whole tensor (LLaCA's L1 norms) do, through LlacaRule's `all_reduce`.
 """
 from __future__ import annotations
 
@@ -53,9 +58,21 @@ class UpdateRule:
 
 # --- helpers shared by the EMA-style rules ------------------------------------------------------------------
 
+def local(t: torch.Tensor) -> torch.Tensor:
+    """The part of `t` this rank holds: a DTensor's local shard (a view: writing to it writes the parameter), else `t`.
+
+    Sharded (FSDP2) parameters and their gradients are DTensors; torch ops on them would each communicate, and
+    mixing them with the rules' plain-tensor state is an error. Reading every tensor through `local` keeps the rules
+    single-device code. (Duck-typed: importing torch.distributed.tensor costs seconds that unsharded runs need not pay.)
+    """
+    to_local = getattr(t, "to_local", None)
+    return to_local() if to_local is not None else t
+
+
 def fp32_copy(t: torch.Tensor) -> torch.Tensor:
-    """A detached float32 copy: EMA / previous-gradient state stays fp32 even for bf16 params (docs/llaca.md)."""
-    return t.detach().to(torch.float32, copy=True)
+    """A detached float32 copy (of the local shard): EMA / previous-gradient state stays fp32 even for bf16 params
+    (docs/llaca.md)."""
+    return local(t).detach().to(torch.float32, copy=True)
 
 
 def with_grad(params: Params) -> list[str]:
@@ -68,7 +85,7 @@ def ema_replace(params: Params, ema: dict[str, torch.Tensor]) -> None:
     """`ema_replace`: copy theta* into the model, cast to each param's dtype. Params never stepped are untouched."""
     names = [n for n in ema if n in params]
     if names:
-        torch._foreach_copy_([params[n].data for n in names], [ema[n] for n in names])
+        torch._foreach_copy_([local(params[n]).data for n in names], [ema[n] for n in names])
 
 
 def split_state(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> dict[str, dict[str, torch.Tensor]]:
@@ -89,5 +106,5 @@ def split_state(state: dict[str, torch.Tensor], prefixes: tuple[str, ...]) -> di
 def place_like(state: dict[str, torch.Tensor], params: Params) -> None:
     """Move loaded state (e.g. read from disk on CPU) onto each param's device, in place of the dict values."""
     for n, t in state.items():
-        if n in params and t.device != params[n].device:
-            state[n] = t.to(params[n].device)
+        if n in params and t.device != local(params[n]).device:
+            state[n] = t.to(local(params[n]).device)

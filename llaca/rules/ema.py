@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import Params, UpdateRule, ema_replace, fp32_copy, place_like, split_state, with_grad
+from .base import Params, UpdateRule, ema_replace, fp32_copy, local, place_like, split_state, with_grad
 
 
 class EmaRule(UpdateRule):
@@ -44,7 +44,7 @@ class EmaRule(UpdateRule):
                 self.ema[n] = fp32_copy(params[n])
         if seen:
             ema = [self.ema[n] for n in seen]
-            theta = [params[n].detach().float() for n in seen]
+            theta = [local(params[n]).detach().float() for n in seen]
             torch._foreach_lerp_(ema, theta, alpha)         # theta* <- (1 - alpha) theta* + alpha theta
         self.step += 1
         return {"alpha": alpha}

@@ -31,7 +31,7 @@ from typing import Callable
 
 import torch
 
-from .base import Params, UpdateRule, ema_replace, fp32_copy, place_like, split_state, with_grad
+from .base import Params, UpdateRule, ema_replace, fp32_copy, local, place_like, split_state, with_grad
 
 PAPER_LORA_NUMEL = 4096 * 128   # one LoRA matrix of the paper's setting (Vicuna-7B hidden 4096, rank 128)
 
@@ -82,9 +82,12 @@ class LlacaRule(UpdateRule):
     def __init__(self, scale: float = 2.0, alpha_fallback: float = 0.01, size_ref: float | None = None,
                  all_reduce: Callable[[torch.Tensor], torch.Tensor] | None = None):
         """`all_reduce`: for sharded params (FSDP / ZeRO>=1) a callable summing a 1-D tensor of partial L1 sums
-        across ranks (e.g. `lambda t: (dist.all_reduce(t), t)[1]`), so a, b, c are norms of the FULL tensor. Every
-        rank must then present the same names with a grad (a rank with an empty shard passes a zero-size grad,
-        not None). None (default) = each rank holds whole tensors (single device, DDP)."""
+        across ranks (e.g. `lambda t: (dist.all_reduce(t), t)[1]`), so a, b, c are norms of the FULL tensor and
+        alpha is the same number on every rank. Every rank must then present the same names with a grad (a rank
+        with an empty shard passes a zero-size grad, not None). None (default) = each rank holds whole tensors
+        (single device, DDP). The stage loop sets it after sharding (`rule.all_reduce = ...`): its params are then
+        DTensors, whose `numel()` is the full tensor's, so `size_ref` works there too; given here with plain tensor
+        shards (a ZeRO-style caller) `numel()` would be the shard's, hence the refusal below."""
         if not 0.0 < alpha_fallback <= 1.0:
             raise ValueError(f"alpha_fallback must be in (0, 1], got {alpha_fallback}")
         if not (scale > 0 and math.isfinite(scale)):
@@ -132,8 +135,8 @@ class LlacaRule(UpdateRule):
         fallback_list: list[float] = []
         dist_list: list[float] = []
         if seen:
-            theta = [params[n].detach() for n in seen]
-            grad = [params[n].grad.detach() for n in seen]
+            theta = [local(params[n]).detach() for n in seen]            # this rank's shards (all of it unsharded)
+            grad = [local(params[n].grad).detach() for n in seen]
             ema = [self.ema[n] for n in seen]
             g_prev = [self.g_prev[n] for n in seen]
 
@@ -146,8 +149,8 @@ class LlacaRule(UpdateRule):
             torch._foreach_copy_(diff, theta)
             torch._foreach_sub_(diff, ema)                     # p - ema
             a = l1_norms(diff)                                 # a = ||p - ema||_1
-            if self.all_reduce is not None:                    # shard sums -> norms of the full tensors
-                a, b, c = self.all_reduce(torch.cat([a, b, c])).view(3, -1)
+            if self.all_reduce is not None:                    # shard sums -> norms of the full tensors:
+                a, b, c = self.all_reduce(torch.cat([a, b, c])).view(3, -1)   # ONE collective for all tensors
 
             scale = self.scale
             if self.size_ref is not None:                      # per tensor: scale * N / size_ref
