@@ -157,6 +157,11 @@ def efficientnet_lite_tower(variant: str = "lite2", image_size: int = 256):
     tokens, 256 px -> 8x8 = 64. The last block's output (352 channels for Lite2, 320 for Lite0, before the head) is
     `hidden_states[-1]` with `output_hidden_states=True`. `image_size` only matters for the padding of sizes that
     are not multiples of 32 (see the module docstring); it is stored in the config.
+
+    Measured (2026-12-02, linear probes on mean-pooled maps, 64 px sources upscaled): Tux Paint 82-85% for every
+    variant/size/map (v2's CLIP tower: 44-51%), digits 95-96.5%, image-pack groups 49-53% (13 groups, majority 27%);
+    head map vs last block, Lite0 vs Lite2, 224 vs 256 px all within ~3 points (noise at these test sizes), while
+    256 px costs ~1.6x the time of 224.
     """
     from transformers import EfficientNetModel
 
