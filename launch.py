@@ -27,6 +27,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="login required to use the app (required with a non-loopback --host or --share)")
     p.add_argument("--share", action="store_true", help="also open a public Gradio share link")
     p.add_argument("--home", default=None, help="data folder (default: $LLACA_HOME or ~/.llaca)")
+    p.add_argument("--base", choices=("small", "tiny"), default=None,
+                   help="the embedded base chat starts on: small (default; pretrained EfficientNet-Lite + "
+                        "SmolLM2-135M-Instruct) or tiny (3M, trained from nothing). Same as $LLACA_BASE")
     args = p.parse_args(argv)
     if args.auth is not None and (":" not in args.auth or not all(args.auth.split(":", 1))):
         p.error("--auth must look like user:password")
@@ -83,6 +86,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, _stop_on_sigterm)
     if args.home:
         os.environ["LLACA_HOME"] = os.path.abspath(args.home)
+    if args.base:  # the worker process inherits it
+        os.environ["LLACA_BASE"] = args.base
     from app import Studio
     from app.main import QUEUE, build_app, launch_options
 
@@ -92,6 +97,7 @@ def main(argv=None) -> int:
         print(f"No base model in {studio.home} yet: building it in the background (job #{job.id}, a few minutes). "
               "The UI opens now and shows the progress.", file=sys.stderr)
         threading.Thread(target=follow_base_build, args=(studio, job), daemon=True).start()
+    studio.preload_base()
     demo = build_app(studio)
     auth = tuple(args.auth.split(":", 1)) if args.auth else None
     try:

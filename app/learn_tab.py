@@ -161,6 +161,9 @@ def queue_demo(studio: Studio) -> list:
         raise JobError(f"the demo is already queued (jobs {', '.join('#' + str(j.id) for j in busy)})")
     if not studio.base_ready():
         raise JobError("the base model is still being built; start the demo when it is ready")
+    from llaca.base_build import ensure_base
+
+    ensure_base(studio.registry, base="tiny")  # the demo's stages start from `tiny` (seconds to install; its recipe)
     root = demo.ensure_tasks(studio.home / "datasets" / "demo")
     jobs = []
     for arm in demo.DEFAULT_ARMS:

@@ -35,6 +35,7 @@ def build_app(studio: Studio) -> gr.Blocks:
     with gr.Blocks(title="LLaCA Studio", analytics_enabled=False) as demo:
         gr.Markdown("# LLaCA Studio\nTeach a small LLaVA new tasks one stage at a time, and measure what each update "
                     "rule makes it forget.", elem_id="app-title")
+        gr.Markdown(studio.base_line(), elem_id="base-line")
         banner = gr.Markdown(studio.base_build_status(), elem_id="base-banner")
         with gr.Tabs(selected="chat") as tabs:
             with gr.Tab("Chat", id="chat") as chat_page:

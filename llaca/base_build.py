@@ -162,14 +162,49 @@ def train_and_publish(registry: Registry, model, processor, train_dir: Path, bui
         return registry.create(meta, write, version_id=version_id)
 
 
-def ensure_base(registry: Registry | None = None, on_event=None) -> Version:
-    """The base version: already registered, else copied from the shipped `assets/base`, else built."""
+# The two embedded bases, by the name people pick them with -> their version id in the registry. `tiny` keeps the
+# id `base` it has had since v1 (every lineage, benchmark and test names it); `small` is base v3.
+BASES = {"small": "small", "tiny": "base"}
+DEFAULT_BASE = "small"
+BASE_DESCRIPTIONS = {
+    "small": "base v3, an ImageNet EfficientNet-Lite2 tower + a trained projector + SmolLM2-135M-Instruct with "
+             "trained LoRA (140M parameters, assembled from pretrained wheels)",
+    "tiny": "base v2, a 3M-parameter LLaVA trained from nothing on two cores (fast; for tests and sweeps)",
+}
+
+
+def default_base() -> str:
+    """The base the app and the CLI start from: `$LLACA_BASE` (what `--base` sets), else `small`."""
+    import os
+
+    name = os.environ.get("LLACA_BASE", DEFAULT_BASE)
+    if name not in BASES:
+        raise ValueError(f"LLACA_BASE={name!r}: the embedded bases are {', '.join(BASES)}")
+    return name
+
+
+def base_version_id(base: str | None = None) -> str:
+    return BASES[base or default_base()]
+
+
+def ensure_base(registry: Registry | None = None, on_event=None, base: str | None = None) -> Version:
+    """The chosen base version (default `default_base()`): already registered, else installed, else built.
+
+    `tiny`: copied from the shipped `assets/base` (or built from nothing if that is missing). `small`: assembled
+    from the pretrained wheels + the shipped adapter (`llaca.small_base.install_small`, well under a minute).
+    """
     registry = registry or Registry()
-    if registry.exists("base"):
-        return registry.get("base")
-    with registry.lock("build-base"):
-        if registry.exists("base"):  # another process made it while we waited
-            return registry.get("base")
+    base = base or default_base()
+    vid = base_version_id(base)
+    if registry.exists(vid):
+        return registry.get(vid)
+    with registry.lock(f"build-{vid}"):
+        if registry.exists(vid):  # another process made it while we waited
+            return registry.get(vid)
+        if base == "small":
+            from .small_base import install_small
+
+            return install_small(registry, on_event=on_event, version_id=vid)
         if (SHIPPED_BASE / "meta.json").is_file():
             return install_shipped_base(registry)
         from .base_build_v2 import build_base_v2  # the default recipe since base v2 shipped

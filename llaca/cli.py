@@ -113,6 +113,7 @@ def cmd_register(args) -> int:
 
 
 def cmd_learn(args) -> int:
+    from .recipes import recipe_for
     from .tuner import DEFAULT_RECIPE, StageConfig, run_stage
 
     if args.model and args.from_version:
@@ -134,15 +135,21 @@ def cmd_learn(args) -> int:
         else:
             replay_fraction = args.replay_fraction
     parent = _pick_version(registry, root, args.from_version)
+    recipe = recipe_for(registry, parent or (registry.list()[-1].id if registry.list() else None))
+    lora = recipe.get("lora", False) if args.lora is None else args.lora
+    lora_size = {k: recipe[k] for k in ("lora_r", "lora_alpha") if k in recipe and lora}
+    epochs = recipe["epochs"] if args.epochs is None else args.epochs
+    lr = recipe["lr"] if args.lr is None else args.lr
     if args.grouped:
         if replay_fraction:
             raise ValueError("--replay-fraction with --grouped applies to --method replay only")
+        args.epochs, args.lr, args.lora = epochs, lr, lora  # the base's recipe where the options were not given
         return _learn_grouped(args, registry, parent, rule_hparams)
     if args.threshold is not None or args.max_groups is not None:
         raise ValueError("--threshold and --max-groups apply to --grouped learning only")
     cfg = StageConfig(data=args.data, method=args.method, parent=parent, name=args.name,
-                      epochs=args.epochs, max_steps=args.max_steps, lr=args.lr, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, seed=args.seed, lora=args.lora, rule_hparams=rule_hparams,
+                      epochs=epochs, max_steps=args.max_steps, lr=lr, batch_size=args.batch_size,
+                      grad_accum=args.grad_accum, seed=args.seed, lora=lora, rule_hparams=rule_hparams, **lora_size,
                       load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, trace_dir=args.trace_dir,
                       evaluate_after=not args.no_eval,
                       vision_blocks=args.vision_blocks, replay_fraction=replay_fraction,
@@ -292,9 +299,14 @@ def _split_options(args: list[str]) -> tuple[list[str], list[str]]:
 
 def build_parser() -> argparse.ArgumentParser:
     from .rules import RULES
+    from .recipes import RECIPES
     from .tuner import DEFAULT_RECIPE, StageConfig
 
     p = argparse.ArgumentParser(prog="python -m llaca", description="LLaCA Studio: continual instruction tuning of LLaVA")
+    p.add_argument("--base", choices=("small", "tiny"), default=None,
+                   help="the embedded base to start from when none is installed yet: small (default; EfficientNet-Lite "
+                        "+ SmolLM2-135M-Instruct, pretrained) or tiny (3M, trained from nothing; fast, for tests and "
+                        "sweeps). Same as $LLACA_BASE")
     sub = p.add_subparsers(dest="command", required=True)
 
     s = sub.add_parser("build-base", help="build the embedded default model (version 'base')")
@@ -317,15 +329,18 @@ def build_parser() -> argparse.ArgumentParser:
                         % round(100 * DEFAULT_RECIPE["replay_fraction"]))
     s.add_argument("--from", dest="from_version", default=None, help="parent version (default: newest)")
     s.add_argument("--name", default=None)
-    s.add_argument("--epochs", type=float, default=DEFAULT_RECIPE["epochs"],
-                   help="passes over the set (default %(default)g: at lr 3e-4 a stage on images of a new kind still "
-                        "learned after 3, README 'The default recipe and the demo')")
+    s.add_argument("--epochs", type=float, default=None,
+                   help="passes over the set (default: the base's recipe, llaca.recipes: tiny %g, small %g)"
+                        % (RECIPES["tiny"]["epochs"], RECIPES["small"]["epochs"]))
     s.add_argument("--max-steps", type=int, default=None)
-    s.add_argument("--lr", type=float, default=DEFAULT_RECIPE["lr"],
-                   help="default %(default)g: where replay (and llaca + replay) forgot least (README 'Continual learning')")
+    s.add_argument("--lr", type=float, default=None,
+                   help="default: the base's recipe (tiny %g: where replay and llaca + replay forgot least, "
+                        "docs/benchmarks.md; small %g)" % (RECIPES["tiny"]["lr"], RECIPES["small"]["lr"]))
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--grad-accum", type=int, default=1)
-    s.add_argument("--lora", action="store_true", help="train LoRA adapters (peft) + projector instead of full weights")
+    s.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
+                   help="train LoRA adapters (peft) + projector instead of full weights (default: the base's recipe: "
+                        "small uses LoRA r=%d, tiny full weights)" % RECIPES["small"]["lora_r"])
     s.add_argument("--vision", choices=("frozen", "train"), default=None,
                    help="the vision tower in full fine-tuning: 'train' adapts it to images of a new kind "
                         "(default: %s, see README 'Base v2')" % ("train" if StageConfig.train_vision else "frozen"))
@@ -406,6 +421,8 @@ def main(argv: list[str] | None = None) -> int:
         positional, options = _split_options(argv[1:])
         argv = ["ask"] + (["latest"] if len(positional) == 2 else []) + positional + options
     args = build_parser().parse_args(argv)
+    if args.base:  # read by llaca.base_build.default_base(), also in worker processes this one starts
+        os.environ["LLACA_BASE"] = args.base
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()

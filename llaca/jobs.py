@@ -537,7 +537,7 @@ class Worker:
 
         registry = Registry(self.home)
         if job.kind == "build-base":
-            return ensure_base(registry, on_event=on_event)
+            return ensure_base(registry, on_event=on_event, base=job.config.get("base"))
         if job.kind == "corrections":  # a stage on the chat's corrections (llaca/corrections.py)
             from .corrections import CorrectionStore, run_config
 

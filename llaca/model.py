@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import (
+    AutoModelForImageTextToText,
     AutoProcessor,
     CLIPVisionConfig,
     LlamaConfig,
@@ -225,11 +226,31 @@ def _checkpoint_config(resolved: str) -> dict:
     return json.loads(Path(try_to_load_from_cache(resolved, "config.json")).read_text(encoding="utf-8"))
 
 
+# LLaVA-family containers the product loads: LLaVA itself (a ViT tower, e.g. llava-hf/llava-1.5-7b-hf and the tiny
+# base) and FastVLM's (any `AutoModel` tower whose (B, C, h, w) map becomes image tokens: the small base's CNN).
+LLAVA_MODEL_TYPES = ("llava", "fast_vlm")
+
+
+def image_tokens(model, pixel_values: torch.Tensor) -> torch.Tensor:
+    """The tower's features that become image tokens, (batch, tokens, channels), before the projector.
+
+    LLaVA: hidden state `vision_feature_layer` of the ViT, CLS dropped under the "default" strategy. FastVLM (a CNN
+    tower): its last feature map, flattened (h*w tokens), as `FastVlmModel.get_image_features` reads it.
+    """
+    cfg = model.config
+    tower = model.model.vision_tower
+    pixel_values = pixel_values.to(next(tower.parameters()).dtype)
+    if cfg.model_type == "fast_vlm":
+        return tower(pixel_values).last_hidden_state.flatten(2).transpose(1, 2)
+    hidden = tower(pixel_values, output_hidden_states=True).hidden_states[cfg.vision_feature_layer]
+    return hidden[:, 1:] if cfg.vision_feature_select_strategy == "default" else hidden
+
+
 def check_llava(resolved: str) -> None:
     model_type = _checkpoint_config(resolved).get("model_type")
-    if model_type != "llava":
-        raise ValueError(f"{resolved} is a {model_type!r} checkpoint; LLaCA Studio loads LLaVA checkpoints "
-                         "(model_type 'llava', e.g. llava-hf/llava-1.5-7b-hf)")
+    if model_type not in LLAVA_MODEL_TYPES:
+        raise ValueError(f"{resolved} is a {model_type!r} checkpoint; LLaCA Studio loads LLaVA-family checkpoints "
+                         f"(model_type {' or '.join(repr(t) for t in LLAVA_MODEL_TYPES)}, e.g. llava-hf/llava-1.5-7b-hf)")
     folder = Path(resolved)
     if folder.is_dir() and not list(folder.glob("*.safetensors")):
         pickled = sorted(p.name for p in folder.glob("*.bin")) or ["no weights file"]
@@ -315,7 +336,7 @@ def load_model(path_or_id: str | os.PathLike, load_in_4bit: bool = False, load_i
     if getattr(processor, "chat_template", None) is None:  # older checkpoints ship none: LLaVA-1.5's format
         processor.chat_template = CHAT_TEMPLATE
     with _LOAD_LOCK:
-        model = LlavaForConditionalGeneration.from_pretrained(resolved, **kwargs)
+        model = AutoModelForImageTextToText.from_pretrained(resolved, **kwargs)  # Llava- or FastVlmForConditionalGeneration
     model.eval()
     return model, processor
 

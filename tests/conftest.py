@@ -15,6 +15,8 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+# The suite runs on the tiny base (seconds per stage); `tests/test_small_base.py` is the smoke test of `small`.
+os.environ.setdefault("LLACA_BASE", "tiny")
 
 
 @pytest.fixture(scope="session")

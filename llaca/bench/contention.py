@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     work = out / "work"
     shutil.rmtree(work, ignore_errors=True)
     registry = Registry()
-    ensure_base(registry)
+    ensure_base(registry, base="tiny")
     data = coin_mini.write_task(work / "data", "sciqa", 400, 10, 0) / "train"
     load = os.getloadavg()[0]
     rows = []

@@ -68,7 +68,7 @@ def run(home: Path, out: Path, variants: list[str], task: str = "vqav2", n: int 
     if cached.get("key") != key:
         cached = {}
     registry = Registry(home)
-    base = ensure_base(registry)
+    base = ensure_base(registry, base="tiny")
     store = CorrectionStore(home)
     items = make_corrections(home / "bench-images", task, n, seed)
     model, processor = load_version(registry, "base")

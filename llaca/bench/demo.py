@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     out = Path(a.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     registry = Registry()
-    ensure_base(registry)
+    ensure_base(registry, base="tiny")
     fp = _base_fingerprint(registry, "base")
     base_test = base_test_split(registry, registry.get("base"))
     root = demo.ensure_tasks(out / "work" / "data", tasks)

@@ -187,7 +187,7 @@ def group_cost(base_home: Path, work: Path, data_root: Path) -> dict:
         (home / "versions").mkdir(parents=True)
         shutil.copytree(Registry(base_home).get("base").path, home / "versions" / "base")
         registry = Registry(home)
-        ensure_base(registry)
+        ensure_base(registry, base="tiny")
         last = "base"
         for task in ("sciqa", "textvqa"):
             v, _ = learn_grouped(registry, str(data_root / task / "train"), from_version=last, lora=lora,
@@ -329,7 +329,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..versions import Registry
 
     registry = Registry(args.home) if args.home else Registry()
-    ensure_base(registry)
+    ensure_base(registry, base="tiny")
     work = Path(args.work) if args.work else registry.home / "bench" / "grouping"
     work.mkdir(parents=True, exist_ok=True)
     load0 = os.getloadavg()[0]

@@ -89,8 +89,7 @@ def tower_probe(model, processor, data_root: Path, name: str) -> dict:
 
     from ..data import load_image, load_instruction_set
 
-    cfg = model.config
-    tower = model.model.vision_tower
+    from ..model import image_tokens
 
     def features(split: str):
         records = load_instruction_set(str(data_root / name / split)).records
@@ -98,8 +97,7 @@ def tower_probe(model, processor, data_root: Path, name: str) -> dict:
         with torch.no_grad():
             for i in range(0, len(records), 64):
                 images = [load_image(r.image) for r in records[i:i + 64]]
-                pixels = processor.image_processor(images, return_tensors="pt")["pixel_values"].to(tower.dtype)
-                tokens = tower(pixels, output_hidden_states=True).hidden_states[cfg.vision_feature_layer][:, 1:]
+                tokens = image_tokens(model, processor.image_processor(images, return_tensors="pt")["pixel_values"])
                 pooled.append(tokens.mean(1).float())
                 flat.append(tokens.flatten(1).float())
         return torch.cat(pooled).numpy(), torch.cat(flat).numpy(), [r.answer for r in records]
@@ -130,7 +128,7 @@ def zero_shot(model, processor, coin_root: Path, limit: int | None, base_test: s
 
 
 def stage_run(registry, version: str, data_root: Path, name: str, variant: str, work: Path,
-              base_test: str | None, seed: int = 0, max_steps: int | None = None) -> dict:
+              base_test: str | None, seed: int = 0, max_steps: int | None = None, config: dict | None = None) -> dict:
     from ..evaluate import evaluate
     from ..tuner import StageConfig, run_stage
     from ..versions import load_version
@@ -139,7 +137,7 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     reg = _fresh_registry(registry.home, work / f"{name}-{variant.replace(' ', '_').replace(',', '')}", version)
     t0 = time.time()
     cfg = StageConfig(data=str(data_root / name / "train"), parent="base", checkpoint_every=0,
-                      evaluate_after=False, seed=seed, max_steps=max_steps, **VARIANTS[variant])
+                      evaluate_after=False, seed=seed, max_steps=max_steps, **(config or VARIANTS[variant]))
     learned = run_stage(cfg, reg)
     seconds = time.time() - t0
     model, processor = load_version(reg, learned.id)
@@ -153,7 +151,8 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
 
 def main(argv=None) -> int:
     from .. import coin_mini, heldout
-    from ..base_build import ensure_base
+    from ..base_build import BASES, ensure_base
+    from ..recipes import recipe_for
     from ..versions import Registry, load_version
     from .quality import base_test_split
 
@@ -172,7 +171,7 @@ def main(argv=None) -> int:
     (out / "runs").mkdir(parents=True, exist_ok=True)
     work = out / "work"
     registry = Registry()
-    ensure_base(registry)
+    ensure_base(registry, base=next((n for n, vid in BASES.items() if vid == a.version), None))
     fp = _base_fingerprint(registry, a.version)
     results = {"version": a.version, "base_sha256_12": fp, "stages": []}
     model, processor = load_version(registry, a.version)
@@ -198,7 +197,10 @@ def main(argv=None) -> int:
                 if cache.is_file():
                     run = {"seed": 0, **json.loads(cache.read_text())}
                 else:
-                    run = stage_run(registry, a.version, data, name, variant, work, base_test, seed, a.max_steps)
+                    # "CLI defaults" is what `learn` runs from this version: its base's recipe (llaca.recipes)
+                    config = recipe_for(registry, a.version) if variant == "CLI defaults" else None
+                    run = stage_run(registry, a.version, data, name, variant, work, base_test, seed, a.max_steps,
+                                    config)
                     cache.write_text(json.dumps(run, indent=1))
                 results["stages"].append(run)
                 print(json.dumps(run))

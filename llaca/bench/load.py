@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     from ..base_build import ensure_base
     from ..versions import Registry
 
-    ensure_base(Registry(home))  # the shipped base (seconds), so the stage can start at once
+    ensure_base(Registry(home), base="tiny")  # the shipped base (seconds), so the stage can start at once
     root = export_ref(args.before, work / "before") if args.before else ROOT
     server = start_app(home, port, work / "server.log", root=root)
     runs: list[dict] = []

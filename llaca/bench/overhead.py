@@ -187,7 +187,7 @@ def main(argv: list[str] | None = None) -> int:
 
     work = Path(tempfile.mkdtemp(prefix="llaca-overhead-"))
     home = work / "home"
-    ensure_base(Registry(home))
+    ensure_base(Registry(home), base="tiny")
     rng = random.Random(0)
     images = []
     for k in range(6):

@@ -782,7 +782,7 @@ def run_interpolation(cfg: dict, out: Path, home=None, data=None, work=None) -> 
 
     _worker_init()
     registry = Registry(home) if home else Registry()
-    base = ensure_base(registry)
+    base = ensure_base(registry, base="tiny")
     work = Path(work) if work else registry.home / "bench" / "quality"
     tasks_root = prepare_data(Path(data) if data else registry.home / "datasets" /
                               f"coin-mini-seed{DATA_SEED}-{N_TRAIN}x{N_TEST}-{_generator_fingerprint()}", cfg["tasks"][:2])
@@ -857,7 +857,7 @@ def setup_inputs(cfg: dict, home=None, data=None, work=None, bench="quality"):
         from .bases import registry_for_base
 
         registry = registry_for_base(cfg["base"], work)
-    base = ensure_base(registry)
+    base = ensure_base(registry, base="tiny")
     return registry, base, work, tasks_root, base_test_split(registry, base)
 
 

@@ -1,0 +1,214 @@
+"""`python -m llaca.bench small`: what base v3 (`small`) is and costs, on this machine, each figure with its command.
+
+Sections (each cached as `<out>/<section>.json`, so an interrupted run resumes; `--sections` picks some):
+- install: the first launch, i.e. `ensure_base(base="small")` into an empty registry (wall time, peak RSS);
+- own: its own test (base v2's world, 300 records), per instruction family;
+- text: the language check: greedy answers to `assets/small/text_check.json` vs the untouched SmolLM2-135M-Instruct
+  (agreement = the prompt's key answer found in both answers or in neither);
+- zeroshot: every CoIN-mini task's test split before any stage (never tuned on);
+- photos: five questions about real photographs from scikit-image's bundled samples, answers verbatim;
+- chat: one user, one image question: time to the first streamed text and decoding speed (tokens/s).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import resource
+import time
+from pathlib import Path
+
+from ..paths import ASSETS_DIR, atomic_write_json
+
+SECTIONS = ("install", "own", "text", "zeroshot", "photos", "chat")
+PHOTOS = [("chelsea", "What animal is in this photo?"), ("coffee", "What is in the picture?"),
+          ("astronaut", "Describe the image briefly."), ("rocket", "What is this?"),
+          ("motorcycle_left", "What vehicle is this?")]
+
+
+def _rss_mb() -> float:
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def install(home: Path) -> dict:
+    from ..base_build import ensure_base
+    from ..versions import Registry
+
+    t0 = time.perf_counter()
+    ensure_base(Registry(home), base="small")
+    return {"install_seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": _rss_mb()}
+
+
+def own_test(model, processor, registry) -> dict:
+    from .. import metrics
+    from ..evaluate import evaluate
+    from .grounding import family
+    from .quality import _test_set, base_test_split
+
+    test = _test_set(base_test_split(registry, registry.get("small")))
+    result = evaluate(model, processor, test, batch_size=16)
+    per: dict[str, list[float]] = {}
+    for record, pred in zip(test.records, result.predictions):
+        per.setdefault(family(record.question, record.answer), []).append(metrics.accuracy([pred], [record.answer]))
+    return {"accuracy": round(result.accuracy, 2), "n": result.n,
+            "per_family": {k: {"accuracy": round(sum(v) / len(v), 1), "n": len(v)} for k, v in sorted(per.items())}}
+
+
+def has_key(answer: str, keys: list[str]) -> bool:
+    return any(re.search(r"(?<!\w)" + re.escape(k.lower()) + r"(?!\w)", answer.lower()) for k in keys)
+
+
+def text_agreement(model, processor, max_new_tokens: int = 48) -> dict:
+    """Both models' greedy answers to each prompt, and whether they agree on its key answer."""
+    from ..small_base import load_language_model
+
+    prompts = json.loads((ASSETS_DIR / "small" / "text_check.json").read_text())["prompts"]
+    reference, tokenizer = load_language_model()
+
+    def answers(lm):
+        tokenizer.padding_side = "left"
+        out = []
+        for i in range(0, len(prompts), 16):
+            chunk = [p["prompt"] for p in prompts[i:i + 16]]
+            texts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
+                                                   add_generation_prompt=True) for c in chunk]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+            gen = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
+            out += [a.strip() for a in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
+        return out
+
+    ours, theirs = answers(model), answers(reference)
+    rows = [{"prompt": p["prompt"], "keys": p["keys"], "small": a, "smollm2": b,
+             "small_has_key": has_key(a, p["keys"]), "smollm2_has_key": has_key(b, p["keys"])}
+            for p, a, b in zip(prompts, ours, theirs)]
+    agree = sum(r["small_has_key"] == r["smollm2_has_key"] for r in rows)
+    return {"n": len(rows), "agreement": round(100 * agree / len(rows), 1),
+            "small_key_accuracy": round(100 * sum(r["small_has_key"] for r in rows) / len(rows), 1),
+            "smollm2_key_accuracy": round(100 * sum(r["smollm2_has_key"] for r in rows) / len(rows), 1),
+            "identical_answers": sum(r["small"] == r["smollm2"] for r in rows), "rows": rows}
+
+
+def zero_shot_row(model, processor, work: Path, limit: int) -> dict:
+    from .. import coin_mini
+    from .heldout import zero_shot
+
+    root = work / "coin-mini"
+    if not (root / "ocrvqa" / "test" / "data.json").is_file():
+        coin_mini.write_coin_mini(root)
+    return zero_shot(model, processor, root, limit, None)
+
+
+def photos(model, processor) -> dict:
+    from PIL import Image
+    import skimage.data
+
+    from ..chat import answer_once
+
+    rows = []
+    for name, question in PHOTOS:
+        image = Image.fromarray(getattr(skimage.data, name)()).convert("RGB")
+        rows.append({"photo": f"skimage.data.{name}()", "question": question,
+                     "answer": answer_once(model, processor, image, question, max_new_tokens=40)})
+    return {"rows": rows}
+
+
+def chat_cost(model, processor, reps: int = 5, new_tokens: int = 32) -> dict:
+    from PIL import Image
+    import skimage.data
+
+    from ..chat import stream_answer
+
+    image = Image.fromarray(skimage.data.chelsea()).convert("RGB")
+    first, speed = [], []
+    for _ in range(reps + 1):  # the first is a warm-up
+        t, ttft, chunks = time.perf_counter(), None, 0
+        text = ""
+        for text in stream_answer(model, processor, image, "Describe the image in detail.", max_new_tokens=new_tokens):
+            if ttft is None and text:
+                ttft = time.perf_counter() - t
+        total = time.perf_counter() - t
+        n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
+        first.append(ttft or total)
+        speed.append((n - 1) / max(1e-6, total - (ttft or 0)))
+    first, speed = sorted(first[1:]), sorted(speed[1:])
+    return {"first_text_ms": round(1000 * first[len(first) // 2], 1), "tokens_per_s": round(speed[len(speed) // 2], 1),
+            "reps": reps, "torch_threads": __import__("torch").get_num_threads(), "load_avg": os.getloadavg()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(prog="python -m llaca.bench small", description=__doc__.split("\n")[0])
+    p.add_argument("--out", default="bench_results/small")
+    p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
+    p.add_argument("--zero-shot-limit", type=int, default=50)
+    p.add_argument("--force", action="store_true", help="measure again even where a cached result exists")
+    a = p.parse_args(argv)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    home = out / "work" / "home"
+    from ..versions import Registry, load_version
+
+    results = {}
+    model = processor = None
+    for section in a.sections:
+        cache = out / f"{section}.json"
+        if cache.is_file() and not a.force:
+            results[section] = json.loads(cache.read_text())
+            continue
+        t0 = time.time()
+        if section == "install":
+            import shutil
+
+            shutil.rmtree(home, ignore_errors=True)
+            res = install(home)
+        else:
+            if model is None:
+                from ..base_build import ensure_base
+
+                ensure_base(Registry(home), base="small")
+                model, processor = load_version(Registry(home), "small")
+            res = {"own": lambda: own_test(model, processor, Registry(home)),
+                   "text": lambda: text_agreement(model, processor),
+                   "zeroshot": lambda: zero_shot_row(model, processor, out / "work", a.zero_shot_limit),
+                   "photos": lambda: photos(model, processor),
+                   "chat": lambda: chat_cost(model, processor)}[section]()
+        res.update(measured=time.strftime("%Y-%m-%d %H:%M"), seconds=round(time.time() - t0, 1),
+                   load_avg_end=os.getloadavg()[0])
+        atomic_write_json(cache, res)
+        results[section] = res
+        print(json.dumps({section: {k: v for k, v in res.items() if k != "rows"}}), flush=True)
+    (out / "table.md").write_text(markdown(results))
+    print(markdown(results))
+    return 0
+
+
+def markdown(r: dict) -> str:
+    lines = []
+    if "install" in r:
+        lines += [f"- first launch (assemble from the wheels + adapter, write the version): "
+                  f"{r['install']['install_seconds']} s, peak RSS {r['install']['peak_rss_mb']} MB "
+                  f"(load {r['install']['load_avg_end']:.1f})"]
+    if "own" in r:
+        fam = ", ".join(f"{k} {v['accuracy']} (n={v['n']})" for k, v in r["own"]["per_family"].items())
+        lines += [f"- own test: **{r['own']['accuracy']}%** (n={r['own']['n']}); per family: {fam}"]
+    if "text" in r:
+        t = r["text"]
+        lines += [f"- text agreement with SmolLM2-135M-Instruct: **{t['agreement']}%** of {t['n']} prompts (key answer "
+                  f"found in both or neither; small {t['small_key_accuracy']}% / SmolLM2 {t['smollm2_key_accuracy']}% "
+                  f"right; identical answers {t['identical_answers']})"]
+    if "zeroshot" in r:
+        z = r["zeroshot"]
+        lines += ["- zero-shot CoIN-mini: " + ", ".join(f"{k} {v}" for k, v in z["zero_shot"].items())
+                  + f" ({z['tasks_in_10_70']} of 8 in 10-70)"]
+    if "chat" in r:
+        c = r["chat"]
+        lines += [f"- chat, one user: first text {c['first_text_ms']} ms, {c['tokens_per_s']} tokens/s "
+                  f"({c['torch_threads']} torch threads, load {c['load_avg'][0]:.1f})"]
+    if "photos" in r:
+        lines += ["", "| photo | question | answer |", "|---|---|---|"]
+        lines += [f"| `{x['photo']}` | {x['question']} | {x['answer']} |" for x in r["photos"]["rows"]]
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

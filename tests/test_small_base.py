@@ -1,0 +1,84 @@
+"""Smoke test of base v3 (`small`): assembled from the pinned wheels + the shipped adapter, it answers an image
+question and a text question, and the product's tuner runs LoRA steps on it. (The suite's other tests run on
+`tiny`; this is the one place CI pays for the 140M model: ~1 minute.)"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from PIL import Image, ImageDraw
+
+from llaca.small_base import CHAT_TEMPLATE, SMALL_ASSETS, lm_gguf
+
+
+@pytest.fixture(scope="module")
+def small_home(tmp_path_factory):
+    """A registry with `small` installed exactly as the app's first launch does it."""
+    from llaca.base_build import ensure_base
+    from llaca.versions import Registry
+
+    home = tmp_path_factory.mktemp("small_home")
+    events = []
+    version = ensure_base(Registry(home), on_event=events.append, base="small")
+    assert version.id == "small" and version.weights == "full"
+    labels = [e["label"] for e in events if e.get("type") == "step"]
+    assert labels == ["vision tower", "language model", "assemble", "trained projector + LoRA", "write"]
+    return home
+
+
+def test_chat_template_renders_text_exactly_as_smollm2s_own():
+    """Text-only chats see the very prompt SmolLM2-Instruct was tuned with (its own template, read from the GGUF)."""
+    from transformers import AutoTokenizer
+    from transformers.utils import chat_template_utils  # noqa: F401 - jinja rendering lives there
+
+    gguf = lm_gguf()
+    tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    chat = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Hello."},
+            {"role": "user", "content": "What is 2 plus 2?"}]
+    theirs = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    ours = tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True, chat_template=CHAT_TEMPLATE)
+    assert ours == theirs
+    image_chat = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]}]
+    rendered = tok.apply_chat_template(image_chat, tokenize=False, chat_template=CHAT_TEMPLATE)
+    assert "<|im_start|>user\n<image>\nWhat is this?<|im_end|>" in rendered
+
+
+def test_small_answers_an_image_question_and_a_text_question(small_home):
+    from llaca.chat import answer_once
+    from llaca.versions import Registry, load_version
+
+    model, processor = load_version(Registry(small_home), "small")
+    assert type(model).__name__ == "FastVlmForConditionalGeneration"
+    image = Image.new("RGB", (64, 64), (245, 245, 245))
+    ImageDraw.Draw(image).ellipse([12, 12, 52, 52], fill=(205, 35, 35))
+    colour = answer_once(model, processor, image, "What colour is the circle?", max_new_tokens=8)
+    assert "red" in colour.lower(), colour
+    text = answer_once(model, processor, None, "What is the capital of France?", max_new_tokens=12)
+    assert "paris" in text.lower(), text
+
+
+def test_tuner_runs_lora_steps_on_small(small_home, coin_dir):
+    from llaca.tuner import StageConfig, run_stage
+    from llaca.versions import Registry
+
+    registry = Registry(small_home)
+    task = sorted(p for p in coin_dir.iterdir() if p.is_dir())[0]
+    version = run_stage(StageConfig(data=str(task / "train"), method="llaca", parent="small", max_steps=3,
+                                    batch_size=4, lr=2e-4, lora=True, lora_r=8, lora_alpha=16, checkpoint_every=0,
+                                    evaluate_after=False), registry)
+    assert version.weights == "lora" and version.meta["base_version"] == "small"
+    adapter = json.loads((version.path / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == 8
+    trace = version.meta.get("steps")
+    assert trace == 3
+
+
+def test_shipped_adapter_is_what_the_build_recorded():
+    """assets/small holds only what this project trained, within the issue's 60 MB."""
+    size = sum(f.stat().st_size for f in SMALL_ASSETS.rglob("*") if f.is_file())
+    assert size <= 60 * 2**20, size
+    build = json.loads((SMALL_ASSETS / "meta.json").read_text())["build"]
+    adapter = json.loads((SMALL_ASSETS / "adapter" / "adapter_config.json").read_text())
+    assert adapter["r"] == build["lora_r"] and adapter["modules_to_save"] == ["multi_modal_projector"]
+    assert torch.__version__.startswith("2.13.0")
