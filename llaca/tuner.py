@@ -312,6 +312,7 @@ class StageRecipe:
     def train(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         self.model.train()
+        freeze_running_stats(self.model)
         start, start_step = time.time(), self.step
         self.on_event({"type": "start", "total_steps": self.total_steps, "step": self.step,
                        "n_records": len(self.train_records), "resumed": self.step > 0})
@@ -540,6 +541,19 @@ DEEPSPEED_REFUSAL = (
     "for that reason, docs/llaca.md), and ZeRO keeps gradients in flat partitions whose per-tensor L1 sums it does not "
     "expose. Shard with FSDP2 instead: accelerate launch --config_file configs/accelerate/fsdp_gpu.yaml (or "
     "fsdp_offload_gpu.yaml) -m llaca learn ... (docs/sharded-training.md)")
+
+
+def freeze_running_stats(model) -> None:
+    """Keep frozen BatchNorm layers in eval mode while the rest trains.
+
+    `model.train()` would let a frozen CNN tower (the `small` base's EfficientNet) re-estimate its running mean and
+    variance from every stage's images: the frozen base would drift anyway, and with several processes each would
+    drift on its own share of the batch (FSDP does not synchronise buffers; rank 0's would be saved).
+    """
+    for module in model.modules():
+        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
+                p.requires_grad for p in module.parameters()):
+            module.eval()
 
 
 def make_accelerator():

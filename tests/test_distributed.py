@@ -197,6 +197,8 @@ def fsdp_runs(quick_home, coin_dir, tmp_path_factory):
 
     t0 = time.time()
     proc = launch([str(REPO / "tests" / "sharded_worker.py"), str(root / "jobs.json")])
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # beside the launch's 2 processes: more threads than cores would slow all three down
     try:
         for method, mode in RULE_CASES:
             case = f"{method}-{mode}"
@@ -207,6 +209,7 @@ def fsdp_runs(quick_home, coin_dir, tmp_path_factory):
         print(f"TIMING singles {t1 - t0:.1f} launch {time.time() - t0:.1f}", file=sys.stderr)
     finally:
         proc.kill()
+        torch.set_num_threads(threads)
     # The last job kills every rank (exit 17) after its checkpoint: the launch fails, and only that way.
     assert proc.returncode != 0 and re.search(r"exitcode\s*:\s*17", err), err[-3000:]
     return root, homes, killed
