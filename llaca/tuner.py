@@ -216,8 +216,8 @@ class StageRecipe:
         shard sums are then summed across ranks by one all-reduce per step (`rule.all_reduce`).
         """
         if self.bits:
-            raise ValueError(f"{self.bits}-bit QLoRA is not supported with FSDP here: the frozen quantized base is small "
-                             "(a 7B base is ~4 GB in 4-bit), so launch it with DDP (configs/accelerate/ddp_gpu.yaml)")
+            raise ValueError(f"{self.bits}-bit QLoRA is not supported with FSDP here: the frozen quantized base is "
+                             "small (a 7B base is ~4 GB in 4-bit), so launch it with DDP (configs/accelerate/ddp_gpu.yaml)")
         narrow_wrap_policy(self.accelerator.state.fsdp_plugin, self.model)
         acc = self.accelerator
         self.model, _ = acc.prepare(self.model, self.optimizer)  # the raw optimizer's params are swapped
@@ -231,7 +231,7 @@ class StageRecipe:
         live = {id(p) for p in self.accelerator.unwrap_model(self.model).parameters()}
         if any(id(p) not in live for p in self.params.values()):
             raise RuntimeError("the distributed wrapper replaced the trainable parameters; the update rule would track "
-                               "stale copies (sharded training is not supported by this loop: use DDP)")
+                               "stale copies")
 
     def _make_trainable(self, model):
         cfg = self.cfg
@@ -328,7 +328,8 @@ class StageRecipe:
                 ctx = contextlib.nullcontext() if sync else acc.no_sync(self.model)
                 with ctx:
                     # Summed token losses / tokens of the GLOBAL batch: a token-mean over the global batch, however it
-                    # is split into micro-batches and ranks. Times N because DDP averages the N ranks' gradients.
+                    # is split into micro-batches and ranks. Times N because DDP (and FSDP's reduce-scatter) averages
+                    # the N ranks' gradients.
                     loss = self.model(**batch, num_items_in_batch=n_tokens).loss * acc.num_processes
                     acc.backward(loss)
                 loss_sum += loss.item()
@@ -454,8 +455,8 @@ class StageRecipe:
         evaluates it exactly as an unsharded run does: one consolidated safetensors model (or adapter) per version.
 
         Every rank takes part in the gather (torch's full state dict, as accelerate's `get_state_dict` makes it under
-        FSDP2: received by rank 0, on CPU); rank 0 rebuilds the parent's model (+ the same LoRA wrapping) and loads it, strictly. A sharded model
-        could not serve rank 0 alone anyway: each of its forwards gathers weights from every rank.
+        FSDP2: received by rank 0, on CPU); rank 0 rebuilds the parent's model (+ the same LoRA wrapping) and loads
+        it, strictly. A sharded model could not serve rank 0 alone anyway: each forward gathers from every rank.
         """
         from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -598,7 +599,8 @@ def _fsdp_on_cpu(acc) -> None:
 
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment, as Accelerator() would on a GPU
     if plugin.fsdp_version != 2:
-        raise ValueError("FSDP on CPU needs `fsdp_version: 2` in the accelerate config (configs/accelerate/fsdp_cpu.yaml)")
+        raise ValueError("FSDP on CPU needs `fsdp_version: 2` in the accelerate config "
+                         "(configs/accelerate/fsdp_cpu.yaml)")
     acc.state.fsdp_plugin = plugin
     pin_fsdp(acc)
 

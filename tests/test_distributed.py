@@ -1,5 +1,7 @@
 """Multi-process training: `accelerate launch ... -m llaca learn` with 2 CPU processes (DDP over gloo) gives the
 single-process result for the same global batch and seed, every rank computes the same alpha, only rank 0 writes.
+Sharded (FSDP2, configs/accelerate/fsdp_cpu.yaml): the same for every rule, full and LoRA, and a killed stage resumes
+from its sharded checkpoint to the uninterrupted result (second half of this file).
 
 Tolerance. The stage loop normalises the loss by the label tokens of the whole global batch (tuner.py), so two ranks
 with 4 records each compute the gradient one process computes with 8, up to float summation order. Measured here on
@@ -22,7 +24,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -156,7 +157,8 @@ def stage_config(data: Path, method: str, mode: str, trace_dir: Path) -> dict:
     """StageConfig fields of one case. llaca runs the default recipe (`learn`'s: + 20% replay), so its FSDP run is
     also the uninterrupted twin of the CLI run in the resume test. LoRA dropout 0: each rank draws its own dropout
     masks for its half of the batch, which no single process reproduces (the equivalence would be statistical only)."""
-    cfg = {**DEFAULT_RECIPE, "method": method, **STAGE, "data": str(data), "parent": "base", "trace_dir": str(trace_dir)}
+    cfg = {**DEFAULT_RECIPE, "method": method, **STAGE, "data": str(data), "parent": "base",
+           "trace_dir": str(trace_dir)}
     if method != "llaca":
         cfg["replay_fraction"] = 0.0
     if mode == "lora":
@@ -195,7 +197,6 @@ def fsdp_runs(quick_home, coin_dir, tmp_path_factory):
                  "config": {**stage_config(data, "llaca", "full", root / "killed-trace"), "checkpoint_every": 2}})
     (root / "jobs.json").write_text(json.dumps(jobs))
 
-    t0 = time.time()
     proc = launch([str(REPO / "tests" / "sharded_worker.py"), str(root / "jobs.json")])
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # beside the launch's 2 processes: more threads than cores would slow all three down
@@ -204,9 +205,7 @@ def fsdp_runs(quick_home, coin_dir, tmp_path_factory):
             case = f"{method}-{mode}"
             run_stage(StageConfig(**stage_config(data, method, mode, root / case / "single-trace")),
                       Registry(homes[case][1]))
-        t1 = time.time()
         _, err = proc.communicate(timeout=300)
-        print(f"TIMING singles {t1 - t0:.1f} launch {time.time() - t0:.1f}", file=sys.stderr)
     finally:
         proc.kill()
         torch.set_num_threads(threads)
@@ -285,7 +284,8 @@ def test_killed_fsdp_stage_resumes_through_the_cli(fsdp_runs, coin_dir, tmp_path
         assert torch.cat([w0[name], w1[name]]).shape == full_shapes[name]   # FSDP2 shards dim 0
 
     args = ["-m", "llaca", "learn", str(coin_dir / "vizwiz" / "train"), "--from", "base", "--trace-dir", str(tmp_path),
-            "--max-steps", str(STAGE["max_steps"]), "--batch-size", str(STAGE["batch_size"]), "--seed", str(STAGE["seed"])]
+            "--max-steps", str(STAGE["max_steps"]), "--batch-size", str(STAGE["batch_size"]),
+            "--seed", str(STAGE["seed"])]
     out, err = launch(args, home=killed).communicate(timeout=300)
     assert out.split() == ["v1"], err[-3000:]
     steps = [e["step"] for e in read_trace(tmp_path / "rank0.jsonl") if "step" in e]

@@ -1,12 +1,12 @@
 """What each GPU holds when a stage trains with LLaCA: DDP vs FSDP2, as a model, checked on CPU.
 
-    python -m llaca.bench.memory               # the table + the CPU check (~3 min on 2 busy cores) -> bench_results/memory/
+    python -m llaca.bench.memory               # table + CPU check (~2 min on 2 busy cores) -> bench_results/memory/
     python -m llaca.bench.memory --model-only  # the table alone (instant)
 
 The model (bytes per GPU, mixed precision as configs/accelerate/*_gpu.yaml sets it up):
 
     trainable parameter: fp32 weight 4 + fp32 gradient 4 + AdamW moments 8 + LLaCA's EMA 4 + previous gradient 4 = 24 B
-    frozen parameter:    bf16 weight 2 (QLoRA: the LM's Linear weights in NF4, 0.5 B + ~0.016 B of quantization constants)
+    frozen parameter:    bf16 weight 2 (QLoRA: the LM's Linear weights in NF4, 0.5 B + ~0.016 B of quant. constants)
     DDP:   every GPU holds all of it.
     FSDP2: every GPU holds 1/N of all of it, plus the bf16 weights of the block it is computing and the next one
            (gathered, then freed: 2 x the largest block x 2 B).
