@@ -8,7 +8,9 @@
 #       (2) FSDP2 stage on 1 GPU through configs/accelerate/fsdp_gpu.yaml (the sharded code path: DTensor params,
 #           LLaCA's all-reduce, sharded checkpoint, gathered version) - the same loop `--num_processes 8` runs;
 #       (3) QLoRA: NF4 base (bitsandbytes on CUDA) + LoRA, llaca rule;  (4) greedy chat, 64 new tokens, bf16.
-# Never part of CI. NOT RUN YET: written on machines without a GPU (issue 27); expect to fix small things on first use.
+# Never part of CI. NOT RUN ON A GPU YET: written on machines without one (issue 27). Its plumbing ran once on CPU
+# (GPU_CHECK_ON_CPU=1 STEPS=3, 3 min): rows 1, 2 and 4 gave their lines; the QLoRA row hit its 120 s limit there
+# (bitsandbytes' 4-bit CPU path is slow). Expect to fix small things on first GPU use.
 # Needs a CUDA build of torch in $PYTHON's environment (requirements.txt pins the CPU wheel: on a GPU machine install
 # e.g. `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128` first).
 set -uo pipefail
