@@ -554,9 +554,7 @@ def collate(batch: list[dict], pad_token_id: int) -> dict:
         input_ids[i, :k] = b["input_ids"]
         labels[i, :k] = b["labels"]
         attention[i, :k] = 1
-    return {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "labels": labels,
-        "pixel_values": torch.stack([b["pixel_values"] for b in batch]),
-    }
+    out = {"input_ids": input_ids, "attention_mask": attention, "labels": labels}
+    if "pixel_values" in batch[0]:  # (records without pixels: cached tower features, text-only chat)
+        out["pixel_values"] = torch.stack([b["pixel_values"] for b in batch])
+    return out

@@ -36,8 +36,8 @@ from .small_base import IMAGE_SIZE, SMALL_ASSETS, TOWER_VARIANT, assemble
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_R, LORA_ALPHA = 32, 64
-ALIGN_STEPS, ALIGN_LR = 200, 1e-3
-TUNE_STEPS, TUNE_LR = 900, 4e-4
+ALIGN_STEPS, ALIGN_LR = 80, 1e-3
+TUNE_STEPS, TUNE_LR = 320, 4e-4
 BATCH = 16
 TEXT_SHARE = 0.125  # of each stage-2 batch: 2 of 16 records are text-only chat
 
@@ -141,17 +141,6 @@ class FeatureCache:
 
 # --------------------------------------------------------------------------- the training loop
 
-def _collate(items: list[dict], pad_id: int) -> dict:
-    n = max(len(x["input_ids"]) for x in items)
-    ids = torch.full((len(items), n), pad_id, dtype=torch.long)
-    labels = torch.full((len(items), n), -100, dtype=torch.long)
-    mask = torch.zeros((len(items), n), dtype=torch.long)
-    for i, x in enumerate(items):
-        k = len(x["input_ids"])
-        ids[i, :k], labels[i, :k], mask[i, :k] = x["input_ids"], x["labels"], 1
-    return {"input_ids": ids, "labels": labels, "attention_mask": mask}
-
-
 def projector_of(model):
     """The projector module that trains (peft's modules_to_save copy once the model is wrapped)."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -164,7 +153,7 @@ def step_loss(model, items: list[dict], features: list[torch.Tensor | None], pad
     The LM head runs only where a label is: over a 49k vocabulary it is a fifth of the LM's compute per token, and
     nine in ten positions here (system prompt, image, question) carry no label.
     """
-    batch = _collate(items, pad_id)
+    batch = D.collate(items, pad_id)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     kwargs = {}
     rows = [f for f in features if f is not None]

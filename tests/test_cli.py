@@ -155,7 +155,12 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
         return json.loads((llaca_home / "versions" / vid / "meta.json").read_text())
 
     from llaca.cli import build_parser
-    assert build_parser().parse_args(["learn", "d"]).epochs == DEFAULT_RECIPE["epochs"] == 5.0
+    from llaca.recipes import SMALL_RECIPE, recipe_for
+    from llaca.versions import Registry
+
+    assert build_parser().parse_args(["learn", "d"]).epochs is None  # None: the parent's base recipe decides
+    assert recipe_for(Registry(llaca_home), first)["epochs"] == DEFAULT_RECIPE["epochs"] == 5.0  # a tiny lineage
+    assert recipe_for(Registry(llaca_home), first).get("lora") is None and SMALL_RECIPE["lora"]
     default = learned()
     assert (default["method"], default["hparams"]["lr"]) == (DEFAULT_RECIPE["method"], DEFAULT_RECIPE["lr"]) == ("llaca", 3e-4)
     assert default["hparams"]["replay_fraction"] == DEFAULT_RECIPE["replay_fraction"] == 0.2

