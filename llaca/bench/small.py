@@ -24,7 +24,7 @@ from ..paths import ASSETS_DIR, atomic_write_json
 SECTIONS = ("install", "own", "text", "zeroshot", "photos", "chat")
 PHOTOS = [("chelsea", "What animal is in this photo?"), ("coffee", "What is in the picture?"),
           ("astronaut", "Describe the image briefly."), ("rocket", "What is this?"),
-          ("motorcycle_left", "What vehicle is this?")]
+          ("camera", "What is the man holding?")]
 
 
 def _rss_mb() -> float:
