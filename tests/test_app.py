@@ -377,3 +377,16 @@ def test_lineage_matrix_is_square_when_the_base_also_scored_a_build_phase():
     assert tests == ["base-test", "sciqa-test", "textvqa-test"]
     assert matrix == [[42.0, None, None], [33.0, 100.0, None], [28.0, 96.0, 84.0]]
     assert cl_metrics(matrix)["forgetting"] == pytest.approx(((42.0 - 28.0) + (100.0 - 96.0)) / 2)
+
+
+def test_preload_base_loads_the_chosen_base_and_warms_it(llaca_home, monkeypatch):
+    """launch.py's background preload: once the base version exists it is in the model pool (so the first chat
+    turn pays no model load), and the base line under the title names the base."""
+    from app import Studio
+
+    monkeypatch.setenv("LLACA_BASE", "tiny")
+    studio = Studio(llaca_home, start_worker=False)
+    assert not studio.models.is_loaded("base")
+    studio.preload_base(poll_s=0.1).join(timeout=120)
+    assert studio.models.is_loaded("base")
+    assert studio.base == "tiny" and "**tiny**" in studio.base_line() and "`base`" in studio.base_line()
