@@ -30,7 +30,6 @@ def small_home(tmp_path_factory):
 def test_chat_template_renders_text_exactly_as_smollm2s_own():
     """Text-only chats see the very prompt SmolLM2-Instruct was tuned with (its own template, read from the GGUF)."""
     from transformers import AutoTokenizer
-    from transformers.utils import chat_template_utils  # noqa: F401 - jinja rendering lives there
 
     gguf = lm_gguf()
     tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)

@@ -122,7 +122,7 @@ def chat_cost(model, processor, reps: int = 5, new_tokens: int = 32) -> dict:
     image = Image.fromarray(skimage.data.chelsea()).convert("RGB")
     first, speed = [], []
     for _ in range(reps + 1):  # the first is a warm-up
-        t, ttft, chunks = time.perf_counter(), None, 0
+        t, ttft = time.perf_counter(), None
         text = ""
         for text in stream_answer(model, processor, image, "Describe the image in detail.", max_new_tokens=new_tokens):
             if ttft is None and text:
