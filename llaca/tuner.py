@@ -595,7 +595,7 @@ def _fsdp_on_cpu(acc) -> None:
     accelerators; on CPU it sets up MULTI_CPU. The process group (gloo) is what FSDP2 needs on CPU, so setting the
     distributed type and the plugin is all that differs: `prepare` then shards with `fully_shard` as on GPUs.
     """
-    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+    from accelerate.utils import FullyShardedDataParallelPlugin
 
     plugin = FullyShardedDataParallelPlugin()  # from the FSDP_* environment, as Accelerator() would on a GPU
     if plugin.fsdp_version != 2:
