@@ -10,7 +10,8 @@ SmolLM2's own (self-distillation), so the LM keeps the way it answers text.
 The tower is frozen, so its features are computed once per image and cached (`FeatureCache`); each step then runs
 only projector + LM, feeding the projected features through `FastVlmModel`'s `mm_encoder_outputs`. What ships is
 the peft adapter (LoRA + the projector as a module to save), in `assets/small/adapter`. Deterministic for a seed
-(one torch thread, explicit RNGs). `python -m llaca.small_build --help`.
+(and torch thread count: the build uses 2; explicit RNGs; a resumed run does not restore the dropout RNG).
+`python -m llaca.small_build --help`.
 """
 from __future__ import annotations
 
