@@ -502,10 +502,10 @@ class RecordEncoder:
                 spans.append((start, start + len(answer)))
         return self.render(messages), spans
 
-    def encode(self, record: Record, image: Image.Image | None = None) -> dict:
-        image = image if image is not None else load_image(record.image)
-        text, spans = self.text_and_spans(record.turns)
-        n_img = self.num_image_tokens(image)
+    def encode_turns(self, turns, n_img: int) -> dict:
+        """input_ids / labels of a conversation whose image placeholder stands for `n_img` image tokens (what
+        `encode` trains on, without the pixels: callers with cached tower features use it directly)."""
+        text, spans = self.text_and_spans(turns)
         # Expand the image placeholder like the processor does; answer spans lie after it and shift with it.
         pos = text.find(self.image_token)
         shift = (n_img - 1) * len(self.image_token)
@@ -517,11 +517,17 @@ class RecordEncoder:
             tok if any(s < e_tok and s_tok < e for s, e in spans) and e_tok > s_tok else -100
             for tok, (s_tok, e_tok) in zip(ids, enc["offset_mapping"])
         ]
-        if self.max_tokens and len(ids) > self.max_tokens:
-            raise InvalidDataset([Problem(record.image.name, f"{len(ids)} tokens, over the limit of {self.max_tokens}",
+        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels)}
+
+    def encode(self, record: Record, image: Image.Image | None = None) -> dict:
+        image = image if image is not None else load_image(record.image)
+        out = self.encode_turns(record.turns, self.num_image_tokens(image))
+        n = len(out["input_ids"])
+        if self.max_tokens and n > self.max_tokens:
+            raise InvalidDataset([Problem(record.image.name, f"{n} tokens, over the limit of {self.max_tokens}",
                                           record_id=record.id, field="conversations")])
-        pixel_values = self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
-        return {"input_ids": torch.tensor(ids), "labels": torch.tensor(labels), "pixel_values": pixel_values}
+        out["pixel_values"] = self.processor.image_processor(image, return_tensors="pt")["pixel_values"][0]
+        return out
 
     def num_tokens(self, record: Record) -> int:
         text, _ = self.text_and_spans(record.turns)

@@ -252,22 +252,8 @@ class Mixture:
     def _image_item(self, i: int) -> dict:
         if i not in self._encoded:
             r = self.records[i]
-            text, spans = self.encoder.text_and_spans(r.turns)
-            n_img = self.cache[r.image].shape[0]
-            enc = self._encode_text(text, spans, n_img)
-            self._encoded[i] = enc
+            self._encoded[i] = self.encoder.encode_turns(r.turns, self.cache[r.image].shape[0])
         return self._encoded[i]
-
-    def _encode_text(self, text: str, spans, n_img: int) -> dict:
-        tok, image_token = self.encoder.tokenizer, self.encoder.image_token
-        pos = text.find(image_token)
-        shift = (n_img - 1) * len(image_token)
-        expanded = text.replace(image_token, image_token * n_img, 1)
-        spans = [(s + shift, e + shift) if s > pos else (s, e) for s, e in spans]
-        enc = tok(expanded, return_offsets_mapping=True, add_special_tokens=False)
-        labels = [t if e > s and any(a < e and s < b for a, b in spans) else -100
-                  for t, (s, e) in zip(enc["input_ids"], enc["offset_mapping"])]
-        return {"input_ids": torch.tensor(enc["input_ids"]), "labels": torch.tensor(labels)}
 
     def batch(self, size: int) -> tuple[list[dict], list]:
         n_text = round(size * self.text_share) if self.chat else 0
