@@ -62,21 +62,13 @@ def has_key(answer: str, keys: list[str]) -> bool:
 def text_agreement(model, processor, max_new_tokens: int = 48) -> dict:
     """Both models' greedy answers to each prompt, and whether they agree on its key answer."""
     from ..small_base import load_language_model
+    from ..small_build import distill_chat
 
     prompts = json.loads((ASSETS_DIR / "small" / "text_check.json").read_text())["prompts"]
     reference, tokenizer = load_language_model()
 
-    def answers(lm):
-        tokenizer.padding_side = "left"
-        out = []
-        for i in range(0, len(prompts), 16):
-            chunk = [p["prompt"] for p in prompts[i:i + 16]]
-            texts = [tokenizer.apply_chat_template([{"role": "user", "content": c}], tokenize=False,
-                                                   add_generation_prompt=True) for c in chunk]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-            gen = lm.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False)
-            out += [a.strip() for a in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-        return out
+    def answers(lm):  # greedy, batched, SmolLM2's own template: the build's self-distillation call
+        return [a["answer"] for a in distill_chat(lm, tokenizer, [p["prompt"] for p in prompts], max_new_tokens)]
 
     ours, theirs = answers(model), answers(reference)
     rows = [{"prompt": p["prompt"], "keys": p["keys"], "small": a, "smollm2": b,
