@@ -13,9 +13,9 @@ import threading
 import time
 from pathlib import Path
 
-from llaca.jobs import JobStore, WorkerSupervisor, error_text
+from llaca.jobs import JobError, JobStore, WorkerSupervisor, error_text
 from llaca.paths import ASSETS_DIR, llaca_home
-from llaca.serving import ModelPool
+from llaca.serve.serving import ModelPool
 from llaca.versions import Registry, Version, VersionError
 
 SAMPLES_DIR = ASSETS_DIR / "samples"
@@ -82,18 +82,18 @@ class Studio:
     @property
     def base(self) -> str:
         """Which embedded base chat starts on (`small` or `tiny`; `--base` / $LLACA_BASE)."""
-        from llaca.base_build import default_base
+        from llaca.models.catalog import default_base
 
         return default_base()
 
     def base_ready(self) -> bool:
-        from llaca.base_build import base_version_id
+        from llaca.models.catalog import base_version_id
 
         return self.registry.exists(base_version_id(self.base))
 
     def base_line(self) -> str:
         """One line under the title: the base every lineage here starts from."""
-        from llaca.base_build import BASE_DESCRIPTIONS, base_version_id
+        from llaca.models.catalog import BASE_DESCRIPTIONS, base_version_id
 
         return (f"Base: **{self.base}** (version `{base_version_id(self.base)}`): {BASE_DESCRIPTIONS[self.base]}. "
                 "Start with `--base tiny` or `--base small` to change it.")
@@ -102,7 +102,7 @@ class Studio:
         """Load the base into the model pool in the background (once it exists) and run one 1-token answer, so the
         first question is answered at chat speed: without it, the first answer on `small` took 3.5 s after a
         13 s load (the first generate sets up its kernels); with it, 1.3 s (first text 1.08 s, load 2.8)."""
-        from llaca.base_build import base_version_id
+        from llaca.models.catalog import base_version_id
 
         def run():
             vid = base_version_id(self.base)
@@ -113,7 +113,7 @@ class Studio:
                 with self.models.use(vid) as (model, processor):  # the first generate pays one-off kernel set-up
                     from PIL import Image
 
-                    from llaca.chat import answer_once
+                    from llaca.serve.chat import answer_once
 
                     answer_once(model, processor, Image.new("RGB", (64, 64), "white"), "Hi", max_new_tokens=1)
             except Exception:  # noqa: BLE001 - the first chat turn loads it again and shows the error
@@ -182,3 +182,19 @@ def warn(e: BaseException | str) -> str:
     text = e if isinstance(e, str) else message_for(e)
     gr.Warning(text)
     return text
+
+
+# --------------------------------------------------------------------------- uploads (Learn tab and grouped stages)
+
+def staging_root(studio: Studio) -> Path:
+    return studio.home / "uploads" / "staging"
+
+
+def staged_data(studio: Studio, data_path: str) -> Path:
+    """The validated upload's staged folder, or a JobError saying why there is none (any stage kind)."""
+    if not data_path:
+        raise JobError("upload a valid instruction set first (the report above must show ✔)")
+    data = Path(data_path).resolve()
+    if data.parent.parent.parent != staging_root(studio).resolve() or not data.is_dir():
+        raise JobError("that upload is no longer staged; upload it again")
+    return data

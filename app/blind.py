@@ -1,5 +1,5 @@
 """Compare, blind: two versions drawn at random answer the same image + question as "A" and "B"; the person votes
-A / B / tie / both bad, and only then are the names shown. Votes go to `llaca.votes` (SQLite), which the
+A / B / tie / both bad, and only then are the names shown. Votes go to `llaca.serve.votes` (SQLite), which the
 Versions tab's leaderboard reads.
 
 The draw: two distinct versions from those picked in Compare, or (the other mode) one of them against its parent
@@ -12,7 +12,7 @@ import types
 
 import gradio as gr
 
-from llaca.votes import VoteStore, lineage_of
+from llaca.serve.votes import VoteStore, lineage_of
 
 from . import Studio, version_label, warn
 from .compare_tab import stream_many

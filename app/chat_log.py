@@ -1,4 +1,4 @@
-"""Chat tab: the one switch for conversation logging (`llaca.convlog`, off by default) and its delete-all.
+"""Chat tab: the one switch for conversation logging (`llaca.serve.convlog`, off by default) and its delete-all.
 
 When on, every finished reply logs the conversation so far (like LLaVA's serve), through the chat tab's
 `reply_hooks` (a `.then` event would run only for browsers: the frontend chains events, API clients do not).
@@ -9,7 +9,7 @@ import types
 
 import gradio as gr
 
-from llaca.convlog import ConversationLog
+from llaca.serve.convlog import ConversationLog
 
 from . import Studio, warn
 from .chat_tab import _parts, split_conversation

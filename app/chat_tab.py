@@ -2,10 +2,10 @@
 
 The conversation lives in the Chatbot itself (Gradio's messages format); each reply re-reads it: the last
 image sent opens the context (this LLaVA takes one image per conversation), and the text turns after it are
-the history handed to `llaca.chat.stream_answer` (through the library's `ModelPool`). Stop sets a per-session
+the history handed to `llaca.serve.chat.stream_answer` (through the library's `ModelPool`). Stop sets a per-session
 event that generation checks at every token.
 
-Speed (issue 15, `python -m llaca.bench overhead`): answers asked together are generated in one batch (so many
+Speed (issue 15, `python -m experiments.overhead`): answers asked together are generated in one batch (so many
 requests may wait in the function at once), the Chatbot is updated at most every `UPDATE_EVERY_S` instead of per
 token, a conversation's image is decoded once, and the hot path reads no files.
 """
@@ -20,14 +20,13 @@ import types
 
 import gradio as gr
 
-from llaca import coin_mini
-from llaca.chat import at_most_every
-from llaca.data import load_image
+from llaca.data import coin_mini, load_image
+from llaca.serve.chat import at_most_every
 
 from . import SAMPLES_DIR, Studio, groups_ui, warn
 
 # Requests in the chat function at once. They do not generate in parallel: those of one version are gathered
-# into one batched generate (llaca.batching, up to 32 rows), so more in flight means bigger batches, not more threads
+# into one batched generate (llaca.serve.batching, up to 32 rows), so more in flight means bigger batches, not more threads
 # fighting for the cores.
 GENERATE_CONCURRENCY = 32
 UPDATE_EVERY_S = 0.1  # at most ~10 Chatbot updates a second per answer (each costs a postprocess + diff + message)

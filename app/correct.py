@@ -1,4 +1,4 @@
-"""Correct: turn a wrong answer in Chat or Compare into a pending correction (`llaca.corrections`).
+"""Correct: turn a wrong answer in Chat or Compare into a pending correction (`llaca.train.corrections`).
 
 Chat: every message has Gradio's edit pencil (`Chatbot(editable="all")`); editing an *assistant* message saves
 the image, the conversation up to it and the edited text as a correction (editing a question only edits it).
@@ -11,7 +11,7 @@ import types
 
 import gradio as gr
 
-from llaca.corrections import CorrectionStore
+from llaca.train.corrections import CorrectionStore
 
 from . import Studio, warn
 from .chat_tab import _assistant, _parts, split_conversation

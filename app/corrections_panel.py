@@ -1,6 +1,6 @@
 """Learn tab, *Corrections*: the pending set the chat's Correct builds (count, preview, remove one), and
 **Learn corrections**, which queues it as a stage with the product's default method (`llaca`) from the newest
-version, using the small-set recipe of `llaca.corrections`. Learned batches are listed with their version.
+version, using the small-set recipe of `llaca.train.corrections`. Learned batches are listed with their version.
 """
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ import types
 
 import gradio as gr
 
-from llaca.corrections import CorrectionStore, SmallSetRecipe, queue_learn
-from llaca.rules import RULES
-from llaca.tuner import StageConfig
+from llaca.train.corrections import CorrectionStore, SmallSetRecipe, queue_learn
+from llaca.train.rules import RULES
+from llaca.train.tuner import StageConfig
 
 from . import Studio, warn
 

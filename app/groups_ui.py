@@ -1,14 +1,21 @@
-"""What the tabs show of grouped versions (`llaca.grouping`): the Learn tab's decision preview, the badge naming the
+"""What the tabs show of grouped versions (`llaca.train.grouping`): the Learn tab's decision preview, the badge naming the
 group that answered in Chat and Compare, and the Versions tab's table of groups and members.
 
 Plain functions over the library, so the tabs need only a few lines each.
 """
 from __future__ import annotations
 
-from llaca.grouping import (DEFAULT_THRESHOLD, Route, group_table, grouped_versions, plan_stage,  # noqa: F401
-                            route_question, router_of)  # DEFAULT_THRESHOLD: the Learn tab's slider default
+from llaca.train.grouping import (  # DEFAULT_THRESHOLD: the Learn tab's slider default
+    DEFAULT_THRESHOLD,
+    Route,
+    group_table,
+    grouped_versions,
+    plan_stage,
+    route_question,
+    router_of,
+)
 
-from . import Studio
+from . import Studio, staged_data
 
 GROUPED = "grouped"   # the Learn tab's method value for a grouped stage
 GROUP_COLUMNS = ["grouped version", "group", "answered by", "stages (data)", "weights", "disk MB", "instructions"]
@@ -42,9 +49,7 @@ def preview_markdown(studio: Studio, data_path: str, parent: str | None, thresho
 
 def submit_grouped(studio: Studio, data_path: str, parent: str | None, threshold: float, name: str | None,
                    epochs: float, max_steps: float, lr: float, lora: bool):
-    """Queue a grouped stage (a `grouped-stage` job: the worker runs `llaca.grouping.learn_grouped`)."""
-    from .learn_tab import staged_data
-
+    """Queue a grouped stage (a `grouped-stage` job: the worker runs `llaca.train.grouping.learn_grouped`)."""
     data = staged_data(studio, data_path)
     upload_dir = data.parent.parent
     parent = parent or studio.newest_id()

@@ -8,7 +8,7 @@ import types
 
 import gradio as gr
 
-from llaca.votes import VoteStore, leaderboards
+from llaca.serve.votes import VoteStore, leaderboards
 
 from . import Studio, warn
 

@@ -15,17 +15,16 @@ from pathlib import Path
 
 import gradio as gr
 
-from llaca import demo
-from llaca.data import InvalidDataset, validate
-from llaca.formats import DATA_SUFFIXES
+from llaca.data import InvalidDataset, demo, validate
+from llaca.data.formats import DATA_SUFFIXES
 from llaca.jobs import JobError, stage_upload
-from llaca.recipes import base_name_of, describe, recipe_for
-from llaca.tuner import DEFAULT_RECIPE
+from llaca.train.recipes import base_name_of, describe, recipe_for
+from llaca.train.tuner import DEFAULT_RECIPE
 from llaca.versions import method_label
 
-from . import Studio, groups_ui, plots, warn
+from . import Studio, groups_ui, plots, staged_data, staging_root, warn
 
-# `llaca` with StageConfig.replay_fraction: the default recipe (llaca.tuner.DEFAULT_RECIPE, README 'Continual learning').
+# `llaca` with StageConfig.replay_fraction: the default recipe (llaca.train.tuner.DEFAULT_RECIPE, docs/method.md 'The default recipe').
 LLACA_REPLAY = "llaca+replay"
 METHODS = [("llaca + replay: the adaptive EMA over a stage that also replays earlier samples (default)", LLACA_REPLAY),
            ("llaca: adaptive EMA (the paper)", "llaca"), ("seq: plain fine-tuning", "seq"),
@@ -37,18 +36,14 @@ LOG_LINES = 10
 POLL_SECONDS = 2.0
 AUTO = 0  # job selector value meaning "follow the active job"
 
-# Why the defaults are what they are, in one line (README "Continual learning").
+# Why the defaults are what they are, in one line (docs/method.md "The default recipe").
 REGIME_NOTE = ("Default: `llaca + replay` (20% of earlier records mixed into the stage) at lr 3e-4, 5 epochs. Over 8 "
                "CoIN-mini tasks from the shipped base it forgot 3.4-3.6 points at 93% Avg.ACC (2 seeds; 150-step "
                "stages: 3.7 / 85.7, `replay` alone 3.1 / 86.7); the paper's rule alone forgets about as much as `seq` "
                "on this small model (78.4 vs 86.9 at lr 1e-3). *Run the demo* shows the three side by side at one "
-               "lr. See 'The default recipe and the demo' in the README.")
+               "lr. See docs/benchmarks.md, 'The default recipe and the demo'.")
 
 # ------------------------------------------------------------------------------------------ validation
-
-def staging_root(studio: Studio) -> Path:
-    return studio.home / "uploads" / "staging"
-
 
 def report_markdown(report, split: str) -> str:
     """Counts and every problem (file, record, field) as markdown."""
@@ -101,8 +96,8 @@ def check_upload(studio: Studio, files, test_files) -> tuple[str, list, str]:
 
 
 def export_upload(studio: Studio, data_path: str, fmt: str) -> str:
-    """Convert the validated upload (`llaca.formats.export`): a .parquet, or a .zip of a LLaVA/ShareGPT folder."""
-    from llaca.formats.export import export_download
+    """Convert the validated upload (`llaca.data.formats.export`): a .parquet, or a .zip of a LLaVA/ShareGPT folder."""
+    from llaca.data.formats.export import export_download
 
     if not data_path:
         raise JobError("upload a valid instruction set first (the report above must show ✔)")
@@ -142,14 +137,6 @@ def stage_config(data: str, method: str, beta: float, replay_fraction: float, pa
             "lora": bool(lora), "rule_hparams": rule, **mixed}
 
 
-def staged_data(studio: Studio, data_path: str) -> Path:
-    """The validated upload's staged folder, or a JobError saying why there is none (any stage kind)."""
-    if not data_path:
-        raise JobError("upload a valid instruction set first (the report above must show ✔)")
-    data = Path(data_path).resolve()
-    if data.parent.parent.parent != staging_root(studio).resolve() or not data.is_dir():
-        raise JobError("that upload is no longer staged; upload it again")
-    return data
 
 
 def submit_upload(studio: Studio, data_path: str, config: dict):
@@ -168,14 +155,14 @@ def submit_upload(studio: Studio, data_path: str, config: dict):
 
 
 def queue_demo(studio: Studio) -> list:
-    """Write the demo tasks (once) and queue each of `llaca.demo.DEFAULT_ARMS` over them, each stage from the
+    """Write the demo tasks (once) and queue each of `llaca.data.demo.DEFAULT_ARMS` over them, each stage from the
     previous one of its arm."""
     busy = [j for j in studio.jobs.active() if j.label.startswith("demo")]
     if busy:
         raise JobError(f"the demo is already queued (jobs {', '.join('#' + str(j.id) for j in busy)})")
     if not studio.base_ready():
         raise JobError("the base model is still being built; start the demo when it is ready")
-    from llaca.base_build import ensure_base
+    from llaca.bases.install import ensure_base
 
     ensure_base(studio.registry, base="tiny")  # the demo's stages start from `tiny` (seconds to install; its recipe)
     root = demo.ensure_tasks(studio.home / "datasets" / "demo")
@@ -414,7 +401,7 @@ def build(studio: Studio):
     method.change(lambda m: (gr.Slider(visible=m == "ema"), gr.Slider(visible=m in ("replay", LLACA_REPLAY))),
                   method, [beta, replay_fraction], queue=False, api_visibility="private")
     def on_parent(ref):
-        """The parent's base decides the defaults (tiny: full fine-tuning; small: LoRA, llaca.recipes)."""
+        """The parent's base decides the defaults (tiny: full fine-tuning; small: LoRA, llaca.train.recipes)."""
         r = recipe_for(studio.registry, ref)
         return r["epochs"], r["lr"], bool(r.get("lora")), recipe_line(studio, ref)
 

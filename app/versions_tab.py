@@ -13,12 +13,11 @@ from pathlib import Path
 
 import gradio as gr
 
-from llaca.metrics import cl_metrics_lower
+from llaca.evaluation.metrics import cl_metrics_lower
 from llaca.paths import atomic_dir
 from llaca.versions import Version
 
-from . import Studio, groups_ui, version_label, warn
-from . import plots
+from . import Studio, groups_ui, plots, version_label, warn
 
 MAX_PANELS = 3
 LINEAGE_COLUMNS = ["version", "name", "parent", "method", "data (records)", "steps", "created", "test accuracy %"]
@@ -112,7 +111,7 @@ def export_version(studio: Studio, version_id: str) -> tuple[Path, Path]:
 
     `LlavaForConditionalGeneration.from_pretrained(folder)` and `AutoProcessor.from_pretrained(folder)` load it.
     """
-    from llaca.model import save_pretrained
+    from llaca.models.llava import save_pretrained
     from llaca.versions import load_version
 
     v = studio.registry.get(version_id)

@@ -3,7 +3,7 @@
 Like LLaMA-Factory's runner and LLaVA's model worker, training never runs in the UI process: the UI (or the
 CLI) only *submits* a job row; a separate OS process (`python -m llaca.jobs worker`) takes the oldest queued
 job under an exclusive lock (`$LLACA_HOME/locks/worker.lock`, so two app instances never train at once),
-runs `llaca.tuner.run_stage`, and records the result. A crash of the worker cannot take the UI or any version
+runs `llaca.train.tuner.run_stage`, and records the result. A crash of the worker cannot take the UI or any version
 down: versions appear only by atomic rename, and a job left 'running' by a dead process becomes 'interrupted'.
 
     $LLACA_HOME/jobs.db                  id, kind, status, config JSON, times, version_id, error, pid, ...
@@ -222,7 +222,7 @@ class JobStore:
         (a path inside `upload_dir`) is rewritten to point at the copy, so the job owns its data."""
         config = dict(config)
         if kind == "stage":
-            from .tuner import StageConfig
+            from .train.tuner import StageConfig
 
             known = {f.name for f in dataclasses.fields(StageConfig)}
             unknown = sorted(set(config) - known)
@@ -365,13 +365,13 @@ def stage_upload(files: list[str | Path], dest: str | Path, split: str = "train"
     """Assemble uploaded files into `dest/<name>/<split>/` and return that folder (the set to validate and train).
 
     A browser sends a flat list of files, so: one `.zip` is extracted through `llaca.data`'s safe extractor
-    (traversal, link and bomb checks) and copied; otherwise the one data file (any `llaca.formats` suffix) is
+    (traversal, link and bomb checks) and copied; otherwise the one data file (any `llaca.data.formats` suffix) is
     copied and every uploaded image is placed at each relative path the records name with its file name. What is still
     missing is left for the validator to report with record and field. With the CoIN layout
     (`<name>/train` + `<name>/test`), the tuner evaluates on the test split automatically.
     """
     from .data import InvalidDataset, Problem, locate_data_file
-    from .formats import DATA_SUFFIXES
+    from .data.formats import DATA_SUFFIXES
 
     paths = [Path(f) for f in files or []]
     if not paths:
@@ -404,9 +404,9 @@ def stage_upload(files: list[str | Path], dest: str | Path, split: str = "train"
 
 
 def _image_fields(data_file: Path) -> list[str]:
-    """Every relative image path the data file names, in any accepted format (`llaca.formats`)."""
+    """Every relative image path the data file names, in any accepted format (`llaca.data.formats`)."""
     from .data import InvalidDataset
-    from .formats import referenced_images
+    from .data.formats import referenced_images
 
     try:
         return referenced_images(data_file)
@@ -457,7 +457,7 @@ def describe_event(event: dict, log_every: int = 10) -> str | None:
         return f"saved version {event['version']}; evaluating"
     if kind == "eval":
         return f"eval {event['dataset']}: {event['accuracy']:.1f}%"
-    if kind == "grouping":  # a grouped stage's decision (llaca.grouping)
+    if kind == "grouping":  # a grouped stage's decision (llaca.train.grouping)
         return event.get("text")
     return None
 
@@ -509,7 +509,7 @@ class Worker:
 
     def run(self, job: Job) -> Job:
         """Run one claimed job and record its outcome; nothing raised here escapes the loop."""
-        from .tuner import StageCancelled
+        from .train.tuner import StageCancelled
 
         writer = ProgressWriter(job)
         writer.write_log(f"running in worker pid {os.getpid()} (attempt {job.attempts})")
@@ -531,20 +531,20 @@ class Worker:
         return self.store.finish(job.id, "done", version_id=version.id)
 
     def _execute(self, job: Job, on_event):
-        from .base_build import ensure_base
-        from .tuner import StageConfig, run_stage
+        from .bases.install import ensure_base
+        from .train.tuner import StageConfig, run_stage
         from .versions import Registry
 
         registry = Registry(self.home)
         if job.kind == "build-base":
             return ensure_base(registry, on_event=on_event, base=job.config.get("base"))
-        if job.kind == "corrections":  # a stage on the chat's corrections (llaca/corrections.py)
-            from .corrections import CorrectionStore, run_config
+        if job.kind == "corrections":  # a stage on the chat's corrections (llaca/train/corrections.py)
+            from .train.corrections import CorrectionStore, run_config
 
             return run_config(CorrectionStore(self.home), registry, job.config, on_event=on_event,
                               should_stop=lambda: self.should_stop(job))
-        if job.kind == "grouped-stage":  # config: data + learn_grouped's arguments (llaca.grouping)
-            from .grouping import learn_grouped
+        if job.kind == "grouped-stage":  # config: data + learn_grouped's arguments (llaca.train.grouping)
+            from .train.grouping import learn_grouped
 
             config = dict(job.config)
             return learn_grouped(registry, config.pop("data"), on_event=on_event,
@@ -570,7 +570,7 @@ def error_text(e: BaseException) -> str:
 
 # The worker runs niced beside the app (and whatever else the machine does). PyTorch's OpenMP threads spin-wait for
 # each other by default: when another process holds one core, the niced worker's second thread is starved and every
-# op waits for it (measured on 2 cores, `python -m llaca.bench contention`: 0.14 s/step idle, 6.7 s/step beside one
+# op waits for it (measured on 2 cores, `python -m experiments.contention`: 0.14 s/step idle, 6.7 s/step beside one
 # busy core). A short spin (then sleep) keeps the idle speed and makes the busy case 0.33 s/step. A value the user
 # set in the environment wins (the dict is applied first).
 WORKER_THREAD_ENV = {"GOMP_SPINCOUNT": "1000"}

@@ -178,7 +178,7 @@ class Registry:
 
         Only meta.json is written: `load_version` reads the weights from `model_path` each time.
         """
-        from .model import check_llava, resolve_model_path
+        from .models.llava import check_llava, resolve_model_path
 
         resolved = resolve_model_path(path_or_id)
         check_llava(resolved)
@@ -219,7 +219,7 @@ class Registry:
         if any(k.meta.get("base_version") == v.id for k in self.list()):
             raise VersionError(f"{v.id} holds the full weights other versions' adapters need")
         users = [k.id for k in self.list() if k.id != v.id and v.id in (k.meta.get("grouped") or {}).get("members", [])]
-        if users:  # llaca.grouping: a grouped stage answers some questions with this version's weights
+        if users:  # llaca.train.grouping: a grouped stage answers some questions with this version's weights
             raise VersionError(f"{v.id} answers a group of grouped version(s) {', '.join(users)}; delete those first")
         for kid in kids:  # keep the lineage connected
             self.update_meta(kid.id, parent=v.parent)
@@ -240,7 +240,7 @@ def _as_bits(version: Version, bits) -> int | None:
 
 def load_base(version: Version, dtype=None, bits: int | None = None):
     """The model + processor a LoRA adapter sits on: an external checkpoint or a full-weights version."""
-    from .model import default_device, load_model, load_pretrained
+    from .models.llava import default_device, load_model, load_pretrained
 
     if version.weights == "external":
         return load_model(version.meta["model_path"], load_in_4bit=bits == 4, load_in_8bit=bits == 8, dtype=dtype)

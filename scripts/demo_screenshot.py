@@ -3,7 +3,7 @@
     .venv/bin/python scripts/demo_screenshot.py HOME [OUT_DIR]
 
 HOME: a fresh (or existing) $LLACA_HOME. The demo is queued exactly as the Learn tab's "Run the demo" button does
-(`app.learn_tab.queue_demo`: `llaca.demo.TASKS` learned by each of `llaca.demo.DEFAULT_ARMS` at the default lr) and
+(`app.learn_tab.queue_demo`: `llaca.data.demo.TASKS` learned by each of `llaca.data.demo.DEFAULT_ARMS` at the default lr) and
 the background worker trains it. Compare then asks four demo versions (`seq` after the first task, and every arm
 after the last) the question of a held-out test record of the *first* task, so the picture shows what the later
 stages made each arm forget. Writes `compare.png` (default assets/screenshots) and prints the four answers, the
@@ -29,8 +29,8 @@ def run_demo(home: Path) -> dict[str, str]:
     """Queue the demo through the job store and wait for the worker; {version name: id}."""
     from app import Studio
     from app.learn_tab import queue_demo
-    from llaca import demo
-    from llaca.base_build import ensure_base
+    from llaca.bases.install import ensure_base
+    from llaca.data import demo
 
     studio = Studio(home, start_worker=True)
     try:
@@ -53,9 +53,9 @@ def run_demo(home: Path) -> dict[str, str]:
 
 def demo_accuracies(home: Path, version_ids: dict[str, str]) -> dict[str, dict[str, float]]:
     """Each demo version's accuracy on every demo task's test split (50 records each): the picture's context."""
-    from llaca.demo import TASKS
     from llaca.data import load_instruction_set
-    from llaca.evaluate import evaluate
+    from llaca.data.demo import TASKS
+    from llaca.evaluation.evaluate import evaluate
     from llaca.versions import Registry, load_version
 
     registry = Registry(home)
@@ -68,7 +68,7 @@ def demo_accuracies(home: Path, version_ids: dict[str, str]) -> dict[str, dict[s
 
 
 def main(home: str, out: str = "assets/screenshots") -> None:
-    from llaca import demo
+    from llaca.data import demo
 
     home, out = Path(home), Path(out)
     out.mkdir(parents=True, exist_ok=True)

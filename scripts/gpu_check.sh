@@ -42,8 +42,8 @@ def peak_gb():
     return round(torch.cuda.max_memory_allocated() / 1e9, 2) if CUDA else ""
 
 def setup(data_root):
-    from llaca.base_build import install_shipped_base
-    from llaca.coin_mini import write_coin_mini
+    from llaca.bases.install import install_shipped_base
+    from llaca.data.coin_mini import write_coin_mini
     from llaca.versions import Registry
     reg = Registry()
     if not reg.exists("base"):
@@ -51,7 +51,7 @@ def setup(data_root):
     write_coin_mini(data_root, seed=0, n_train=256, n_test=32)
 
 def stage(data, steps, name, **kw):
-    from llaca.tuner import StageConfig, run_stage
+    from llaca.train.tuner import StageConfig, run_stage
     if CUDA:
         torch.cuda.reset_peak_memory_stats()
     t = time.time()
@@ -67,7 +67,7 @@ def stage(data, steps, name, **kw):
 
 def chat(version, image):
     from PIL import Image
-    from llaca.chat import _prepare
+    from llaca.serve.chat import _prepare
     from llaca.versions import Registry, load_version
     model, processor = load_version(Registry(), version, dtype=torch.bfloat16)
     model.to(DEVICE).eval()

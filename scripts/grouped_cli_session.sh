@@ -1,5 +1,5 @@
 #!/bin/bash
-# The grouped CLI session quoted in README ("Grouped continual learning"): two unrelated CoIN-mini sets and a
+# The grouped CLI session quoted in docs/guide.md ("Grouped continual learning"): two unrelated CoIN-mini sets and a
 # paraphrase of the first, learned as one grouped lineage (30 steps per stage), with the decisions printed.
 #   bash scripts/grouped_cli_session.sh OUT_DIR      (uses $LLACA_HOME, default OUT_DIR/home)
 # stdout and stderr together, without tqdm bars and bitsandbytes' "kernels" import notice.
@@ -11,7 +11,7 @@ PY=${PY:-.venv/bin/python}
 run() { echo "\$ ${*/#$PY/python}"; "$@" 2>&1 | tr '\r' '\n' | { grep -v -e '%|' -e 'kernels' -e '^\s*$' || true; }; echo; }
 question() { $PY -c "import json,sys; print(json.load(open(sys.argv[1]))[0]['conversations'][0]['value'].split('\n', 1)[1])" "$1"; }
 $PY -m llaca coin-mini "$D/coin" --n-train 300 --n-test 50 > /dev/null
-$PY -m llaca.coin_mini_paraphrase "$D/para" --n-train 300 --n-test 50 > /dev/null
+$PY -m llaca.data.paraphrase "$D/para" --n-train 300 --n-test 50 > /dev/null
 run $PY -m llaca learn "$D/coin/sciqa/train" --grouped --max-steps 30 --name sciqa
 run $PY -m llaca learn "$D/coin/gqa/train" --grouped --max-steps 30 --name gqa
 run $PY -m llaca learn "$D/para/sciqa/train" --grouped --max-steps 30 --name sciqa-para

@@ -1,4 +1,4 @@
-"""Screenshots of a grouped version in the app (headless Debian chromium via Playwright), for the README.
+"""Screenshots of a grouped version in the app (headless Debian chromium via Playwright), for docs/guide.md.
 
     .venv/bin/python scripts/grouped_screenshots.py HOME VERSION CHAT_IMAGE "QUESTION" UPLOAD_ZIP [OUT_DIR
                                                     [IMAGE2 "QUESTION2"]]

@@ -174,7 +174,7 @@ CASES: list[Case] = [
 
 
 # ------------------------------------------------------------------------- the same, for every other format
-# (llaca.formats): malformed row, missing column, undecodable image bytes, wrong role names, two images.
+# (llaca.data.formats): malformed row, missing column, undecodable image bytes, wrong role names, two images.
 
 def csv_set(folder: Path, text: str, name: str = "data.csv") -> list[Path]:
     folder.mkdir(parents=True, exist_ok=True)
@@ -186,7 +186,9 @@ def parquet_set(folder: Path, rows: list[dict], kind: str = "qa", name: str = "d
     """A Parquet file as `datasets` writes it (Image features in the schema metadata)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
-    from datasets import Features, Image as HFImage, List, Value
+    from datasets import Features
+    from datasets import Image as HFImage
+    from datasets import List, Value
 
     features = Features({"id": Value("string"), "image": HFImage(), "question": Value("string"),
                          "answer": Value("string")}) if kind.startswith("qa") else \
@@ -216,7 +218,9 @@ def jsonl_rows(folder: Path, rows: list, name: str = "data.jsonl") -> list[Path]
 
 def _saved_dataset_zip(d: Path) -> list[Path]:
     """A save_to_disk folder (zipped, as a browser uploads a folder) whose second image is not an image."""
-    from datasets import Dataset, Features, Image as HFImage, Value
+    from datasets import Dataset, Features
+    from datasets import Image as HFImage
+    from datasets import Value
 
     features = Features({"image": HFImage(), "question": Value("string"), "answer": Value("string")})
     rows = {"image": [embedded(), embedded(b"GIF89a but not really")], "question": ["What?", "What?"],

@@ -7,8 +7,8 @@ from __future__ import annotations
 
 import contextlib
 import os
-import types
 import shutil
+import types
 from pathlib import Path
 
 import pytest
@@ -22,7 +22,7 @@ os.environ.setdefault("LLACA_BASE", "tiny")
 @pytest.fixture(scope="session")
 def quick_home(tmp_path_factory) -> Path:
     """A $LLACA_HOME holding a quickly built `base` version (built once per test session)."""
-    from llaca.base_build import build_base
+    from llaca.bases.tiny_v1 import build_base
     from llaca.versions import Registry
 
     home = tmp_path_factory.mktemp("llaca_home")
@@ -42,7 +42,7 @@ def llaca_home(quick_home, tmp_path, monkeypatch) -> Path:
 @pytest.fixture(scope="session")
 def coin_dir(tmp_path_factory) -> Path:
     """Small CoIN-mini task folders (train/test each)."""
-    from llaca import coin_mini
+    from llaca.data import coin_mini
 
     out = tmp_path_factory.mktemp("coin")
     coin_mini.write_coin_mini(out, seed=0, n_train=48, n_test=12)
@@ -52,7 +52,7 @@ def coin_dir(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def chatty_home(quick_home, tmp_path_factory) -> Path:
     """quick_home + 40 seq steps on the base mixture (version 'chatty'), so answers are words, not nothing."""
-    from llaca.tuner import StageConfig, run_stage
+    from llaca.train.tuner import StageConfig, run_stage
     from llaca.versions import Registry
 
     home = tmp_path_factory.getbasetemp() / "chatty_home"

@@ -18,7 +18,7 @@ CRASH_EXIT = 17
 
 
 def main(jobs_file: str) -> None:
-    from llaca.tuner import StageConfig, run_stage
+    from llaca.train.tuner import StageConfig, run_stage
     from llaca.versions import Registry
 
     for job in json.loads(open(jobs_file).read()):

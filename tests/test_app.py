@@ -124,7 +124,7 @@ def test_sample_images_in_assets_match_their_questions():
     from PIL import Image
 
     from app.chat_tab import SAMPLES, samples
-    from llaca import coin_mini
+    from llaca.data import coin_mini
 
     for (task, seed), (path, question, _) in zip(SAMPLES, samples()):
         image, expected, _ = coin_mini.get_task(task).sample(random.Random(seed))
@@ -171,8 +171,9 @@ def test_bad_chat_input_is_a_message_not_a_crash(client, tmp_path):
 
 def write_bad_set(folder: Path) -> list[Path]:
     """Three records: one good, one naming a missing image, one without conversations."""
-    from llaca.coin_mini import get_task
     import random
+
+    from llaca.data.coin_mini import get_task
 
     folder.mkdir(parents=True)
     image, q, a = get_task("colour_qa").sample(random.Random(0))
@@ -316,8 +317,8 @@ def test_queue_order_parents_cancel_and_recovery(tmp_path):
 def test_demo_queues_one_chain_per_default_arm(quick_home, tmp_path, monkeypatch):
     from app import Studio
     from app.learn_tab import queue_demo
-    from llaca import demo
-    from llaca.tuner import StageConfig
+    from llaca.data import demo
+    from llaca.train.tuner import StageConfig
 
     home = tmp_path / "home"
     shutil.copytree(quick_home, home)
@@ -354,7 +355,7 @@ def test_learn_tab_llaca_plus_replay_is_llaca_with_a_replay_share():
     """The Learn tab's "llaca + replay" submits the faithful rule over a stage that mixes in earlier records (the
     StageConfig the CLI's `--method llaca --replay-fraction` builds); plain `replay` keeps its own rule fraction."""
     from app.learn_tab import LLACA_REPLAY, METHODS, stage_config
-    from llaca.tuner import StageConfig
+    from llaca.train.tuner import StageConfig
 
     assert LLACA_REPLAY in [value for _, value in METHODS]
     mixed = StageConfig(**stage_config("d", LLACA_REPLAY, 0.99, 0.3, None, "", 1, 0, 1e-3, False))
@@ -368,7 +369,7 @@ def test_lineage_matrix_is_square_when_the_base_also_scored_a_build_phase():
     """Base v2's meta scores its alignment test too; the lineage's stages are the sets the newest version was scored
     on, so Avg.ACC / Forgetting show (they were blank for every v2 lineage)."""
     from app.versions_tab import lineage_matrix
-    from llaca.metrics import cl_metrics
+    from llaca.evaluation.metrics import cl_metrics
 
     base = {"align-test": {"accuracy": 56.5}, "base-test": {"accuracy": 42.0}}
     v1 = {"base-test": {"accuracy": 33.0}, "sciqa-test": {"accuracy": 100.0}}

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from llaca import base_world as bw
-from llaca import coin_mini, image_pack
+from llaca.data import coin_mini, image_pack
+from llaca.data import world as bw
 
 FORMATS = {  # answer format -> full-match regex; every one must occur in the instruction data
     "option letter": r"[A-E]",
@@ -132,8 +132,7 @@ def test_box_and_region_are_computed_from_pixels():
 
 
 def test_digits_heldout_set_is_written_split_by_image(tmp_path):
-    from llaca import heldout
-    from llaca.data import load_instruction_set
+    from llaca.data import heldout, load_instruction_set
 
     (root,) = heldout.write_sets(tmp_path, ["digits"])
     train, test = load_instruction_set(str(root / "train")), load_instruction_set(str(root / "test"))
@@ -144,7 +143,7 @@ def test_digits_heldout_set_is_written_split_by_image(tmp_path):
 
 def test_build_base_v2_registers_beside_base(tmp_path):
     """`build-base --recipe v2` (tiny step counts): a root version `base-v2` with the v2 spec and its own test split."""
-    from llaca import base_build_v2
+    from llaca.bases import tiny as base_build_v2
     from llaca.bench.quality import base_test_split
     from llaca.versions import Registry, load_version
 

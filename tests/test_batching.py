@@ -1,4 +1,4 @@
-"""Batched chat generation (llaca.batching): answers generated together are the answers generated alone.
+"""Batched chat generation (llaca.serve.batching): answers generated together are the answers generated alone.
 
 Greedy answers of prompts of different lengths (left padding), with and without an image and with an earlier turn,
 batched in one `generate` call must equal `answer_once` (a bare `generate` per request); a row that stops or hits
@@ -11,9 +11,9 @@ import threading
 
 import pytest
 
-from llaca import coin_mini
-from llaca.batching import Batcher, Request, consume, generate_batch
-from llaca.chat import _prepare, answer_once, stream_answer
+from llaca.data import coin_mini
+from llaca.serve.batching import Batcher, Request, consume, generate_batch
+from llaca.serve.chat import _prepare, answer_once, stream_answer
 from llaca.versions import Registry, load_version
 
 MAX_NEW = 12
@@ -79,7 +79,7 @@ def test_a_row_stops_alone_and_the_others_are_unaffected(model_and_processor, qu
 def test_concurrent_stream_answers_share_one_batch(model_and_processor, questions, monkeypatch):
     model, processor = model_and_processor
     batcher = Batcher(window_s=0.2)  # a wide window, so threads started together surely meet
-    monkeypatch.setattr("llaca.chat.BATCHER", batcher)
+    monkeypatch.setattr("llaca.serve.chat.BATCHER", batcher)
     alone = [answer_once(model, processor, img, q, history=h, max_new_tokens=MAX_NEW) for img, q, h in questions]
     results = [None] * len(questions)
 
@@ -101,7 +101,7 @@ def test_concurrent_stream_answers_share_one_batch(model_and_processor, question
 
 def test_the_pool_resolves_a_version_once_until_the_registry_changes(llaca_home, monkeypatch):
     """No meta.json is read per answer; a version created or deleted meanwhile is seen at once."""
-    from llaca.serving import ModelPool
+    from llaca.serve.serving import ModelPool
     from llaca.versions import VersionError
 
     registry = Registry(llaca_home)

@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from llaca import metrics
 from llaca.bench import quality, speed
+from llaca.evaluation import metrics
 
 
 def test_quality_smoke_metrics_match_the_matrix(llaca_home, coin_dir, tmp_path):
@@ -52,7 +52,7 @@ def test_instruction_router_groups_by_template_and_routes_questions(coin_dir):
     """The ICML version's grouping (the library router the benchmark uses): CoIN-mini tasks have distinct templates
     -> one group each, routed back exactly; a second dataset with the same template continues its group."""
     from llaca.data import load_instruction_set
-    from llaca.grouping import InstructionRouter
+    from llaca.train.grouping import InstructionRouter
 
     router = InstructionRouter(threshold=0.9)
     tasks = ["sciqa", "gqa", "vqav2"]
@@ -112,8 +112,8 @@ def test_quality_cache_key_ignores_the_multitask_set_except_for_multitask_and_fi
 
 def test_grounding_variants_train_a_fresh_lm_on_the_frozen_tower(tmp_path):
     """Tiny run of the base-v2 grounding diagnostic: real data variants, a real stage, per-family scores."""
-    from llaca import base_world
-    from llaca.bench import grounding
+    from experiments import grounding
+    from llaca.data import world as base_world
     from llaca.paths import ASSETS_DIR
 
     before = (list(base_world.READ_QS), base_world.sample_scene)
@@ -152,8 +152,8 @@ def test_grounding_variants_train_a_fresh_lm_on_the_frozen_tower(tmp_path):
 
 
 def test_demo_bench_runs_each_arm_and_its_metrics_match_its_rows(llaca_home, tmp_path, monkeypatch):
-    from llaca import demo
     from llaca.bench import demo as demo_bench
+    from llaca.data import demo
 
     monkeypatch.setattr(demo, "STAGE", dict(max_steps=2, batch_size=4, checkpoint_every=0))
     monkeypatch.setattr(demo, "DATA", dict(n_train=16, n_test=6, seed=0))
@@ -181,8 +181,8 @@ def test_demo_bench_runs_each_arm_and_its_metrics_match_its_rows(llaca_home, tmp
 
 
 def test_the_demo_button_compares_rules_at_one_lr_and_ends_with_the_default_recipe():
-    from llaca import demo
-    from llaca.tuner import DEFAULT_RECIPE
+    from llaca.data import demo
+    from llaca.train.tuner import DEFAULT_RECIPE
 
     rule = {k: DEFAULT_RECIPE[k] for k in ("method", "lr", "replay_fraction")}  # the demo's stages set max_steps
     assert demo.ARMS[demo.DEFAULT_ARMS[-1]] == rule

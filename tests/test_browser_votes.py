@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import os
 
-from test_browser import CHROMIUM, page, served, shots_dir  # noqa: F401 - fixtures reused
-
 import pytest
+from test_browser import CHROMIUM, page, served, shots_dir  # noqa: F401 - fixtures reused
 
 pytestmark = pytest.mark.skipif(not CHROMIUM.exists(), reason="needs Debian's chromium: apt-get install -y chromium")
 
@@ -24,7 +23,7 @@ ENABLED = """id => { const el = document.querySelector('#' + id);
 
 def judge(answer_a: str, answer_b: str, gold: str) -> str:
     """The vote of a judge who knows the right answer (so the committed leaderboard reflects real judgments)."""
-    from llaca.metrics import is_correct
+    from llaca.evaluation.metrics import is_correct
 
     a, b = is_correct(answer_a, gold), is_correct(answer_b, gold)
     return {(True, False): "a", (False, True): "b", (True, True): "tie", (False, False): "bothbad"}[(a, b)]
@@ -76,7 +75,7 @@ def test_blind_vote_reveals_names_after_the_vote_and_fills_the_leaderboard(page,
 def test_editing_an_answer_in_the_chat_saves_a_correction(page, served, tmp_path_factory):
     """Correct = Gradio's edit pencil on an assistant message: the edit is saved with image + question."""
     from app.chat_tab import samples
-    from llaca.corrections import CorrectionStore
+    from llaca.train.corrections import CorrectionStore
 
     store = CorrectionStore(served.studio.home)
     before = store.count()

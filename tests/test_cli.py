@@ -141,9 +141,9 @@ def test_replay_fraction_mixes_earlier_records_into_a_llaca_stage(llaca_home, co
 
 
 def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_faithful_rule(llaca_home, coin_dir):
-    """No flags: `llaca` with 20% replay at lr 3e-4 (llaca.tuner.DEFAULT_RECIPE); `--replay-fraction 0` the rule
+    """No flags: `llaca` with 20% replay at lr 3e-4 (llaca.train.tuner.DEFAULT_RECIPE); `--replay-fraction 0` the rule
     alone; another method gets no replay it did not ask for."""
-    from llaca.tuner import DEFAULT_RECIPE
+    from llaca.train.tuner import DEFAULT_RECIPE
     from llaca.versions import Version
 
     first = llaca("learn", coin_dir / "sciqa" / "train", "--method", "seq", "--from", "base", "--epochs", "1",
@@ -155,7 +155,7 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
         return json.loads((llaca_home / "versions" / vid / "meta.json").read_text())
 
     from llaca.cli import build_parser
-    from llaca.recipes import SMALL_RECIPE, recipe_for
+    from llaca.train.recipes import SMALL_RECIPE, recipe_for
     from llaca.versions import Registry
 
     assert build_parser().parse_args(["learn", "d"]).epochs is None  # None: the parent's base recipe decides
@@ -175,9 +175,9 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
 
 def test_progress_bar_restarts_for_each_stage_of_a_job(capsys):
     """A multi-phase build (alignment, then instructions) shows one bar per phase, not one bar counting both."""
-    from llaca.cli import _progress_printer
+    from llaca.cli.common import progress_printer
 
-    on_event = _progress_printer("build-base")
+    on_event = progress_printer("build-base")
     for total, steps in ((4, 4), (6, 3)):
         for k in range(1, steps + 1):
             on_event({"type": "step", "phase": "stage", "step": k, "total_steps": total, "loss": 1.0})

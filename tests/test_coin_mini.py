@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from llaca import coin_mini as cm
-from llaca.metrics import box_iou
+from llaca.data import coin_mini as cm
+from llaca.evaluation.metrics import box_iou
 
 
 def _files(root):

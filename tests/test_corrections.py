@@ -1,18 +1,19 @@
-"""The pending corrections set (llaca/corrections.py), its CLI, and the batch a small set becomes."""
+"""The pending corrections set (llaca/train/corrections.py), its CLI, and the batch a small set becomes."""
 from __future__ import annotations
 
 import json
 
 import pytest
 
-from llaca.corrections import CorrectionError, CorrectionStore, SmallSetRecipe
 from llaca.data import load_instruction_set
+from llaca.train.corrections import CorrectionError, CorrectionStore, SmallSetRecipe
 
 
 @pytest.fixture()
 def images(tmp_path):
-    from llaca import coin_mini
     import random
+
+    from llaca.data import coin_mini
 
     out = []
     for k in range(3):

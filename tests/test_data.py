@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from llaca import data as D
-from llaca.model import build_processor, train_tokenizer
+from llaca.models.llava import build_processor, train_tokenizer
 
 
 @pytest.fixture(scope="module")

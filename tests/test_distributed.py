@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file
 
 from llaca.data import load_instruction_set
-from llaca.tuner import DEFAULT_RECIPE, StageConfig, run_stage
+from llaca.train.tuner import DEFAULT_RECIPE, StageConfig, run_stage
 from llaca.versions import Registry, load_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,7 +108,7 @@ def test_launches_the_loop_cannot_run_correctly_are_refused(monkeypatch):
     FSDP version 1 hides the per-tensor shards. Each stops with a clear error that says what to use instead."""
     from accelerate.utils import DistributedType
 
-    import llaca.tuner as tuner
+    import llaca.train.tuner as tuner
 
     class FakeAccelerator:
         num_processes, distributed_type, is_fsdp2 = 1, DistributedType.NO, False
@@ -179,7 +179,7 @@ def launch(args: list[str], home: Path | None = None) -> subprocess.Popen:
 def fsdp_runs(quick_home, coin_dir, tmp_path_factory):
     """Every case trained sharded (one launch, in the background) and unsharded (here, meanwhile); plus a llaca stage
     killed right after its step-2 checkpoint. Returns {case: (fsdp home, single home)} and the killed stage's home."""
-    from llaca.tuner import StageConfig, run_stage
+    from llaca.train.tuner import StageConfig, run_stage
 
     root = tmp_path_factory.mktemp("fsdp")
     data = coin_dir / "vizwiz" / "train"

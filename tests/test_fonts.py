@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import ImageFont
 
-from llaca import base_world as bw
+from llaca.data import world as bw
 from llaca.paths import ASSETS_DIR
 
 # sha256 over the pixels of one "apple" scene per face (FONTS order), as rendered from the shipped files with the
@@ -82,7 +82,7 @@ def test_a_missing_font_is_an_error_that_names_it(tmp_path):
 
 def test_the_held_out_drawing_set_names_its_debian_package_when_missing(monkeypatch, tmp_path):
     """Tux Paint's stamps are a benchmark input, not world data: optional, but never silently empty."""
-    from llaca import heldout
+    from llaca.data import heldout
 
     monkeypatch.setattr(heldout, "TUXPAINT", tmp_path / "no-stamps")
     with pytest.raises(FileNotFoundError, match="tuxpaint-stamps-default"):

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from broken_sets import embedded, parquet_set, png
 from PIL import Image
 
-from broken_sets import embedded, parquet_set, png
 from llaca import cli
 from llaca.bench.formats import FORMATS, write_example
 from llaca.data import load_image, load_instruction_set, validate
@@ -322,7 +322,7 @@ def test_flat_upload_of_a_csv_and_the_learn_tab_conversion(tmp_path):
 
 def test_a_stage_trains_on_a_parquet_set_with_embedded_images(llaca_home, tmp_path):
     """The tuner gets the same records from Parquet as from LLaVA JSON: a real 2-step stage becomes a version."""
-    from llaca.tuner import StageConfig, run_stage
+    from llaca.train.tuner import StageConfig, run_stage
     from llaca.versions import Registry
 
     data = write_example("parquet", tmp_path / "pq", n=8, n_images=4)

@@ -1,4 +1,4 @@
-"""Instruction grouping (`llaca.grouping`): the TF-IDF router against hand-computed cosines, a grouped lineage through
+"""Instruction grouping (`llaca.train.grouping`): the TF-IDF router against hand-computed cosines, a grouped lineage through
 the library (new vs continue, routing per record, snapshots, delete guard, cap), the CLI, and the app's routes."""
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import shutil
 import pytest
 from conftest import served_app
 
-from llaca.grouping import GroupingError, InstructionRouter, evaluate_routed, learn_grouped, route_question
+from llaca.train.grouping import GroupingError, InstructionRouter, evaluate_routed, learn_grouped, route_question
 
 STAGE = dict(max_steps=2, batch_size=8, checkpoint_every=0)
 
@@ -65,7 +65,7 @@ def test_router_round_trip_and_cache():
 
 def test_grouped_lineage_new_continue_and_routing(llaca_home, coin_dir):
     from llaca.data import load_instruction_set
-    from llaca.evaluate import evaluate
+    from llaca.evaluation.evaluate import evaluate
     from llaca.versions import Registry, VersionError, load_version
 
     registry = Registry(llaca_home)
@@ -117,7 +117,7 @@ def test_grouped_lineage_new_continue_and_routing(llaca_home, coin_dir):
 
 @pytest.fixture(scope="module")
 def paraphrased_sciqa(tmp_path_factory):
-    from llaca.coin_mini_paraphrase import write_coin_mini_paraphrased
+    from llaca.data.paraphrase import write_coin_mini_paraphrased
 
     out = tmp_path_factory.mktemp("para")
     write_coin_mini_paraphrased(out, seed=0, n_train=48, n_test=12, tasks=["sciqa"])
@@ -125,8 +125,8 @@ def paraphrased_sciqa(tmp_path_factory):
 
 
 def test_paraphrased_variant_keeps_images_and_answers(coin_dir, paraphrased_sciqa):
-    from llaca.coin_mini_paraphrase import TEMPLATES
     from llaca.data import load_instruction_set
+    from llaca.data.paraphrase import TEMPLATES
 
     fixed = load_instruction_set(coin_dir / "sciqa" / "train").records
     para = load_instruction_set(paraphrased_sciqa / "train").records
@@ -142,10 +142,10 @@ def test_paraphrased_variant_keeps_images_and_answers(coin_dir, paraphrased_sciq
 def test_cli_grouped_learn_eval_ask(llaca_home, coin_dir, paraphrased_sciqa, tmp_path, capsys):
     """`learn --grouped` prints the decision then the id; `eval --json` routes record by record (run as a real
     `python -m llaca` process); the other commands run in-process through the same `cli.main` to save start-ups."""
+    from test_cli import llaca
+
     from llaca.cli import main
     from llaca.data import load_instruction_set, write_instruction_set
-
-    from test_cli import llaca
 
     def cli(*args):
         rc = main([str(a) for a in args])

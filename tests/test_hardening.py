@@ -21,9 +21,9 @@ import tracemalloc
 from pathlib import Path
 
 import pytest
+from broken_sets import CASES, png, record
 from PIL import Image
 
-from broken_sets import CASES, png, record
 from llaca import cli
 from llaca.data import Limits, validate
 from llaca.jobs import JobStore, try_lock
@@ -196,7 +196,7 @@ def test_second_worker_on_the_same_home_refuses_to_train(tmp_path):
 
 KILLABLE_STAGE = """
 import sys, time
-from llaca.tuner import StageConfig, run_stage
+from llaca.train.tuner import StageConfig, run_stage
 from llaca.versions import Registry
 
 def slow(event):  # slow enough to be killed between checkpoints
@@ -213,7 +213,7 @@ run_stage(StageConfig(data=sys.argv[1], method="llaca", parent="base", max_steps
 def test_sigkill_mid_stage_loses_nothing_and_resume_equals_uninterrupted(llaca_home, coin_dir):
     import signal
 
-    from llaca.tuner import StageConfig, run_stage
+    from llaca.train.tuner import StageConfig, run_stage
 
     data = str(coin_dir / "vizwiz" / "train")
     before = registry_state(llaca_home)
@@ -249,7 +249,7 @@ def test_only_safetensors_are_loaded_and_version_ids_stay_in_the_registry(quick_
     """A checkpoint with only a pickle (.bin) is refused before anything is unpickled; ids cannot name paths."""
     import torch
 
-    from llaca.model import load_model
+    from llaca.models.llava import load_model
     from llaca.versions import VersionError
 
     folder = tmp_path / "pickled"
@@ -273,10 +273,10 @@ def test_app_killed_mid_stage_keeps_queue_and_job_and_resumes_on_restart(llaca_h
     import signal
 
     from gradio_client import handle_file
+    from test_app import zip_folder
 
     from llaca.bench.load import connect, free_port
     from llaca.jobs import pid_alive
-    from test_app import zip_folder
 
     def launch(port):
         return subprocess.Popen([sys.executable, str(ROOT / "launch.py"), "--port", str(port), "--home",

@@ -19,9 +19,9 @@ import torch
 from peft import PeftModel
 
 from llaca.data import load_image, to_messages
-from llaca.model import QuantizationUnavailable, load_model
-from llaca.serving import ModelPool
-from llaca.tuner import StageConfig, run_stage
+from llaca.models.llava import QuantizationUnavailable, load_model
+from llaca.serve.serving import ModelPool
+from llaca.train.tuner import StageConfig, run_stage
 from llaca.versions import Registry, load_version
 
 REPO = Path(__file__).resolve().parents[1]
@@ -94,8 +94,8 @@ def test_lora_versions_store_only_the_adapter(lineage):
 def test_ask_with_model_answers_from_its_newest_version(lineage, coin_dir, monkeypatch, capsys):
     """`ask --model CKPT` (no version) answers as the newest version learned from CKPT, through its adapter."""
     import llaca.versions
-    from llaca.chat import answer_once
     from llaca.cli import main
+    from llaca.serve.chat import answer_once
 
     home, ckpt = lineage
     monkeypatch.setenv("LLACA_HOME", str(home))
@@ -132,7 +132,7 @@ def test_model_pool_serves_versions_from_one_base(lineage, coin_dir):
     assert not torch.allclose(pooled["v2"][0], pooled["v1"][0])  # the adapters really change the answers
     assert not torch.allclose(pooled["v2"][0], pooled["v3"][0])
 
-    from llaca.chat import answer_once
+    from llaca.serve.chat import answer_once
 
     for vid in ("v2", "v3"):
         assert pool.answer(vid, image, QUESTION, max_new_tokens=8) == answer_once(
@@ -229,7 +229,7 @@ def test_hub_id_resolves_from_the_local_cache(lineage, coin_dir, tmp_path):
                    HF_HUB_CACHE=str(cache)).stdout.strip()
     registered = [v for v in Registry(qhome).list() if v.meta.get("model_path") == "llaca-test/tiny-llava"]
     assert len(registered) == 1 and registered[0].weights == "external"
-    from llaca.chat import answer_once
+    from llaca.serve.chat import answer_once
 
     assert answer == answer_once(*load_version(Registry(qhome), "base"), str(an_image(coin_dir)), QUESTION,
                                  max_new_tokens=32)

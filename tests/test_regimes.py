@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from llaca.bench import regimes
-from llaca.rules.llaca import PAPER_LORA_NUMEL
+from experiments import regimes
+from llaca.train.rules.llaca import PAPER_LORA_NUMEL
 
 
 def test_regimes_smoke_report_matches_runs(llaca_home, coin_dir, tmp_path):

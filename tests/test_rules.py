@@ -5,8 +5,8 @@ import math
 import pytest
 import torch
 
-from llaca.rules import (RULES, EmaRule, LlacaRule, ReplayRule, SeqRule, llaca_alpha, llaca_alphas, make_rule)
-from llaca.rules.llaca import l1_norms
+from llaca.train.rules import RULES, EmaRule, LlacaRule, ReplayRule, SeqRule, llaca_alpha, llaca_alphas, make_rule
+from llaca.train.rules.llaca import l1_norms
 
 
 @pytest.fixture(autouse=True)
@@ -98,7 +98,7 @@ def test_llaca_first_step_then_update_by_hand():
 def test_llaca_norm_size_normalised_alpha_by_hand():
     """`llaca-norm`: scale x N / size_ref per tensor. Same two steps as above on a 2-element tensor, size_ref = 8:
     scale = 2 * 2 / 8 = 0.5; alpha = 0.5 * (1 + 1) / (3 * 1.5) = 2/9; ema = (7/9) [0, 0] + (2/9) [1, 2]."""
-    from llaca.rules.llaca import PAPER_LORA_NUMEL
+    from llaca.train.rules.llaca import PAPER_LORA_NUMEL
 
     assert llaca_alpha(3.0, 1.0, 1.5, numel=2, size_ref=8) == pytest.approx(2 / 9)
     # a 192x192 matrix against the paper's 4096x128 LoRA matrix: 2 * (36864 / 524288) * 2 / 10 = 0.028125

@@ -9,13 +9,13 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from llaca.small_base import CHAT_TEMPLATE, SMALL_ASSETS, lm_gguf
+from llaca.models.small import CHAT_TEMPLATE, SMALL_ASSETS, lm_gguf
 
 
 @pytest.fixture(scope="module")
 def small_home(tmp_path_factory):
     """A registry with `small` installed exactly as the app's first launch does it."""
-    from llaca.base_build import ensure_base
+    from llaca.bases.install import ensure_base
     from llaca.versions import Registry
 
     home = tmp_path_factory.mktemp("small_home")
@@ -52,7 +52,7 @@ def _picture(background, fill) -> Image.Image:
 def test_small_answers_an_image_question_and_a_text_question(small_home):
     """The installed version loads with transformers' classes, its answer depends on the picture (the tower ->
     projector -> LM path is wired), and it answers a text question as a chat LM does."""
-    from llaca.chat import answer_once
+    from llaca.serve.chat import answer_once
     from llaca.versions import Registry, load_version
 
     model, processor = load_version(Registry(small_home), "small")
@@ -67,7 +67,7 @@ def test_small_answers_an_image_question_and_a_text_question(small_home):
 
 
 def test_tuner_runs_lora_steps_on_small(small_home, coin_dir):
-    from llaca.tuner import StageConfig, run_stage
+    from llaca.train.tuner import StageConfig, run_stage
     from llaca.versions import Registry
 
     registry = Registry(small_home)

@@ -17,7 +17,6 @@ from test_app import as_input, last_answer, sample  # the chat helpers, shared
 
 from llaca.jobs import JobStore
 
-
 LEARN_TIMEOUT = 1200  # ~1 min on a quiet machine; a loaded shared one took 9 min to start the worker and the stage
 CORRECTED = "a purple owl"
 
@@ -47,7 +46,7 @@ def ask(client, image, question, version):
 
 
 def test_correct_then_learn_then_the_answer_is_fixed(client, app):
-    from llaca.metrics import normalize_answer
+    from llaca.evaluation.metrics import normalize_answer
 
     image, question, _ = sample()
     history = ask(client, image, question, "chatty")
@@ -80,7 +79,7 @@ def test_correct_then_learn_then_the_answer_is_fixed(client, app):
 def test_compare_correct_saves_the_picked_answer(client, app):
     from gradio_client import handle_file
 
-    from llaca.corrections import CorrectionStore
+    from llaca.train.corrections import CorrectionStore
 
     image, question, _ = sample()
     *_, answers = client.predict(["base", "chatty"], handle_file(image), question, 8, api_name="/compare")
@@ -124,7 +123,7 @@ def test_blind_votes_feed_the_leaderboard_and_export(client, app):
 
 
 def test_conversation_log_is_opt_in_and_deletable(client, app):
-    from llaca.convlog import ConversationLog
+    from llaca.serve.convlog import ConversationLog
 
     log = ConversationLog(app.home)
     image, question, _ = sample()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from llaca.tuner import StageCancelled, StageConfig, StageRecipe, run_stage
+from llaca.train.tuner import StageCancelled, StageConfig, StageRecipe, run_stage
 from llaca.versions import Registry, VersionError, load_version
 
 
@@ -75,7 +75,7 @@ def test_failed_stage_leaves_registry_untouched(llaca_home, coin_dir, monkeypatc
     registry = Registry()
     before = {v.id: v.meta for v in registry.list()}
     base_w = weights(registry, "base")
-    import llaca.model as model_mod
+    import llaca.models.llava as model_mod
 
     def broken_save(*a, **k):
         raise OSError(28, "No space left on device")

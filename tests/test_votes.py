@@ -6,7 +6,7 @@ import math
 
 import pytest
 
-from llaca.votes import ACROSS, VoteError, VoteStore, bradley_terry, elo_scale, leaderboard
+from llaca.serve.votes import ACROSS, VoteError, VoteStore, bradley_terry, elo_scale, leaderboard
 
 
 def test_two_versions_three_to_one_is_a_strength_ratio_of_three():

@@ -6,12 +6,11 @@ import sys
 
 # benchmark name -> module in llaca.bench whose main(argv) runs it
 BENCHMARKS = {
-    "quality": "quality", "speed": "speed", "load": "load", "heldout": "heldout", "basecost": "basecost",
-    "corrections": "corrections", "grouping": "grouping", "formats": "formats", "overhead": "overhead", "regimes": "regimes",
-    "grounding": "grounding", "demo": "demo", "contention": "contention",
-    "small": "small", "memory": "memory",
+    "quality": "quality", "speed": "speed", "load": "load", "heldout": "heldout", "corrections": "corrections",
+    "grouping": "grouping", "formats": "formats", "demo": "demo", "small": "small", "memory": "memory",
 }
-USAGE = f"usage: python -m llaca.bench {{{','.join(BENCHMARKS)}}} [options]   (python -m llaca.bench quality --help)"
+USAGE = (f"usage: python -m llaca.bench {{{','.join(BENCHMARKS)}}} [options]   (python -m llaca.bench quality --help)\n"
+         "one-off studies (regimes, grounding, basecost, overhead, contention): python -m experiments.NAME")
 
 
 def main(argv: list[str] | None = None) -> int:

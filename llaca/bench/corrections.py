@@ -41,7 +41,7 @@ VARIANTS = {
 
 def make_corrections(out: Path, task: str, n: int, seed: int) -> list[tuple[Path, str, str]]:
     """`n` (image, question, true answer) of one CoIN-mini task, written as PNGs."""
-    from .. import coin_mini
+    from ..data import coin_mini
 
     out.mkdir(parents=True, exist_ok=True)
     rng = random.Random(seed)
@@ -56,10 +56,10 @@ def make_corrections(out: Path, task: str, n: int, seed: int) -> list[tuple[Path
 
 def run(home: Path, out: Path, variants: list[str], task: str = "vqav2", n: int = 30, seed: int = 123,
         fresh: bool = False) -> dict:
-    from ..base_build import ensure_base
-    from ..chat import answer_once
-    from ..corrections import CorrectionStore, SmallSetRecipe, learn
-    from ..metrics import is_correct
+    from ..bases.install import ensure_base
+    from ..evaluation.metrics import is_correct
+    from ..serve.chat import answer_once
+    from ..train.corrections import CorrectionStore, SmallSetRecipe, learn
     from ..versions import Registry, load_version
 
     results_file = out / "results.json"
@@ -74,7 +74,7 @@ def run(home: Path, out: Path, variants: list[str], task: str = "vqav2", n: int 
     model, processor = load_version(registry, "base")
     base_answers = [answer_once(model, processor, str(p), q, max_new_tokens=32) for p, q, _ in items]
     from ..data import load_instruction_set
-    from ..evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
 
     base_eval = evaluate(model, processor, load_instruction_set(base.meta["stage"]["test_path"]))  # measured here
     before = {"base_test": round(base_eval.accuracy, 2), "base_test_n": base_eval.n,

@@ -1,9 +1,9 @@
 """`python -m llaca.bench demo`: the Learn tab's demo, arm by arm, and what each arm keeps.
 
-Each arm (`llaca.demo.ARMS`: a rule and a learning rate) learns the demo's CoIN-mini tasks in sequence from the
+Each arm (`llaca.data.demo.ARMS`: a rule and a learning rate) learns the demo's CoIN-mini tasks in sequence from the
 base (80 steps each, as the button does) in a private copy of the registry. After each stage the version is
 evaluated on every demo task's test split (50 records each) and on the base's own test split, so the table reads
-as the demo would in *Versions & evaluation*: Avg.ACC and Forgetting (`llaca.metrics`) and what is left of the
+as the demo would in *Versions & evaluation*: Avg.ACC and Forgetting (`llaca.evaluation.metrics`) and what is left of the
 base. `--tasks N` runs a longer demo (the first N CoIN-mini tasks); `--seeds 0 1 2` repeats each arm with the
 stage seed changed. Runs are cached per (base weights, tasks, arm, seed) in `<out>/runs/`, so a run resumes.
 """
@@ -18,9 +18,9 @@ from pathlib import Path
 
 
 def arm_run(registry, arm: str, seed: int, tasks, root: Path, work: Path, base_test: str | None) -> dict:
-    from .. import demo
-    from ..evaluate import evaluate
-    from ..tuner import StageConfig, run_stage
+    from ..data import demo
+    from ..evaluation.evaluate import evaluate
+    from ..train.tuner import StageConfig, run_stage
     from ..versions import load_version
     from .quality import _fresh_registry, _test_set
 
@@ -43,7 +43,7 @@ def arm_run(registry, arm: str, seed: int, tasks, root: Path, work: Path, base_t
 
 def run_metrics(run: dict) -> dict:
     """Avg.ACC / Forgetting of the run's accuracy matrix (rows: after each stage; columns: the tasks in order)."""
-    from ..metrics import cl_metrics
+    from ..evaluation.metrics import cl_metrics
 
     tasks = [t for t in run["after"][0] if t not in ("stage", "base")]
     return cl_metrics([[row[t] for t in tasks] for row in run["after"]])
@@ -72,9 +72,9 @@ def table(runs: list[dict], base_row: dict) -> str:
 
 
 def main(argv=None) -> int:
-    from .. import coin_mini, demo
-    from ..base_build import ensure_base
-    from ..evaluate import evaluate
+    from ..bases.install import ensure_base
+    from ..data import coin_mini, demo
+    from ..evaluation.evaluate import evaluate
     from ..versions import Registry, load_version
     from .heldout import _base_fingerprint
     from .quality import _test_set, base_test_split

@@ -69,7 +69,9 @@ def _write_images(folder: Path, n_images: int) -> None:
 
 
 def _features(kind: str):
-    from datasets import Features, Image as HFImage, List, Value
+    from datasets import Features
+    from datasets import Image as HFImage
+    from datasets import List, Value
 
     if kind == "parquet-messages":
         return Features({"id": Value("string"), "messages": List({"role": Value("string"), "content": Value("string")}),
@@ -179,7 +181,7 @@ def example_text(kind: str) -> str:
 CHILD = r"""
 import json, os, resource, sys, time
 from llaca.data import validate
-import llaca.formats  # noqa: F401
+import llaca.data.formats  # noqa: F401
 if sys.argv[2] in ("parquet", "parquet-messages", "hf-disk"):
     import datasets  # noqa: F401  (its import is not part of the validation's cost)
 def rss_mb():

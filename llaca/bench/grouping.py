@@ -1,4 +1,4 @@
-"""What instruction grouping (`llaca.grouping`) costs: routing latency per question, disk and memory per group.
+"""What instruction grouping (`llaca.train.grouping`) costs: routing latency per question, disk and memory per group.
 
     python -m llaca.bench grouping        # -> bench_results/grouping/cost.json, bench_results/grouping/table.md
 
@@ -33,8 +33,8 @@ GROUP_COUNTS = (1, 5, 10, 20, 40)
 def _codebooks(n_sets: int, per_set: int = 300) -> list[list[str]]:
     """`n_sets` real instruction sets: per CoIN-mini task its fixed template, the first and the last five of its
     paraphrased train templates (24 sets per seed; more sets come from further seeds)."""
-    from .. import coin_mini
-    from ..coin_mini_paraphrase import TEMPLATES, slots
+    from ..data import coin_mini
+    from ..data.paraphrase import TEMPLATES, slots
 
     sets = []
     seed = 0
@@ -52,8 +52,8 @@ def _codebooks(n_sets: int, per_set: int = 300) -> list[list[str]]:
 
 def _questions() -> list[str]:
     """Every CoIN-mini test question, fixed and paraphrased wording (100 + 100 per task)."""
-    from .. import coin_mini
-    from ..coin_mini_paraphrase import paraphrase
+    from ..data import coin_mini
+    from ..data.paraphrase import paraphrase
 
     out = []
     for task in coin_mini.DEFAULT_SEQUENCE:
@@ -81,8 +81,8 @@ def _per_call_ms(fn, items, reps: int = 3) -> dict:
 def routing_latency(work: Path) -> list[dict]:
     """Per group count: the router alone, and through the registry (a grouped version whose meta.json and
     groups.json are real; its members are meta-only entries here: routing never reads weights)."""
-    from ..grouping import GROUPS_FILE, InstructionRouter, _load_router, route_question
     from ..paths import atomic_write_json
+    from ..train.grouping import GROUPS_FILE, InstructionRouter, _load_router, route_question
     from ..versions import Registry
 
     questions = _questions()
@@ -117,8 +117,8 @@ def routing_latency(work: Path) -> list[dict]:
 
 def _task_texts(task: str, split: str, paraphrased: bool, n: int) -> list[str]:
     """The instructions `coin_mini` / `coin_mini_paraphrase` write for a task's split (no images rendered)."""
-    from .. import coin_mini
-    from ..coin_mini_paraphrase import paraphrase
+    from ..data import coin_mini
+    from ..data.paraphrase import paraphrase
 
     seed = coin_mini.split_seed(0, task, split)
     scenes, wording = random.Random(seed), random.Random(seed * 7919 + 17)
@@ -133,8 +133,8 @@ def routing_study(n_train: int = 1500, n_test: int = 100) -> dict:
     """All 8 CoIN-mini tasks, text only (routing never looks at images): the decisions a grouped lineage takes at
     the default threshold, routing accuracy per task (fixed and paraphrased instructions), and how similar a
     paraphrased set is to the same task's fixed-template group (would it continue that group at 0.90?)."""
-    from .. import coin_mini
-    from ..grouping import InstructionRouter
+    from ..data import coin_mini
+    from ..train.grouping import InstructionRouter
 
     tasks = coin_mini.DEFAULT_SEQUENCE
     out = {}
@@ -175,9 +175,9 @@ def group_cost(base_home: Path, work: Path, data_root: Path) -> dict:
     """Disk and resident memory per group, full weights vs LoRA adapters, from real grouped stages."""
     import gc
 
-    from ..base_build import ensure_base
-    from ..grouping import MAX_FULL_GROUPS, MAX_LORA_GROUPS, group_table, learn_grouped
-    from ..serving import ModelPool
+    from ..bases.install import ensure_base
+    from ..serve.serving import ModelPool
+    from ..train.grouping import MAX_FULL_GROUPS, MAX_LORA_GROUPS, group_table, learn_grouped
     from ..versions import Registry
 
     out = {}
@@ -324,8 +324,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    from .. import coin_mini
-    from ..base_build import ensure_base
+    from ..bases.install import ensure_base
+    from ..data import coin_mini
     from ..versions import Registry
 
     registry = Registry(args.home) if args.home else Registry()

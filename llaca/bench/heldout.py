@@ -4,7 +4,7 @@ Two questions the base v2 issue asks, measured on the version `base` of a regist
 
 1. Zero-shot: accuracy on every CoIN-mini task's test split before any stage (LLaVA-1.5 on CoIN is partly
    right zero-shot; base v1 was at 0% on 7 of 8), plus the base's own test split.
-2. Real images of a new kind (`llaca.heldout`: Tux Paint drawings, scanned handwritten digits — sources the
+2. Real images of a new kind (`llaca.data.heldout`: Tux Paint drawings, scanned handwritten digits — sources the
    base never pre-trained on): one stage with the CLI defaults (`python -m llaca learn DATA/train`: the variant
    "CLI defaults"; "frozen tower" is the faithful rule alone at lr 1e-3 for 3 epochs, the default until
    2026-11-26), test-split accuracy, with other variants (the tower trained, LoRA, other rules), and what the
@@ -21,7 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ..tuner import DEFAULT_RECIPE
+from ..train.tuner import DEFAULT_RECIPE
 
 VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vision": True},
             # the same with plain fine-tuning, to tell what the tower does from what the update rule does
@@ -32,7 +32,7 @@ VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vi
             "LoRA": {"lora": True}, "LoRA + last 2 tower blocks": {"lora": True, "vision_blocks": 2},
             # 20% of the stage's records replayed from the base's own mixture (`replay/` of the base version)
             "frozen tower, replay": {"method": "replay"}, "frozen tower, llaca+replay": {"replay_fraction": 0.2},
-            # the same at the rate where replay forgot least over CoIN-mini (README 'Continual learning')
+            # the same at the rate where replay forgot least over CoIN-mini (docs/method.md 'The default recipe')
             "frozen tower, replay, lr 3e-4": {"method": "replay", "lr": 3e-4},
             "frozen tower, llaca+replay, lr 3e-4": {"replay_fraction": 0.2, "lr": 3e-4},
             # `learn` with no options: the previous one with 5 epochs instead of 3
@@ -51,12 +51,12 @@ def linear_probe(x_train, y_train, x_test, y_test) -> float:
 
 def readout_probes(model, processor, readouts=("mean", "flat"), sets=("tuxpaint", "digits")) -> dict:
     """`{"<set>_<readout>": accuracy}`: linear probes of the tower's last layer on the held-out sets, built in memory
-    (`llaca.heldout.<set>_records(0)`), for tower experiments that have no version on disk. Readouts: "cls" (CLIP's
+    (`llaca.data.heldout.<set>_records(0)`), for tower experiments that have no version on disk. Readouts: "cls" (CLIP's
     CLS token), "mean" (patch tokens mean-pooled), "flat" (patch tokens flattened)."""
     import torch
 
-    from .. import heldout
-    from ..base_build_v2 import pixels
+    from ..bases.tiny import pixels
+    from ..data import heldout
 
     tower = model.model.vision_tower
 
@@ -88,8 +88,7 @@ def tower_probe(model, processor, data_root: Path, name: str) -> dict:
     import torch
 
     from ..data import load_image, load_instruction_set
-
-    from ..model import image_tokens
+    from ..models.llava import image_tokens
 
     def features(split: str):
         records = load_instruction_set(str(data_root / name / split)).records
@@ -116,8 +115,8 @@ def _base_fingerprint(registry, version: str) -> str:
 
 
 def zero_shot(model, processor, coin_root: Path, limit: int | None, base_test: str | None) -> dict:
-    from .. import coin_mini
-    from ..evaluate import evaluate
+    from ..data import coin_mini
+    from ..evaluation.evaluate import evaluate
     from .quality import _test_set
 
     row = {t: round(evaluate(model, processor, _test_set(str(coin_root / t / "test")), limit=limit).accuracy, 1)
@@ -129,8 +128,8 @@ def zero_shot(model, processor, coin_root: Path, limit: int | None, base_test: s
 
 def stage_run(registry, version: str, data_root: Path, name: str, variant: str, work: Path,
               base_test: str | None, seed: int = 0, max_steps: int | None = None, config: dict | None = None) -> dict:
-    from ..evaluate import evaluate
-    from ..tuner import StageConfig, run_stage
+    from ..evaluation.evaluate import evaluate
+    from ..train.tuner import StageConfig, run_stage
     from ..versions import load_version
     from .quality import _fresh_registry, _test_set
 
@@ -150,9 +149,10 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
 
 
 def main(argv=None) -> int:
-    from .. import coin_mini, heldout
-    from ..base_build import BASES, ensure_base
-    from ..recipes import recipe_for
+    from ..bases.install import ensure_base
+    from ..data import coin_mini, heldout
+    from ..models.catalog import BASES
+    from ..train.recipes import recipe_for
     from ..versions import Registry, load_version
     from .quality import base_test_split
 
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
                 if cache.is_file():
                     run = {"seed": 0, **json.loads(cache.read_text())}
                 else:
-                    # "CLI defaults" is what `learn` runs from this version: its base's recipe (llaca.recipes)
+                    # "CLI defaults" is what `learn` runs from this version: its base's recipe (llaca.train.recipes)
                     config = recipe_for(registry, a.version) if variant == "CLI defaults" else None
                     run = stage_run(registry, a.version, data, name, variant, work, base_test, seed, a.max_steps,
                                     config)

@@ -203,11 +203,11 @@ def main(argv: list[str] | None = None) -> int:
     counts = [int(c) for c in str(args.clients).split(",")]
     per_client = lambda n: args.requests_alone if n == 1 else args.requests  # noqa: E731 - a median needs samples
 
-    from .. import coin_mini
+    from ..data import coin_mini
 
     work = Path(tempfile.mkdtemp(prefix="llaca-load-"))
     home, port = work / "home", free_port()
-    from ..base_build import ensure_base
+    from ..bases.install import ensure_base
     from ..versions import Registry
 
     ensure_base(Registry(home), base="tiny")  # the shipped base (seconds), so the stage can start at once

@@ -144,8 +144,8 @@ def worker(jobs_file: str) -> None:
     up (lazy initialisation, thread pools, allocator) and is not kept."""
     import torch
 
-    from ..rules.base import local
-    from ..tuner import StageConfig, StageRecipe
+    from ..train.rules.base import local
+    from ..train.tuner import StageConfig, StageRecipe
     from ..versions import Registry
 
     jobs = json.loads(Path(jobs_file).read_text())
@@ -172,8 +172,8 @@ def worker(jobs_file: str) -> None:
 
 def measure(steps: int, workdir: Path) -> list[dict]:
     """The tiny base, 2 processes DDP and FSDP2 and 1 process, full and LoRA, seq and llaca: the state training adds."""
-    from ..base_build import install_shipped_base
-    from ..coin_mini import write_coin_mini
+    from ..bases.install import install_shipped_base
+    from ..data.coin_mini import write_coin_mini
     from ..versions import Registry
 
     home = workdir / "home"

@@ -33,7 +33,7 @@ import sys
 import time
 from pathlib import Path
 
-from ..rules.llaca import PAPER_LORA_NUMEL
+from ..train.rules.llaca import PAPER_LORA_NUMEL
 
 # --- the per-stage recipe every method shares (the integrator calibrates these) ---------------------------------
 STAGE_STEPS = 150       # optimizer steps per task (multitask: len(tasks) x this, one stage)
@@ -55,7 +55,7 @@ METHODS: dict[str, tuple[str, dict]] = {
     "replay": ("replay", {}),
     "llaca": ("llaca", {}),                   # faithful: the authors' code (scale 2, fallback 0.01)
     "llaca-port": ("llaca", {"scale": 0.01, "alpha_fallback": 0.001}),   # the later port's constants
-    "llaca-grouped": ("llaca", {}),           # + the ICML version's instruction grouping (llaca.grouping)
+    "llaca-grouped": ("llaca", {}),           # + the ICML version's instruction grouping (llaca.train.grouping)
     "llaca-norm": ("llaca", {"size_ref": PAPER_LORA_NUMEL}),   # scale x N / (4096 x 128): the paper's per-element alpha
     "llaca+replay": ("llaca", {}),            # the adaptive EMA over stages that mix in earlier records (REPLAY_MIX)
     "multitask": ("seq", {}),                 # all tasks jointly, one stage (upper bound)
@@ -105,7 +105,7 @@ def _evaluate_row(registry, version_id: str, tests: list[str], test_limit: int |
                   router=None):
     """Accuracy of `version_id` on each test split (and the base mixture's); with a router, each question is
     answered by the version of the group its instruction routes to."""
-    from ..evaluate import evaluate
+    from ..evaluation.evaluate import evaluate
     from ..versions import load_version
 
     models = {}
@@ -133,7 +133,7 @@ def _evaluate_row(registry, version_id: str, tests: list[str], test_limit: int |
 
 
 def _split(router, records) -> dict[str, list]:
-    """Records by the version of the group their question is most similar to (`llaca.grouping`)."""
+    """Records by the version of the group their question is most similar to (`llaca.train.grouping`)."""
     out: dict[str, list] = {}
     for r in records:
         out.setdefault(router.route(r.question).version, []).append(r)
@@ -200,12 +200,12 @@ def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, se
 
     A[j][i] = accuracy (%) on task i's test split after stage j (full rows). `base_test`: the base mixture's test
     split, evaluated after the last stage. Stage weights are deleted once the next stage has loaded them.
-    `grouping`: a similarity threshold turns on instruction grouping (`llaca.grouping.InstructionRouter`).
+    `grouping`: a similarity threshold turns on instruction grouping (`llaca.train.grouping.InstructionRouter`).
     `stage_kw`: more `StageConfig` fields for every stage (the regime: lora, lora_r, replay_fraction).
     """
-    from ..grouping import InstructionRouter
-    from ..metrics import cl_metrics
-    from ..tuner import StageConfig, run_stage
+    from ..evaluation.metrics import cl_metrics
+    from ..train.grouping import InstructionRouter
+    from ..train.tuner import StageConfig, run_stage
 
     label = label or method
     t_run = time.time()
@@ -291,7 +291,7 @@ def _tensor_summary(per_stage: dict[str, list[dict]]) -> list[dict]:
 def run_multitask(base_registry_home, multitask_data, tasks_root, tasks, seed, steps, lr, batch_size, out_home, *,
                   test_limit=None, base_test=None, stage_kw=None, log=print) -> dict:
     """One `seq` stage on the union of all tasks, len(tasks) x `steps` steps: A is a single row (Avg.ACC only)."""
-    from ..tuner import StageConfig, run_stage
+    from ..train.tuner import StageConfig, run_stage
 
     t_run = time.time()
     registry = _fresh_registry(base_registry_home, out_home)
@@ -325,8 +325,8 @@ def interpolation_probe(base_registry_home, tasks_root, tasks, steps, lr, batch_
     gaining some of the new one, no choice of alpha can."""
     import torch
 
-    from ..evaluate import evaluate
-    from ..tuner import StageConfig, run_stage
+    from ..evaluation.evaluate import evaluate
+    from ..train.tuner import StageConfig, run_stage
     from ..versions import load_version
 
     registry = _fresh_registry(base_registry_home, out_home)
@@ -405,8 +405,9 @@ def job_rule(job: dict) -> tuple[str, dict]:
 def prepare_data(root: Path, tasks: list[str], seed: int = DATA_SEED, n_train: int = N_TRAIN,
                  n_test: int = N_TEST, paraphrased: bool = False) -> Path:
     """CoIN-mini task folders (written once, reused by later benchmarks); `paraphrased`: the variant with ~10
-    re-worded instruction templates per split (`llaca.coin_mini_paraphrase`)."""
-    from .. import coin_mini, coin_mini_paraphrase
+    re-worded instruction templates per split (`llaca.data.paraphrase`)."""
+    from ..data import coin_mini
+    from ..data import paraphrase as coin_mini_paraphrase
 
     write = coin_mini_paraphrase.write_coin_mini_paraphrased if paraphrased else coin_mini.write_coin_mini
     root = Path(root)
@@ -419,7 +420,8 @@ def prepare_data(root: Path, tasks: list[str], seed: int = DATA_SEED, n_train: i
 
 def _generator_fingerprint(paraphrased: bool = False) -> str:
     """Short hash of the CoIN-mini generator's source: data written by an older generator is not reused."""
-    from .. import coin_mini, coin_mini_paraphrase
+    from ..data import coin_mini
+    from ..data import paraphrase as coin_mini_paraphrase
 
     src = Path(coin_mini.__file__).read_bytes()
     if paraphrased:
@@ -452,8 +454,8 @@ def prepare_multitask(tasks_root: Path, tasks: list[str], out: Path) -> Path:
 
 def base_test_split(registry, base) -> str | None:
     """The base mixture's test split (base meta `stage.test_path`), regenerated if that folder is gone; refused
-    (`base_build.StaleTestSplit`) if its records differ from those the base was scored on."""
-    from ..base_build import base_data_root, check_test_split
+    (`llaca.bases.splits.StaleTestSplit`) if its records differ from those the base was scored on."""
+    from ..bases.splits import base_data_root, check_test_split
 
     build = base.meta.get("build") or {}
     tp = base.meta.get("stage", {}).get("test_path")
@@ -469,8 +471,8 @@ def calibrate(registry, tasks_root: Path, tasks: list[str], batch_size: int, lr:
               work: Path) -> dict:
     """Seconds per training step and per evaluated sample on this machine now, plus the base's own row
     (zero-shot accuracy on every task, and its base-mixture accuracy): the reference the runs start from."""
-    from ..evaluate import evaluate
-    from ..tuner import StageConfig, StageRecipe
+    from ..evaluation.evaluate import evaluate
+    from ..train.tuner import StageConfig, StageRecipe
     from ..versions import load_version
 
     model, processor = load_version(registry, "base")
@@ -712,14 +714,14 @@ def parse_args(argv):
     p.add_argument("--fresh", action="store_true", help="ignore cached runs")
     p.add_argument("--dry-run", action="store_true", help="print the plan and the time estimate, run nothing")
     p.add_argument("--paraphrased", action="store_true", help="CoIN-mini with ~10 paraphrased instruction templates "
-                   "per split, different in train and test (llaca.coin_mini_paraphrase)")
+                   "per split, different in train and test (llaca.data.paraphrase)")
     p.add_argument("--interpolation", action="store_true",
                    help="only the weight-interpolation probe on the first two --tasks (interpolation.json/.png)")
     return p.parse_args(argv)
 
 
 def resolve_config(args) -> dict:
-    from ..coin_mini import DEFAULT_SEQUENCE
+    from ..data.coin_mini import DEFAULT_SEQUENCE
 
     q = QUICK if args.quick else {}
     tasks = args.tasks or q.get("tasks") or len(DEFAULT_SEQUENCE)
@@ -776,9 +778,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run_interpolation(cfg: dict, out: Path, home=None, data=None, work=None) -> int:
-    from . import plots
-    from ..base_build import ensure_base
+    from ..bases.install import ensure_base
     from ..versions import Registry
+    from . import plots
 
     _worker_init()
     registry = Registry(home) if home else Registry()
@@ -846,7 +848,7 @@ def _run_benchmark(cfg: dict, out: Path, home, data, work, fresh, dry_run) -> in
 
 def setup_inputs(cfg: dict, home=None, data=None, work=None, bench="quality"):
     """(registry holding the base to start from, that base, work dir, CoIN-mini folder, base test split)."""
-    from ..base_build import ensure_base
+    from ..bases.install import ensure_base
     from ..versions import Registry
 
     registry = Registry(home) if home else Registry()

@@ -32,7 +32,7 @@ def _rss_mb() -> float:
 
 
 def install(home: Path) -> dict:
-    from ..base_build import ensure_base
+    from ..bases.install import ensure_base
     from ..versions import Registry
 
     t0 = time.perf_counter()
@@ -41,9 +41,9 @@ def install(home: Path) -> dict:
 
 
 def own_test(model, processor, registry) -> dict:
-    from .. import metrics
-    from ..evaluate import evaluate
-    from .grounding import family
+    from ..data.world import family
+    from ..evaluation import metrics
+    from ..evaluation.evaluate import evaluate
     from .quality import _test_set, base_test_split
 
     test = _test_set(base_test_split(registry, registry.get("small")))
@@ -61,8 +61,8 @@ def has_key(answer: str, keys: list[str]) -> bool:
 
 def text_agreement(model, processor, max_new_tokens: int = 48) -> dict:
     """Both models' greedy answers to each prompt, and whether they agree on its key answer."""
-    from ..small_base import load_language_model
-    from ..small_build import distill_chat
+    from ..bases.small_build import distill_chat
+    from ..models.small import load_language_model
 
     prompts = json.loads((ASSETS_DIR / "small" / "text_check.json").read_text())["prompts"]
     reference, tokenizer = load_language_model()
@@ -82,7 +82,7 @@ def text_agreement(model, processor, max_new_tokens: int = 48) -> dict:
 
 
 def zero_shot_row(model, processor, work: Path, limit: int) -> dict:
-    from .. import coin_mini
+    from ..data import coin_mini
     from .heldout import zero_shot
 
     root = work / "coin-mini"
@@ -92,10 +92,10 @@ def zero_shot_row(model, processor, work: Path, limit: int) -> dict:
 
 
 def photos(model, processor) -> dict:
-    from PIL import Image
     import skimage.data
+    from PIL import Image
 
-    from ..chat import answer_once
+    from ..serve.chat import answer_once
 
     rows = []
     for name, question in PHOTOS:
@@ -106,10 +106,10 @@ def photos(model, processor) -> dict:
 
 
 def chat_cost(model, processor, reps: int = 5, new_tokens: int = 32) -> dict:
-    from PIL import Image
     import skimage.data
+    from PIL import Image
 
-    from ..chat import stream_answer
+    from ..serve.chat import stream_answer
 
     image = Image.fromarray(skimage.data.chelsea()).convert("RGB")
     first, speed = [], []
@@ -155,7 +155,7 @@ def main(argv=None) -> int:
             res = install(home)
         else:
             if model is None:
-                from ..base_build import ensure_base
+                from ..bases.install import ensure_base
 
                 ensure_base(Registry(home), base="small")
                 model, processor = load_version(Registry(home), "small")

@@ -7,7 +7,7 @@
 - a whole stage (`run_stage`, same data and steps) with `llaca` vs `seq`;
 - memory: the rule's state in bytes (exact, from its tensors) against the trainable parameters and gradients, and
   the peak RSS of two child processes that each run the same stage with `seq` / `llaca`;
-- chat: time to first token and tokens/s through `llaca.chat.stream_answer` vs a bare `model.generate` on the same
+- chat: time to first token and tokens/s through `llaca.serve.chat.stream_answer` vs a bare `model.generate` on the same
   inputs (greedy, same max_new_tokens).
 
 Timings alternate A/B/A/B (the order flips every round) so that a machine shared with other work slows both sides
@@ -53,8 +53,8 @@ def interleaved(fns: dict, reps: int, warmup: int = 1) -> dict[str, list[float]]
 
 def _setup(registry, work: Path, batch_size: int):
     """The base model made trainable as a stage makes it (vision frozen), one real batch, a task folder."""
-    from .. import coin_mini
     from .. import data as D
+    from ..data import coin_mini
     from ..versions import load_version
 
     task_dir = work / "data" / "gqa"   # two objects per image: the longest answers the base model gives
@@ -84,7 +84,7 @@ def _backward(model, params, batch):
 def measure_optimizer_step(model, params, batch, reps: int, full_reps: int) -> dict:
     import torch
 
-    from ..rules import make_rule
+    from ..train.rules import make_rule
 
     _backward(model, params, batch)
     opt = torch.optim.AdamW(params.values(), lr=1e-5)
@@ -122,7 +122,7 @@ def measure_optimizer_step(model, params, batch, reps: int, full_reps: int) -> d
 
 
 def measure_stage(registry, task_dir: Path, work: Path, steps: int, reps: int, batch_size: int) -> dict:
-    from ..tuner import StageConfig, run_stage
+    from ..train.tuner import StageConfig, run_stage
     from ..versions import Registry
 
     scratch = Registry(work / "stage-home")
@@ -167,7 +167,7 @@ def measure_memory(model, params, batch, registry, task_dir: Path, work: Path, s
     """Exact bytes of the rule state vs the trainable parameters, then peak RSS of seq / llaca child processes."""
     import torch
 
-    from ..rules import make_rule
+    from ..train.rules import make_rule
 
     _backward(model, params, batch)
     opt = torch.optim.AdamW(params.values(), lr=1e-5)
@@ -213,7 +213,7 @@ def _child_result(method: str, child: subprocess.Popen) -> float:
 def _mem_child(method: str, home: str, task_dir: str, work: str, steps: int) -> int:
     import torch
 
-    from ..tuner import StageConfig, run_stage
+    from ..train.tuner import StageConfig, run_stage
     from ..versions import Registry
 
     torch.set_num_threads(1)
@@ -231,8 +231,8 @@ def measure_chat(registry, records, reps: int, max_new_tokens: int) -> dict:
     """The default model loaded as the chat worker loads it (eval mode, no grads), one question, both paths."""
     import torch
 
-    from ..chat import _generation_kwargs, _prepare, stream_answer
     from ..data import load_image
+    from ..serve.chat import _generation_kwargs, _prepare, stream_answer
     from ..versions import load_version
 
     model, processor = load_version(registry, "base")
@@ -349,7 +349,7 @@ def _run_speed(home, out, reps, train_reps, stage_steps, stage_reps, mem_steps, 
     import torch
     import transformers
 
-    from ..base_build import ensure_base
+    from ..bases.install import ensure_base
     from ..versions import Registry
 
     transformers.utils.logging.set_verbosity_error()

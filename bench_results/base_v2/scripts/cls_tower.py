@@ -2,9 +2,9 @@
 import sys, json, time, dataclasses, torch
 sys.path.insert(0, "/work/main")
 torch.set_num_threads(1)
-from llaca import base_build_v2 as b2
+from llaca.bases import tiny as b2
 from llaca.bench.heldout import readout_probes
-from llaca.model import build_model, build_processor, save_pretrained
+from llaca.models.llava import build_model, build_processor, save_pretrained
 steps, out = int(sys.argv[1]), sys.argv[2]
 spec = dataclasses.replace(b2.SPEC, feature_strategy="full")
 processor = build_processor(b2.tokenizer(0, spec), spec)

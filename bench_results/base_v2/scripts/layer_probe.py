@@ -9,9 +9,10 @@ from pathlib import Path
 
 import torch
 
-from llaca import base_build_v2 as b2, heldout
+from llaca.bases import tiny as b2
+from llaca.data import heldout
 from llaca.bench.heldout import linear_probe
-from llaca.model import load_pretrained
+from llaca.models.llava import load_pretrained
 
 torch.set_num_threads(1)
 model, processor = load_pretrained(Path(sys.argv[1] if len(sys.argv) > 1 else "assets/base") / "model")

@@ -3,7 +3,7 @@
 Each of the 16 image tokens is the sum of learned embeddings of what that patch shows, read from the scene itself
 (`base_world.dense_labels`: group, sprite label, shape, colour, word) plus, on the patch under a thing's centre,
 a centre flag and the thing's box (x1, y1, x2, y2 in tenths): the scene's facts, exact, per token; no tower
-carries more about the scene. Same records, LM, optimiser, lr, steps and test as `python -m llaca.bench grounding
+carries more about the scene. Same records, LM, optimiser, lr, steps and test as `python -m experiments.grounding
 --variants v2 --lrs 5e-4` (control: 35.5% at 800 steps on the v2f tower). If the LM with the oracle stays far below
 90%, the LM's learning, not the tower, is what keeps the base from its own test in the build's budget.
 
@@ -23,10 +23,11 @@ torch.set_num_threads(int(os.environ.get("THREADS", "1")))
 from transformers import get_cosine_schedule_with_warmup
 from transformers.modeling_outputs import BaseModelOutputWithPooling
 
-from llaca import base_world as bw
-from llaca.bench.grounding import family, fresh_model_on_tower
+from llaca.data import world as bw
+from llaca.data.world import family
+from experiments.grounding import fresh_model_on_tower
 from llaca.data import Record, RecordEncoder, collate, to_messages
-from llaca.metrics import accuracy
+from llaca.evaluation.metrics import accuracy
 
 steps, tower, work, out = int(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 GRID, FIELDS = 4, ("patch_group", "patch_label", "patch_shape", "patch_colour", "patch_word")

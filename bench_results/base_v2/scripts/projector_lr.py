@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from llaca.bench import grounding
+from experiments import grounding
 
 K, tower, work, out = float(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), Path(sys.argv[4])
 torch.set_num_threads(1)

@@ -3,9 +3,10 @@ Usage: token_probe.py TOWER_DIR [TOWER_DIR ...] (each a folder with model/); pri
 import sys, json, random, numpy as np, torch
 sys.path.insert(0, "/work/main")
 torch.set_num_threads(2)
-from llaca import base_world as bw, base_build_v2 as b2
+from llaca.data import world as bw
+from llaca.bases import tiny as b2
 from llaca.bench.heldout import linear_probe
-from llaca.model import load_pretrained
+from llaca.models.llava import load_pretrained
 rng = random.Random(123)
 scenes = [bw.sample_scene(rng) for _ in range(3000)]
 images = [bw.render(s) for s in scenes]

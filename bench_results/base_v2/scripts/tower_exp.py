@@ -13,8 +13,9 @@ from PIL import Image, ImageOps, ImageEnhance
 sys.path.insert(0, "/work/main")
 torch.set_num_threads(1)
 from transformers import AutoProcessor
-from llaca import base_world, image_pack, base_build_v2 as b2
-from llaca.model import build_model
+from llaca.data import world as base_world, image_pack
+from llaca.bases import tiny as b2
+from llaca.models.llava import build_model
 from llaca.bench.heldout import readout_probes
 
 variant, steps = sys.argv[1], int(sys.argv[2])

