@@ -171,6 +171,12 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
     assert named == {"llaca + 20% replay", "llaca"}
     seq = learned("--method", "seq")
     assert "replay_fraction" not in seq["hparams"] and seq["steps"] == 48 // 8
+    # the paper's named recipe: LoRA on every LM Linear + the projector at its own lr, one epoch, the rule alone
+    paper = learned("--recipe", "paper-r64", "--max-steps", "2")
+    assert paper["method"] == "llaca" and paper["weights"] == "lora"
+    assert {k: paper["hparams"][k] for k in ("lr", "projector_lr", "lora_r", "lora_alpha", "epochs")} == \
+        {"lr": 2e-4, "projector_lr": 2e-5, "lora_r": 64, "lora_alpha": 128, "epochs": 1.0}
+    assert "replay_fraction" not in paper["hparams"]
 
 
 def test_progress_bar_restarts_for_each_stage_of_a_job(capsys):

@@ -128,3 +128,39 @@ def test_registry_guards(llaca_home):
         registry.get("../../etc")
     with pytest.raises(VersionError):
         registry.delete("base")
+
+
+def test_projector_lr_is_its_own_param_group_and_survives_resume(llaca_home, coin_dir):
+    """LLaVA's mm_projector_lr (the paper's recipe: LoRA 2e-4, projector 2e-5): with projector_lr=0 the projector
+    stays exactly the parent's while the LoRA weights move, and a cancelled stage resumes with both groups."""
+    registry = Registry()
+    data = str(coin_dir / "vqav2" / "train")
+    cfg = StageConfig(data=data, method="seq", lora=True, lora_r=4, lora_alpha=8, lr=1e-3, projector_lr=0.0,
+                      max_steps=3, batch_size=8, evaluate_after=False, checkpoint_every=1)
+    steps = {"n": 0}
+
+    def count(event):
+        steps["n"] = event.get("step", steps["n"]) if event["type"] == "step" else steps["n"]
+
+    recipe = StageRecipe(cfg, registry, on_event=count, should_stop=lambda: steps["n"] >= 2)
+    recipe.setup()
+    groups = recipe.optimizer.param_groups
+    assert [g["initial_lr"] for g in groups] == [1e-3, 0.0]
+    projector = [n for n in recipe.params if "multi_modal_projector" in n]
+    assert projector and list(recipe.params)[-len(projector):] == projector  # state indices follow group order
+    assert {id(p) for p in groups[1]["params"]} == {id(recipe.params[n]) for n in projector}
+    before = {n: p.detach().clone() for n, p in recipe.params.items()}
+    with pytest.raises(StageCancelled):
+        recipe.train()
+    assert all(torch.equal(recipe.params[n], before[n]) for n in projector)
+    lora_b = [n for n in recipe.params if "lora_B" in n]
+    assert any(not torch.equal(recipe.params[n], before[n]) for n in lora_b)
+    assert "projector_lr" in cfg.hparams() and "projector_lr" not in StageConfig(data=data).hparams()
+
+    resumed = StageRecipe(cfg, registry)
+    resumed.setup()
+    assert resumed.step == 2
+    assert [g["lr"] for g in resumed.optimizer.param_groups] == [g["lr"] for g in recipe.optimizer.param_groups]
+    name = lora_b[0]
+    assert torch.equal(resumed.optimizer.state[resumed.params[name]]["exp_avg"],
+                       recipe.optimizer.state[recipe.params[name]]["exp_avg"])

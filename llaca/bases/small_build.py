@@ -37,8 +37,8 @@ from .splits import split_fingerprint
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_R, LORA_ALPHA = 32, 64
-ALIGN_STEPS, ALIGN_LR = 80, 1e-3
-TUNE_STEPS, TUNE_LR = 320, 4e-4
+ALIGN_STEPS, ALIGN_LR = 150, 1e-3
+TUNE_STEPS, TUNE_LR = 700, 4e-4
 BATCH = 16
 TEXT_SHARE = 0.125  # of each stage-2 batch: 2 of 16 records are text-only chat
 

@@ -69,8 +69,8 @@ def cmd_register(args) -> int:
 
 
 def cmd_learn(args) -> int:
-    from ..train.recipes import recipe_for
-    from ..train.tuner import DEFAULT_RECIPE, StageConfig, run_stage
+    from ..train.recipes import NAMED_RECIPES, recipe_for
+    from ..train.tuner import StageConfig, run_stage
 
     if args.model and args.from_version:
         raise ValueError("use either --from VERSION (continue a version) or --model PATH_OR_ID (its lineage), not both")
@@ -82,20 +82,24 @@ def cmd_learn(args) -> int:
         rule_hparams["scale"] = args.scale
     if args.alpha_fallback is not None:
         rule_hparams["alpha_fallback"] = args.alpha_fallback
+    parent = _pick_version(registry, root, args.from_version)
+    if args.recipe:  # a named recipe (e.g. the paper's) instead of the parent base's own
+        recipe = dict(NAMED_RECIPES[args.recipe])
+    else:
+        recipe = recipe_for(registry, parent or (registry.list()[-1].id if registry.list() else None))
     replay_fraction = 0.0  # any rule but `replay`: mix earlier records into the stage (`llaca` + replay, measured)
-    if args.replay_fraction is None and args.method == DEFAULT_RECIPE["method"] and not args.grouped:
-        replay_fraction = DEFAULT_RECIPE["replay_fraction"]  # the default recipe
+    if args.replay_fraction is None and args.method == recipe["method"] and not args.grouped:
+        replay_fraction = recipe.get("replay_fraction", 0.0)  # the recipe's (the default: llaca + 20% replay)
     elif args.replay_fraction is not None:  # a negative share is refused by ReplayRule, which mixes it in either way
         if args.method == "replay":
             rule_hparams["fraction"] = args.replay_fraction
         else:
             replay_fraction = args.replay_fraction
-    parent = _pick_version(registry, root, args.from_version)
-    recipe = recipe_for(registry, parent or (registry.list()[-1].id if registry.list() else None))
     lora = recipe.get("lora", False) if args.lora is None else args.lora
     lora_size = {k: recipe[k] for k in ("lora_r", "lora_alpha") if k in recipe and lora}
     epochs = recipe["epochs"] if args.epochs is None else args.epochs
     lr = recipe["lr"] if args.lr is None else args.lr
+    projector_lr = recipe.get("projector_lr") if args.projector_lr is None else args.projector_lr
     if args.grouped:
         if replay_fraction:
             raise ValueError("--replay-fraction with --grouped applies to --method replay only")
@@ -104,7 +108,8 @@ def cmd_learn(args) -> int:
     if args.threshold is not None or args.max_groups is not None:
         raise ValueError("--threshold and --max-groups apply to --grouped learning only")
     cfg = StageConfig(data=args.data, method=args.method, parent=parent, name=args.name,
-                      epochs=epochs, max_steps=args.max_steps, lr=lr, batch_size=args.batch_size,
+                      epochs=epochs, max_steps=args.max_steps, lr=lr, projector_lr=projector_lr,
+                      batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seed=args.seed, lora=lora, rule_hparams=rule_hparams, **lora_size,
                       load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, trace_dir=args.trace_dir,
                       evaluate_after=not args.no_eval,
@@ -254,7 +259,7 @@ def _split_options(args: list[str]) -> tuple[list[str], list[str]]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from ..train.recipes import RECIPES
+    from ..train.recipes import NAMED_RECIPES, RECIPES, describe
     from ..train.rules import RULES
     from ..train.tuner import DEFAULT_RECIPE, StageConfig
 
@@ -292,6 +297,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--lr", type=float, default=None,
                    help="default: the base's recipe (tiny %g: where replay and llaca + replay forgot least, "
                         "docs/benchmarks.md; small %g)" % (RECIPES["tiny"]["lr"], RECIPES["small"]["lr"]))
+    s.add_argument("--projector-lr", type=float, default=None,
+                   help="the projector's own lr (LLaVA's mm_projector_lr; default: the recipe's, else --lr)")
+    s.add_argument("--recipe", choices=sorted(NAMED_RECIPES), default=None,
+                   help="a named recipe instead of the base's own (options given here still win): %s" % "; ".join(
+                       f"{k}: {describe(v)}" for k, v in sorted(NAMED_RECIPES.items())))
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--grad-accum", type=int, default=1)
     s.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,

@@ -49,6 +49,7 @@ from ..versions import Registry, Version, base_of, load_base
 from .rules import make_rule
 from .rules.base import local
 
+PROJECTOR = "multi_modal_projector"
 LM_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
@@ -93,6 +94,7 @@ class StageConfig:
     epochs: float = 3.0  # CoIN-mini stages need ~250 steps (1500 records, batch 16) to plateau
     max_steps: int | None = None  # overrides epochs
     lr: float = 1e-3
+    projector_lr: float | None = None  # LLaVA's mm_projector_lr: the projector's own lr (None: `lr`)
     batch_size: int = 16  # global batch per optimizer step
     grad_accum: int = 1
     warmup_ratio: float = 0.03
@@ -118,6 +120,8 @@ class StageConfig:
         keep = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
                 "max_grad_norm", "seed", "lora", "train_vision")
         out = {k: getattr(self, k) for k in keep}
+        if self.projector_lr is not None:  # only when set: run keys of existing stages are unchanged
+            out["projector_lr"] = self.projector_lr
         if self.vision_blocks:  # only when set, like replay_fraction
             out["vision_blocks"] = self.vision_blocks
         if self.replay_fraction:  # only when set: run keys of existing stages are unchanged
@@ -164,13 +168,13 @@ class StageRecipe:
             records = ReplayRule(cfg.replay_fraction).mix(records, self._replay_pool(), seed=cfg.seed)
         self.train_records = records
         self.model = self._make_trainable(model)
-        self.params = {n: p for n, p in self.model.named_parameters() if p.requires_grad}
+        self.params = self._trainable(self.model.named_parameters())
         self.encoder = D.RecordEncoder(self.processor, max_tokens=None)
         world = self.accelerator.num_processes
         if cfg.batch_size % (cfg.grad_accum * world):
             raise ValueError(f"batch size {cfg.batch_size} must divide by grad_accum*processes = {cfg.grad_accum * world}")
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self._steps_per_epoch()))
-        self.optimizer = torch.optim.AdamW(self.params.values(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
 
         self.scheduler = get_cosine_schedule_with_warmup(
@@ -208,6 +212,24 @@ class StageRecipe:
             model = PeftModel.from_pretrained(model, parent.path / "adapter", is_trainable=True)
         return model, processor
 
+    def _trainable(self, named) -> dict:
+        """Trainable parameters by name; with a projector lr the projector's come last, so that the optimizer's
+        state indices (one param group after the other) follow this dict's order in checkpoints."""
+        params = {n: p for n, p in named if p.requires_grad}
+        if self.cfg.projector_lr is None:
+            return params
+        return {**{n: p for n, p in params.items() if PROJECTOR not in n},
+                **{n: p for n, p in params.items() if PROJECTOR in n}}
+
+    def _param_groups(self) -> list:
+        """AdamW's groups: everything at `lr`, and the projector at `projector_lr` when set (LLaVA's LoRA scripts
+        train the projector at 2e-5 beside LoRA at 2e-4). The cosine schedule scales each group's own lr."""
+        if self.cfg.projector_lr is None:
+            return list(self.params.values())
+        groups = [{"params": [p for n, p in self.params.items() if PROJECTOR not in n]},
+                  {"params": [p for n, p in self.params.items() if PROJECTOR in n], "lr": self.cfg.projector_lr}]
+        return [g for g in groups if g["params"]]
+
     def _shard(self) -> None:
         """FSDP2 via accelerate: shard the model (each parameter becomes a DTensor) and hand the rule the new params.
 
@@ -222,7 +244,7 @@ class StageRecipe:
         acc = self.accelerator
         self.model, _ = acc.prepare(self.model, self.optimizer)  # the raw optimizer's params are swapped
         pin_fsdp(acc)
-        self.params = {n: p for n, p in acc.unwrap_model(self.model).named_parameters() if p.requires_grad}
+        self.params = self._trainable(acc.unwrap_model(self.model).named_parameters())
         if hasattr(self.rule, "all_reduce"):
             self.rule.all_reduce = all_reduce_sum
 
