@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 
@@ -82,10 +83,16 @@ def test_quality_regime_knobs_are_in_the_cache_key():
     default, cfg = key()
     assert not {"stage_kw", "llaca_hp", "base", "base_id"} & set(cfg)
     variants = [("--lora",), ("--lora-r", "8"), ("--lora-r", "64"), ("--lr", "1e-4"), ("--steps", "80"),
-                ("--scale", "1.0"), ("--alpha-fallback", "0.001"), ("--base", str(ASSETS_DIR / "base_v1"))]
+                ("--scale", "1.0"), ("--alpha-fallback", "0.001"), ("--base", str(ASSETS_DIR / "base_v1")),
+                ("--lora-alpha", "16"), ("--projector-lr", "2e-5"), ("--recipe", "paper"), ("--recipe", "paper-r64")]
     keys = [key(*v)[0] for v in variants]
     assert len(set(keys + [default])) == len(variants) + 1
     assert key("--lora-r", "8")[1]["stage_kw"] == {"lora": True, "lora_r": 8}
+    paper = key("--recipe", "paper")[1]  # the paper's stage: LoRA r128/a256, projector 2e-5, lr 2e-4, one epoch
+    assert paper["stage_kw"] == {"lora": True, "lora_r": 128, "lora_alpha": 256, "projector_lr": 2e-5}
+    assert (paper["lr"], paper["steps"]) == (2e-4, math.ceil(quality.N_TRAIN / quality.STAGE_BATCH))
+    assert key("--recipe", "paper", "--lora-r", "32", "--steps", "10")[1]["stage_kw"]["lora_r"] == 32  # options win
+    assert quality.regime_label(paper) == "recipe paper; LoRA r=128 alpha 256; projector lr 2e-05; "
     # --data is read as it is: with --paraphrased the fixed set's cached runs would come back as paraphrased ones
     with pytest.raises(ValueError, match="give one or the other"):
         quality.resolve_config(quality.parse_args(["--paraphrased", "--data", "somewhere"]))

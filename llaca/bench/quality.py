@@ -33,6 +33,7 @@ import sys
 import time
 from pathlib import Path
 
+from ..train.recipes import NAMED_RECIPES
 from ..train.rules.llaca import PAPER_LORA_NUMEL
 
 # --- the per-stage recipe every method shares (the integrator calibrates these) ---------------------------------
@@ -642,8 +643,12 @@ def regime_label(cfg: dict) -> str:
     """'' for the default regime, else e.g. 'LoRA r=8, llaca scale 1.0, base base_v1-9c94...; '."""
     bits = []
     kw = cfg.get("stage_kw") or {}
+    if cfg.get("recipe"):
+        bits.append(f"recipe {cfg['recipe']}")
     if kw.get("lora"):
-        bits.append(f"LoRA r={kw.get('lora_r', 16)}")
+        bits.append(f"LoRA r={kw.get('lora_r', 16)}" + (f" alpha {kw['lora_alpha']}" if "lora_alpha" in kw else ""))
+    if "projector_lr" in kw:
+        bits.append(f"projector lr {kw['projector_lr']:g}")
     bits += [f"llaca {k} {v}" for k, v in (cfg.get("llaca_hp") or {}).items()]
     if cfg.get("base_id"):
         bits.append(f"base {cfg['base_id']}")
@@ -700,6 +705,11 @@ def parse_args(argv):
     p.add_argument("--lora", action="store_true", help="train LoRA adapters on the LM (+ the projector) instead of "
                    "all non-vision weights; one adapter continued across stages")
     p.add_argument("--lora-r", type=int, help="LoRA rank (default: the tuner's, 16; implies --lora)")
+    p.add_argument("--lora-alpha", type=int, help="LoRA alpha (default: the tuner's, 32; implies --lora)")
+    p.add_argument("--projector-lr", type=float, help="the projector's own lr (LLaVA's mm_projector_lr)")
+    p.add_argument("--recipe", choices=sorted(NAMED_RECIPES), help="a named stage recipe (llaca.train.recipes), e.g. "
+                   "paper: LoRA r=128/alpha 256 + the projector at 2e-5, lr 2e-4, one epoch (= %d steps at batch %d); "
+                   "--lr, --steps and the LoRA options still win" % (math.ceil(N_TRAIN / STAGE_BATCH), STAGE_BATCH))
     p.add_argument("--scale", type=float, help="llaca rules: the constant in alpha (default 2.0)")
     p.add_argument("--alpha-fallback", type=float, help="llaca rules: alpha outside (0, 1) (default 0.01)")
     p.add_argument("--base", help="a version folder to start from (e.g. assets/base_v1); default: the registry's "
@@ -742,8 +752,12 @@ def resolve_config(args) -> dict:
         raise ValueError("--paraphrased writes and reads its own CoIN-mini variant under $LLACA_HOME/datasets; "
                          "--data would be used as it is: give one or the other")
     test_limit = args.test_limit or q.get("test_limit") or TEST_LIMIT
-    return {"tasks": tasks, "methods": methods, "seeds": list(seeds), "steps": args.steps or q.get("steps") or STAGE_STEPS,
-            "lr": args.lr or STAGE_LR, "batch_size": args.batch_size or STAGE_BATCH, "test_limit": test_limit,
+    batch_size = args.batch_size or STAGE_BATCH
+    recipe = NAMED_RECIPES[args.recipe] if args.recipe else {}
+    recipe_steps = math.ceil(recipe["epochs"] * N_TRAIN / batch_size) if recipe else None
+    return {"tasks": tasks, "methods": methods, "seeds": list(seeds),
+            "steps": args.steps or q.get("steps") or recipe_steps or STAGE_STEPS,
+            "lr": args.lr or recipe.get("lr") or STAGE_LR, "batch_size": batch_size, "test_limit": test_limit,
             "test_n": min(test_limit or N_TEST, N_TEST), "jobs": args.jobs, "quick": bool(args.quick),
             "data_seed": DATA_SEED, "n_train": N_TRAIN, "n_test": N_TEST,
             **({"paraphrased": True} if args.paraphrased else {}), **regime_config(args)}
@@ -752,8 +766,15 @@ def resolve_config(args) -> dict:
 def regime_config(args) -> dict:
     """The regime knobs, only those set (so runs of the default regime keep their cache keys)."""
     out = {}
-    if args.lora or args.lora_r:
-        out["stage_kw"] = {"lora": True, **({"lora_r": args.lora_r} if args.lora_r else {})}
+    recipe = NAMED_RECIPES[args.recipe] if args.recipe else {}
+    kw = {k: recipe[k] for k in ("lora_r", "lora_alpha", "projector_lr") if k in recipe}
+    kw.update({k: v for k, v in (("lora_r", args.lora_r), ("lora_alpha", args.lora_alpha),
+                                 ("projector_lr", args.projector_lr)) if v is not None})
+    lora = args.lora or recipe.get("lora") or "lora_r" in kw or "lora_alpha" in kw
+    if lora or kw:  # "lora" first: the regimes cached before these options keep their keys
+        out["stage_kw"] = {**({"lora": True} if lora else {}), **kw}
+    if args.recipe:
+        out["recipe"] = args.recipe
     hp = {k: v for k, v in (("scale", args.scale), ("alpha_fallback", args.alpha_fallback)) if v is not None}
     if hp:
         out["llaca_hp"] = hp
