@@ -17,7 +17,7 @@ def ensure_base(registry: Registry | None = None, on_event=None, base: str | Non
     """The chosen base version (default `default_base()`): already registered, else installed, else built.
 
     `tiny`: copied from the shipped `assets/base` (or built from nothing if that is missing). `small`: assembled
-    from the pretrained wheels + the shipped adapter (`llaca.models.small.install_small`, well under a minute).
+    from the pretrained wheels + the shipped adapter (`llaca.bases.small.install_small`, well under a minute).
     """
     registry = registry or Registry()
     base = base or default_base()

@@ -45,7 +45,7 @@ def check_test_split(build: dict, split_dir: Path, strict: bool = True) -> None:
 def base_data_root(registry: Registry, build: dict, strict: bool = False) -> Path:
     """The folder of a base's own mixture as its `build` meta describes it, with the test split written.
 
-    Base v2's training split (16,000 records) is not written here: `base_build_v2.ensure_mixture` writes it when
+    Base v2's training split (16,000 records) is not written here: `llaca.data.world.ensure_mixture` writes it when
     wanted (stages never read it: replay draws from the version's own `replay/` folder), so installing stays fast.
     The split is regenerated from the build seed by *today's* generator; where the meta records the fingerprint of
     the split the base was scored on (`build.test_sha256`), a mismatch raises `StaleTestSplit` (`strict`, what the
