@@ -8,7 +8,11 @@ Screenshots go to pytest's tmp dir. The committed ones (assets/screenshots) were
     LLACA_SCREENSHOT_VERSION=base ...   # chat.png (the demo's versions learned other tasks than colours)
 
 (the real base and the demo's versions give real heatmaps; v12 is the demo's last stage with the default recipe;
-Compare's shot comes from scripts/demo_screenshot.py on the same home).
+Compare's shot comes from scripts/demo_screenshot.py on the same home). chat.png and learn.png were retaken on the
+default base `small` (2026-12-02):
+
+    LLACA_BASE=small LLACA_SCREENSHOT_HOME=<a $LLACA_HOME with small installed> LLACA_SCREENSHOT_VERSION=small \
+    LLACA_SCREENSHOTS=DIR .venv/bin/python -m pytest tests/test_browser.py -k screenshots_every_tab
 """
 from __future__ import annotations
 

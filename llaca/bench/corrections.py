@@ -36,6 +36,10 @@ VARIANTS = {
     "240-steps": ("llaca", {"min_steps": 240, "lr": 1e-3}),
     "240-steps-replay1": ("llaca", {"min_steps": 240, "replay_per_correction": 1.0, "lr": 1e-3}),
     "seq-60-steps": ("seq", {"min_steps": 60, "lr": 1e-3}),
+    # lower rates and more replay: base v2 lost 20 points of its test with the default (issue 25)
+    "lr1e-3-replay4": ("llaca", {"lr": 1e-3, "replay_per_correction": 4.0}),
+    "lr5e-4-replay4": ("llaca", {"lr": 5e-4, "replay_per_correction": 4.0}),
+    "lr5e-4-replay2": ("llaca", {"lr": 5e-4}),
 }
 
 
