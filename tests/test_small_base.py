@@ -43,9 +43,10 @@ def test_chat_template_renders_text_exactly_as_smollm2s_own():
     assert "<|im_start|>user\n<image>\nWhat is this?<|im_end|>" in rendered
 
 
-def _picture(background, fill) -> Image.Image:
-    image = Image.new("RGB", (64, 64), background)
-    ImageDraw.Draw(image).rectangle([14, 14, 50, 50], fill=fill)
+def _picture(shape: str) -> Image.Image:
+    image = Image.new("RGB", (64, 64), (250, 250, 250))
+    draw = ImageDraw.Draw(image)
+    (draw.rectangle if shape == "square" else draw.ellipse)([14, 14, 50, 50], fill=(205, 35, 35))
     return image
 
 
@@ -57,11 +58,11 @@ def test_small_answers_an_image_question_and_a_text_question(small_home):
 
     model, processor = load_version(Registry(small_home), "small")
     assert type(model).__name__ == "FastVlmForConditionalGeneration"
-    light = answer_once(model, processor, _picture((250, 250, 250), (205, 35, 35)), "What colour is the square?",
-                        max_new_tokens=8)
-    dark = answer_once(model, processor, _picture((40, 40, 40), (40, 85, 210)), "What colour is the square?",
-                       max_new_tokens=8)
-    assert light.strip() and dark.strip() and light != dark, (light, dark)
+    # Shapes, not colours: build 2 names these two shapes ("square", "circle") but answers "white" to the colour of
+    # any plain square (docs/base-models.md): the check is that the picture reaches the answer.
+    square = answer_once(model, processor, _picture("square"), "What shape is this?", max_new_tokens=8)
+    circle = answer_once(model, processor, _picture("circle"), "What shape is this?", max_new_tokens=8)
+    assert square.strip() and circle.strip() and square != circle, (square, circle)
     text = answer_once(model, processor, None, "What is the capital of France?", max_new_tokens=12)
     assert "paris" in text.lower(), text
 
