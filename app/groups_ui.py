@@ -5,7 +5,7 @@ Plain functions over the library, so the tabs need only a few lines each.
 """
 from __future__ import annotations
 
-from llaca.train.grouping import (  # DEFAULT_THRESHOLD: the Learn tab's slider default
+from llaca.train.grouping import (  # noqa: F401 - DEFAULT_THRESHOLD: the Learn tab's slider default
     DEFAULT_THRESHOLD,
     Route,
     group_table,

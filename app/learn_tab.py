@@ -137,8 +137,6 @@ def stage_config(data: str, method: str, beta: float, replay_fraction: float, pa
             "lora": bool(lora), "rule_hparams": rule, **mixed}
 
 
-
-
 def submit_upload(studio: Studio, data_path: str, config: dict):
     """Queue a stage on a validated upload; the staged folder is copied into the job's own dir."""
     data = staged_data(studio, data_path)

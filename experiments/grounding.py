@@ -109,8 +109,6 @@ def write_data(variant: str, root: Path, n_train: int, n_test: int, seed: int = 
     return out
 
 
-
-
 def fresh_model_on_tower(tower_from: Path, seed: int = 0, text_size: tuple[int, int, int] | None = None):
     """v2's tokenizer and sizes (or LM `text_size` = hidden, layers, heads), a fresh projector + LM, the tower copied
     from `tower_from/model`."""

@@ -63,7 +63,6 @@ def chatty_home(quick_home, tmp_path_factory) -> Path:
     return home
 
 
-
 @contextlib.contextmanager
 def served_app(home: Path, start_worker: bool = True):
     """The real app (Blocks + queue + worker supervisor) serving `home` on a free loopback port, closed after.

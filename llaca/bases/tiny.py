@@ -117,10 +117,6 @@ def pretrain_vision(model, processor, steps: int, seed: int, on_event=None, dens
     return acc * 100
 
 
-
-
-
-
 def build_base_v2(registry: Registry | None = None, seed: int = 0, vision_steps: int = VISION_STEPS,
                   base_steps: int = BASE_STEPS, n_train: int = N_TRAIN, n_test: int = N_TEST, on_event=None,
                   version_id: str = "base-v2", align_steps: int = ALIGN_STEPS, align_records: int = ALIGN_RECORDS,

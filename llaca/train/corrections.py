@@ -268,8 +268,6 @@ def run_config(store: CorrectionStore, registry, config: dict, on_event=None, sh
     return version
 
 
-
-
 def queue_learn(store: CorrectionStore, registry, jobs, method: str = "llaca", parent: str | None = None,
                 recipe: SmallSetRecipe = SmallSetRecipe()):
     """Queue the pending corrections as a 'corrections' job (the worker runs `run_config` on it)."""
