@@ -4,11 +4,12 @@ version, using the small-set recipe of `llaca.train.corrections`. Learned batche
 """
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import gradio as gr
 
-from llaca.train.corrections import CorrectionStore, SmallSetRecipe, queue_learn
+from llaca.train.corrections import CorrectionStore, queue_learn, recipe_for_parent
 from llaca.train.rules import RULES
 from llaca.train.tuner import StageConfig
 
@@ -23,15 +24,16 @@ def preview_rows(store: CorrectionStore) -> list[list]:
             for c in store.list()]
 
 
-def status(store: CorrectionStore) -> str:
+def status(store: CorrectionStore, registry) -> str:
     n = store.count()
-    recipe = SmallSetRecipe()
+    recipe = recipe_for_parent(registry, registry.list()[-1].id if registry.list() else None)
     lines = [f"**{n} pending correction(s).**" if n else "**No pending corrections.** Correct an answer in *Chat* "
              "or *Compare* (the ✎ pencil) and it appears here."]
     if n:
         lines.append(f"*Learn corrections* trains them from the newest version (default `{DEFAULT_METHOD}`, at least "
-                     f"{recipe.min_steps} steps, {recipe.replay_per_correction:g} replay records from the lineage per "
-                     "correction: the measured small-set recipe).")
+                     f"{recipe.min_steps} steps or 3 epochs, lr {recipe.lr:g}" + (" LoRA" if recipe.lora else "")
+                     + f", {recipe.replay_per_correction:g} replay records from the lineage per correction: the "
+                     "small-set recipe measured on this base).")
     learned = [b for b in store.archived() if b.get("version")]
     if learned:
         lines.append("Learned: " + ", ".join(f"{b['n_corrections']} → `{b['version']}`" for b in learned[:5]))
@@ -44,7 +46,7 @@ def build(studio: Studio) -> types.SimpleNamespace:
         rows = preview_rows(store)
         images = [str(c.image) for c in store.list()][:24]
         ids = [r[0] for r in rows]
-        return status(store), rows, images, gr.Dropdown(choices=ids, value=None)
+        return status(store, studio.registry), rows, images, gr.Dropdown(choices=ids, value=None)
 
     def remove(correction_id):
         try:
@@ -57,7 +59,8 @@ def build(studio: Studio) -> types.SimpleNamespace:
 
     def learn(method, min_steps):
         try:
-            recipe = SmallSetRecipe(min_steps=int(min_steps or 0))
+            newest = studio.newest_id()
+            recipe = dataclasses.replace(recipe_for_parent(studio.registry, newest), min_steps=int(min_steps or 0))
             job = queue_learn(CorrectionStore(studio.home), studio.registry, studio.jobs, method=method or DEFAULT_METHOD,
                               recipe=recipe)
         except Exception as e:  # noqa: BLE001
@@ -78,7 +81,7 @@ def build(studio: Studio) -> types.SimpleNamespace:
             refresh_btn = gr.Button("Refresh", size="sm", scale=1)
         with gr.Row():
             method = gr.Dropdown(RULES, value=DEFAULT_METHOD, label="Method", scale=1)
-            min_steps = gr.Number(SmallSetRecipe().min_steps, label="At least this many steps", precision=0,
+            min_steps = gr.Number(recipe_for_parent(studio.registry, studio.newest_id()).min_steps, label="At least this many steps", precision=0,
                                   minimum=1, scale=1)
             learn_btn = gr.Button("Learn corrections", variant="primary", scale=2, elem_id="learn-corrections")
         message = gr.Markdown()

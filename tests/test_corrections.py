@@ -73,6 +73,24 @@ def test_batch_mixes_replay_and_reaches_the_minimum_steps(llaca_home, images):
     assert [r.answer for r in test.records] == [a for _, _, a in images]
 
 
+def test_the_recipe_follows_the_parents_base(llaca_home, images):
+    """No recipe given: the parent's base picks it (tiny: full weights at 5e-4, 4 replay records per correction;
+    small: its LoRA adapter size and bf16, the fields a small-set stage on it needs)."""
+    from llaca.train.corrections import CORRECTION_RECIPES
+    from llaca.versions import Registry
+
+    store = CorrectionStore(llaca_home)
+    for img, q, a in images:
+        store.add(img, [(q, a)])
+    config = store.prepare_batch(Registry(llaca_home), "base")
+    tiny = CORRECTION_RECIPES["tiny"]
+    assert config["lr"] == tiny.lr and "lora" not in config and "mixed_precision" not in config
+    assert len(load_instruction_set(config["data"])) == 3 + 3 * tiny.replay_per_correction
+    assert config["max_steps"] == tiny.min_steps  # 15 records x 3 epochs is 3 steps
+    assert CORRECTION_RECIPES["small"].stage_fields() == {"mixed_precision": "bf16", "lora": True, "lora_r": 32,
+                                                          "lora_alpha": 64}
+
+
 def test_cli_add_list_json_remove(llaca_home, images, capsys):
     from llaca.cli import main
 

@@ -164,3 +164,32 @@ def test_projector_lr_is_its_own_param_group_and_survives_resume(llaca_home, coi
     name = lora_b[0]
     assert torch.equal(resumed.optimizer.state[resumed.params[name]]["exp_avg"],
                        recipe.optimizer.state[recipe.params[name]]["exp_avg"])
+
+
+def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_fp32_weights(llaca_home, coin_dir):
+    """`mixed_precision="bf16"` (small's recipe): the LM's matmuls run in bf16, while the weights (and so AdamW and
+    the LLaCA rule) stay fp32; the first loss matches the fp32 stage's to bf16 precision; the setting is in the run key
+    only when given, and a typo is refused."""
+    registry = Registry()
+    data = str(coin_dir / "vqav2" / "train")
+    losses, dtypes = {}, {}
+    for precision in (None, "bf16"):
+        cfg = StageConfig(data=data, method="llaca", max_steps=2, batch_size=8, evaluate_after=False,
+                          checkpoint_every=0, mixed_precision=precision)
+        seen = []
+        recipe = StageRecipe(cfg, registry, on_event=lambda e: e["type"] == "step" and seen.append(e["loss"]))
+        recipe.setup()
+        lm_linear = next(m for n, m in recipe.model.named_modules()
+                         if isinstance(m, torch.nn.Linear) and "language_model" in n)
+        outputs = []
+        hook = lm_linear.register_forward_hook(lambda mod, inp, out: outputs.append(out.dtype))
+        recipe.train()
+        hook.remove()
+        losses[precision], dtypes[precision] = seen[0], set(outputs)
+        assert all(p.dtype == torch.float32 for p in recipe.params.values())
+    assert dtypes == {None: {torch.float32}, "bf16": {torch.bfloat16}}
+    assert losses["bf16"] == pytest.approx(losses[None], rel=0.02)
+    assert "mixed_precision" not in StageConfig(data=data).hparams()
+    assert StageConfig(data=data, mixed_precision="bf16").hparams()["mixed_precision"] == "bf16"
+    with pytest.raises(ValueError, match="mixed_precision: 'bf17'"):
+        StageRecipe(StageConfig(data=data, mixed_precision="bf17"), registry).setup()

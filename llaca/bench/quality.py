@@ -196,13 +196,15 @@ def _sig(x, n=4):
 def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, seed, steps, lr, batch_size, out_home,
                  *, label: str | None = None, test_limit: int | None = None, base_test: str | None = None,
                  grouping: float | None = None, keep_weights: bool = False, stage_kw: dict | None = None,
-                 log=print) -> dict:
+                 text_check: bool = False, log=print) -> dict:
     """Learn `tasks` one after another from `base` with rule `method`; return A, the metrics and alpha diagnostics.
 
     A[j][i] = accuracy (%) on task i's test split after stage j (full rows). `base_test`: the base mixture's test
     split, evaluated after the last stage. Stage weights are deleted once the next stage has loaded them.
     `grouping`: a similarity threshold turns on instruction grouping (`llaca.train.grouping.InstructionRouter`).
     `stage_kw`: more `StageConfig` fields for every stage (the regime: lora, lora_r, replay_fraction).
+    `text_check`: a base with a pretrained LM (`small`): after the last stage, the language check of its build
+    (agreement with the untouched SmolLM2 on `assets/small/text_check.json`).
     """
     from ..evaluation.metrics import cl_metrics
     from ..train.grouping import InstructionRouter
@@ -264,6 +266,8 @@ def run_sequence(base_registry_home, tasks_root, tasks, method, rule_hparams, se
         "metrics": {k: _round(v) for k, v in cl_metrics(rows).items()},
         "base_final": base_final, "stages": stages, "wall_s": round(time.time() - t_run, 1),
     }
+    if text_check:
+        result["text_final"] = _text_kept(registry, parent, base_registry_home)
     if tensors:
         result["tensors"] = _tensor_summary(tensors)
     if router:
@@ -290,7 +294,7 @@ def _tensor_summary(per_stage: dict[str, list[dict]]) -> list[dict]:
 
 
 def run_multitask(base_registry_home, multitask_data, tasks_root, tasks, seed, steps, lr, batch_size, out_home, *,
-                  test_limit=None, base_test=None, stage_kw=None, log=print) -> dict:
+                  test_limit=None, base_test=None, stage_kw=None, text_check=False, log=print) -> dict:
     """One `seq` stage on the union of all tasks, len(tasks) x `steps` steps: A is a single row (Avg.ACC only)."""
     from ..train.tuner import StageConfig, run_stage
 
@@ -307,11 +311,23 @@ def run_multitask(base_registry_home, multitask_data, tasks_root, tasks, seed, s
     log(f"  [multitask s{seed}] {total} steps: train {t1 - t_run:.0f}s, row {row}")
     stage = {"task": "all", "version": version.id, "train_s": round(t1 - t_run, 1),
              "eval_s": round(time.time() - t1, 1), **_stage_log(version)}
+    text = _text_kept(registry, version.id, base_registry_home) if text_check else None
     shutil.rmtree(out_home, ignore_errors=True)
     return {"method": "multitask", "rule": "seq", "rule_hparams": {}, "seed": seed, "tasks": list(tasks),
             "steps": total, "A": [row],
             "metrics": {"avg_acc": _round(sum(row) / len(row)), "new_acc": None, "forgetting": None, "bwt": None},
-            "base_final": base_acc, "stages": [stage], "wall_s": round(time.time() - t_run, 1)}
+            "base_final": base_acc, "stages": [stage], "wall_s": round(time.time() - t_run, 1),
+            **({"text_final": text} if text else {})}
+
+
+def _text_kept(registry, version_id: str, cache_home) -> dict:
+    """The language check on `version_id` (agreement with SmolLM2, key accuracy); the reference's answers are
+    computed once per base registry and cached there."""
+    from ..versions import load_version
+    from .small import text_agreement
+
+    r = text_agreement(*load_version(registry, version_id), cache=Path(cache_home) / "cache")
+    return {k: r[k] for k in ("n", "agreement", "small_key_accuracy", "smollm2_key_accuracy")}
 
 
 LAMBDAS = (0.0, 0.1, 0.25, 0.5, 0.75, 0.9, 1.0)
@@ -383,7 +399,7 @@ def _run_job(job: dict) -> dict:
     _worker_init()
     common = dict(base_registry_home=job["home"], tasks_root=job["tasks_root"], tasks=job["tasks"], seed=job["seed"],
                   steps=job["steps"], lr=job["lr"], batch_size=job["batch_size"], out_home=job["run_home"],
-                  test_limit=job["test_limit"], base_test=job["base_test"])
+                  test_limit=job["test_limit"], base_test=job["base_test"], text_check=bool(job.get("text_check")))
     log = functools.partial(print, flush=True)
     stage_kw = dict(job.get("stage_kw") or {})
     if job["method"] == "multitask":
@@ -469,7 +485,7 @@ def base_test_split(registry, base) -> str | None:
 
 
 def calibrate(registry, tasks_root: Path, tasks: list[str], batch_size: int, lr: float, test_limit, base_test,
-              work: Path) -> dict:
+              work: Path, stage_kw: dict | None = None) -> dict:
     """Seconds per training step and per evaluated sample on this machine now, plus the base's own row
     (zero-shot accuracy on every task, and its base-mixture accuracy): the reference the runs start from."""
     from ..evaluation.evaluate import evaluate
@@ -492,7 +508,7 @@ def calibrate(registry, tasks_root: Path, tasks: list[str], batch_size: int, lr:
     times = []
     recipe = StageRecipe(StageConfig(data=str(Path(tasks_root) / tasks[0] / "train"), method="llaca", parent="base",
                                      max_steps=6, lr=lr, batch_size=batch_size, evaluate_after=False,
-                                     checkpoint_every=0), scratch,
+                                     checkpoint_every=0, **(stage_kw or {})), scratch,
                          on_event=lambda e: times.append(time.time()) if e["type"] == "step" else None)
     t_setup = time.time()
     recipe.setup()
@@ -599,6 +615,7 @@ def summarize(runs: list[dict]) -> dict:
         s = {m: _mean_std([(r["metrics"].get(m) if m in r["metrics"] else r.get(m)) for r in mine]) for m in METRICS}
         A = [[round(statistics.fmean(r["A"][j][i] for r in mine), 2) for i in range(len(mine[0]["A"][0]))]
              for j in range(len(mine[0]["A"]))]
+        s["text_final"] = _mean_std([(r.get("text_final") or {}).get("agreement") for r in mine])
         s["A_mean"] = A
         s["seeds"] = [r["seed"] for r in mine]
         out[name] = s
@@ -606,8 +623,8 @@ def summarize(runs: list[dict]) -> dict:
 
 
 def check_targets(summary: dict) -> list[dict]:
-    """The paper's effect, per LLaCA variant: Forgetting <= seq/4 and <= best fixed EMA; Avg.ACC >= seq + 15 and
-    >= best fixed EMA (best = lowest forgetting / highest accuracy among the EMA betas run)."""
+    """The paper's effect, per LLaCA variant: Forgetting <= seq/4 (seq/2 on a pretrained base, issue 25) and <= best
+    fixed EMA; Avg.ACC >= seq + 15 (+ 10) and >= best fixed EMA (best = lowest forgetting / highest accuracy among the EMA betas run)."""
     mean = lambda name, m: (summary[name][m] or {}).get("mean")   # noqa: E731
     emas = [n for n in summary if n != "multitask" and method_spec(n)[0] == "ema"]
     if "seq" not in summary or not emas:
@@ -618,9 +635,12 @@ def check_targets(summary: dict) -> list[dict]:
     out = []
     for name in [n for n in summary if is_llaca(n)]:
         f, a = mean(name, "forgetting"), mean(name, "avg_acc")
-        checks = {"avg_acc >= seq + 15": a >= seq_a + 15, "avg_acc >= best EMA": a >= ema_a}
+        # issue 25's bar on a pretrained base (half of seq's forgetting, +10) is implied by the original one
+        checks = {"avg_acc >= seq + 10": a >= seq_a + 10, "avg_acc >= seq + 15": a >= seq_a + 15,
+                  "avg_acc >= best EMA": a >= ema_a}
         if f is not None:
-            checks.update({"forgetting <= seq / 4": f <= seq_f / 4, "forgetting <= best EMA": f <= ema_f})
+            checks.update({"forgetting <= seq / 2": f <= seq_f / 2, "forgetting <= seq / 4": f <= seq_f / 4,
+                           "forgetting <= best EMA": f <= ema_f})
         out.append({"method": name, "checks": checks, "met": all(checks.values()), "avg_acc": a, "forgetting": f,
                     "seq": {"avg_acc": seq_a, "forgetting": seq_f}, "best_ema": {"avg_acc": ema_a, "forgetting": ema_f}})
     return out
@@ -649,6 +669,8 @@ def regime_label(cfg: dict) -> str:
         bits.append(f"LoRA r={kw.get('lora_r', 16)}" + (f" alpha {kw['lora_alpha']}" if "lora_alpha" in kw else ""))
     if "projector_lr" in kw:
         bits.append(f"projector lr {kw['projector_lr']:g}")
+    if kw.get("mixed_precision"):
+        bits.append(kw["mixed_precision"])
     bits += [f"llaca {k} {v}" for k, v in (cfg.get("llaca_hp") or {}).items()]
     if cfg.get("base_id"):
         bits.append(f"base {cfg['base_id']}")
@@ -665,12 +687,15 @@ def markdown_table(results: dict) -> str:
         f"lr {cfg['lr']}, batch {cfg['batch_size']}, seeds {cfg['seeds']}, {cfg['test_n']} test records/task; "
         f"{regime_label(cfg)}mean ± sample std over seeds; accuracies in %.",
         "",
-        "| method | Avg.ACC ↑ | New.ACC ↑ | Forgetting ↓ | BWT ↑ | base skills after last stage | s / run |",
-        "|---|---|---|---|---|---|---|",
     ]
+    text = any(s.get("text_final") for s in summary.values())  # a pretrained LM: its language check too
+    lines += ["| method | Avg.ACC ↑ | New.ACC ↑ | Forgetting ↓ | BWT ↑ | base skills after last stage | "
+              + ("text agreement with SmolLM2 after | " if text else "") + "s / run |",
+              "|---|---|---|---|---|---|" + ("---|" if text else "") + "---|"]
     for name, s in summary.items():
         lines.append(f"| {display_name(name)} | {_fmt(s['avg_acc'])} | {_fmt(s['new_acc'])} | {_fmt(s['forgetting'])} | "
-                     f"{_fmt(s['bwt'])} | {_fmt(s['base_final'])} | {_fmt(s['wall_s'], 0)} |")
+                     f"{_fmt(s['bwt'])} | {_fmt(s['base_final'])} | "
+                     + (f"{_fmt(s.get('text_final'))} | " if text else "") + f"{_fmt(s['wall_s'], 0)} |")
     lines += ["", f"`base` itself: base-mixture accuracy {ref['base_accuracy']}, zero-shot on the tasks "
               f"{ref['zero_shot_row']}.", ""]
     for t in results.get("targets", []):
@@ -767,7 +792,7 @@ def regime_config(args) -> dict:
     """The regime knobs, only those set (so runs of the default regime keep their cache keys)."""
     out = {}
     recipe = NAMED_RECIPES[args.recipe] if args.recipe else {}
-    kw = {k: recipe[k] for k in ("lora_r", "lora_alpha", "projector_lr") if k in recipe}
+    kw = {k: recipe[k] for k in ("lora_r", "lora_alpha", "projector_lr", "mixed_precision") if k in recipe}
     kw.update({k: v for k, v in (("lora_r", args.lora_r), ("lora_alpha", args.lora_alpha),
                                  ("projector_lr", args.projector_lr)) if v is not None})
     lora = args.lora or recipe.get("lora") or "lora_r" in kw or "lora_alpha" in kw
@@ -838,7 +863,8 @@ def _run_benchmark(cfg: dict, out: Path, home, data, work, fresh, dry_run) -> in
     registry, base, work, tasks_root, base_test = setup_inputs(cfg, home, data, work)
     jobs = make_jobs(cfg, registry, tasks_root, base_test, work)
     print("calibrating (base reference row + a few training steps) ...", flush=True)
-    cal = calibrate(registry, tasks_root, cfg["tasks"], cfg["batch_size"], cfg["lr"], cfg["test_limit"], base_test, work)
+    cal = calibrate(registry, tasks_root, cfg["tasks"], cfg["batch_size"], cfg["lr"], cfg["test_limit"], base_test, work,
+                    cfg.get("stage_kw"))
     todo = [j for j in jobs if fresh or not _cache_path(j, work / "cache", base.meta).is_file()]
     est = estimate_seconds(todo, cal, cfg["jobs"])
     print(f"{len(todo)} of {len(jobs)} runs to do ({len(cfg['methods'])} methods x {len(cfg['seeds'])} seeds) on {len(cfg['tasks'])} tasks x "
@@ -892,8 +918,14 @@ def make_jobs(cfg: dict, registry, tasks_root, base_test, work: Path) -> list[di
              "steps": cfg["steps"], "lr": cfg["lr"], "batch_size": cfg["batch_size"], "test_limit": cfg["test_limit"],
              "base_test": base_test, "multitask_data": str(multitask) if multitask else None,
              "run_home": str(work / "runs" / f"{tag}{m}-s{s}"),
-             **{k: cfg[k] for k in ("stage_kw", "llaca_hp", "base_id") if cfg.get(k)}}
+             **{k: cfg[k] for k in ("stage_kw", "llaca_hp", "base_id") if cfg.get(k)},
+             # a pretrained LM underneath (small): check its language after the last stage (not in older cache keys)
+             **({"text_check": True} if base_has_text_check(registry) else {})}
             for s in cfg["seeds"] for m in cfg["methods"]]
+
+
+def base_has_text_check(registry) -> bool:
+    return bool((registry.get("base").meta.get("build") or {}).get("lm"))
 
 
 def _slim(run: dict, keep_trace: bool) -> dict:

@@ -7,12 +7,17 @@ Sections (each cached as `<out>/<section>.json`, so an interrupted run resumes; 
   (agreement = the prompt's key answer found in both answers or in neither);
 - zeroshot: every CoIN-mini task's test split before any stage (never tuned on);
 - photos: five questions about real photographs from scikit-image's bundled samples, answers verbatim;
-- chat: one user, one image question: time to the first streamed text and decoding speed (tokens/s).
+- chat: one user, one image question: time to the first streamed text and decoding speed (tokens/s);
+- stage: seconds per optimizer step of a stage with `small`'s CLI recipe, fp32 against bf16 autocast, measured
+  alternately in one run (the ratio is the figure; the machine's load moves the seconds), and the 1,000-record
+  stage it implies.
 """
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import os
 import re
 import resource
@@ -21,7 +26,7 @@ from pathlib import Path
 
 from ..paths import ASSETS_DIR, atomic_write_json
 
-SECTIONS = ("install", "own", "text", "zeroshot", "photos", "chat")
+SECTIONS = ("install", "own", "text", "zeroshot", "photos", "chat", "stage")
 PHOTOS = [("chelsea", "What animal is in this photo?"), ("coffee", "What is in the picture?"),
           ("astronaut", "Describe the image briefly."), ("rocket", "What is this?"),
           ("camera", "What is the man holding?")]
@@ -59,18 +64,14 @@ def has_key(answer: str, keys: list[str]) -> bool:
     return any(re.search(r"(?<!\w)" + re.escape(k.lower()) + r"(?!\w)", answer.lower()) for k in keys)
 
 
-def text_agreement(model, processor, max_new_tokens: int = 48) -> dict:
+def text_agreement(model, processor, max_new_tokens: int = 48, cache: Path | None = None) -> dict:
     """Both models' greedy answers to each prompt, and whether they agree on its key answer."""
     from ..bases.small_build import distill_chat
-    from ..models.small import load_language_model
 
     prompts = json.loads((ASSETS_DIR / "small" / "text_check.json").read_text())["prompts"]
-    reference, tokenizer = load_language_model()
-
-    def answers(lm):  # greedy, batched, SmolLM2's own template: the build's self-distillation call
-        return [a["answer"] for a in distill_chat(lm, tokenizer, [p["prompt"] for p in prompts], max_new_tokens)]
-
-    ours, theirs = answers(model), answers(reference)
+    ours = [a["answer"] for a in distill_chat(model, processor.tokenizer, [p["prompt"] for p in prompts],
+                                              max_new_tokens)]
+    theirs = reference_answers(prompts, max_new_tokens, cache)
     rows = [{"prompt": p["prompt"], "keys": p["keys"], "small": a, "smollm2": b,
              "small_has_key": has_key(a, p["keys"]), "smollm2_has_key": has_key(b, p["keys"])}
             for p, a, b in zip(prompts, ours, theirs)]
@@ -79,6 +80,24 @@ def text_agreement(model, processor, max_new_tokens: int = 48) -> dict:
             "small_key_accuracy": round(100 * sum(r["small_has_key"] for r in rows) / len(rows), 1),
             "smollm2_key_accuracy": round(100 * sum(r["smollm2_has_key"] for r in rows) / len(rows), 1),
             "identical_answers": sum(r["small"] == r["smollm2"] for r in rows), "rows": rows}
+
+
+def reference_answers(prompts: list[dict], max_new_tokens: int, cache: Path | None) -> list[str]:
+    """The untouched SmolLM2-135M-Instruct's greedy answers (the build's self-distillation call), cached in
+    `cache` per prompt set: every version checked against it reuses one run of the reference."""
+    from ..bases.small_build import distill_chat
+    from ..models.small import load_language_model
+
+    texts = [p["prompt"] for p in prompts]
+    key = hashlib.sha256(json.dumps([texts, max_new_tokens]).encode()).hexdigest()[:12]
+    file = Path(cache) / f"smollm2-text-check-{key}.json" if cache else None
+    if file and file.is_file():
+        return json.loads(file.read_text())
+    reference, tokenizer = load_language_model()
+    answers = [a["answer"] for a in distill_chat(reference, tokenizer, texts, max_new_tokens)]
+    if file:
+        atomic_write_json(file, answers)
+    return answers
 
 
 def zero_shot_row(model, processor, work: Path, limit: int) -> dict:
@@ -128,6 +147,41 @@ def chat_cost(model, processor, reps: int = 5, new_tokens: int = 32) -> dict:
             "reps": reps, "torch_threads": __import__("torch").get_num_threads(), "load_avg": os.getloadavg()}
 
 
+def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
+    """s/step (steady state: the first step of each run is dropped) under fp32 and bf16, alternating `rounds` times."""
+    import statistics
+
+    from ..train.recipes import RECIPES
+    from ..train.tuner import StageConfig, StageRecipe
+    from .quality import base_test_split
+
+    recipe = RECIPES["small"]
+    data = base_test_split(registry, registry.get("small"))  # 300 world records: only the step time is read
+    per: dict[str, list[float]] = {"no": [], "bf16": []}
+    for _ in range(rounds):
+        for precision in per:
+            times = []
+            cfg = StageConfig(data=str(data), method=recipe["method"], parent="small", max_steps=steps + 1,
+                              lr=recipe["lr"], lora=True, lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"],
+                              mixed_precision=precision, checkpoint_every=0, evaluate_after=False)
+            stage = StageRecipe(cfg, registry, on_event=lambda e: e["type"] == "step" and times.append(time.perf_counter()))
+            stage.setup()
+            stage.train()
+            per[precision].append((times[-1] - times[0]) / (len(times) - 1))
+    fp32, bf16 = statistics.median(per["no"]), statistics.median(per["bf16"])
+    steps_1000 = math.ceil(recipe["epochs"] * 1000 / 16)
+    return {"recipe": recipe, "batch": 16, "s_per_step": {"fp32": round(fp32, 2), "bf16": round(bf16, 2)},
+            "runs": {k: [round(x, 2) for x in v] for k, v in per.items()}, "speedup_bf16": round(fp32 / bf16, 2),
+            "steps_1000_records": steps_1000, "minutes_1000_records_bf16": round(steps_1000 * bf16 / 60, 1),
+            "torch_threads": torch_threads(), "load_avg_start": os.getloadavg()}
+
+
+def torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llaca.bench small", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_results/small")
@@ -160,10 +214,11 @@ def main(argv=None) -> int:
                 ensure_base(Registry(home), base="small")
                 model, processor = load_version(Registry(home), "small")
             res = {"own": lambda: own_test(model, processor, Registry(home)),
-                   "text": lambda: text_agreement(model, processor),
+                   "text": lambda: text_agreement(model, processor, cache=out / "work"),
                    "zeroshot": lambda: zero_shot_row(model, processor, out / "work", a.zero_shot_limit),
                    "photos": lambda: photos(model, processor),
-                   "chat": lambda: chat_cost(model, processor)}[section]()
+                   "chat": lambda: chat_cost(model, processor),
+                   "stage": lambda: stage_cost(Registry(home))}[section]()
         res.update(measured=time.strftime("%Y-%m-%d %H:%M"), seconds=round(time.time() - t0, 1),
                    load_avg_end=os.getloadavg()[0])
         atomic_write_json(cache, res)
@@ -196,6 +251,12 @@ def markdown(r: dict) -> str:
         c = r["chat"]
         lines += [f"- chat, one user: first text {c['first_text_ms']} ms, {c['tokens_per_s']} tokens/s "
                   f"({c['torch_threads']} torch threads, load {c['load_avg'][0]:.1f})"]
+    if "stage" in r:
+        st = r["stage"]
+        lines += [f"- a stage with the CLI recipe (batch 16): {st['s_per_step']['fp32']} s/step fp32, "
+                  f"{st['s_per_step']['bf16']} s/step bf16 autocast (x{st['speedup_bf16']}, alternating runs); "
+                  f"1,000 records = {st['steps_1000_records']} steps = ~{st['minutes_1000_records_bf16']} min "
+                  f"in bf16 before evaluation (load {st['load_avg_end']:.1f})"]
     if "photos" in r:
         lines += ["", "| photo | question | answer |", "|---|---|---|"]
         lines += [f"| `{x['photo']}` | {x['question']} | {x['answer']} |" for x in r["photos"]["rows"]]

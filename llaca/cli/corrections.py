@@ -69,12 +69,13 @@ def cmd_remove(args) -> int:
 def cmd_learn(args) -> int:
     import dataclasses
 
-    from ..train.corrections import SmallSetRecipe, learn
+    from ..train.corrections import learn, recipe_for_parent
     from .common import progress_printer, registry_with_base
 
-    overrides = {"min_steps": args.min_steps, "replay_per_correction": args.replay_per_correction}
-    recipe = dataclasses.replace(SmallSetRecipe(), **{k: v for k, v in overrides.items() if v is not None})
     registry = registry_with_base()
+    overrides = {"min_steps": args.min_steps, "replay_per_correction": args.replay_per_correction}
+    recipe = dataclasses.replace(recipe_for_parent(registry, registry.get(args.from_version).id),
+                                 **{k: v for k, v in overrides.items() if v is not None})
     version = learn(_store(), registry, method=args.method, parent=args.from_version, recipe=recipe,
                     on_event=progress_printer(f"corrections {args.method}"))
     if version is not None:

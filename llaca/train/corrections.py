@@ -62,20 +62,46 @@ class Correction:
 
 @dataclasses.dataclass
 class SmallSetRecipe:
-    """How a small set of corrections becomes a stage (the defaults are the measured ones, see the module doc).
+    """How a small set of corrections becomes a stage (per base: `CORRECTION_RECIPES`, measured in the module doc).
 
     Steps = max(min_steps, epochs over the mix); the mix holds `replay_per_correction` lineage records per
     correction (fewer if the lineage keeps fewer), so about 1 in (1 + ratio) training records is a correction.
     """
-    min_steps: int = 240
+    min_steps: int = 20
     epochs: float = 3.0
-    replay_per_correction: float = 2.0
-    lr: float = 2e-3
+    replay_per_correction: float = 4.0
+    lr: float = 5e-4
     batch_size: int = 16
     seed: int = 0
+    mixed_precision: str | None = None  # StageConfig.mixed_precision
+    lora: bool = False  # LoRA adapters on the LM + the projector (StageConfig.lora), of this size
+    lora_r: int = 32
+    lora_alpha: int = 64
+
+    def stage_fields(self) -> dict:
+        """The StageConfig fields beyond steps/lr/batch/seed, only those set."""
+        out = {"mixed_precision": self.mixed_precision} if self.mixed_precision else {}
+        if self.lora:
+            out.update(lora=True, lora_r=self.lora_r, lora_alpha=self.lora_alpha)
+        return out
 
     def steps(self, n_train: int) -> int:
         return max(self.min_steps, math.ceil(self.epochs * n_train / self.batch_size))
+
+
+# Measured with `python -m llaca.bench corrections --base NAME` (30 counting corrections; bench_results/corrections/):
+# the recipe tuned on base v1 (lr 2e-3, >= 240 steps, 2 replay records each) cost tiny v2 23 points of its test; every
+# variant reproduced the corrections, so the cost was over-training: 3 epochs over 4 replay records per correction
+# (29 steps for 30) at 5e-4 reproduce 100% for a 4.3-point drop. `small` trains LoRA as its stages do (bf16 autocast).
+CORRECTION_RECIPES = {"tiny": SmallSetRecipe(),
+                      "small": SmallSetRecipe(lr=2e-4, mixed_precision="bf16", lora=True, lora_r=32, lora_alpha=64)}
+
+
+def recipe_for_parent(registry, parent: str | None) -> SmallSetRecipe:
+    """The corrections recipe of the base `parent` descends from (tiny's for external checkpoints)."""
+    from .recipes import base_name_of
+
+    return CORRECTION_RECIPES[base_name_of(registry, parent) or "tiny"]
 
 
 def _check_text(field: str, text, allow_empty: bool = False) -> str:
@@ -179,7 +205,7 @@ class CorrectionStore:
                 p.unlink(missing_ok=True)
 
     # ------------------------------------------------------------------ learning
-    def prepare_batch(self, registry, parent: str, recipe: SmallSetRecipe = SmallSetRecipe()) -> dict:
+    def prepare_batch(self, registry, parent: str, recipe: SmallSetRecipe | None = None) -> dict:
         """Freeze the pending set into an archive batch ready to train; returns the stage config for it.
 
         train/ = every correction (all its turns) + replay records from `parent`'s lineage; test/ = the
@@ -189,6 +215,7 @@ class CorrectionStore:
         corrections = self.list()
         if not corrections:
             raise CorrectionError("no pending corrections to learn (correct an answer in the chat first)")
+        recipe = recipe or recipe_for_parent(registry, parent)
         replay = _replay_pool(registry, parent)
         n_replay = min(len(replay), round(recipe.replay_per_correction * len(corrections)))
         rng = random.Random(recipe.seed)
@@ -206,7 +233,8 @@ class CorrectionStore:
                 "n_replay": n_replay, "parent": parent, "recipe": dataclasses.asdict(recipe),
                 "pending_rows": self._read_rows(), "version": None, "created": time.time()})
         return {"data": str(final / "train"), "parent": parent, "max_steps": recipe.steps(len(mixed)),
-                "lr": recipe.lr, "batch_size": recipe.batch_size, "seed": recipe.seed, "checkpoint_every": 0}
+                "lr": recipe.lr, "batch_size": recipe.batch_size, "seed": recipe.seed, "checkpoint_every": 0,
+                **recipe.stage_fields()}
 
     def finish_batch(self, data_path: str | Path, version_id: str) -> None:
         """The batch produced `version_id`: record it, and drop its corrections from the pending set."""
@@ -241,7 +269,7 @@ def _replay_pool(registry, parent: str) -> list[Record]:
 
 
 def learn(store: CorrectionStore, registry, method: str = "llaca", parent: str | None = None,
-          recipe: SmallSetRecipe = SmallSetRecipe(), on_event=None, should_stop=None, **overrides):
+          recipe: SmallSetRecipe | None = None, on_event=None, should_stop=None, **overrides):
     """Learn the pending corrections as one stage from `parent` (default: the newest version); returns it.
 
     Used by the CLI inline and by the worker for a 'corrections' job (then `config` comes from `stage_config`).
@@ -251,7 +279,7 @@ def learn(store: CorrectionStore, registry, method: str = "llaca", parent: str |
 
 
 def stage_config(store: CorrectionStore, registry, method: str = "llaca", parent: str | None = None,
-                 recipe: SmallSetRecipe = SmallSetRecipe(), **overrides) -> dict:
+                 recipe: SmallSetRecipe | None = None, **overrides) -> dict:
     parent_id = registry.get(parent).id  # None -> the newest; a clear VersionError for an unknown one
     config = store.prepare_batch(registry, parent_id, recipe)
     n = len(store.list())
@@ -269,7 +297,7 @@ def run_config(store: CorrectionStore, registry, config: dict, on_event=None, sh
 
 
 def queue_learn(store: CorrectionStore, registry, jobs, method: str = "llaca", parent: str | None = None,
-                recipe: SmallSetRecipe = SmallSetRecipe()):
+                recipe: SmallSetRecipe | None = None):
     """Queue the pending corrections as a 'corrections' job (the worker runs `run_config` on it)."""
     busy = jobs.active(kind="corrections")
     if busy:

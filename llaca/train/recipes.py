@@ -11,15 +11,15 @@ from __future__ import annotations
 from .tuner import DEFAULT_RECIPE
 
 SMALL_RECIPE = {"method": "llaca", "lr": 2e-4, "replay_fraction": 0.2, "epochs": 3.0,
-                "lora": True, "lora_r": 32, "lora_alpha": 64}
+                "lora": True, "lora_r": 32, "lora_alpha": 64, "mixed_precision": "bf16"}
 RECIPES = {"tiny": DEFAULT_RECIPE, "small": SMALL_RECIPE}
 
 # The paper's setting (LLaCA on LLaVA-1.5, docs/method.md): LoRA r=128, alpha 256 on every LM Linear + the projector
 # (lr 2e-4, projector 2e-5), the tower frozen, cosine with 3% warmup, one epoch per task, the faithful rule alone.
-# SmolLM2-135M is 576 wide where Vicuna-7B is 4096: `paper-r64` is the same at half the rank. On a GPU the paper
-# also trains in bf16 (`accelerate launch --mixed_precision bf16`); on CPU the stage stays fp32.
+# SmolLM2-135M is 576 wide where Vicuna-7B is 4096: `paper-r64` is the same at half the rank. The paper trains in
+# bf16; so do these (autocast on CPU too, ~2x a step of `small`: `python -m llaca.bench small --sections stage`).
 PAPER_RECIPE = {"method": "llaca", "lr": 2e-4, "projector_lr": 2e-5, "replay_fraction": 0.0, "epochs": 1.0,
-                "lora": True, "lora_r": 128, "lora_alpha": 256}
+                "lora": True, "lora_r": 128, "lora_alpha": 256, "mixed_precision": "bf16"}
 NAMED_RECIPES = {"paper": PAPER_RECIPE, "paper-r64": {**PAPER_RECIPE, "lora_r": 64, "lora_alpha": 128}}
 
 
@@ -39,11 +39,13 @@ def recipe_for(registry, ref: str | None) -> dict:
 
 
 def describe(recipe: dict) -> str:
-    """'llaca + 20% replay, LoRA r=32, lr 0.0002, 3 epochs': the one line the Learn tab and `learn --help` show."""
+    """'llaca + 20% replay, LoRA r=32, lr 0.0002, 3 epochs, bf16': the one line the Learn tab and `learn --help` show."""
     from ..versions import method_label
 
     parts = [method_label(recipe["method"], recipe.get("replay_fraction"))]
     parts.append(f"LoRA r={recipe['lora_r']}" if recipe.get("lora") else "full fine-tuning")
     parts.append(f"lr {recipe['lr']:g}" + (f" (projector {recipe['projector_lr']:g})" if recipe.get("projector_lr") else ""))
     parts.append(f"{recipe['epochs']:g} epoch" + ("" if recipe["epochs"] == 1 else "s"))
+    if recipe.get("mixed_precision") not in (None, "no"):
+        parts.append(recipe["mixed_precision"])
     return ", ".join(parts)
