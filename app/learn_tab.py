@@ -18,6 +18,7 @@ import gradio as gr
 from llaca.data import InvalidDataset, demo, validate
 from llaca.data.formats import DATA_SUFFIXES
 from llaca.jobs import JobError, stage_upload
+from llaca.models.catalog import default_base
 from llaca.train.recipes import base_name_of, describe, recipe_for
 from llaca.train.tuner import DEFAULT_RECIPE
 from llaca.versions import method_label
@@ -154,9 +155,9 @@ def submit_upload(studio: Studio, data_path: str, config: dict):
     return studio.jobs.submit(config, label=label, upload_dir=upload_dir)
 
 
-def queue_demo(studio: Studio) -> list:
-    """Write the demo tasks (once) and queue each of `llaca.data.demo.DEFAULT_ARMS` over them, each stage from the
-    previous one of its arm."""
+def queue_demo(studio: Studio, base: str | None = None) -> list:
+    """Write the demo tasks (once) and queue each arm of the base's demo (`llaca.data.demo.DEMOS`, default: the
+    app's base) over them, each stage from the previous one of its arm."""
     busy = [j for j in studio.jobs.active() if j.label.startswith("demo")]
     if busy:
         raise JobError(f"the demo is already queued (jobs {', '.join('#' + str(j.id) for j in busy)})")
@@ -164,13 +165,14 @@ def queue_demo(studio: Studio) -> list:
         raise JobError("the base model is still being built; start the demo when it is ready")
     from llaca.bases.install import ensure_base
 
-    ensure_base(studio.registry, base="tiny")  # the demo's stages start from `tiny` (seconds to install; its recipe)
-    root = demo.ensure_tasks(studio.home / "datasets" / "demo")
+    plan = demo.DEMOS[base or default_base()]
+    ensure_base(studio.registry, base=plan.base)
+    root = demo.ensure_tasks(studio.home / "datasets" / "demo", plan.tasks)
     jobs = []
-    for arm in demo.DEFAULT_ARMS:
+    for arm in plan.arms:
         previous = None
-        for k, config in enumerate(demo.stage_configs(root, arm), 1):
-            previous = studio.jobs.submit(config, label=f"demo {arm} {k}/{len(demo.TASKS)} · {demo.TASKS[k - 1]}",
+        for k, config in enumerate(plan.stage_configs(root, arm), 1):
+            previous = studio.jobs.submit(config, label=f"demo {arm} {k}/{len(plan.tasks)} · {plan.tasks[k - 1]}",
                                           parent_job=previous.id if previous else None)
             jobs.append(previous)
     return jobs
@@ -282,10 +284,12 @@ def build(studio: Studio):
             return f"⚠ {warn(e)}", gr.skip()
         gr.Info(f"Queued {len(jobs)} demo stages")
         ids = ", ".join(f"#{j.id}" for j in jobs)
-        arms = ", then ".join(f"`{arm}`" for arm in demo.DEFAULT_ARMS)
-        return (f"Queued the demo ({ids}): {' then '.join(demo.TASKS)} with {arms}, "
-                f"{demo.STAGE['max_steps']} steps each. Watch forgetting in *Versions & evaluation* when they finish."
-                ), gr.Dropdown(choices=job_choices(studio), value=AUTO)
+        plan = demo.DEMOS[default_base()]
+        arms = ", then ".join(f"`{arm}`" for arm in plan.arms)
+        note = f" ({plan.note})" if plan.note else ""
+        return (f"Queued the demo on `{plan.base}` ({ids}): {' then '.join(plan.tasks)} with {arms}, "
+                f"{plan.stage['max_steps']} steps each{note}. Watch forgetting in *Versions & evaluation* when they "
+                "finish."), gr.Dropdown(choices=job_choices(studio), value=AUTO)
 
     def act_on_job(selected, verb: str, action, done) -> str:
         """Cancel / resume the shown job; a refusal (no job, wrong state) is a message, not an exception."""
@@ -368,8 +372,10 @@ def build(studio: Studio):
                 name = gr.Textbox(label="Version name (optional)", max_length=64)
             with gr.Row():
                 start = gr.Button("Start", variant="primary", interactive=False)
-                demo_button = gr.Button(f"Run the demo ({len(demo.TASKS)} CoIN-mini stages: "
-                                        f"{' vs '.join(a.split(',')[0] for a in demo.DEFAULT_ARMS)})")
+                plan = demo.DEMOS[default_base()]
+                demo_button = gr.Button(f"Run the demo ({len(plan.tasks)} CoIN-mini stages: "
+                                        f"{' vs '.join(a.split(',')[0] for a in plan.arms)}"
+                                        + (", reduced to fit 10 min" if plan.note else "") + ")")
             message = gr.Markdown()
     gr.Markdown("### 3 · Jobs")
     with gr.Row():

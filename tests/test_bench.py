@@ -89,11 +89,14 @@ def test_quality_regime_knobs_are_in_the_cache_key():
     assert len(set(keys + [default])) == len(variants) + 1
     assert key("--lora-r", "8")[1]["stage_kw"] == {"lora": True, "lora_r": 8}
     paper = key("--recipe", "paper")[1]  # the paper's stage: LoRA r128/a256, projector 2e-5, lr 2e-4, one epoch
+    from llaca.train.tuner import native_bf16
+
+    bf16 = native_bf16()  # the recipe's "auto" is keyed as what this machine runs
     assert paper["stage_kw"] == {"lora": True, "lora_r": 128, "lora_alpha": 256, "projector_lr": 2e-5,
-                                 "mixed_precision": "bf16"}
+                                 **({"mixed_precision": "bf16"} if bf16 else {})}
     assert (paper["lr"], paper["steps"]) == (2e-4, math.ceil(quality.N_TRAIN / quality.STAGE_BATCH))
     assert key("--recipe", "paper", "--lora-r", "32", "--steps", "10")[1]["stage_kw"]["lora_r"] == 32  # options win
-    assert quality.regime_label(paper) == "recipe paper; LoRA r=128 alpha 256; projector lr 2e-05; bf16; "
+    assert quality.regime_label(paper) == "recipe paper; LoRA r=128 alpha 256; projector lr 2e-05; " + ("bf16; " if bf16 else "")
     # --data is read as it is: with --paraphrased the fixed set's cached runs would come back as paraphrased ones
     with pytest.raises(ValueError, match="give one or the other"):
         quality.resolve_config(quality.parse_args(["--paraphrased", "--data", "somewhere"]))

@@ -87,7 +87,7 @@ def test_the_recipe_follows_the_parents_base(llaca_home, images):
     assert config["lr"] == tiny.lr and "lora" not in config and "mixed_precision" not in config
     assert len(load_instruction_set(config["data"])) == 3 + 3 * tiny.replay_per_correction
     assert config["max_steps"] == tiny.min_steps  # 15 records x 3 epochs is 3 steps
-    assert CORRECTION_RECIPES["small"].stage_fields() == {"mixed_precision": "bf16", "lora": True, "lora_r": 32,
+    assert CORRECTION_RECIPES["small"].stage_fields() == {"mixed_precision": "auto", "lora": True, "lora_r": 32,
                                                           "lora_alpha": 64}
 
 

@@ -193,3 +193,17 @@ def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_fp32_weights(llaca
     assert StageConfig(data=data, mixed_precision="bf16").hparams()["mixed_precision"] == "bf16"
     with pytest.raises(ValueError, match="mixed_precision: 'bf17'"):
         StageRecipe(StageConfig(data=data, mixed_precision="bf17"), registry).setup()
+
+
+def test_auto_mixed_precision_is_bf16_only_where_the_hardware_runs_it(monkeypatch):
+    """small's recipes say "auto": bf16 on a GPU or an AVX512-BF16 CPU, fp32 on an AVX2 CPU (where emulated bf16 is
+    ~30x slower); resolved when the config is made, so the run key and the version's hparams say what ran."""
+    from llaca.train import tuner
+
+    for native, expected in ((True, "bf16"), (False, None)):
+        monkeypatch.setattr(tuner, "native_bf16", lambda device_type=None, native=native: native)
+        cfg = StageConfig(data="somewhere", mixed_precision="auto")
+        assert cfg.mixed_precision == expected
+        assert cfg.hparams().get("mixed_precision") == expected
+    assert StageConfig(data="somewhere", mixed_precision="no").mixed_precision is None
+    assert StageConfig(data="somewhere", mixed_precision="bf16").mixed_precision == "bf16"  # asked for: as asked

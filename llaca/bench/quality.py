@@ -793,6 +793,12 @@ def regime_config(args) -> dict:
     out = {}
     recipe = NAMED_RECIPES[args.recipe] if args.recipe else {}
     kw = {k: recipe[k] for k in ("lora_r", "lora_alpha", "projector_lr", "mixed_precision") if k in recipe}
+    if "mixed_precision" in kw:  # "auto" -> what this machine runs (bf16 or fp32): the cache key says what ran
+        from ..train.tuner import resolve_mixed_precision
+
+        kw["mixed_precision"] = resolve_mixed_precision(kw["mixed_precision"])
+        if kw["mixed_precision"] is None:
+            del kw["mixed_precision"]
     kw.update({k: v for k, v in (("lora_r", args.lora_r), ("lora_alpha", args.lora_alpha),
                                  ("projector_lr", args.projector_lr)) if v is not None})
     lora = args.lora or recipe.get("lora") or "lora_r" in kw or "lora_alpha" in kw

@@ -8,9 +8,9 @@ Sections (each cached as `<out>/<section>.json`, so an interrupted run resumes; 
 - zeroshot: every CoIN-mini task's test split before any stage (never tuned on);
 - photos: five questions about real photographs from scikit-image's bundled samples, answers verbatim;
 - chat: one user, one image question: time to the first streamed text and decoding speed (tokens/s);
-- stage: seconds per optimizer step of a stage with `small`'s CLI recipe, fp32 against bf16 autocast, measured
-  alternately in one run (the ratio is the figure; the machine's load moves the seconds), and the 1,000-record
-  stage it implies.
+- stage: seconds per optimizer step of a stage with `small`'s CLI recipe, fp32 against bf16 autocast where the CPU
+  has native bf16 (measured alternately in one run: the ratio is the figure; the machine's load moves the seconds;
+  without it, one matmul in each says why the recipe runs fp32), and the 1,000-record stage it implies.
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import hashlib
 import json
 import math
 import os
+import platform
 import re
 import resource
 import time
@@ -152,12 +153,14 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     import statistics
 
     from ..train.recipes import RECIPES
-    from ..train.tuner import StageConfig, StageRecipe
+    from ..train.tuner import StageConfig, StageRecipe, native_bf16, resolve_mixed_precision
     from .quality import base_test_split
 
     recipe = RECIPES["small"]
     data = base_test_split(registry, registry.get("small"))  # 300 world records: only the step time is read
-    per: dict[str, list[float]] = {"no": [], "bf16": []}
+    native = native_bf16("cpu")
+    # Emulated bf16 (an AVX2-only CPU) is ~30x slower a step: measured on a matmul instead of minutes of steps
+    per: dict[str, list[float]] = {"no": [], "bf16": []} if native else {"no": []}
     for _ in range(rounds):
         for precision in per:
             times = []
@@ -168,12 +171,40 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
             stage.setup()
             stage.train()
             per[precision].append((times[-1] - times[0]) / (len(times) - 1))
-    fp32, bf16 = statistics.median(per["no"]), statistics.median(per["bf16"])
+    s_per_step = {("fp32" if k == "no" else k): round(statistics.median(v), 2) for k, v in per.items()}
+    ran = "bf16" if resolve_mixed_precision(recipe.get("mixed_precision"), "cpu") == "bf16" else "fp32"
     steps_1000 = math.ceil(recipe["epochs"] * 1000 / 16)
-    return {"recipe": recipe, "batch": 16, "s_per_step": {"fp32": round(fp32, 2), "bf16": round(bf16, 2)},
-            "runs": {k: [round(x, 2) for x in v] for k, v in per.items()}, "speedup_bf16": round(fp32 / bf16, 2),
-            "steps_1000_records": steps_1000, "minutes_1000_records_bf16": round(steps_1000 * bf16 / 60, 1),
-            "torch_threads": torch_threads(), "load_avg_start": os.getloadavg()}
+    out = {"recipe": recipe, "batch": 16, "cpu": cpu_model(), "native_bf16": native, "s_per_step": s_per_step,
+           "runs": {k: [round(x, 2) for x in v] for k, v in per.items()}, "recipe_runs_in": ran,
+           "matmul_ms": matmul_ms(), "steps_1000_records": steps_1000,
+           "minutes_1000_records": round(steps_1000 * s_per_step[ran] / 60, 1),
+           "torch_threads": torch_threads(), "load_avg_start": os.getloadavg()}
+    if native:
+        out["speedup_bf16"] = round(s_per_step["fp32"] / s_per_step["bf16"], 2)
+    return out
+
+
+def matmul_ms(repeats: int = 5) -> dict:
+    """One 512x576 @ 576x1536 matmul (an MLP projection of `small` on a batch) in fp32 and bf16: why "auto"."""
+    import torch
+
+    a, b = torch.randn(512, 576), torch.randn(576, 1536)
+    out = {}
+    for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+        x, y = a.to(dtype), b.to(dtype)
+        x @ y
+        start = time.perf_counter()
+        for _ in range(repeats):
+            x @ y
+        out[name] = round((time.perf_counter() - start) / repeats * 1000, 1)
+    return out
+
+
+def cpu_model() -> str:
+    for line in Path("/proc/cpuinfo").read_text().splitlines() if Path("/proc/cpuinfo").exists() else []:
+        if line.startswith("model name"):
+            return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
 
 
 def torch_threads() -> int:
@@ -253,10 +284,13 @@ def markdown(r: dict) -> str:
                   f"({c['torch_threads']} torch threads, load {c['load_avg'][0]:.1f})"]
     if "stage" in r:
         st = r["stage"]
-        lines += [f"- a stage with the CLI recipe (batch 16): {st['s_per_step']['fp32']} s/step fp32, "
-                  f"{st['s_per_step']['bf16']} s/step bf16 autocast (x{st['speedup_bf16']}, alternating runs); "
-                  f"1,000 records = {st['steps_1000_records']} steps = ~{st['minutes_1000_records_bf16']} min "
-                  f"in bf16 before evaluation (load {st['load_avg_end']:.1f})"]
+        per_step = ", ".join(f"{v} s/step {k}" for k, v in st["s_per_step"].items())
+        bf16 = (f"bf16 autocast x{st['speedup_bf16']} (alternating runs)" if st.get("native_bf16")
+                else f"no native bf16 on this CPU (one matmul: {st['matmul_ms']['fp32']} ms fp32, "
+                     f"{st['matmul_ms']['bf16']} ms bf16), so the recipe runs fp32")
+        lines += [f"- a stage with the CLI recipe (batch 16) on {st.get('cpu', '?')}: {per_step}; {bf16}; "
+                  f"1,000 records = {st['steps_1000_records']} steps = ~{st['minutes_1000_records']} min "
+                  f"before evaluation (load {st['load_avg_end']:.1f})"]
     if "photos" in r:
         lines += ["", "| photo | question | answer |", "|---|---|---|"]
         lines += [f"| `{x['photo']}` | {x['question']} | {x['answer']} |" for x in r["photos"]["rows"]]

@@ -305,9 +305,10 @@ def build_parser() -> argparse.ArgumentParser:
                        f"{k}: {describe(v)}" for k, v in sorted(NAMED_RECIPES.items())))
     s.add_argument("--batch-size", type=int, default=16)
     s.add_argument("--grad-accum", type=int, default=1)
-    s.add_argument("--mixed-precision", choices=("no", "bf16", "fp16"), default=None,
-                   help="autocast the forward (weights and the rule stay fp32; default: the base's recipe: small bf16, "
-                        "~2x a step on CPU; tiny no; `accelerate launch --mixed_precision` also applies)")
+    s.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=None,
+                   help="autocast the forward (weights and the rule stay fp32; default: the base's recipe: small auto = "
+                        "bf16 where the hardware runs it natively (GPU, AVX512-BF16 CPU: ~2x a step), else fp32; tiny "
+                        "no; `accelerate launch --mixed_precision` also applies)")
     s.add_argument("--lora", action=argparse.BooleanOptionalAction, default=None,
                    help="train LoRA adapters (peft) + projector instead of full weights (default: the base's recipe: "
                         "small uses LoRA r=%d, tiny full weights)" % RECIPES["small"]["lora_r"])

@@ -6,9 +6,15 @@ An arm is a name and the `StageConfig` fields it sets on top of the demo's stage
 share the default learning rate, so they differ only in the rule: plain fine-tuning, the paper's rule alone,
 and the default recipe (`llaca.train.tuner.DEFAULT_RECIPE`). Four tasks, because over two short stages at lr 3e-4
 nothing forgets much (`bench_results/demo/`): the third task is where plain fine-tuning loses the first.
+
+That is `tiny`'s demo. On `small` (140M, ~7 s a LoRA step of 8 records in fp32 on two cores) four 80-step stages
+per arm would take an hour, so `SMALL` is reduced to fit ten minutes and says so: two tasks (sciqa, then imagenet,
+which `small` answers zero-shot and plain fine-tuning on sciqa erases: issue 25's study), 10 steps of 8 records,
+every test capped at 20 questions, plain fine-tuning against `small`'s default recipe (`llaca.train.recipes`).
 """
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from . import coin_mini
@@ -29,6 +35,41 @@ ARMS = {
 DEFAULT_ARMS = ("seq, lr 3e-4", "llaca, lr 3e-4", "llaca+replay, lr 3e-4")
 
 
+@dataclasses.dataclass(frozen=True)
+class Demo:
+    """What the Learn tab's button queues for one embedded base: arms x tasks, each stage from the arm's previous."""
+    base: str  # the embedded base (llaca.models.catalog.BASES) the first stage of every arm starts from
+    tasks: tuple
+    stage: dict  # StageConfig fields every stage shares
+    arms: dict  # arm name -> StageConfig fields on top of `stage`
+    note: str = ""  # how it was cut down to fit, said in the UI
+
+    def stage_configs(self, root: Path, arm: str) -> list[dict]:
+        from ..models.catalog import base_version_id
+
+        configs = stage_configs(root, arm, self.tasks, arms=self.arms, stage=self.stage)
+        configs[0]["parent"] = base_version_id(self.base)
+        return configs
+
+
+TINY = Demo("tiny", TASKS, STAGE, {arm: ARMS[arm] for arm in DEFAULT_ARMS})
+
+
+def _small_arms() -> dict:
+    from ..train.recipes import SMALL_RECIPE
+
+    lora = {k: SMALL_RECIPE[k] for k in ("lora", "lora_r", "lora_alpha", "mixed_precision")}
+    lr = SMALL_RECIPE["lr"]
+    default = {"method": SMALL_RECIPE["method"], "replay_fraction": SMALL_RECIPE["replay_fraction"]}
+    return {f"seq, lr {lr:g}": {"method": "seq", "lr": lr, **lora},
+            f"{SMALL_RECIPE['method']}+replay, lr {lr:g}": {**default, "lr": lr, **lora}}
+
+
+SMALL = Demo("small", ("sciqa", "imagenet"), dict(max_steps=10, batch_size=8, checkpoint_every=0, eval_limit=20), _small_arms(),
+             note="reduced to fit 10 minutes on two cores: 2 tasks, 10 steps of 8 records, tests capped at 20 questions")
+DEMOS = {"tiny": TINY, "small": SMALL}
+
+
 def ensure_tasks(root: Path, tasks=TASKS) -> Path:
     """Write the demo's task folders under `root` once (they are deterministic); returns `root`."""
     missing = [t for t in tasks if not (Path(root) / t / "test" / "data.json").is_file()]
@@ -41,9 +82,9 @@ def slug(arm: str) -> str:
     return arm.replace(", ", "-").replace(" ", "").replace("+", "-")
 
 
-def stage_configs(root: Path, arm: str, tasks=TASKS) -> list[dict]:
+def stage_configs(root: Path, arm: str, tasks=TASKS, arms=ARMS, stage=STAGE) -> list[dict]:
     """The arm's stages as `StageConfig` keyword dicts, in order; the first starts from `base`, each next one
     from the version before it (parent None = the newest, which the job chain and the bench both guarantee)."""
     return [{"data": str(Path(root) / task / "train"), "name": f"demo-{slug(arm)}-{k}-{task}",
-             "parent": "base" if k == 1 else None, **STAGE, **ARMS[arm]}
+             "parent": "base" if k == 1 else None, **stage, **arms[arm]}
             for k, task in enumerate(tasks, 1)]

@@ -92,9 +92,9 @@ class SmallSetRecipe:
 # Measured with `python -m llaca.bench corrections --base NAME` (30 counting corrections; bench_results/corrections/):
 # the recipe tuned on base v1 (lr 2e-3, >= 240 steps, 2 replay records each) cost tiny v2 23 points of its test; every
 # variant reproduced the corrections, so the cost was over-training: 3 epochs over 4 replay records per correction
-# (29 steps for 30) at 5e-4 reproduce 100% for a 4.3-point drop. `small` trains LoRA as its stages do (bf16 autocast).
+# (29 steps for 30) at 5e-4 reproduce 100% for a 4.3-point drop. `small` trains LoRA as its stages do (bf16 where native).
 CORRECTION_RECIPES = {"tiny": SmallSetRecipe(),
-                      "small": SmallSetRecipe(lr=2e-4, mixed_precision="bf16", lora=True, lora_r=32, lora_alpha=64)}
+                      "small": SmallSetRecipe(lr=2e-4, mixed_precision="auto", lora=True, lora_r=32, lora_alpha=64)}
 
 
 def recipe_for_parent(registry, parent: str | None) -> SmallSetRecipe:

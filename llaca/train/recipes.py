@@ -3,23 +3,26 @@
 `tiny` (3M parameters, trained from nothing) learns by full fine-tuning: `llaca.train.tuner.DEFAULT_RECIPE`, measured on
 it (llaca + 20% replay at lr 3e-4, 5 epochs). `small` (140M, a pretrained LM) takes the paper's shape instead: LoRA
 adapters on every LM Linear + the projector, the tower frozen; full fine-tuning of its LM costs ~10x a LoRA step on
-two cores, and a stage on 1,000 records has to fit in 15 minutes. Its lr and epochs are the base build's LoRA
-settings scaled to a stage (docs/base-models.md); the continual-learning study on `small` revisits them.
+two cores, and a stage on 1,000 records has to fit in 15 minutes: one epoch (the paper's), 63 steps of 16, 15 min in
+fp32 on the 2-core AMD EPYC (AVX2, no native bf16; `python -m llaca.bench small --sections stage`), ~7 min where bf16
+is native. Three epochs (the first setting) learned held-out Tux Paint to 57.8% but take 45 min there. lr 2e-4 is the
+paper's; llaca + 20% replay is what issue 25's study on `small` measured keeping most (docs/benchmarks.md).
 """
 from __future__ import annotations
 
 from .tuner import DEFAULT_RECIPE
 
-SMALL_RECIPE = {"method": "llaca", "lr": 2e-4, "replay_fraction": 0.2, "epochs": 3.0,
-                "lora": True, "lora_r": 32, "lora_alpha": 64, "mixed_precision": "bf16"}
+SMALL_RECIPE = {"method": "llaca", "lr": 2e-4, "replay_fraction": 0.2, "epochs": 1.0,
+                "lora": True, "lora_r": 32, "lora_alpha": 64, "mixed_precision": "auto"}
 RECIPES = {"tiny": DEFAULT_RECIPE, "small": SMALL_RECIPE}
 
 # The paper's setting (LLaCA on LLaVA-1.5, docs/method.md): LoRA r=128, alpha 256 on every LM Linear + the projector
 # (lr 2e-4, projector 2e-5), the tower frozen, cosine with 3% warmup, one epoch per task, the faithful rule alone.
 # SmolLM2-135M is 576 wide where Vicuna-7B is 4096: `paper-r64` is the same at half the rank. The paper trains in
-# bf16; so do these (autocast on CPU too, ~2x a step of `small`: `python -m llaca.bench small --sections stage`).
+# bf16; so do these where the hardware has it ("auto": a GPU, or a CPU with AVX512-BF16, where autocast halves a step
+# of `small`: `python -m llaca.bench small --sections stage`); an AVX2-only CPU emulates bf16 ~30x slower: fp32 there.
 PAPER_RECIPE = {"method": "llaca", "lr": 2e-4, "projector_lr": 2e-5, "replay_fraction": 0.0, "epochs": 1.0,
-                "lora": True, "lora_r": 128, "lora_alpha": 256, "mixed_precision": "bf16"}
+                "lora": True, "lora_r": 128, "lora_alpha": 256, "mixed_precision": "auto"}
 NAMED_RECIPES = {"paper": PAPER_RECIPE, "paper-r64": {**PAPER_RECIPE, "lora_r": 64, "lora_alpha": 128}}
 
 
@@ -46,6 +49,9 @@ def describe(recipe: dict) -> str:
     parts.append(f"LoRA r={recipe['lora_r']}" if recipe.get("lora") else "full fine-tuning")
     parts.append(f"lr {recipe['lr']:g}" + (f" (projector {recipe['projector_lr']:g})" if recipe.get("projector_lr") else ""))
     parts.append(f"{recipe['epochs']:g} epoch" + ("" if recipe["epochs"] == 1 else "s"))
-    if recipe.get("mixed_precision") not in (None, "no"):
-        parts.append(recipe["mixed_precision"])
+    precision = recipe.get("mixed_precision")
+    if precision == "auto":
+        parts.append("bf16 where native")
+    elif precision not in (None, "no"):
+        parts.append(precision)
     return ", ".join(parts)
