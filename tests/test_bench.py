@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -224,3 +225,25 @@ def test_heldout_bench_stage_seed_probe_and_cache(llaca_home, tmp_path):
     assert heldout_bench.main(args) == 0
     assert cached.stat().st_mtime_ns == stamp and len(list((out / "runs").iterdir())) == 1
     assert "| digits | frozen tower, llaca+replay, lr 3e-4 | llaca | 1 |" in (out / "table.md").read_text()
+
+
+def test_the_small_demo_is_seq_against_smalls_default_recipe_and_says_it_is_reduced():
+    """On `small` the button runs two arms from `small`: plain fine-tuning and small's own recipe (LoRA, its lr and
+    replay), cut down to fit 10 minutes, and the plan says so (the UI shows `note`)."""
+    from llaca.data import demo
+    from llaca.train.recipes import SMALL_RECIPE
+    from llaca.train.tuner import StageConfig
+
+    plan = demo.DEMOS["small"]
+    arms = list(plan.arms)
+    assert len(arms) == 2 and plan.note and demo.DEMOS["tiny"].note == ""
+    for arm in arms:
+        configs = plan.stage_configs(Path("/data"), arm)
+        assert [c["parent"] for c in configs] == ["small"] + [None] * (len(plan.tasks) - 1)
+        for config in configs:
+            cfg = StageConfig(**config)  # what the worker will run
+            assert (cfg.lora, cfg.lora_r, cfg.lr) == (True, SMALL_RECIPE["lora_r"], SMALL_RECIPE["lr"])
+            assert cfg.eval_limit and cfg.max_steps * cfg.batch_size <= 100  # the cut for two cores
+    seq, default = (StageConfig(**plan.stage_configs(Path("/data"), arm)[0]) for arm in arms)
+    assert (seq.method, seq.replay_fraction) == ("seq", 0.0)
+    assert (default.method, default.replay_fraction) == (SMALL_RECIPE["method"], SMALL_RECIPE["replay_fraction"])

@@ -8,9 +8,10 @@ and the default recipe (`llaca.train.tuner.DEFAULT_RECIPE`). Four tasks, because
 nothing forgets much (`bench_results/demo/`): the third task is where plain fine-tuning loses the first.
 
 That is `tiny`'s demo. On `small` (140M, ~7 s a LoRA step of 8 records in fp32 on two cores) four 80-step stages
-per arm would take an hour, so `SMALL` is reduced to fit ten minutes and says so: two tasks (sciqa, then imagenet,
+per arm would take an hour, so `SMALL` is reduced, aiming at ten minutes, and says so: two tasks (sciqa, then imagenet,
 which `small` answers zero-shot and plain fine-tuning on sciqa erases: issue 25's study), 10 steps of 8 records,
 every test capped at 20 questions, plain fine-tuning against `small`'s default recipe (`llaca.train.recipes`).
+`python -m llaca.bench demo --button small` times it exactly as queued (not yet completed on a quiet machine).
 """
 from __future__ import annotations
 
@@ -66,7 +67,8 @@ def _small_arms() -> dict:
 
 
 SMALL = Demo("small", ("sciqa", "imagenet"), dict(max_steps=10, batch_size=8, checkpoint_every=0, eval_limit=20), _small_arms(),
-             note="reduced to fit 10 minutes on two cores: 2 tasks, 10 steps of 8 records, tests capped at 20 questions")
+             note="reduced for two cores (aimed at 10 minutes): 2 tasks, 10 steps of 8 records, tests capped at 20 "
+                  "questions")
 DEMOS = {"tiny": TINY, "small": SMALL}
 
 
