@@ -58,7 +58,8 @@ def test_correct_then_learn_then_the_answer_is_fixed(client, app):
     assert "1 pending" in head and [r[2] for r in table["data"]] == [CORRECTED]
     assert table["data"][0][3] == before  # what the version had said
 
-    message, job_id = client.predict("seq", 50, api_name="/learn_corrections")
+    # 120 steps: at the per-base recipe's lr (tiny 5e-4, 4 replay records beside the one correction) 50 left "purple"
+    message, job_id = client.predict("seq", 120, api_name="/learn_corrections")
     assert message.startswith("Queued job"), message
     jobs = JobStore(app.home)
     deadline = time.time() + LEARN_TIMEOUT

@@ -21,6 +21,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ..evaluation.evaluate import zero_shot
 from ..train.tuner import DEFAULT_RECIPE
 
 VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vision": True},
@@ -112,18 +113,6 @@ def tower_probe(model, processor, data_root: Path, name: str) -> dict:
 def _base_fingerprint(registry, version: str) -> str:
     weights = registry.get(version).path / "model" / "model.safetensors"
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "external"
-
-
-def zero_shot(model, processor, coin_root: Path, limit: int | None, base_test: str | None) -> dict:
-    from ..data import coin_mini
-    from ..evaluation.evaluate import evaluate
-    from .quality import _test_set
-
-    row = {t: round(evaluate(model, processor, _test_set(str(coin_root / t / "test")), limit=limit).accuracy, 1)
-           for t in coin_mini.DEFAULT_SEQUENCE}
-    base_acc = round(evaluate(model, processor, _test_set(base_test)).accuracy, 2) if base_test else None
-    in_band = sum(10 <= v <= 70 for v in row.values())
-    return {"zero_shot": row, "tasks_in_10_70": in_band, "base_test": base_acc}
 
 
 def stage_run(registry, version: str, data_root: Path, name: str, variant: str, work: Path,

@@ -324,7 +324,7 @@ def _text_kept(registry, version_id: str, cache_home) -> dict:
     """The language check on `version_id` (agreement with SmolLM2, key accuracy); the reference's answers are
     computed once per base registry and cached there."""
     from ..versions import load_version
-    from .small import text_agreement
+    from .text_check import text_agreement
 
     r = text_agreement(*load_version(registry, version_id), cache=Path(cache_home) / "cache")
     return {k: r[k] for k in ("n", "agreement", "small_key_accuracy", "smollm2_key_accuracy")}

@@ -15,17 +15,16 @@ Sections (each cached as `<out>/<section>.json`, so an interrupted run resumes; 
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import math
 import os
 import platform
-import re
 import resource
 import time
 from pathlib import Path
 
-from ..paths import ASSETS_DIR, atomic_write_json
+from ..paths import atomic_write_json
+from .text_check import text_agreement  # noqa: F401 (section `text`)
 
 SECTIONS = ("install", "own", "text", "zeroshot", "photos", "chat", "stage")
 PHOTOS = [("chelsea", "What animal is in this photo?"), ("coffee", "What is in the picture?"),
@@ -61,49 +60,9 @@ def own_test(model, processor, registry) -> dict:
             "per_family": {k: {"accuracy": round(sum(v) / len(v), 1), "n": len(v)} for k, v in sorted(per.items())}}
 
 
-def has_key(answer: str, keys: list[str]) -> bool:
-    return any(re.search(r"(?<!\w)" + re.escape(k.lower()) + r"(?!\w)", answer.lower()) for k in keys)
-
-
-def text_agreement(model, processor, max_new_tokens: int = 48, cache: Path | None = None) -> dict:
-    """Both models' greedy answers to each prompt, and whether they agree on its key answer."""
-    from ..bases.small_build import distill_chat
-
-    prompts = json.loads((ASSETS_DIR / "small" / "text_check.json").read_text())["prompts"]
-    ours = [a["answer"] for a in distill_chat(model, processor.tokenizer, [p["prompt"] for p in prompts],
-                                              max_new_tokens)]
-    theirs = reference_answers(prompts, max_new_tokens, cache)
-    rows = [{"prompt": p["prompt"], "keys": p["keys"], "small": a, "smollm2": b,
-             "small_has_key": has_key(a, p["keys"]), "smollm2_has_key": has_key(b, p["keys"])}
-            for p, a, b in zip(prompts, ours, theirs)]
-    agree = sum(r["small_has_key"] == r["smollm2_has_key"] for r in rows)
-    return {"n": len(rows), "agreement": round(100 * agree / len(rows), 1),
-            "small_key_accuracy": round(100 * sum(r["small_has_key"] for r in rows) / len(rows), 1),
-            "smollm2_key_accuracy": round(100 * sum(r["smollm2_has_key"] for r in rows) / len(rows), 1),
-            "identical_answers": sum(r["small"] == r["smollm2"] for r in rows), "rows": rows}
-
-
-def reference_answers(prompts: list[dict], max_new_tokens: int, cache: Path | None) -> list[str]:
-    """The untouched SmolLM2-135M-Instruct's greedy answers (the build's self-distillation call), cached in
-    `cache` per prompt set: every version checked against it reuses one run of the reference."""
-    from ..bases.small_build import distill_chat
-    from ..models.small import load_language_model
-
-    texts = [p["prompt"] for p in prompts]
-    key = hashlib.sha256(json.dumps([texts, max_new_tokens]).encode()).hexdigest()[:12]
-    file = Path(cache) / f"smollm2-text-check-{key}.json" if cache else None
-    if file and file.is_file():
-        return json.loads(file.read_text())
-    reference, tokenizer = load_language_model()
-    answers = [a["answer"] for a in distill_chat(reference, tokenizer, texts, max_new_tokens)]
-    if file:
-        atomic_write_json(file, answers)
-    return answers
-
-
 def zero_shot_row(model, processor, work: Path, limit: int) -> dict:
     from ..data import coin_mini
-    from .heldout import zero_shot
+    from ..evaluation.evaluate import zero_shot
 
     root = work / "coin-mini"
     if not (root / "ocrvqa" / "test" / "data.json").is_file():

@@ -76,3 +76,17 @@ def accuracy_matrix(load, version_ids: list[str], test_sets: list[InstructionSet
                 row.append(evaluate(model, processor, ts).accuracy)
         matrix.append(row)
     return matrix
+
+
+def zero_shot(model, processor, coin_root, limit: int | None, base_test: str | None) -> dict:
+    """A model on every CoIN-mini task's test split before it learns any (and on the base's own test if given):
+    the zero-shot row the base benchmarks report, and how many tasks sit in the 10-70% band."""
+    from pathlib import Path
+
+    from ..data import coin_mini, load_instruction_set
+
+    row = {t: round(evaluate(model, processor, load_instruction_set(str(Path(coin_root) / t / "test")),
+                             limit=limit).accuracy, 1) for t in coin_mini.DEFAULT_SEQUENCE}
+    base_acc = round(evaluate(model, processor, load_instruction_set(base_test)).accuracy, 2) if base_test else None
+    in_band = sum(10 <= v <= 70 for v in row.values())
+    return {"zero_shot": row, "tasks_in_10_70": in_band, "base_test": base_acc}
