@@ -156,9 +156,14 @@ def submit_upload(studio: Studio, data_path: str, config: dict):
     return studio.jobs.submit(config, label=label, upload_dir=upload_dir)
 
 
-def queue_demo(studio: Studio, base: str | None = None) -> list:
-    """Write the demo tasks (once) and queue each arm of the base's demo (`llaca.data.demo.DEMOS`, default: the
-    app's base) over them, each stage from the previous one of its arm."""
+def demo_plan() -> demo.Demo:
+    """The demo of the app's base (`llaca.data.demo.DEMOS`): what the button queues and its label says."""
+    return demo.DEMOS[default_base()]
+
+
+def queue_demo(studio: Studio) -> list:
+    """Write the demo tasks (once) and queue each arm of the app base's demo over them, each stage from the previous
+    one of its arm."""
     busy = [j for j in studio.jobs.active() if j.label.startswith("demo")]
     if busy:
         raise JobError(f"the demo is already queued (jobs {', '.join('#' + str(j.id) for j in busy)})")
@@ -166,7 +171,7 @@ def queue_demo(studio: Studio, base: str | None = None) -> list:
         raise JobError("the base model is still being built; start the demo when it is ready")
     from llaca.bases.install import ensure_base
 
-    plan = demo.DEMOS[base or default_base()]
+    plan = demo_plan()
     ensure_base(studio.registry, base=plan.base)
     root = demo.ensure_tasks(studio.home / "datasets" / "demo", plan.tasks)
     jobs = []
@@ -285,7 +290,7 @@ def build(studio: Studio):
             return f"⚠ {warn(e)}", gr.skip()
         gr.Info(f"Queued {len(jobs)} demo stages")
         ids = ", ".join(f"#{j.id}" for j in jobs)
-        plan = demo.DEMOS[default_base()]
+        plan = demo_plan()
         arms = ", then ".join(f"`{arm}`" for arm in plan.arms)
         note = f" ({plan.note})" if plan.note else ""
         return (f"Queued the demo on `{plan.base}` ({ids}): {' then '.join(plan.tasks)} with {arms}, "
@@ -373,7 +378,7 @@ def build(studio: Studio):
                 name = gr.Textbox(label="Version name (optional)", max_length=64)
             with gr.Row():
                 start = gr.Button("Start", variant="primary", interactive=False)
-                plan = demo.DEMOS[default_base()]
+                plan = demo_plan()
                 demo_button = gr.Button(f"Run the demo ({len(plan.tasks)} CoIN-mini stages: "
                                         f"{' vs '.join(a.split(',')[0] for a in plan.arms)}"
                                         + (", reduced for 2 cores" if plan.note else "") + ")")

@@ -84,6 +84,7 @@ def button_run(base: str, out: Path) -> dict:
     from ..models.catalog import base_version_id
     from ..train.tuner import StageConfig, run_stage
     from ..versions import Registry
+    from .quality import _fresh_registry
 
     plan = demo.DEMOS[base]
     vid = base_version_id(plan.base)
@@ -92,10 +93,8 @@ def button_run(base: str, out: Path) -> dict:
     root = demo.ensure_tasks(out / "work" / "data", plan.tasks)
     t0, arms = time.time(), {}
     for arm in plan.arms:
-        home = out / "work" / f"button-{base}-{demo.slug(arm)}"  # a private registry holding only the base
-        shutil.rmtree(home, ignore_errors=True)
-        shutil.copytree(registry.get(vid).path, home / "versions" / vid)
-        reg = Registry(home)
+        home = out / "work" / f"button-{base}-{demo.slug(arm)}"
+        reg = _fresh_registry(registry.home, home, version=vid, name=vid)  # the stages name `vid` as their parent
         stages, start = [], time.time()
         for config in plan.stage_configs(root, arm):
             version = run_stage(StageConfig(**config), reg)

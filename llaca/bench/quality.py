@@ -90,15 +90,15 @@ def _test_set(path: str):
     return load_instruction_set(path)
 
 
-def _fresh_registry(base_registry_home, out_home, version: str = "base"):
-    """A private registry holding only a copy of the user's `version` as its `base` (each run writes its own
-    versions; `version` must be a full-weight root, as `base` and a built `base-v2` are)."""
+def _fresh_registry(base_registry_home, out_home, version: str = "base", name: str = "base"):
+    """A private registry holding only a copy of the user's `version` as `name` (default `base`; each run writes its
+    own versions; `version` must be a full-weight root, as `base` and a built `base-v2` are)."""
     from ..versions import Registry
 
     out_home = Path(out_home)
     shutil.rmtree(out_home, ignore_errors=True)
     src = Registry(base_registry_home).get(version).path
-    shutil.copytree(src, out_home / "versions" / "base")
+    shutil.copytree(src, out_home / "versions" / name)
     return Registry(out_home)
 
 

@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from ..paths import atomic_write_json
-from .text_check import text_agreement  # noqa: F401 (section `text`)
+from .text_check import text_agreement
 
 SECTIONS = ("install", "own", "text", "zeroshot", "photos", "chat", "stage")
 PHOTOS = [("chelsea", "What animal is in this photo?"), ("coffee", "What is in the picture?"),

@@ -48,9 +48,7 @@ class Demo:
     def stage_configs(self, root: Path, arm: str) -> list[dict]:
         from ..models.catalog import base_version_id
 
-        configs = stage_configs(root, arm, self.tasks, arms=self.arms, stage=self.stage)
-        configs[0]["parent"] = base_version_id(self.base)
-        return configs
+        return stage_configs(root, arm, self.tasks, arms=self.arms, stage=self.stage, parent=base_version_id(self.base))
 
 
 TINY = Demo("tiny", TASKS, STAGE, {arm: ARMS[arm] for arm in DEFAULT_ARMS})
@@ -80,9 +78,9 @@ def slug(arm: str) -> str:
     return arm.replace(", ", "-").replace(" ", "").replace("+", "-")
 
 
-def stage_configs(root: Path, arm: str, tasks=TASKS, arms=ARMS, stage=STAGE) -> list[dict]:
-    """The arm's stages as `StageConfig` keyword dicts, in order; the first starts from `base`, each next one
+def stage_configs(root: Path, arm: str, tasks=TASKS, arms=ARMS, stage=STAGE, parent: str = "base") -> list[dict]:
+    """The arm's stages as `StageConfig` keyword dicts, in order; the first starts from `parent`, each next one
     from the version before it (parent None = the newest, which the job chain and the bench both guarantee)."""
     return [{"data": str(Path(root) / task / "train"), "name": f"demo-{slug(arm)}-{k}-{task}",
-             "parent": "base" if k == 1 else None, **stage, **arms[arm]}
+             "parent": parent if k == 1 else None, **stage, **arms[arm]}
             for k, task in enumerate(tasks, 1)]

@@ -57,7 +57,7 @@ MIXED_PRECISIONS = ("auto", "no", *MIXED_DTYPES)
 def native_bf16(device_type: str | None = None) -> bool:
     """Whether this machine runs bf16 matmuls natively: a CUDA GPU that supports bf16, or a CPU with AVX512-BF16/AMX
     (oneDNN's check). An AVX2-only CPU emulates bf16: a 512x576 @ 576x1536 matmul took 770 ms against 13 ms in fp32
-    on the 2-core AMD EPYC CI runs on, so autocasting there makes a step ~30x slower, not 2x faster."""
+    on a 2-core AMD EPYC runner (`bench_results/small/stage.json`), so autocasting there makes a step ~30x slower, not 2x faster."""
     device_type = device_type or ("cuda" if torch.cuda.is_available() else "cpu")
     if device_type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
@@ -71,6 +71,8 @@ def resolve_mixed_precision(value: str | None, device_type: str | None = None) -
     if value == "auto":
         return "bf16" if native_bf16(device_type) else None
     return None if value == "no" else value
+
+
 LM_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 
 
