@@ -17,6 +17,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 # The suite runs on the tiny base (seconds per stage); `tests/test_small_base.py` is the smoke test of `small`.
 os.environ.setdefault("LLACA_BASE", "tiny")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` (pytest.ini): two workers share the cores, so each runs torch (and the apps, workers and launches
+    # it starts) on one thread; more threads than cores makes OpenMP spin and slows every process down.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
 @pytest.fixture(scope="session")

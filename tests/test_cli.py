@@ -1,6 +1,8 @@
 """The `python -m llaca` interface end to end on a real tiny LLaVA: learn -> version -> ask -> eval."""
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import subprocess
@@ -10,10 +12,29 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
-def llaca(*args, home: Path, check=True) -> subprocess.CompletedProcess:
-    env = {**os.environ, "LLACA_HOME": str(home), "PYTHONPATH": str(REPO)}
-    proc = subprocess.run([sys.executable, "-m", "llaca", *map(str, args)], capture_output=True, text=True,
-                          env=env, cwd=REPO, timeout=600)
+def llaca(*args, home: Path, check=True, fresh_process=False) -> subprocess.CompletedProcess:
+    """`python -m llaca ARGS` with $LLACA_HOME=home: in this process (`llaca.cli.main`, the same code without the
+    ~5 s interpreter + torch start of each call), or with `fresh_process` exactly as a user runs it."""
+    argv = [str(a) for a in args]
+    if fresh_process:
+        env = {**os.environ, "LLACA_HOME": str(home), "PYTHONPATH": str(REPO)}
+        proc = subprocess.run([sys.executable, "-m", "llaca", *argv], capture_output=True, text=True, env=env,
+                              cwd=REPO, timeout=600)
+    else:
+        from llaca.cli import main
+
+        out, err, saved = io.StringIO(), io.StringIO(), dict(os.environ)
+        os.environ["LLACA_HOME"] = str(home)
+        try:
+            with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+                try:
+                    code = main(argv)
+                except SystemExit as e:  # argparse's own errors
+                    code = e.code if isinstance(e.code, int) else 2
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        proc = subprocess.CompletedProcess(["llaca", *argv], code, out.getvalue(), err.getvalue())
     if check and proc.returncode != 0:
         raise AssertionError(f"llaca {args} failed ({proc.returncode}):\n{proc.stderr[-3000:]}")
     return proc
@@ -22,7 +43,7 @@ def llaca(*args, home: Path, check=True) -> subprocess.CompletedProcess:
 def test_learn_ask_eval_versions(llaca_home, coin_dir):
     train = coin_dir / "sciqa" / "train"
     out = llaca("learn", train, "--method", "llaca", "--max-steps", "4", "--batch-size", "8", "--name", "sci",
-                home=llaca_home)
+                home=llaca_home, fresh_process=True)
     new_id = out.stdout.strip().splitlines()[-1]
     assert new_id == "v1"
     listed = json.loads(llaca("versions", "--json", home=llaca_home).stdout)
@@ -48,7 +69,7 @@ def test_bad_input_is_one_line_error(llaca_home, tmp_path):
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "data.json").write_text('[{"id": "1", "image": "nope.png", "conversations": []}]')
-    proc = llaca("learn", bad, "--method", "seq", home=llaca_home, check=False)
+    proc = llaca("learn", bad, "--method", "seq", home=llaca_home, check=False, fresh_process=True)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     first = proc.stderr.strip().splitlines()[0]
