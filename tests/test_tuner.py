@@ -207,3 +207,29 @@ def test_auto_mixed_precision_is_bf16_only_where_the_hardware_runs_it(monkeypatc
         assert cfg.hparams().get("mixed_precision") == expected
     assert StageConfig(data="somewhere", mixed_precision="no").mixed_precision is None
     assert StageConfig(data="somewhere", mixed_precision="bf16").mixed_precision == "bf16"  # asked for: as asked
+
+
+def test_answer_loss_is_the_models_own_loss_with_the_head_only_on_label_tokens(llaca_home, coin_dir):
+    """`answer_loss` (LM head on label positions only) gives the model's own token-mean loss and the same gradients;
+    rows of different lengths (padding) and a row whose labels are cut included."""
+    from llaca import data as D
+    from llaca.train.loss import answer_loss
+
+    model, processor = load_version(Registry(), "base")
+    records = D.load_instruction_set(coin_dir / "vqav2" / "train").records[:3]
+    batch = D.collate([D.RecordEncoder(processor).encode(r) for r in records], processor.tokenizer.pad_token_id)
+    n = (batch["labels"][:, 1:] != -100).sum()
+    assert 0 < n < batch["labels"][:, 1:].numel() // 2  # most positions carry no label
+
+    def loss_and_grads(fn):
+        model.zero_grad()
+        loss = fn()
+        loss.backward()
+        return loss.detach(), {k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None}
+
+    ours, g_ours = loss_and_grads(lambda: answer_loss(model, batch, n))
+    theirs, g_theirs = loss_and_grads(lambda: model(**batch, num_items_in_batch=n).loss)
+    assert ours.item() == pytest.approx(theirs.item(), rel=1e-5)
+    assert g_ours.keys() == g_theirs.keys() and len(g_ours) > 10
+    for k in g_ours:
+        torch.testing.assert_close(g_ours[k], g_theirs[k], rtol=1e-4, atol=1e-6)

@@ -46,6 +46,7 @@ from safetensors.torch import load_file, save_file
 from .. import data as D
 from ..paths import atomic_dir
 from ..versions import Registry, Version, base_of, load_base
+from .loss import answer_loss
 from .rules import make_rule
 from .rules.base import local
 
@@ -387,7 +388,7 @@ class StageRecipe:
                     # is split into micro-batches and ranks. Times N because DDP (and FSDP's reduce-scatter) averages
                     # the N ranks' gradients.
                     with self._autocast():
-                        loss = self.model(**batch, num_items_in_batch=n_tokens).loss * acc.num_processes
+                        loss = answer_loss(self.model, batch, n_tokens) * acc.num_processes
                     acc.backward(loss)
                 loss_sum += loss.item()
             grads = [local(p.grad) for p in self.params.values() if p.grad is not None]
