@@ -125,7 +125,7 @@ def recipe_line(studio: Studio, ref: str | None) -> str:
     base = base_name_of(studio.registry, ref) or "tiny"
     why = {"small": "the paper's LoRA shape and lr; replay kept small's zero-shot skills best in the 2-task study "
                     "on it, the paper's rule alone forgot nearly as much as seq; one epoch fits 1,000 records in "
-                    "~15 min on 2 cores",
+                    "15-17 min on 2 AVX2 cores (63 steps)",
            "tiny": "measured on this base: least forgetting over 8 CoIN-mini tasks"}[base]
     return f"Defaults for a stage on **{base}**: {describe(recipe_for(studio.registry, ref))} ({why})."
 
