@@ -29,8 +29,8 @@ def llaca(*args, home: Path, check=True, fresh_process=False) -> subprocess.Comp
             with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
                 try:
                     code = main(argv)
-                except SystemExit as e:  # argparse's own errors
-                    code = e.code if isinstance(e.code, int) else 2
+                except SystemExit as e:  # argparse's own errors and --help, with the interpreter's exit codes
+                    code = 0 if e.code is None else e.code if isinstance(e.code, int) else 1
         finally:
             os.environ.clear()
             os.environ.update(saved)
