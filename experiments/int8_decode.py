@@ -2,7 +2,7 @@
 
 Tried 2026-12-03 for issue 24's >= 15 tokens/s (fp32 decodes at ~9-13 tokens/s on two cores; a decode step is
 memory-bound: 135M fp32 weights read per token). torch's dynamic int8 quantization (per-channel, the LM's decoder
-Linears; LM head and tower fp32) on 8 greedy questions: 1.9x the tokens/s, but 6 of 8 answers change, among them
+Linears; LM head and tower fp32) on 8 greedy questions: 1.9x the tokens/s (incl. prefill), but 6 of 8 answers change, among them
 every image answer (one empty), so it is not used for serving. Output: bench_results/small/int8_decode.txt.
 """
 import time, os, sys, torch, warnings
