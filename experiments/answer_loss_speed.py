@@ -29,7 +29,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ["LLACA_HOME"] = str(Path(a.home).resolve())
     from llaca.bench.quality import base_test_split
-    from llaca.bench.small import cpu_model, torch_threads
+    from llaca.bench.small import cpu_model, step_seconds, torch_threads
     from llaca.train import tuner
     from llaca.train.loss import answer_loss
     from llaca.train.recipes import RECIPES
@@ -42,16 +42,7 @@ def main(argv=None) -> int:
     for _ in range(a.rounds):
         for name, fn in variants.items():
             tuner.answer_loss = fn  # the one line of the loop that differs
-            times = []
-            cfg = tuner.StageConfig(data=str(data), method=recipe["method"], parent="small", max_steps=a.steps + 1,
-                                    lr=recipe["lr"], lora=True, lora_r=recipe["lora_r"],
-                                    lora_alpha=recipe["lora_alpha"], mixed_precision=recipe["mixed_precision"],
-                                    checkpoint_every=0, evaluate_after=False)
-            stage = tuner.StageRecipe(cfg, registry,
-                                      on_event=lambda e: e["type"] == "step" and times.append(time.perf_counter()))
-            stage.setup()
-            stage.train()
-            per[name].append((times[-1] - times[0]) / (len(times) - 1))  # the first step is dropped
+            per[name].append(step_seconds(registry, data, recipe, a.steps, recipe["mixed_precision"]))
     tuner.answer_loss = answer_loss
     s = {k: round(statistics.median(v), 2) for k, v in per.items()}
     new, old = s.values()

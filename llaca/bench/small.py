@@ -112,7 +112,7 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     import statistics
 
     from ..train.recipes import RECIPES
-    from ..train.tuner import StageConfig, StageRecipe, native_bf16, resolve_mixed_precision
+    from ..train.tuner import native_bf16, resolve_mixed_precision
     from .quality import base_test_split
 
     recipe = RECIPES["small"]
@@ -122,14 +122,7 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     per: dict[str, list[float]] = {"no": [], "bf16": []} if native else {"no": []}
     for _ in range(rounds):
         for precision in per:
-            times = []
-            cfg = StageConfig(data=str(data), method=recipe["method"], parent="small", max_steps=steps + 1,
-                              lr=recipe["lr"], lora=True, lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"],
-                              mixed_precision=precision, checkpoint_every=0, evaluate_after=False)
-            stage = StageRecipe(cfg, registry, on_event=lambda e: e["type"] == "step" and times.append(time.perf_counter()))
-            stage.setup()
-            stage.train()
-            per[precision].append((times[-1] - times[0]) / (len(times) - 1))
+            per[precision].append(step_seconds(registry, data, recipe, steps, precision))
     s_per_step = {("fp32" if k == "no" else k): round(statistics.median(v), 2) for k, v in per.items()}
     ran = "bf16" if resolve_mixed_precision(recipe.get("mixed_precision"), "cpu") == "bf16" else "fp32"
     steps_1000 = math.ceil(recipe["epochs"] * 1000 / 16)
@@ -141,6 +134,21 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     if native:
         out["speedup_bf16"] = round(s_per_step["fp32"] / s_per_step["bf16"], 2)
     return out
+
+
+def step_seconds(registry, data, recipe: dict, steps: int, mixed_precision: str | None) -> float:
+    """Seconds per optimizer step of a LoRA stage from `small` with `recipe` on `data` (`steps` + 1 steps are run; the
+    first, with its warm-up, is dropped)."""
+    from ..train.tuner import StageConfig, StageRecipe
+
+    times = []
+    cfg = StageConfig(data=str(data), method=recipe["method"], parent="small", max_steps=steps + 1, lr=recipe["lr"],
+                      lora=True, lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"],
+                      mixed_precision=mixed_precision, checkpoint_every=0, evaluate_after=False)
+    stage = StageRecipe(cfg, registry, on_event=lambda e: e["type"] == "step" and times.append(time.perf_counter()))
+    stage.setup()
+    stage.train()
+    return (times[-1] - times[0]) / (len(times) - 1)
 
 
 def matmul_ms(repeats: int = 5) -> dict:
