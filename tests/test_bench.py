@@ -204,6 +204,16 @@ def test_the_demo_button_compares_rules_at_one_lr_and_ends_with_the_default_reci
     assert [demo.ARMS[a]["method"] for a in demo.DEFAULT_ARMS[:2]] == ["seq", "llaca"]
 
 
+def test_heldout_bench_recipe_overrides_are_typed_and_checked():
+    from llaca.bench.heldout import parse_overrides
+
+    assert parse_overrides(["lr=1e-3", "method=replay", "epochs=2", "lora=false"]) == {
+        "lr": 1e-3, "method": "replay", "epochs": 2, "lora": False}
+    for bad in (["lr"], ["learning_rate=1e-3"]):
+        with pytest.raises(SystemExit, match="KEY=VALUE"):
+            parse_overrides(bad)
+
+
 def test_heldout_bench_stage_seed_probe_and_cache(llaca_home, tmp_path):
     """The CLI-default stage on held-out digits with stage seed 1 (12 steps), on the tiny base: the run is recorded
     with its seed under a tagged key (seed 0 at full length keeps its old key), a probe per set, and a rerun reads

@@ -110,6 +110,32 @@ def tower_probe(model, processor, data_root: Path, name: str) -> dict:
     return out
 
 
+def parse_overrides(pairs: list[str]) -> dict:
+    """`["lr=1e-3", "method=replay", "epochs=2"]` -> {"lr": 0.001, "method": "replay", "epochs": 2}: whole numbers
+    as ints, other numbers as floats, true/false as bools, anything else as text; a pair without '=' or with a key
+    that is not a stage option is an error."""
+    from ..train.tuner import StageConfig
+
+    known = set(StageConfig.__dataclass_fields__)
+    out = {}
+    for pair in pairs:
+        key, sep, text = pair.partition("=")
+        if not sep or key not in known:
+            raise SystemExit(f"--set {pair!r}: expected KEY=VALUE with KEY one of the stage's options "
+                             f"({', '.join(sorted(known))})")
+        low = text.lower()
+        if low in ("true", "false"):
+            out[key] = low == "true"
+        else:
+            for kind in (int, float, str):
+                try:
+                    out[key] = kind(text)
+                    break
+                except ValueError:
+                    continue
+    return out
+
+
 def _base_fingerprint(registry, version: str) -> str:
     weights = registry.get(version).path / "model" / "model.safetensors"
     return hashlib.sha256(weights.read_bytes()).hexdigest()[:12] if weights.is_file() else "external"
@@ -155,7 +181,10 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", nargs="*", type=int, default=[0], help="stage seeds (batch order, replayed records)")
     p.add_argument("--max-steps", type=int, default=None, help="cap each stage (a quick check; default: the CLI's "
                    "epochs)")
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="change the 'CLI defaults' recipe, e.g. --set lr=1e-3 method=replay (to find a better default)")
     a = p.parse_args(argv)
+    overrides = parse_overrides(a.overrides)
     out = Path(a.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     work = out / "work"
@@ -182,14 +211,16 @@ def main(argv=None) -> int:
             for seed in a.seeds:
                 # seed 0 at full length keeps the key it was cached under before these options
                 tag = (f"-seed{seed}" if seed else "") + (f"-steps{a.max_steps}" if a.max_steps else "")
-                cache = out / "runs" / f"{fp}-{name}-{variant.replace(' ', '_').replace(',', '')}{tag}.json"
+                label = variant + "".join(f", {k}={v}" for k, v in overrides.items())
+                slug = label.replace(" ", "_").replace(",", "").replace("=", "")
+                cache = out / "runs" / f"{fp}-{name}-{slug}{tag}.json"
                 if cache.is_file():
                     run = {"seed": 0, **json.loads(cache.read_text())}
                 else:
                     # "CLI defaults" is what `learn` runs from this version: its base's recipe (llaca.train.recipes)
-                    config = recipe_for(registry, a.version) if variant == "CLI defaults" else None
-                    run = stage_run(registry, a.version, data, name, variant, work, base_test, seed, a.max_steps,
-                                    config)
+                    config = recipe_for(registry, a.version) if variant == "CLI defaults" else dict(VARIANTS[variant])
+                    run = stage_run(registry, a.version, data, name, label, work, base_test, seed, a.max_steps,
+                                    {**config, **overrides})
                     cache.write_text(json.dumps(run, indent=1))
                 results["stages"].append(run)
                 print(json.dumps(run))

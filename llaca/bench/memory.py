@@ -25,7 +25,6 @@ import dataclasses
 import gc
 import json
 import os
-import re
 import subprocess
 import sys
 import tempfile

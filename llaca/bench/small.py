@@ -7,7 +7,8 @@ Sections (each cached as `<out>/<section>.json`, so an interrupted run resumes; 
   (agreement = the prompt's key answer found in both answers or in neither);
 - zeroshot: every CoIN-mini task's test split before any stage (never tuned on);
 - photos: five questions about real photographs from scikit-image's bundled samples, answers verbatim;
-- chat: one user, one image question: time to the first streamed text and decoding speed (tokens/s);
+- chat: one user: time to the first streamed text of an image question and decoding speed (tokens/s) of a long
+  text answer, as served (fp16 weight copies for one user's decode steps) against fp32, alternating;
 - stage: seconds per optimizer step of a stage with `small`'s CLI recipe, fp32 against bf16 autocast where the CPU
   has native bf16 (measured alternately in one run: the ratio is the figure; the machine's load moves the seconds;
   without it, one matmul in each says why the recipe runs fp32), and the 1,000-record stage it implies.
@@ -84,27 +85,53 @@ def photos(model, processor) -> dict:
     return {"rows": rows}
 
 
-def chat_cost(model, processor, reps: int = 5, new_tokens: int = 32) -> dict:
+LONG_ANSWER = "Tell me about the moon in a few sentences."  # decoding speed needs an answer of many tokens
+
+
+def chat_cost(model, processor, reps: int = 5, new_tokens: int = 48) -> dict:
+    """One user: time to the first streamed text of an image question, and decoding speed (tokens/s after the first)
+    of a long text answer, as the app serves them (fp16 weight copies for single-row steps,
+    `llaca.serve.half_decode`) against plain fp32, alternating per repetition. (The image question's answer is a
+    few words on `small`, too short to time decoding on.)"""
     import skimage.data
     from PIL import Image
 
     from ..serve.chat import stream_answer
+    from ..serve.half_decode import disable_half_decode, enable_half_decode
 
     image = Image.fromarray(skimage.data.chelsea()).convert("RGB")
-    first, speed = [], []
-    for _ in range(reps + 1):  # the first is a warm-up
-        t, ttft = time.perf_counter(), None
-        text = ""
-        for text in stream_answer(model, processor, image, "Describe the image in detail.", max_new_tokens=new_tokens):
+
+    def timed(img, question):
+        t, ttft, text = time.perf_counter(), None, ""
+        for text in stream_answer(model, processor, img, question, max_new_tokens=new_tokens):
             if ttft is None and text:
                 ttft = time.perf_counter() - t
         total = time.perf_counter() - t
         n = len(processor.tokenizer(text, add_special_tokens=False)["input_ids"])
-        first.append(ttft or total)
-        speed.append((n - 1) / max(1e-6, total - (ttft or 0)))
-    first, speed = sorted(first[1:]), sorted(speed[1:])
-    return {"first_text_ms": round(1000 * first[len(first) // 2], 1), "tokens_per_s": round(speed[len(speed) // 2], 1),
-            "reps": reps, "torch_threads": __import__("torch").get_num_threads(), "load_avg": os.getloadavg()}
+        return ttft or total, (n - 1) / max(1e-6, total - (ttft or 0)), n, text
+
+    modes = {"fp16 decode": enable_half_decode, "fp32": disable_half_decode}
+    first: dict[str, list[float]] = {m: [] for m in modes}
+    speed: dict[str, list[float]] = {m: [] for m in modes}
+    answers: dict[str, tuple] = {}
+    for rep in range(reps + 1):  # the first round is a warm-up
+        for mode, switch in modes.items():
+            switch(model)
+            ttft, _, _, short = timed(image, "Describe the image in detail.")
+            _, tps, n, long = timed(None, LONG_ANSWER)
+            answers[mode] = (short, long, n)
+            if rep:
+                first[mode].append(ttft)
+                speed[mode].append(tps)
+    enable_half_decode(model)
+    median = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    per = {m: {"first_text_ms": round(1000 * median(first[m]), 1), "tokens_per_s": round(median(speed[m]), 1)}
+           for m in modes}
+    served = per["fp16 decode"]
+    return {**served, "per_mode": per, "decode_speedup": round(served["tokens_per_s"] / per["fp32"]["tokens_per_s"], 2),
+            "same_answers": answers["fp16 decode"][:2] == answers["fp32"][:2], "image_answer": answers["fp32"][0],
+            "long_answer": answers["fp32"][1], "long_answer_tokens": answers["fp32"][2], "reps": reps,
+            "torch_threads": __import__("torch").get_num_threads(), "load_avg": os.getloadavg()}
 
 
 def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
@@ -247,8 +274,11 @@ def markdown(r: dict) -> str:
                   + f" ({z['tasks_in_10_70']} of 8 in 10-70)"]
     if "chat" in r:
         c = r["chat"]
-        lines += [f"- chat, one user: first text {c['first_text_ms']} ms, {c['tokens_per_s']} tokens/s "
-                  f"({c['torch_threads']} torch threads, load {c['load_avg'][0]:.1f})"]
+        fp32 = c.get("per_mode", {}).get("fp32")
+        versus = (f"; fp32 decoding, alternating in the same run: {fp32['first_text_ms']} ms, {fp32['tokens_per_s']} "
+                  f"tokens/s ({c['decode_speedup']}x; same answers: {c['same_answers']})" if fp32 else "")
+        lines += [f"- chat, one user, as the app serves it: first text {c['first_text_ms']} ms, {c['tokens_per_s']} "
+                  f"tokens/s{versus} ({c['torch_threads']} torch threads, load {c['load_avg'][0]:.1f})"]
     if "stage" in r:
         st = r["stage"]
         per_step = ", ".join(f"{v} s/step {k}" for k, v in st["s_per_step"].items())

@@ -173,6 +173,7 @@ def cmd_versions(args) -> int:
 
 def cmd_ask(args) -> int:
     from ..serve.chat import answer_once
+    from ..serve.half_decode import enable_half_decode
     from ..versions import load_version
 
     registry, root = _model_root(args)
@@ -184,6 +185,7 @@ def cmd_ask(args) -> int:
         print(f"routed to group {route.group} ({route.version}), similarity {route.similarity:.3f}", file=sys.stderr)
         ref = route.version
     model, processor = load_version(registry, ref, bits=_bits(args))
+    enable_half_decode(model)  # the app's ModelPool decodes this way: `ask` gives the answer the app gives
     print(answer_once(model, processor, args.image, args.question, max_new_tokens=args.max_new_tokens))
     return 0
 

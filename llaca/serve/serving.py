@@ -4,7 +4,8 @@ A 7B base is 14 GB; its LoRA versions are a few MB each. So chat and compare mus
 version: `ModelPool` keeps one model per (base version, quantization) and loads every LoRA version on it as a peft
 adapter (`PeftModel.load_adapter(path, adapter_name=...)`), switching with `set_adapter`; the base version itself
 answers through the same model with the adapters disabled. Full-weight versions (the tiny model's) are just
-cached whole. Loaded models are kept in a small LRU.
+cached whole. Loaded models are kept in a small LRU. On a CPU, a model whose LM weights do not fit in the caches
+decodes one user's tokens with fp16 copies of them (`llaca.serve.half_decode`).
 
 One model holds one active adapter at a time, so every use goes through `pool.use(version)`, which takes that
 model's lock, activates the version's adapter and yields (model, processor): generations with different adapters
@@ -27,6 +28,7 @@ import threading
 from collections.abc import Iterator
 
 from ..versions import Registry, Version, load_base
+from .half_decode import enable_half_decode
 
 
 @dataclasses.dataclass
@@ -158,6 +160,7 @@ class ModelPool:
                     return self._models[key]
             model, processor = load_base(base, dtype=self.dtype, bits=bits)
             model.eval()
+            enable_half_decode(model)  # one user's tokens ~1.8x faster on a CPU (llaca.serve.half_decode)
             entry = _Loaded(model, processor)
             with self._pool_lock:
                 self.loads += 1

@@ -1,0 +1,87 @@
+"""The build of base v3 (`llaca.bases.small_build`) on a tiny FastVLM: its stage-3 loss (KL to the LM with its adapters
+off, on text rows; cross-entropy on image rows) and its prompts. The build itself takes ~2 h of 2 cores: not here."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from llaca.bases import small_build
+from llaca.paths import ASSETS_DIR
+
+IMAGE = 63  # the tiny vocabulary's <image> token
+
+
+@pytest.fixture()
+def tiny_fastvlm():
+    from peft import LoraConfig, get_peft_model
+    from transformers import EfficientNetConfig, FastVlmConfig, FastVlmForConditionalGeneration, LlamaConfig
+
+    torch.manual_seed(0)
+    vision = EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.2, hidden_dim=32)
+    vision.hidden_size = 32
+    text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                       num_key_value_heads=2)
+    config = FastVlmConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=4,
+                           projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1)
+    model = FastVlmForConditionalGeneration(config)
+    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=small_build.LORA_TARGETS,
+                                            modules_to_save=["multi_modal_projector"]))
+
+
+def _rows():
+    """Two image rows (4 <image> slots, cached features) and two text rows of different lengths."""
+    image = {"input_ids": torch.tensor([1, IMAGE, IMAGE, IMAGE, IMAGE, 5, 6, 7, 8]),
+             "labels": torch.tensor([-100] * 6 + [6, 7, 8])}
+    text_a = {"input_ids": torch.tensor([1, 9, 10, 11, 12, 13]), "labels": torch.tensor([-100, -100, -100, 11, 12, 13])}
+    text_b = {"input_ids": torch.tensor([1, 14, 15, 16, 17, 18, 19, 20]),
+              "labels": torch.tensor([-100] * 4 + [17, 18, 19, 20])}
+    features = [torch.randn(4, 32), torch.randn(4, 32), None, None]
+    return [image, image, text_a, text_b], features
+
+
+def test_stage3_loss_is_image_cross_entropy_plus_kl_to_the_lm_without_its_adapters(tiny_fastvlm):
+    items, features = _rows()
+    image_only = small_build.step_loss(tiny_fastvlm, items[:2], features[:2], pad_id=0)
+    with torch.no_grad():
+        # LoRA starts as a no-op (B = 0): the student IS the teacher on text rows, the KL is exactly 0
+        fresh = small_build.step_loss(tiny_fastvlm, items, features, pad_id=0, distil_text=True)
+        assert fresh.item() == pytest.approx(image_only.item(), abs=1e-6)
+        for name, p in tiny_fastvlm.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+        moved_image_only = small_build.step_loss(tiny_fastvlm, items[:2], features[:2], pad_id=0)
+    loss = small_build.step_loss(tiny_fastvlm, items, features, pad_id=0, distil_text=True)
+    kl = loss.item() - moved_image_only.item()
+    assert kl > 1e-4  # the adapters now change the text distribution, and the loss sees it
+    # computed by hand: KL(teacher || student) per answer token of the two text rows
+    with torch.no_grad():
+        student = tiny_fastvlm(input_ids=torch.stack([torch.cat([items[2]["input_ids"], torch.zeros(2).long()]),
+                                                       items[3]["input_ids"]]),
+                               attention_mask=torch.tensor([[1] * 6 + [0] * 2, [1] * 8])).logits
+        with tiny_fastvlm.disable_adapter():
+            teacher = tiny_fastvlm(input_ids=torch.stack([torch.cat([items[2]["input_ids"], torch.zeros(2).long()]),
+                                                           items[3]["input_ids"]]),
+                                   attention_mask=torch.tensor([[1] * 6 + [0] * 2, [1] * 8])).logits
+    positions = [(0, 2), (0, 3), (0, 4), (1, 3), (1, 4), (1, 5), (1, 6)]  # each predicts the next (labelled) token
+    s = torch.stack([student[r, c] for r, c in positions]).log_softmax(-1)
+    t = torch.stack([teacher[r, c] for r, c in positions]).log_softmax(-1)
+    assert kl == pytest.approx((t.exp() * (t - s)).sum(-1).mean().item(), rel=1e-3)
+    loss.backward()  # the gradient reaches the adapters through the KL
+    grads = [p.grad for n, p in tiny_fastvlm.named_parameters() if "lora_A" in n and p.grad is not None]
+    assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_text_only_batch_distils_without_image_rows(tiny_fastvlm):
+    items, features = _rows()
+    with torch.no_grad():
+        loss = small_build.step_loss(tiny_fastvlm, items[2:], features[2:], pad_id=0, distil_text=True)
+    assert loss.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_build_prompts_never_include_a_language_check_prompt():
+    check = {p["prompt"].lower() for p in json.loads((ASSETS_DIR / "small" / "text_check.json").read_text())["prompts"]}
+    for prompts in (small_build.chat_prompts(0), small_build.repair_prompts(0)):
+        assert prompts and not {p.lower() for p in prompts} & check
+    assert len(small_build.repair_prompts(0)) > 3 * len(small_build.chat_prompts(0))
