@@ -48,6 +48,7 @@ def test_enable_swaps_the_lm_linears_only_when_their_weights_outgrow_the_caches(
     model, processor = load_version(Registry(quick_home), "base")
     keys = set(model.state_dict())
     assert enable_half_decode(model) == 0                      # the tiny base (12 MB) stays fp32: it is cache-bound
+    assert enable_half_decode(model, min_bytes=0, max_bytes=2**20) == 0  # and so does a model too big to copy
     n = enable_half_decode(model, min_bytes=0)
     lm_linears = [m for m in model.model.language_model.modules() if isinstance(m, nn.Linear)]
     assert n == len(lm_linears) + 1 and all(type(m) is HalfDecodeLinear for m in lm_linears)  # + the LM head

@@ -47,20 +47,23 @@ def _decoder_linears(model) -> list[nn.Linear]:
 
 
 # Below this many bytes of fp32 LM weights, they stay in the CPU's caches between tokens and the fp32 product is the
-# faster one (the tiny base: 12 MB); `small`'s 540 MB come from memory every token.
-MIN_BYTES = 64 * 2**20
+# faster one (the tiny base: 12 MB); `small`'s 540 MB come from memory every token. Above MAX_BYTES the copies (half
+# as much again) would cost more memory than a CPU user of such a model can be assumed to have: 8-bit/4-bit loading
+# is the way there.
+MIN_BYTES, MAX_BYTES = 64 * 2**20, 4 * 2**30
 
 
-def enable_half_decode(model, min_bytes: int = MIN_BYTES) -> int:
-    """Give the LM's fp32 CPU Linears (and its head) an fp16 copy for single-row steps, if they hold at least
-    `min_bytes` together; returns how many Linears (0: left as they were).
+def enable_half_decode(model, min_bytes: int = MIN_BYTES, max_bytes: int = MAX_BYTES) -> int:
+    """Give the LM's fp32 CPU Linears (and its head) an fp16 copy for single-row steps, if they hold between
+    `min_bytes` and `max_bytes` together; returns how many Linears (0: left as they were).
 
     Quantized (bitsandbytes) layers, GPU weights and non-fp32 weights are left alone: there the fp32 read is not the
     cost. The copies are made here, so the first answer does not pay for them (~0.3 s and +270 MB for `small`).
     """
     linears = [m for m in _decoder_linears(model)
                if m.weight.dtype == torch.float32 and m.weight.device.type == "cpu"]
-    if sum(m.weight.numel() * 4 for m in {id(m.weight): m for m in linears}.values()) < min_bytes:
+    size = sum(m.weight.numel() * 4 for m in {id(m.weight): m for m in linears}.values())
+    if not min_bytes <= size <= max_bytes:
         return 0
     n = 0
     for m in linears:
