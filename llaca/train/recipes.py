@@ -4,8 +4,8 @@
 it (llaca + 20% replay at lr 3e-4, 5 epochs). `small` (140M, a pretrained LM) takes the paper's shape instead: LoRA
 adapters on every LM Linear + the projector, the tower frozen; full fine-tuning of its LM costs ~10x a LoRA step on
 two cores, and a stage on 1,000 records has to fit in 15 minutes: one epoch (the paper's), 63 steps of 16, 10-17 min
-in fp32 on the 2-core AMD EPYC (its speed varies ~2x over a day) (AVX2, no native bf16; `python -m llaca.bench small --sections stage`),
-~7 min where bf16 is native. Three epochs (the first setting) learned held-out Tux Paint to 57.8% but take 45 min
+in fp32 on the 2-core AMD EPYC (AVX2, no native bf16; its speed varies ~2x over a day; `python -m llaca.bench small
+--sections stage`), ~7 min where bf16 is native. Three epochs (the first setting) learned held-out Tux Paint to 57.8% but take 45 min
 there; one epoch reaches 49.4% (lr 1e-3: 24.7%; plain steps + replay: 55.4%). lr 2e-4 is the paper's; llaca + 20%
 replay is what issue 25's study on `small` measured keeping most (docs/benchmarks.md).
 """
