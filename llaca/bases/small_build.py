@@ -374,6 +374,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..data.world import ensure_alignment, ensure_mixture
+    from ..train.tuner import native_bf16
     from ..versions import Registry
     from .tiny import ALIGN_PHASES
 
@@ -389,8 +390,6 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
 
     mixture_root = ensure_mixture(registry, seed, n_train, 300, splits=("train", "test"), rehearsal=0.3)
     tune = D.load_instruction_set(mixture_root / "base" / "train").records
-    chat = _distilled(registry.home / "cache" / f"small-chat-distilled-seed{seed}.json", model, tokenizer,
-                      chat_prompts(seed))  # no pixels: the VLM is its LM
     repair_chat = _distilled(registry.home / "cache" / f"small-chat-repair-seed{seed}.json", model, tokenizer,
                              repair_prompts(seed)) if repair_steps else []
     rng = random.Random(seed)  # indices first: the same draws whether or not stages 1-2 run (`from_adapter`)
@@ -398,6 +397,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     tune = rng.sample(tune, min(len(tune), tune_steps * batch))
     log: list[dict] = []
     timings = {}
+    chat: list[dict] = []  # stage 2's text records (stages 1-2 only)
     if from_adapter:
         cache.fill([r.image for r in tune[:repair_steps * batch]])
         timings["prepare_seconds"] = round(time.time() - t0, 1)
@@ -407,6 +407,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         run = registry.home / "cache" / f"small-repair-{_folder_digest(Path(from_adapter))}-r{repair_steps}-b{batch}"
         run.mkdir(parents=True, exist_ok=True)
     else:
+        chat = _distilled(registry.home / "cache" / f"small-chat-distilled-seed{seed}.json", model, tokenizer,
+                          chat_prompts(seed))  # no pixels: the VLM is its LM
         align_all = D.load_instruction_set(ensure_alignment(registry, seed, ALIGN_PHASES[0], N_ALIGN) / "train").records
         align = [align_all[i] for i in align_picked]
         cache.fill([r.image for r in align + tune])
@@ -460,7 +462,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                   "from_adapter": str(from_adapter) if from_adapter else None,
                   "align_data": "+".join(ALIGN_PHASES[0]),
                   "tower": f"efficientnet-{TOWER_VARIANT}", "image_size": IMAGE_SIZE, "lm": "SmolLM2-135M-Instruct",
-                  "torch_threads": torch.get_num_threads(), "native_bf16": _native_bf16(), **timings,
+                  "torch_threads": torch.get_num_threads(), "native_bf16": native_bf16("cpu"), **timings,
                   "test_sha256": split_fingerprint(mixture_root / "base" / "test")}
     merged = peft_model.merge_and_unload()
     test = D.load_instruction_set(mixture_root / "base" / "test")
@@ -495,12 +497,6 @@ def _folder_digest(folder: Path) -> str:
     for f in sorted(folder.glob("*")):
         digest.update(f.name.encode() + f.read_bytes())
     return digest.hexdigest()[:12]
-
-
-def _native_bf16() -> bool:
-    from ..train.tuner import native_bf16
-
-    return native_bf16("cpu")
 
 
 def main(argv=None) -> None:
