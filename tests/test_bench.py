@@ -228,6 +228,7 @@ def test_heldout_bench_stage_seed_probe_and_cache(llaca_home, tmp_path):
     (run,) = results["stages"]
     assert (run["set"], run["seed"], run["method"], run["n_test"]) == ("digits", 1, "llaca", 397)
     assert 0 <= run["test_accuracy"] <= 100 and run["steps"] == 12
+    assert sum(run["answers_given"].values()) <= 397 and len(run["top_mistakes"]) <= 5
     assert 0 <= results["probe"]["digits"]["flat"] <= 100
     (cached,) = (out / "runs").iterdir()
     assert cached.name.endswith("-digits-frozen_tower_llaca+replay_lr_3e-4-seed1-steps12.json")
@@ -257,3 +258,12 @@ def test_the_small_demo_is_seq_against_smalls_default_recipe_and_says_it_is_redu
     seq, default = (StageConfig(**plan.stage_configs(Path("/data"), arm)[0]) for arm in arms)
     assert (seq.method, seq.replay_fraction) == ("seq", 0.0)
     assert (default.method, default.replay_fraction) == (SMALL_RECIPE["method"], SMALL_RECIPE["replay_fraction"])
+
+
+def test_heldout_answer_profile_counts_answers_and_mistakes():
+    """Case and spaces do not make a mistake; the commonest answers and gold -> said pairs come first."""
+    from llaca.bench.heldout import answer_profile
+
+    prof = answer_profile(["Animal", "animal ", "food", "animal", "town"], ["animal", "plant", "food", "town", "town"])
+    assert prof["answers_given"] == {"animal": 3, "food": 1, "town": 1}
+    assert prof["top_mistakes"] == {"plant -> animal": 1, "town -> animal": 1}

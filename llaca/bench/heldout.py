@@ -160,7 +160,18 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     shutil.rmtree(reg.home, ignore_errors=True)
     return {"set": name, "variant": variant, "seed": seed, "method": cfg.method, "steps": learned.meta.get("steps"),
             "test_accuracy": round(test.accuracy, 1), "n_test": test.n,
-            "base_test_after": None if retained is None else round(retained, 1), "seconds": round(seconds, 1)}
+            "base_test_after": None if retained is None else round(retained, 1), "seconds": round(seconds, 1),
+            **answer_profile(test.predictions, [r.answer for r in _test_set(str(data_root / name / "test")).records])}
+
+
+def answer_profile(predictions: list[str], answers: list[str], top: int = 5) -> dict:
+    """What the stage answers and its commonest mistakes: tells 'never learned the labels' from 'confuses two'."""
+    from collections import Counter
+
+    said = Counter(p.strip().lower() for p in predictions)
+    wrong = Counter(f"{a.strip().lower()} -> {p.strip().lower()}" for p, a in zip(predictions, answers)
+                    if p.strip().lower() != a.strip().lower())
+    return {"answers_given": dict(said.most_common(top)), "top_mistakes": dict(wrong.most_common(top))}
 
 
 def main(argv=None) -> int:
