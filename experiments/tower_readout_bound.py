@@ -1,0 +1,121 @@
+"""What `small`'s frozen tower lets a linear read-out decode, per read-out: is the own test bounded by the tower?
+
+`small` answers 2.5% of its own reading questions and 25% of its category ("group") questions however long its LM
+trains (docs/base-models.md). Before a rebuild with another read-out (a 14x14 map: 4x the image tokens, ~3x the LM cost
+per record), this measures what each read-out carries, on base v2's world (the build's own training images, never its
+test split): a logistic regression from the tower's features to the written word (41 words) and to the object's
+category (14 groups), split by image. Read-outs:
+
+- `224 px, stride 32` (what `small` ships: the 1280-channel head map, 7x7 = 49 image tokens);
+- `448 px, stride 32` (the same map at twice the input size, 14x14 = 196 tokens);
+- `224 px, stride 16` (the last 14x14 block output of the same pass, fewer channels, 196 tokens).
+
+The two 224 px read-outs come from one pass. Each read-out is probed mean-pooled over its tokens and flattened after average-pooling its map to 7x7 (so the
+flat probes have the same number of positions and the regression stays small). A probe well under the target says
+the tower's read-out limits that family; one near 100% says the LM side (projector, LoRA, data) does.
+
+    LLACA_HOME=bench_results/small/work/home python -m experiments.tower_readout_bound \
+        --out bench_results/small/tower_readout_bound.json
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import torch
+
+FAMILIES = ("read", "group")
+READOUTS = {"224 px, stride 32": (224, "head"), "448 px, stride 32": (448, "head"), "224 px, stride 16": (224, 16)}
+MIXTURE = "datasets/base-v2-mixture-d2-seed0-rehearsal0.3/base/train"
+
+
+def records_by_family(data: Path, limit: int) -> dict[str, list[tuple[str, str]]]:
+    """(image path, answer) per family, one record per image, at most `limit` images per family."""
+    from llaca.data import load_instruction_set
+    from llaca.data.world import family
+
+    out: dict[str, dict[str, str]] = {f: {} for f in FAMILIES}
+    for r in load_instruction_set(str(data)).records:
+        f = family(r.question.replace("<image>\n", ""), r.answer)
+        if f in out and len(out[f]) < limit:
+            out[f].setdefault(str(r.image), r.answer)
+    return {f: sorted(v.items()) for f, v in out.items()}
+
+
+def in_test(image: str) -> bool:
+    """A fixed ~25% of images, by a hash of the path: the same split for every read-out."""
+    return int(hashlib.sha256(image.encode()).hexdigest(), 16) % 4 == 0
+
+
+def features(model, processor, images: list[str], size: int, layers: list, batch: int = 32) -> dict:
+    """{layer: (pooled, flat, map shape)} from one tower pass per batch: each read-out's map mean-pooled, and
+    average-pooled to 7x7 then flattened (float32 arrays)."""
+    from llaca.data import load_image
+
+    tower = model.model.vision_tower.to(memory_format=torch.channels_last)
+    pooled: dict = {k: [] for k in layers}
+    flat: dict = {k: [] for k in layers}
+    shape, index = {}, None
+    for i in range(0, len(images), batch):
+        pix = processor.image_processor([load_image(p) for p in images[i:i + batch]], return_tensors="pt",
+                                        size={"height": size, "width": size})["pixel_values"]
+        pix = pix.to(memory_format=torch.channels_last)
+        with torch.no_grad():
+            out = tower(pix, output_hidden_states=16 in layers)
+            if 16 in layers and index is None:
+                index = max(j for j, h in enumerate(out.hidden_states) if h.shape[-1] == size // 16)
+        for layer in layers:
+            fmap = out.last_hidden_state if layer == "head" else out.hidden_states[index]
+            shape[layer] = list(fmap.shape[1:])
+            pooled[layer].append(fmap.mean((2, 3)))
+            flat[layer].append(torch.nn.functional.adaptive_avg_pool2d(fmap, 7).flatten(1))
+    return {k: (torch.cat(pooled[k]).float().numpy(), torch.cat(flat[k]).float().numpy(), shape[k]) for k in layers}
+
+
+def main(argv=None) -> int:
+    from llaca.bench.heldout import linear_probe
+    from llaca.versions import Registry, load_version
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--version", default="small")
+    p.add_argument("--limit", type=int, default=800, help="images per family")
+    p.add_argument("--readouts", nargs="*", default=list(READOUTS), choices=list(READOUTS))
+    p.add_argument("--out", default="bench_results/small/tower_readout_bound.json")
+    a = p.parse_args(argv)
+    registry = Registry()
+    model, processor = load_version(registry, a.version)
+    model.eval()
+    fams = records_by_family(registry.home / MIXTURE, a.limit)
+    result = {"version": a.version, "threads": torch.get_num_threads(), "families": {}}
+    for fam, rows in fams.items():
+        train = [(img, ans) for img, ans in rows if not in_test(img)]
+        test = [(img, ans) for img, ans in rows if in_test(img)]
+        y_tr, y_te = [r[1] for r in train], [r[1] for r in test]
+        majority = max(set(y_te), key=y_te.count)
+        entry = {"classes": len(set(y_tr)), "n_train": len(train), "n_test": len(test),
+                 "majority": round(100 * y_te.count(majority) / len(y_te), 1), "readouts": {}}
+        for size in sorted({READOUTS[n][0] for n in a.readouts}):
+            names = [n for n in a.readouts if READOUTS[n][0] == size]
+            layers = [READOUTS[n][1] for n in names]
+            t0 = time.time()
+            tr = features(model, processor, [r[0] for r in train], size, layers)
+            te = features(model, processor, [r[0] for r in test], size, layers)
+            tower_s = round(time.time() - t0, 1)
+            for name, layer in zip(names, layers):
+                (p_tr, f_tr, shape), (p_te, f_te, _) = tr[layer], te[layer]
+                entry["readouts"][name] = {"map": shape, "pooled": linear_probe(p_tr, y_tr, p_te, y_te),
+                                           "flat_7x7": linear_probe(f_tr, y_tr, f_te, y_te),
+                                           "tower_s (all read-outs of this size)": tower_s}
+                print(json.dumps({"family": fam, "readout": name, **entry["readouts"][name]}), flush=True)
+        result["families"][fam] = entry
+    Path(a.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
+    print(json.dumps(result, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
