@@ -72,6 +72,7 @@ VARIANTS = {
     "lr3e-4-replay8-4-epochs": ("llaca", {"lr": 3e-4, "epochs": 4.0, "replay_per_correction": 8.0}),
     # small on a kind it gets wrong (gqa regions: 63% reproduced, no base cost at its default): longer or faster
     "6-epochs": ("llaca", {"epochs": 6.0}),
+    "10-epochs": ("llaca", {"epochs": 10.0}),
 }
 
 

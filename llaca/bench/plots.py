@@ -88,14 +88,14 @@ def plot_alpha(results: dict, path: Path) -> None:
             tr = st.get("alpha_trace")
             if tr is None:   # a stage without the rule (instruction grouping opened a new group)
                 ax.axvspan(start, start + run["steps"], color="#eeeeee", lw=0)
-                ax.text(start + 2, 1.3, st["task"][:7] + " (seq)", fontsize=7, va="bottom")
+                ax.text(start + 2, 1.3, st["task"][:9] + " (seq)", fontsize=7, va="bottom")
                 start += run["steps"]
                 continue
             steps = np.arange(start, start + len(tr["mean"]))
             ax.fill_between(steps, tr["min"], tr["max"], color="#9ecae1", lw=0, label="min-max over tensors" if k == 0 else None)
             ax.plot(steps, tr["mean"], color="#08519c", lw=0.8, label="mean over tensors" if k == 0 else None)
             ax.axvline(start, color="grey", lw=0.5)
-            ax.text(start + 2, 1.3, st["task"][:7], fontsize=7, va="bottom")
+            ax.text(start + 2, 1.3, st["task"][:9], fontsize=7, va="bottom")
             start += len(tr["mean"])
         ax.axhline(fallback, color="#d8633b", ls="--", lw=0.8, label=f"fallback {fallback:g}")
         ax.set_yscale("log")
