@@ -8,7 +8,9 @@ category (14 groups), split by image. Read-outs:
 
 - `224 px, stride 32` (what `small` ships: the 1280-channel head map, 7x7 = 49 image tokens);
 - `448 px, stride 32` (the same map at twice the input size, 14x14 = 196 tokens);
-- `224 px, stride 16` (the last 14x14 block output of the same pass, fewer channels, 196 tokens).
+- `224 px, stride 16` (the last 14x14 block output of the same pass, fewer channels, 196 tokens);
+- `224 px, stride 32 + stride 16 pooled to 7x7` (both maps of that pass side by side: 49 tokens of 1280 + 120
+  channels, the LM cost of the shipped read-out).
 
 The two 224 px read-outs come from one pass. Each read-out is probed mean-pooled over its tokens and flattened after average-pooling its map to 7x7 (so the
 flat probes have the same number of positions and the regression stays small). A probe well under the target says
@@ -28,7 +30,9 @@ from pathlib import Path
 import torch
 
 FAMILIES = ("read", "group")
-READOUTS = {"224 px, stride 32": (224, "head"), "448 px, stride 32": (448, "head"), "224 px, stride 16": (224, 16)}
+READOUTS = {"224 px, stride 32": (224, "head"), "448 px, stride 32": (448, "head"), "224 px, stride 16": (224, 16),
+            "224 px, stride 32 + stride 16 pooled to 7x7": (224, "head+16")}
+PARTS = {"head+16": ("head", 16)}  # a multi-scale read-out: its parts' features side by side (49 tokens, 1400 ch)
 MIXTURE = "datasets/base-v2-mixture-d2-seed0-rehearsal0.3/base/train"
 
 
@@ -75,6 +79,19 @@ def features(model, processor, images: list[str], size: int, layers: list, batch
     return {k: (torch.cat(pooled[k]).float().numpy(), torch.cat(flat[k]).float().numpy(), shape[k]) for k in layers}
 
 
+def with_parts(feats: dict, layers: list) -> dict:
+    """`feats` plus each multi-scale read-out in `layers`, its parts' pooled and flat features concatenated (for a
+    linear probe, the same as concatenating channels at every one of the 49 positions)."""
+    import numpy as np
+
+    for layer in layers:
+        if layer in PARTS:
+            parts = [feats[p] for p in PARTS[layer]]
+            shape = [sum(p[2][0] for p in parts), 7, 7]
+            feats[layer] = (np.concatenate([p[0] for p in parts], 1), np.concatenate([p[1] for p in parts], 1), shape)
+    return feats
+
+
 def main(argv=None) -> int:
     from llaca.bench.heldout import linear_probe
     from llaca.versions import Registry, load_version
@@ -84,12 +101,15 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=800, help="images per family")
     p.add_argument("--readouts", nargs="*", default=list(READOUTS), choices=list(READOUTS))
     p.add_argument("--out", default="bench_results/small/tower_readout_bound.json")
+    p.add_argument("--merge", action="store_true", help="add to the read-outs already in --out instead of replacing")
     a = p.parse_args(argv)
     registry = Registry()
     model, processor = load_version(registry, a.version)
     model.eval()
     fams = records_by_family(registry.home / MIXTURE, a.limit)
     result = {"version": a.version, "threads": torch.get_num_threads(), "families": {}}
+    if a.merge and Path(a.out).is_file():
+        result = json.loads(Path(a.out).read_text())
     for fam, rows in fams.items():
         train = [(img, ans) for img, ans in rows if not in_test(img)]
         test = [(img, ans) for img, ans in rows if in_test(img)]
@@ -100,9 +120,10 @@ def main(argv=None) -> int:
         for size in sorted({READOUTS[n][0] for n in a.readouts}):
             names = [n for n in a.readouts if READOUTS[n][0] == size]
             layers = [READOUTS[n][1] for n in names]
+            passes = sorted({part for layer in layers for part in PARTS.get(layer, (layer,))}, key=str)
             t0 = time.time()
-            tr = features(model, processor, [r[0] for r in train], size, layers)
-            te = features(model, processor, [r[0] for r in test], size, layers)
+            tr = with_parts(features(model, processor, [r[0] for r in train], size, passes), layers)
+            te = with_parts(features(model, processor, [r[0] for r in test], size, passes), layers)
             tower_s = round(time.time() - t0, 1)
             for name, layer in zip(names, layers):
                 (p_tr, f_tr, shape), (p_te, f_te, _) = tr[layer], te[layer]
@@ -110,6 +131,8 @@ def main(argv=None) -> int:
                                            "flat_7x7": linear_probe(f_tr, y_tr, f_te, y_te),
                                            "tower_s (all read-outs of this size)": tower_s}
                 print(json.dumps({"family": fam, "readout": name, **entry["readouts"][name]}), flush=True)
+        if a.merge and fam in result["families"]:
+            entry["readouts"] = {**result["families"][fam]["readouts"], **entry["readouts"]}
         result["families"][fam] = entry
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
