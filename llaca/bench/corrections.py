@@ -73,6 +73,7 @@ VARIANTS = {
     # small on a kind it gets wrong (gqa regions: 63% reproduced, no base cost at its default): longer or faster
     "6-epochs": ("llaca", {"epochs": 6.0}),
     "10-epochs": ("llaca", {"epochs": 10.0}),
+    "seq": ("seq", {}),  # the base's recipe with plain steps: is the EMA's lag what holds reproduction back?
 }
 
 
