@@ -41,7 +41,9 @@ def _rows():
     return [image, image, text_a, text_b], features
 
 
-def test_stage3_loss_is_image_cross_entropy_plus_kl_to_the_lm_without_its_adapters(tiny_fastvlm):
+def test_stage3_loss_is_image_cross_entropy_plus_kl_to_the_lm_without_its_adapters(tiny_fastvlm, monkeypatch):
+    # the loss's math, in fp32 like the hand computation below (step_loss autocasts to bf16 where a CPU has it natively)
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
     items, features = _rows()
     image_only = small_build.step_loss(tiny_fastvlm, items[:2], features[:2], pad_id=0)
     with torch.no_grad():
