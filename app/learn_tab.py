@@ -124,8 +124,9 @@ def recipe_line(studio: Studio, ref: str | None) -> str:
     """One line: the defaults a stage from `ref` starts with, and why (they depend on the parent's base)."""
     base = base_name_of(studio.registry, ref) or "tiny"
     why = {"small": "the paper's LoRA shape and lr; over 4 CoIN-mini stages on it (3 seeds) llaca + replay forgot "
-                    "12.6 points, the paper's rule alone 21.5, seq 33.0; one epoch fits 1,000 records in "
-                    "10-17 min on 2 AVX2 cores (63 steps)",
+                    "12.6 points, the paper's rule alone 21.5, seq 33.0; plain replay forgot less (4.5) and learned "
+                    "held-out sets better, so this default is under review (docs/benchmarks.md); one epoch fits "
+                    "1,000 records in 10-17 min on 2 AVX2 cores (63 steps)",
            "tiny": "measured on this base: least forgetting over 8 CoIN-mini tasks"}[base]
     return f"Defaults for a stage on **{base}**: {describe(recipe_for(studio.registry, ref))} ({why})."
 
