@@ -33,7 +33,16 @@ FAMILIES = ("read", "group")
 READOUTS = {"224 px, stride 32": (224, "head"), "448 px, stride 32": (448, "head"), "224 px, stride 16": (224, 16),
             "224 px, stride 32 + stride 16 pooled to 7x7": (224, "head+16")}
 PARTS = {"head+16": ("head", 16)}  # a multi-scale read-out: its parts' features side by side (49 tokens, 1400 ch)
-MIXTURE = "datasets/base-v2-mixture-d2-seed0-rehearsal0.3/base/train"
+
+
+def training_split(registry, version: str) -> Path:
+    """The training split of the mixture `version` was built on (its meta's `build`), written first if missing:
+    installing a base writes only the test split."""
+    from llaca.data.world import ensure_mixture
+
+    b = registry.get(version).meta["build"]
+    root = ensure_mixture(registry, b["seed"], b["n_train"], b["n_test"], splits=("train",), rehearsal=b["rehearsal"])
+    return root / "base" / "train"
 
 
 def records_by_family(data: Path, limit: int) -> dict[str, list[tuple[str, str]]]:
@@ -106,7 +115,7 @@ def main(argv=None) -> int:
     registry = Registry()
     model, processor = load_version(registry, a.version)
     model.eval()
-    fams = records_by_family(registry.home / MIXTURE, a.limit)
+    fams = records_by_family(training_split(registry, a.version), a.limit)
     result = {"version": a.version, "threads": torch.get_num_threads(), "families": {}}
     if a.merge and Path(a.out).is_file():
         result = json.loads(Path(a.out).read_text())
