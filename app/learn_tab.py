@@ -20,29 +20,40 @@ from llaca.data.formats import DATA_SUFFIXES
 from llaca.jobs import JobError, stage_upload
 from llaca.models.catalog import default_base
 from llaca.train.recipes import base_name_of, describe, recipe_for
-from llaca.train.tuner import DEFAULT_RECIPE
 from llaca.versions import method_label
 
 from . import Studio, groups_ui, plots, staged_data, staging_root, warn
 
-# `llaca` with StageConfig.replay_fraction: the default recipe (llaca.train.tuner.DEFAULT_RECIPE, docs/method.md 'The default recipe').
+# `llaca` with StageConfig.replay_fraction: tiny's default recipe (llaca.train.tuner.DEFAULT_RECIPE, docs/method.md).
 LLACA_REPLAY = "llaca+replay"
-METHODS = [("llaca + replay: the adaptive EMA over a stage that also replays earlier samples (default)", LLACA_REPLAY),
+METHODS = [("llaca + replay: the adaptive EMA over a stage that also replays earlier samples", LLACA_REPLAY),
            ("llaca: adaptive EMA (the paper)", "llaca"), ("seq: plain fine-tuning", "seq"),
-           ("ema: fixed β", "ema"), ("replay: mix in earlier samples", "replay"),
+           ("ema: fixed β", "ema"), ("replay: plain steps, earlier samples mixed in", "replay"),
            ("grouped: llaca per instruction group (later LLaCA)", groups_ui.GROUPED)]
-DEFAULT_METHOD = LLACA_REPLAY if DEFAULT_RECIPE["replay_fraction"] else DEFAULT_RECIPE["method"]
 PREVIEW = 6
 LOG_LINES = 10
 POLL_SECONDS = 2.0
 AUTO = 0  # job selector value meaning "follow the active job"
 
-# Why the defaults are what they are, in one line (docs/method.md "The default recipe").
-REGIME_NOTE = ("Default: `llaca + replay` (20% of earlier records mixed into the stage) at lr 3e-4, 5 epochs. Over 8 "
-               "CoIN-mini tasks from the shipped base it forgot 3.4-3.6 points at 93% Avg.ACC (2 seeds; 150-step "
-               "stages: 3.7 / 85.7, `replay` alone 3.1 / 86.7); the paper's rule alone forgets about as much as `seq` "
-               "on this small model (78.4 vs 86.9 at lr 1e-3). *Run the demo* shows the three side by side at one "
-               "lr. See docs/benchmarks.md, 'The default recipe and the demo'.")
+# Why each base's defaults are what they are (llaca.train.recipes; docs/benchmarks.md).
+REGIME_NOTES = {
+    "tiny": "Default on **tiny**: `llaca + replay` (20% of earlier records mixed into the stage) at lr 3e-4, 5 epochs. "
+            "Over 8 CoIN-mini tasks from the shipped base it forgot 3.4-3.6 points at 93% Avg.ACC (2 seeds; 150-step "
+            "stages: 3.7 / 85.7, `replay` alone 3.1 / 86.7); the paper's rule alone forgets about as much as `seq` "
+            "on this small model (78.4 vs 86.9 at lr 1e-3). *Run the demo* shows the three side by side at one lr. "
+            "See docs/benchmarks.md, 'The default recipe and the demo'.",
+    "small": "Default on **small**: `replay` (plain steps, 20% of earlier records mixed into the stage), LoRA at the "
+             "paper's lr 2e-4, one epoch. Over 4 CoIN-mini stages on this base (3 seeds) it forgot 4.5 points at "
+             "58.6% Avg.ACC, llaca + replay 12.2 / 51.7, and the paper's rule alone 32.2 / 46.7 against seq's "
+             "50.0 / 33.3 (seed 0): the adaptive EMA halves seq's forgetting, replay does better; one held-out stage "
+             "learned digits to 68.0% with replay, 28.5% with llaca + replay. See docs/benchmarks.md, 'Issue 25'.",
+}
+
+
+def ui_method(recipe: dict) -> str:
+    """The Method radio's value for a recipe: llaca with a replay share is the `llaca+replay` choice."""
+    return LLACA_REPLAY if recipe["method"] == "llaca" and recipe.get("replay_fraction") else recipe["method"]
+
 
 # ------------------------------------------------------------------------------------------ validation
 
@@ -123,12 +134,14 @@ def _newest_processor(studio: Studio):
 def recipe_line(studio: Studio, ref: str | None) -> str:
     """One line: the defaults a stage from `ref` starts with, and why (they depend on the parent's base)."""
     base = base_name_of(studio.registry, ref) or "tiny"
-    why = {"small": "the paper's LoRA shape and lr; over 4 CoIN-mini stages on it (3 seeds) llaca + replay forgot "
-                    "12.6 points, the paper's rule alone 21.5, seq 33.0; plain replay forgot less (4.5) and learned "
-                    "held-out sets better, so this default is under review (docs/benchmarks.md); one epoch fits "
-                    "1,000 records in 10-17 min on 2 AVX2 cores (63 steps)",
+    why = {"small": "measured on this base: least forgetting over 4 CoIN-mini stages and the best held-out stages; "
+                    "one epoch fits 1,000 records in 10-17 min on 2 AVX2 cores (63 steps), ~7 min with native bf16",
            "tiny": "measured on this base: least forgetting over 8 CoIN-mini tasks"}[base]
     return f"Defaults for a stage on **{base}**: {describe(recipe_for(studio.registry, ref))} ({why})."
+
+
+def regime_note(studio: Studio, ref: str | None) -> str:
+    return REGIME_NOTES[base_name_of(studio.registry, ref) or "tiny"]
 
 
 def stage_config(data: str, method: str, beta: float, replay_fraction: float, parent: str | None, name: str,
@@ -358,17 +371,17 @@ def build(studio: Studio):
             export_file = gr.File(label="Converted set (download)", interactive=False, height=70)
         with gr.Column(scale=4):
             gr.Markdown("### 2 · How to learn it")
-            gr.Markdown(REGIME_NOTE, elem_id="regime-note")
-            method = gr.Radio(METHODS, value=DEFAULT_METHOD, label="Method")
+            recipe = recipe_for(studio.registry, studio.newest_id())
+            regime = gr.Markdown(regime_note(studio, studio.newest_id()), elem_id="regime-note")
+            method = gr.Radio(METHODS, value=ui_method(recipe), label="Method")
             beta = gr.Slider(0.5, 0.999, value=0.99, step=0.001, label="ema β (weight on the past)", visible=False)
-            replay_fraction = gr.Slider(0.05, 1.0, value=DEFAULT_RECIPE["replay_fraction"] or 0.2, step=0.05,
-                                        label="replay fraction", visible=DEFAULT_METHOD in ("replay", LLACA_REPLAY))
+            replay_fraction = gr.Slider(0.05, 1.0, value=recipe.get("replay_fraction") or 0.2, step=0.05,
+                                        label="replay fraction", visible=ui_method(recipe) in ("replay", LLACA_REPLAY))
             threshold = gr.Slider(0.05, 1.0, value=groups_ui.DEFAULT_THRESHOLD, step=0.01, visible=False,
                                   label="grouped: TF-IDF similarity to continue a group")
             grouping = gr.Markdown(visible=False, elem_id="grouping-preview")
             parent = gr.Dropdown(label="Parent version", choices=studio.version_choices(), value=studio.newest_id(),
                                  allow_custom_value=True)
-            recipe = recipe_for(studio.registry, studio.newest_id())
             recipe_note = gr.Markdown(recipe_line(studio, studio.newest_id()), elem_id="recipe-note")
             with gr.Row():
                 epochs = gr.Number(recipe["epochs"], label="Epochs", minimum=0.1, step=0.5)
@@ -416,9 +429,13 @@ def build(studio: Studio):
     def on_parent(ref):
         """The parent's base decides the defaults (tiny: full fine-tuning; small: LoRA, llaca.train.recipes)."""
         r = recipe_for(studio.registry, ref)
-        return r["epochs"], r["lr"], bool(r.get("lora")), recipe_line(studio, ref)
+        m = ui_method(r)
+        return (r["epochs"], r["lr"], bool(r.get("lora")), recipe_line(studio, ref), regime_note(studio, ref), m,
+                gr.Slider(value=r.get("replay_fraction") or 0.2, visible=m in ("replay", LLACA_REPLAY)),
+                gr.Slider(visible=False))
 
-    parent.change(on_parent, parent, [epochs, lr, lora, recipe_note], queue=False, api_visibility="private")
+    parent.change(on_parent, parent, [epochs, lr, lora, recipe_note, regime, method, replay_fraction, beta],
+                  queue=False, api_visibility="private")
     grouping_inputs = [data_path, method, parent, threshold]
     for trigger in (method.change, parent.change, threshold.release):
         trigger(on_grouping, grouping_inputs, [threshold, grouping], api_visibility="private", concurrency_limit=2,

@@ -32,8 +32,10 @@ class VersionError(ValueError):
 
 
 def method_label(method: str | None, replay_fraction: float | None = None) -> str | None:
-    """'llaca + 20% replay' for a stage that also replayed earlier records (the default recipe), else the rule's
-    name ('llaca', 'seq', ...)."""
+    """'llaca + 20% replay' for a stage that also replayed earlier records (tiny's default recipe), 'replay (20% earlier
+    records)' for the replay rule given its share, else the rule's name ('llaca', 'seq', ...)."""
+    if method == "replay" and replay_fraction:
+        return f"replay ({replay_fraction:.0%} earlier records)"
     return f"{method} + {replay_fraction:.0%} replay" if method and replay_fraction else method
 
 

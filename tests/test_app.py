@@ -365,6 +365,23 @@ def test_learn_tab_llaca_plus_replay_is_llaca_with_a_replay_share():
     assert (plain.method, plain.replay_fraction, plain.rule_hparams) == ("replay", 0.0, {"fraction": 0.3})
 
 
+def test_learn_tab_defaults_follow_the_parents_base():
+    """The Method radio, replay share and the why-note start from the parent base's recipe: tiny llaca + replay,
+    small plain replay of 20%; what the tab then submits for small is the stage `learn` runs with no options."""
+    from app.learn_tab import LLACA_REPLAY, REGIME_NOTES, stage_config, ui_method
+    from llaca.cli.main import resolve_rule
+    from llaca.train.recipes import RECIPES
+    from llaca.train.tuner import StageConfig
+
+    assert (ui_method(RECIPES["tiny"]), ui_method(RECIPES["small"])) == (LLACA_REPLAY, "replay")
+    assert "`replay`" in REGIME_NOTES["small"] and "`llaca + replay`" in REGIME_NOTES["tiny"]
+    small = RECIPES["small"]
+    submitted = StageConfig(**stage_config("d", ui_method(small), 0.99, small["replay_fraction"], None, "",
+                                           small["epochs"], 0, small["lr"], True))
+    method, share, hparams = resolve_rule(small, None, None)
+    assert (submitted.method, submitted.replay_fraction, submitted.rule_hparams) == (method, share, hparams)
+
+
 def test_lineage_matrix_is_square_when_the_base_also_scored_a_build_phase():
     """Base v2's meta scores its alignment test too; the lineage's stages are the sets the newest version was scored
     on, so Avg.ACC / Forgetting show (they were blank for every v2 lineage)."""

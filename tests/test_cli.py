@@ -210,3 +210,25 @@ def test_progress_bar_restarts_for_each_stage_of_a_job(capsys):
             on_event({"type": "step", "phase": "stage", "step": k, "total_steps": total, "loss": 1.0})
     err = capsys.readouterr().err
     assert "4/4" in err and "3/6" in err
+
+
+def test_learn_takes_the_rule_and_replay_share_from_the_parents_base_recipe():
+    """With no --method, `learn` runs the base's rule: tiny llaca with 20% mixed in, small the replay rule with a
+    fraction of 0.2 (issue 25's measurements); a named rule drops the recipe's share unless one is given, the replay
+    rule takes a given share as its own fraction, and --grouped stays llaca per group."""
+    from llaca.cli.main import resolve_rule
+    from llaca.train.recipes import RECIPES
+    from llaca.train.tuner import StageConfig
+
+    tiny, small = RECIPES["tiny"], RECIPES["small"]
+    assert resolve_rule(tiny, None, None) == ("llaca", 0.2, {})
+    assert resolve_rule(small, None, None) == ("replay", 0.0, {"fraction": 0.2})
+    assert resolve_rule(small, "llaca", None) == ("llaca", 0.0, {})  # the paper's rule alone
+    assert resolve_rule(small, "llaca", 0.2) == ("llaca", 0.2, {})  # llaca + replay, asked for
+    assert resolve_rule(small, None, 0.3, rule_hparams={"beta": 0.9}) == ("replay", 0.0, {"beta": 0.9, "fraction": 0.3})
+    assert resolve_rule(tiny, "replay", None) == ("replay", 0.0, {})  # ReplayRule's own default
+    assert resolve_rule(small, None, None, grouped=True) == ("llaca", 0.0, {})
+    method, share, hparams = resolve_rule(small, None, None)
+    cfg = StageConfig(data="d", method=method, replay_fraction=share, rule_hparams=hparams)
+    from llaca.train.rules import make_rule
+    assert make_rule(cfg.method, **cfg.rule_hparams).fraction == 0.2

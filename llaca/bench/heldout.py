@@ -22,7 +22,6 @@ import time
 from pathlib import Path
 
 from ..evaluation.evaluate import zero_shot
-from ..train.tuner import DEFAULT_RECIPE
 
 VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vision": True},
             # the same with plain fine-tuning, to tell what the tower does from what the update rule does
@@ -36,8 +35,8 @@ VARIANTS = {"frozen tower": {"train_vision": False}, "tower trained": {"train_vi
             # the same at the rate where replay forgot least over CoIN-mini (docs/method.md 'The default recipe')
             "frozen tower, replay, lr 3e-4": {"method": "replay", "lr": 3e-4},
             "frozen tower, llaca+replay, lr 3e-4": {"replay_fraction": 0.2, "lr": 3e-4},
-            # `learn` with no options: the previous one with 5 epochs instead of 3
-            "CLI defaults": dict(DEFAULT_RECIPE)}
+            # `learn` with no options: the version's base recipe (llaca.train.recipes), resolved when the stage runs
+            "CLI defaults": {}}
 DEFAULT_VARIANTS = ["CLI defaults", "frozen tower", "tower trained"]
 
 
@@ -178,7 +177,7 @@ def main(argv=None) -> int:
     from ..bases.install import ensure_base
     from ..data import coin_mini, heldout
     from ..models.catalog import BASES
-    from ..train.recipes import recipe_for
+    from ..train.recipes import recipe_for, stage_fields
     from ..versions import Registry, load_version
     from .quality import base_test_split
 
@@ -224,14 +223,16 @@ def main(argv=None) -> int:
                 tag = (f"-seed{seed}" if seed else "") + (f"-steps{a.max_steps}" if a.max_steps else "")
                 label = variant + "".join(f", {k}={v}" for k, v in overrides.items())
                 slug = label.replace(" ", "_").replace(",", "").replace("=", "")
+                if variant == "CLI defaults":  # what `learn` runs from this version: its base's recipe, which changes
+                    config = stage_fields({**recipe_for(registry, a.version), **overrides})
+                    slug += "-" + hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:8]
+                else:
+                    config = {**VARIANTS[variant], **overrides}
                 cache = out / "runs" / f"{fp}-{name}-{slug}{tag}.json"
                 if cache.is_file():
                     run = {"seed": 0, **json.loads(cache.read_text())}
                 else:
-                    # "CLI defaults" is what `learn` runs from this version: its base's recipe (llaca.train.recipes)
-                    config = recipe_for(registry, a.version) if variant == "CLI defaults" else dict(VARIANTS[variant])
-                    run = stage_run(registry, a.version, data, name, label, work, base_test, seed, a.max_steps,
-                                    {**config, **overrides})
+                    run = stage_run(registry, a.version, data, name, label, work, base_test, seed, a.max_steps, config)
                     cache.write_text(json.dumps(run, indent=1))
                 results["stages"].append(run)
                 print(json.dumps(run))

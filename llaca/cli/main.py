@@ -68,6 +68,24 @@ def cmd_register(args) -> int:
     return 0
 
 
+def resolve_rule(recipe: dict, method: str | None, share: float | None, grouped: bool = False,
+                 rule_hparams: dict | None = None) -> tuple[str, float, dict]:
+    """(method, StageConfig.replay_fraction, rule_hparams) for `learn`: the rule and its replay share come from the
+    base's recipe unless given (tiny: llaca + 20% replay; small: replay of 20%); grouped learning is llaca per group.
+    The `replay` rule takes the share as its own fraction; any other rule mixes earlier records in on top."""
+    rule_hparams = dict(rule_hparams or {})
+    method = method or ("llaca" if grouped else recipe["method"])
+    if share is None and method == recipe["method"] and not grouped:
+        share = recipe.get("replay_fraction")
+    replay_fraction = 0.0
+    if share is not None:  # a negative share is refused by ReplayRule, which mixes it in either way
+        if method == "replay":
+            rule_hparams["fraction"] = share
+        else:
+            replay_fraction = share
+    return method, replay_fraction, rule_hparams
+
+
 def cmd_learn(args) -> int:
     from ..train.recipes import NAMED_RECIPES, recipe_for
     from ..train.tuner import StageConfig, run_stage
@@ -87,14 +105,8 @@ def cmd_learn(args) -> int:
         recipe = dict(NAMED_RECIPES[args.recipe])
     else:
         recipe = recipe_for(registry, parent or (registry.list()[-1].id if registry.list() else None))
-    replay_fraction = 0.0  # any rule but `replay`: mix earlier records into the stage (`llaca` + replay, measured)
-    if args.replay_fraction is None and args.method == recipe["method"] and not args.grouped:
-        replay_fraction = recipe.get("replay_fraction", 0.0)  # the recipe's (the default: llaca + 20% replay)
-    elif args.replay_fraction is not None:  # a negative share is refused by ReplayRule, which mixes it in either way
-        if args.method == "replay":
-            rule_hparams["fraction"] = args.replay_fraction
-        else:
-            replay_fraction = args.replay_fraction
+    args.method, replay_fraction, rule_hparams = resolve_rule(recipe, args.method, args.replay_fraction, args.grouped,
+                                                              rule_hparams)
     lora = recipe.get("lora", False) if args.lora is None else args.lora
     lora_size = {k: recipe[k] for k in ("lora_r", "lora_alpha") if k in recipe and lora}
     epochs = recipe["epochs"] if args.epochs is None else args.epochs
@@ -264,7 +276,7 @@ def _split_options(args: list[str]) -> tuple[list[str], list[str]]:
 def build_parser() -> argparse.ArgumentParser:
     from ..train.recipes import NAMED_RECIPES, RECIPES, describe
     from ..train.rules import RULES
-    from ..train.tuner import DEFAULT_RECIPE, StageConfig
+    from ..train.tuner import StageConfig
 
     p = argparse.ArgumentParser(prog="python -m llaca", description="LLaCA Studio: continual instruction tuning of LLaVA")
     p.add_argument("--base", choices=("small", "tiny"), default=None,
@@ -288,9 +300,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("learn", help="learn an instruction set as a new stage -> new version")
     s.add_argument("data", help="instruction set: folder, .zip or data file (LLaVA/ShareGPT JSON(L), CSV/TSV, Parquet; see docs/data-formats.md)")
-    s.add_argument("--method", choices=RULES, default=DEFAULT_RECIPE["method"],
-                   help="update rule (default %%(default)s, with %d%%%% replay unless --replay-fraction says otherwise)"
-                        % round(100 * DEFAULT_RECIPE["replay_fraction"]))
+    s.add_argument("--method", choices=RULES, default=None,
+                   help=("update rule (default: the base's recipe, llaca.train.recipes: tiny %s, small %s; "
+                         "--grouped: llaca)" % (describe(RECIPES["tiny"]).split(",")[0],
+                                                describe(RECIPES["small"]).split(",")[0])).replace("%", "%%"))
     s.add_argument("--from", dest="from_version", default=None, help="parent version (default: newest)")
     s.add_argument("--name", default=None)
     s.add_argument("--epochs", type=float, default=None,
@@ -325,10 +338,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--scale", type=float, default=None, help="llaca: the constant in alpha (default 2.0)")
     s.add_argument("--alpha-fallback", type=float, default=None, help="llaca: alpha when out of (0,1) (default 0.01)")
     s.add_argument("--replay-fraction", type=float, default=None,
-                   help="share of earlier records mixed into the stage (default: %g with %s, the default recipe; 0 with "
-                        "the other methods and --grouped; replay's own default 0.2). `--replay-fraction 0` runs the "
-                        "faithful rule alone (docs/method.md 'The default recipe')" % (DEFAULT_RECIPE["replay_fraction"],
-                                                                              DEFAULT_RECIPE["method"]))
+                   help="share of earlier records mixed into the stage (default: the base's recipe when --method is "
+                        "its method or left out, tiny %g, small %g; else 0, and 0 with --grouped; `replay` alone: "
+                        "0.2). `--replay-fraction 0` runs a rule alone, e.g. the paper's llaca (docs/method.md "
+                        "'The default recipe')" % (RECIPES["tiny"]["replay_fraction"], RECIPES["small"]["replay_fraction"]))
     s.add_argument("--no-eval", action="store_true", help="skip the automatic evaluation after the stage")
     s.add_argument("--trace-dir", default=None, help="every process appends its per-tensor alpha to DIR/rank<k>.jsonl")
     s.add_argument("--grouped", action="store_true", help="instruction grouping (llaca.train.grouping): continue the most "
