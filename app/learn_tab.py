@@ -44,9 +44,9 @@ REGIME_NOTES = {
             "See docs/benchmarks.md, 'The default recipe and the demo'.",
     "small": "Default on **small**: `replay` (plain steps, 20% of earlier records mixed into the stage), LoRA at the "
              "paper's lr 2e-4, one epoch. Over 4 CoIN-mini stages on this base (3 seeds) it forgot 4.5 points at "
-             "58.6% Avg.ACC, llaca + replay 12.2 / 51.7, and the paper's rule alone 32.2 / 46.7 against seq's "
-             "50.0 / 33.3 (seed 0): the adaptive EMA halves seq's forgetting, replay does better; one held-out stage "
-             "learned digits to 68.0% with replay, 28.5% with llaca + replay. See docs/benchmarks.md, 'Issue 25'.",
+             "58.6% Avg.ACC, llaca + replay 12.2 / 51.7, and the paper's rule alone 18.1 / 53.6 against seq's "
+             "40.0 / 38.6: the adaptive EMA halves seq's forgetting, replay does better; one held-out stage "
+             "learned digits to 68.0% with replay, 28.5% with llaca + replay. See docs/benchmarks.md, 'The paper's setting on small'.",
 }
 
 

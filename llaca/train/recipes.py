@@ -5,12 +5,13 @@ it (llaca + 20% replay at lr 3e-4, 5 epochs). `small` (140M, a pretrained LM) ta
 adapters on every LM Linear + the projector, the tower frozen, lr 2e-4 (the paper's), one epoch (the paper's; 1,000
 records = 63 steps of 16, 10-17 min in fp32 on the 2-core AMD EPYC with AVX2, ~7 min where bf16 is native:
 `python -m llaca.bench small --sections stage`). Its rule is plain `replay` (20% of each stage replays earlier
-records), because that is what issue 25 measured on `small` (docs/benchmarks.md, "Issue 25"):
+records), because that is what issue 25 measured on `small` (docs/benchmarks.md, "The paper's setting on small"):
 - 4 CoIN-mini stages x 3 seeds (bf16, r64): replay Avg.ACC 58.6 / forgetting 4.5, llaca + 20% replay 51.7 / 12.2,
-  the paper's llaca alone 46.7 / 32.2 (seed 0), seq 33.3 / 50.0 (seed 0);
+  the paper's llaca alone 53.6 / 18.1, seq 38.6 / 40.0;
 - held-out sets, one stage from `small`: digits 68.0% with replay vs 28.5% with llaca + replay; Tux Paint 55.4 vs 49.4.
-The adaptive EMA holds the LoRA weights near the previous stage's, which on a pretrained LM at lr 2e-4 and one epoch
-mostly slows learning; `--method llaca` (or the Learn tab) still runs the paper's rule.
+The rule halves seq's forgetting there, but replay forgets less still, and in a one-epoch held-out stage at lr 2e-4
+the EMA held the LoRA back from a new 10-way mapping (digits: 5 of 10 digits ever answered); `--method llaca
+--replay-fraction 0` (or the Learn tab's *llaca*) still runs the paper's rule alone.
 """
 from __future__ import annotations
 
