@@ -372,11 +372,12 @@ def build(studio: Studio):
         with gr.Column(scale=4):
             gr.Markdown("### 2 · How to learn it")
             recipe = recipe_for(studio.registry, studio.newest_id())
+            default_method = ui_method(recipe)
             regime = gr.Markdown(regime_note(studio, studio.newest_id()), elem_id="regime-note")
-            method = gr.Radio(METHODS, value=ui_method(recipe), label="Method")
+            method = gr.Radio(METHODS, value=default_method, label="Method")
             beta = gr.Slider(0.5, 0.999, value=0.99, step=0.001, label="ema β (weight on the past)", visible=False)
             replay_fraction = gr.Slider(0.05, 1.0, value=recipe.get("replay_fraction") or 0.2, step=0.05,
-                                        label="replay fraction", visible=ui_method(recipe) in ("replay", LLACA_REPLAY))
+                                        label="replay fraction", visible=default_method in ("replay", LLACA_REPLAY))
             threshold = gr.Slider(0.05, 1.0, value=groups_ui.DEFAULT_THRESHOLD, step=0.01, visible=False,
                                   label="grouped: TF-IDF similarity to continue a group")
             grouping = gr.Markdown(visible=False, elem_id="grouping-preview")

@@ -369,8 +369,7 @@ def test_learn_tab_defaults_follow_the_parents_base():
     """The Method radio, replay share and the why-note start from the parent base's recipe: tiny llaca + replay,
     small plain replay of 20%; what the tab then submits for small is the stage `learn` runs with no options."""
     from app.learn_tab import LLACA_REPLAY, REGIME_NOTES, stage_config, ui_method
-    from llaca.cli.main import resolve_rule
-    from llaca.train.recipes import RECIPES
+    from llaca.train.recipes import RECIPES, resolve_rule
     from llaca.train.tuner import StageConfig
 
     assert (ui_method(RECIPES["tiny"]), ui_method(RECIPES["small"])) == (LLACA_REPLAY, "replay")

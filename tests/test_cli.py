@@ -216,8 +216,8 @@ def test_learn_takes_the_rule_and_replay_share_from_the_parents_base_recipe():
     """With no --method, `learn` runs the base's rule: tiny llaca with 20% mixed in, small the replay rule with a
     fraction of 0.2 (issue 25's measurements); a named rule drops the recipe's share unless one is given, the replay
     rule takes a given share as its own fraction, and --grouped stays llaca per group."""
-    from llaca.cli.main import resolve_rule
-    from llaca.train.recipes import RECIPES
+    from llaca.train.recipes import RECIPES, resolve_rule
+    from llaca.train.rules import make_rule
     from llaca.train.tuner import StageConfig
 
     tiny, small = RECIPES["tiny"], RECIPES["small"]
@@ -230,5 +230,4 @@ def test_learn_takes_the_rule_and_replay_share_from_the_parents_base_recipe():
     assert resolve_rule(small, None, None, grouped=True) == ("llaca", 0.0, {})
     method, share, hparams = resolve_rule(small, None, None)
     cfg = StageConfig(data="d", method=method, replay_fraction=share, rule_hparams=hparams)
-    from llaca.train.rules import make_rule
     assert make_rule(cfg.method, **cfg.rule_hparams).fraction == 0.2

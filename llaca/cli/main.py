@@ -68,26 +68,8 @@ def cmd_register(args) -> int:
     return 0
 
 
-def resolve_rule(recipe: dict, method: str | None, share: float | None, grouped: bool = False,
-                 rule_hparams: dict | None = None) -> tuple[str, float, dict]:
-    """(method, StageConfig.replay_fraction, rule_hparams) for `learn`: the rule and its replay share come from the
-    base's recipe unless given (tiny: llaca + 20% replay; small: replay of 20%); grouped learning is llaca per group.
-    The `replay` rule takes the share as its own fraction; any other rule mixes earlier records in on top."""
-    rule_hparams = dict(rule_hparams or {})
-    method = method or ("llaca" if grouped else recipe["method"])
-    if share is None and method == recipe["method"] and not grouped:
-        share = recipe.get("replay_fraction")
-    replay_fraction = 0.0
-    if share is not None:  # a negative share is refused by ReplayRule, which mixes it in either way
-        if method == "replay":
-            rule_hparams["fraction"] = share
-        else:
-            replay_fraction = share
-    return method, replay_fraction, rule_hparams
-
-
 def cmd_learn(args) -> int:
-    from ..train.recipes import NAMED_RECIPES, recipe_for
+    from ..train.recipes import NAMED_RECIPES, recipe_for, resolve_rule
     from ..train.tuner import StageConfig, run_stage
 
     if args.model and args.from_version:

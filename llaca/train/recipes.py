@@ -46,15 +46,34 @@ def recipe_for(registry, ref: str | None) -> dict:
     return dict(RECIPES.get(base_name_of(registry, ref) or "tiny"))
 
 
+def resolve_rule(recipe: dict, method: str | None, share: float | None, grouped: bool = False,
+                 rule_hparams: dict | None = None) -> tuple[str, float, dict]:
+    """(method, StageConfig.replay_fraction, rule_hparams) for a stage (`learn`, the held-out bench): the rule and its
+    replay share come from the base's recipe unless given (tiny: llaca + 20% replay; small: replay of 20%); grouped
+    learning is llaca per group. The `replay` rule takes the share as its own fraction; any other rule mixes earlier
+    records in on top."""
+    rule_hparams = dict(rule_hparams or {})
+    method = method or ("llaca" if grouped else recipe["method"])
+    if share is None and method == recipe["method"] and not grouped:
+        share = recipe.get("replay_fraction")
+    replay_fraction = 0.0
+    if share is not None:  # a negative share is refused by ReplayRule, which mixes it in either way
+        if method == "replay":
+            rule_hparams["fraction"] = share
+        else:
+            replay_fraction = share
+    return method, replay_fraction, rule_hparams
+
+
 def stage_fields(recipe: dict) -> dict:
-    """The recipe as `StageConfig` fields. Its `replay_fraction` is the share of earlier records in a stage: for the
-    `replay` rule that is the rule's own `fraction`; any other rule mixes them in through `StageConfig.replay_fraction`."""
-    fields = {k: v for k, v in recipe.items() if k != "replay_fraction"}
-    share = recipe.get("replay_fraction") or 0.0
-    if recipe["method"] == "replay":
-        fields["rule_hparams"] = {**recipe.get("rule_hparams", {}), "fraction": share}
-    elif share:
-        fields["replay_fraction"] = share
+    """The recipe as `StageConfig` fields: a stage with no options given, its replay share placed by `resolve_rule`."""
+    method, replay_fraction, rule_hparams = resolve_rule(recipe, None, None, rule_hparams=recipe.get("rule_hparams"))
+    fields = {k: v for k, v in recipe.items() if k not in ("replay_fraction", "rule_hparams")}
+    fields["method"] = method
+    if rule_hparams:
+        fields["rule_hparams"] = rule_hparams
+    if replay_fraction:
+        fields["replay_fraction"] = replay_fraction
     return fields
 
 
