@@ -11,6 +11,12 @@ category (14 groups), split by image. Read-outs:
 - `224 px, stride 16` (the last 14x14 block output of the same pass, fewer channels, 196 tokens);
 - `224 px, stride 32 + stride 16 pooled to 7x7` (both maps of that pass side by side: 49 tokens of 1280 + 120
   channels, the LM cost of the shipped read-out).
+- `224 px, stride 16, 2x2 space-to-depth` (the stride-16 map with each 2x2 patch stacked into one token: 49 tokens of
+  480 channels, all of the map at the shipped LM cost; `llaca.models.vision.efficientnet_lite_s2d_tower`). Its
+  "flat" probe is the whole stride-16 map, not its 7x7 average.
+
+`--heldout` adds the held-out sets (Tux Paint, digits; `llaca.data.heldout`, their own train/test splits) for the
+stride-32 head map and the space-to-depth read-out.
 
 The two 224 px read-outs come from one pass. Each read-out is probed mean-pooled over its tokens and flattened after average-pooling its map to 7x7 (so the
 flat probes have the same number of positions and the regression stays small). A probe well under the target says
@@ -31,7 +37,8 @@ import torch
 
 FAMILIES = ("read", "group")
 READOUTS = {"224 px, stride 32": (224, "head"), "448 px, stride 32": (448, "head"), "224 px, stride 16": (224, 16),
-            "224 px, stride 32 + stride 16 pooled to 7x7": (224, "head+16")}
+            "224 px, stride 32 + stride 16 pooled to 7x7": (224, "head+16"),
+            "224 px, stride 16, 2x2 space-to-depth": (224, "s2d")}
 PARTS = {"head+16": ("head", 16)}  # a multi-scale read-out: its parts' features side by side (49 tokens, 1400 ch)
 
 
@@ -67,6 +74,7 @@ def features(model, processor, images: list[str], size: int, layers: list, batch
     """{layer: (pooled, flat, map shape)} from one tower pass per batch: each read-out's map mean-pooled, and
     average-pooled to 7x7 then flattened (float32 arrays)."""
     from llaca.data import load_image
+    from llaca.models.vision import space_to_depth_reference
 
     tower = model.model.vision_tower.to(memory_format=torch.channels_last)
     pooled: dict = {k: [] for k in layers}
@@ -77,11 +85,14 @@ def features(model, processor, images: list[str], size: int, layers: list, batch
                                         size={"height": size, "width": size})["pixel_values"]
         pix = pix.to(memory_format=torch.channels_last)
         with torch.no_grad():
-            out = tower(pix, output_hidden_states=16 in layers)
-            if 16 in layers and index is None:
+            stride16 = bool({16, "s2d"} & set(layers))
+            out = tower(pix, output_hidden_states=stride16)
+            if stride16 and index is None:
                 index = max(j for j, h in enumerate(out.hidden_states) if h.shape[-1] == size // 16)
         for layer in layers:
             fmap = out.last_hidden_state if layer == "head" else out.hidden_states[index]
+            if layer == "s2d":
+                fmap = space_to_depth_reference(fmap)
             shape[layer] = list(fmap.shape[1:])
             pooled[layer].append(fmap.mean((2, 3)))
             flat[layer].append(torch.nn.functional.adaptive_avg_pool2d(fmap, 7).flatten(1))
@@ -101,6 +112,40 @@ def with_parts(feats: dict, layers: list) -> dict:
     return feats
 
 
+def heldout_probes(model, processor, sets=("tuxpaint", "digits")) -> dict:
+    """{set: {read-out: {"pooled", "flat"}}} on the held-out sets' own splits, for the shipped head map and the
+    stride-16 space-to-depth read-out (one tower pass each)."""
+    from llaca.bench.heldout import linear_probe
+    from llaca.data import heldout
+    from llaca.models.vision import space_to_depth_reference
+
+    tower = model.model.vision_tower
+
+    def feats(images):
+        out = {"head": ([], []), "s2d": ([], [])}
+        for i in range(0, len(images), 32):
+            pix = processor.image_processor(images[i:i + 32], return_tensors="pt")["pixel_values"]
+            with torch.no_grad():
+                o = tower(pix, output_hidden_states=True)
+            index = max(j for j, h in enumerate(o.hidden_states) if h.shape[-1] == pix.shape[-1] // 16)
+            for name, fmap in (("head", o.last_hidden_state), ("s2d", space_to_depth_reference(o.hidden_states[index]))):
+                out[name][0].append(fmap.mean((2, 3)))
+                out[name][1].append(fmap.flatten(1))
+        return {k: (torch.cat(v[0]).numpy(), torch.cat(v[1]).numpy()) for k, v in out.items()}
+
+    result = {}
+    for name in sets:
+        train, test = getattr(heldout, f"{name}_records")(0)
+        tr, te = feats([r[0] for r in train]), feats([r[0] for r in test])
+        y_tr, y_te = [r[2] for r in train], [r[2] for r in test]
+        result[name] = {k: {"pooled": linear_probe(tr[k][0], y_tr, te[k][0], y_te),
+                            "flat": linear_probe(tr[k][1], y_tr, te[k][1], y_te)} for k in tr}
+        result[name]["n_train"], result[name]["n_test"] = len(train), len(test)
+        result[name]["majority"] = round(100 * max(y_te.count(c) for c in set(y_te)) / len(y_te), 1)
+        print(json.dumps({name: result[name]}), flush=True)
+    return result
+
+
 def main(argv=None) -> int:
     from llaca.bench.heldout import linear_probe
     from llaca.versions import Registry, load_version
@@ -111,6 +156,7 @@ def main(argv=None) -> int:
     p.add_argument("--readouts", nargs="*", default=list(READOUTS), choices=list(READOUTS))
     p.add_argument("--out", default="bench_results/small/tower_readout_bound.json")
     p.add_argument("--merge", action="store_true", help="add to the read-outs already in --out instead of replacing")
+    p.add_argument("--heldout", action="store_true", help="also probe Tux Paint and digits (head map vs space-to-depth)")
     a = p.parse_args(argv)
     registry = Registry()
     model, processor = load_version(registry, a.version)
@@ -143,6 +189,8 @@ def main(argv=None) -> int:
         if a.merge and fam in result["families"]:
             entry["readouts"] = {**result["families"][fam]["readouts"], **entry["readouts"]}
         result["families"][fam] = entry
+    if a.heldout:
+        result["heldout"] = heldout_probes(model, processor)
     Path(a.out).parent.mkdir(parents=True, exist_ok=True)
     Path(a.out).write_text(json.dumps(result, indent=1) + "\n")
     print(json.dumps(result, indent=1))

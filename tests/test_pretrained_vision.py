@@ -96,3 +96,28 @@ def test_save_and_reload_with_transformers_classes(classifier, tmp_path):
         assert torch.equal(again(x).last_hidden_state, tower(x).last_hidden_state)
     proc = AutoImageProcessor.from_pretrained(tmp_path / "tower")
     assert proc.size == {"height": 224, "width": 224} and proc.image_mean == pytest.approx(pv.MEAN)
+
+
+def test_space_to_depth_tower_stacks_each_2x2_patch_of_the_stride16_map(classifier, tmp_path):
+    """The `s2d` read-out: transformers' own EfficientNetModel, fixed weights, 49 tokens that carry the whole
+    stride-16 map (checked against the full tower's hidden state and by hand at one position); reloads as is."""
+    from transformers import AutoModel
+
+    tower, config = pv.efficientnet_lite_s2d_tower("lite2", 224)
+    x = pv.tower_image_processor(224)(_photos(["chelsea"]), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        full = classifier.efficientnet(x, output_hidden_states=True).hidden_states
+        out = tower(x).last_hidden_state
+    stride16 = full[sum(config.num_block_repeats[:pv.S2D_STAGES])]
+    c = stride16.shape[1]
+    assert stride16.shape[-1] == 14 and out.shape == (1, 1280, 7, 7) and c == 120
+    assert torch.equal(out[:, :4 * c], pv.space_to_depth_reference(stride16))
+    assert not out[:, 4 * c:].any()  # the head's other channels are zero
+    assert stride16.abs().max() * pv.S2D_SCALE < pv.S2D_SHIFT  # no value clipped on a real photo
+    # by hand: token (3, 5), the patch's lower-right position (k = 3) of channel 7
+    assert out[0, 3 * c + 7, 3, 5].item() == pytest.approx(
+        pv.S2D_SCALE * stride16[0, 7, 7, 11].item() + pv.S2D_SHIFT, abs=1e-6)
+    tower.save_pretrained(tmp_path / "s2d")
+    again = AutoModel.from_pretrained(tmp_path / "s2d")
+    with torch.no_grad():
+        assert torch.equal(again(x).last_hidden_state, out)

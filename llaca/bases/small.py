@@ -38,7 +38,8 @@ def install_small(registry, on_event=None, version_id: str = "small"):
         k = 0 if message.startswith("vision") else 1 if message.startswith("language") else 2
         done(k)
 
-    model, processor = assemble(meta["build"]["seed"], on_event=progress)
+    # builds before the read-out was a choice (build 2) used the stride-32 head map
+    model, processor = assemble(meta["build"]["seed"], on_event=progress, readout=meta["build"].get("readout", "head"))
     model = PeftModel.from_pretrained(model, SMALL_ASSETS / "adapter").merge_and_unload()
     model.eval()
     done(3)

@@ -34,7 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .. import data as D
 from ..data import world as base_world
 from ..evaluation.evaluate import evaluate
-from ..models.small import IMAGE_SIZE, SMALL_ASSETS, TOWER_VARIANT, assemble
+from ..models.small import IMAGE_SIZE, READOUT, SMALL_ASSETS, TOWER_VARIANT, assemble
 from ..paths import atomic_dir, atomic_write_json, llaca_home
 from .splits import split_fingerprint
 
@@ -45,6 +45,7 @@ TUNE_STEPS, TUNE_LR = 700, 4e-4
 BATCH = 16
 N_ALIGN = 8000  # stage-1 records written (align_steps * batch of them are drawn)
 TEXT_SHARE = 0.125  # of each stage-2 batch: 2 of 16 records are text-only chat
+DISTIL_TEXT = False  # stage 2's text rows learn the untouched LM's greedy answers (True: its distribution, by KL)
 # Stage 3, language repair (off by default: tried 2026-12-03 on build 2 with 120 steps, `--repair-steps 120`, it raised
 # the text agreement 71.7 -> 88.3% but cost the own test 35.3 -> 28.7% and the text keys 60.0 -> 53.3%; not shipped,
 # docs/base-models.md): half of each batch text, learned from the untouched LM's distribution (KL), at a low rate.
@@ -368,7 +369,8 @@ class Mixture:
 
 def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int = ALIGN_STEPS,
           tune_steps: int = TUNE_STEPS, batch: int = BATCH, n_train: int = 16000, home: Path | None = None,
-          repair_steps: int = REPAIR_STEPS, from_adapter: Path | None = None) -> dict:
+          repair_steps: int = REPAIR_STEPS, from_adapter: Path | None = None, readout: str = READOUT,
+          text_share: float = TEXT_SHARE, distil_text: bool = DISTIL_TEXT) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -382,11 +384,12 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     torch.manual_seed(seed)
     t0 = time.time()
     registry = Registry(home or llaca_home())
-    model, processor = assemble(seed)
+    model, processor = assemble(seed, readout=readout)
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id
     encoder = D.RecordEncoder(processor)
-    cache = FeatureCache(registry.home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}", model, processor)
+    tag = "" if readout == "head" else f"-{readout}"  # build 2's cache keeps its name
+    cache = FeatureCache(registry.home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{tag}", model, processor)
 
     mixture_root = ensure_mixture(registry, seed, n_train, 300, splits=("train", "test"), rehearsal=0.3)
     tune = D.load_instruction_set(mixture_root / "base" / "train").records
@@ -408,7 +411,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         run.mkdir(parents=True, exist_ok=True)
     else:
         chat = _distilled(registry.home / "cache" / f"small-chat-distilled-seed{seed}.json", model, tokenizer,
-                          chat_prompts(seed))  # no pixels: the VLM is its LM
+                          chat_prompts(seed)) if not distil_text else \
+            _distilled(registry.home / "cache" / f"small-chat-repair-seed{seed}.json", model, tokenizer,
+                       repair_prompts(seed))  # no pixels: the VLM is its LM
         align_all = D.load_instruction_set(ensure_alignment(registry, seed, ALIGN_PHASES[0], N_ALIGN) / "train").records
         align = [align_all[i] for i in align_picked]
         cache.fill([r.image for r in align + tune])
@@ -417,7 +422,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         # Stage 1: the projector alone (LM and tower frozen).
         for name, p in model.named_parameters():
             p.requires_grad = "multi_modal_projector" in name
-        run = registry.home / "cache" / f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}"
+        run = registry.home / "cache" / (f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}{tag}"
+                                         + (f"-text{text_share}{'-kl' if distil_text else ''}"
+                                            if (text_share, distil_text) != (0.125, False) else ""))
         run.mkdir(parents=True, exist_ok=True)
         stage1 = Mixture(align, encoder, cache, seed=seed)
         projector_file = run / "projector.safetensors"
@@ -438,8 +445,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         peft_model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05,
                                                       target_modules=LORA_TARGETS,
                                                       modules_to_save=["multi_modal_projector"]))
-        stage2 = Mixture(tune, encoder, cache, chat=chat, text_share=TEXT_SHARE, seed=seed + 1)
-        train(peft_model, stage2, batch, pad_id, tune_steps, TUNE_LR, "instruct", log, run / "tune-checkpoint")
+        stage2 = Mixture(tune, encoder, cache, chat=chat, text_share=text_share, seed=seed + 1)
+        train(peft_model, stage2, batch, pad_id, tune_steps, TUNE_LR, "instruct", log, run / "tune-checkpoint",
+              distil_text=distil_text)
         timings["tune_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
     # Stage 3: language repair. Half of each batch is text, learned as the untouched LM's distribution (KL), half the
@@ -457,11 +465,11 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     build_info = {"world": "v2", "seed": seed, "n_train": n_train, "n_test": 300, "rehearsal": 0.3,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": TUNE_LR, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
-                  "text_share": TEXT_SHARE, "n_chat": len(chat), "repair_steps": repair_steps, "repair_lr": REPAIR_LR,
+                  "text_share": text_share, "distil_text": distil_text, "n_chat": len(chat), "repair_steps": repair_steps, "repair_lr": REPAIR_LR,
                   "repair_text_share": REPAIR_TEXT_SHARE, "n_repair_chat": len(repair_chat),
                   "from_adapter": str(from_adapter) if from_adapter else None,
                   "align_data": "+".join(ALIGN_PHASES[0]),
-                  "tower": f"efficientnet-{TOWER_VARIANT}", "image_size": IMAGE_SIZE, "lm": "SmolLM2-135M-Instruct",
+                  "tower": f"efficientnet-{TOWER_VARIANT}", "readout": readout, "image_size": IMAGE_SIZE, "lm": "SmolLM2-135M-Instruct",
                   "torch_threads": torch.get_num_threads(), "native_bf16": native_bf16("cpu"), **timings,
                   "test_sha256": split_fingerprint(mixture_root / "base" / "test")}
     merged = peft_model.merge_and_unload()
@@ -507,11 +515,17 @@ def main(argv=None) -> None:
     ap.add_argument("--tune-steps", type=int, default=TUNE_STEPS)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--repair-steps", type=int, default=REPAIR_STEPS, help="stage 3 (language repair); 0 skips it")
+    ap.add_argument("--readout", default=READOUT, choices=["head", "s2d"],
+                    help="the tower map the LM reads (llaca.models.small.READOUTS)")
+    ap.add_argument("--text-share", type=float, default=TEXT_SHARE, help="share of each stage-2 batch that is text chat")
+    ap.add_argument("--distil-text", action="store_true", default=DISTIL_TEXT,
+                    help="stage 2's text rows learn the untouched LM's distribution (KL) on the repair prompts")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
     args = ap.parse_args(argv)
     print(json.dumps(build(args.out, args.seed, args.align_steps, args.tune_steps, args.batch,
-                           repair_steps=args.repair_steps, from_adapter=args.from_adapter), indent=1))
+                           repair_steps=args.repair_steps, from_adapter=args.from_adapter, readout=args.readout,
+                           text_share=args.text_share, distil_text=args.distil_text), indent=1))
 
 
 if __name__ == "__main__":

