@@ -56,8 +56,13 @@ def test_small_answers_an_image_question_and_a_text_question(small_home):
     from llaca.serve.chat import answer_once
     from llaca.versions import Registry, load_version
 
+    from llaca.models.small import IMAGE_SIZE, READOUTS, TOWER_VARIANT
+
     model, processor = load_version(Registry(small_home), "small")
     assert type(model).__name__ == "FastVlmForConditionalGeneration"
+    readout = json.loads((SMALL_ASSETS / "meta.json").read_text())["build"].get("readout", "head")
+    _, built_with = READOUTS[readout](TOWER_VARIANT, IMAGE_SIZE)  # the tower the shipped adapter was trained on
+    assert model.config.vision_config.out_channels == built_with.out_channels
     # Shapes, not colours: build 2 names these two shapes ("square", "circle") but answers "white" to the colour of
     # any plain square (docs/base-models.md): the check is that the picture reaches the answer.
     square = answer_once(model, processor, _picture("square"), "What shape is this?", max_new_tokens=8)
