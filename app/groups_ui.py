@@ -63,6 +63,8 @@ def submit_grouped(studio: Studio, data_path: str, parent: str | None, threshold
         config.update(lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"])
     if recipe.get("mixed_precision"):
         config["mixed_precision"] = recipe["mixed_precision"]
+    if recipe.get("batch_size"):
+        config["batch_size"] = recipe["batch_size"]
     label = f"grouped · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
     return studio.jobs.submit(config, kind="grouped-stage", label=label, upload_dir=upload_dir)
 

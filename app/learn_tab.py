@@ -166,6 +166,8 @@ def submit_upload(studio: Studio, data_path: str, config: dict):
         config.setdefault("lora_alpha", recipe["lora_alpha"])
     if recipe.get("mixed_precision"):  # small: bf16 autocast (~2x a step on CPU)
         config.setdefault("mixed_precision", recipe["mixed_precision"])
+    if recipe.get("batch_size"):  # small: batches of 4
+        config.setdefault("batch_size", recipe["batch_size"])
     label = f"{method_label(config['method'], config.get('replay_fraction'))} · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
     return studio.jobs.submit(config, label=label, upload_dir=upload_dir)
 

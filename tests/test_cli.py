@@ -231,3 +231,6 @@ def test_learn_takes_the_rule_and_replay_share_from_the_parents_base_recipe():
     method, share, hparams = resolve_rule(small, None, None)
     cfg = StageConfig(data="d", method=method, replay_fraction=share, rule_hparams=hparams)
     assert make_rule(cfg.method, **cfg.rule_hparams).fraction == 0.2
+    from llaca.train.recipes import stage_fields  # small learns in batches of 4, tiny in the tuner's 16
+
+    assert stage_fields(small)["batch_size"] == 4 and StageConfig(data="d", **stage_fields(tiny)).batch_size == 16

@@ -152,8 +152,9 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
             per[precision].append(step_seconds(registry, data, recipe, steps, precision))
     s_per_step = {("fp32" if k == "no" else k): round(statistics.median(v), 2) for k, v in per.items()}
     ran = "bf16" if resolve_mixed_precision(recipe.get("mixed_precision"), "cpu") == "bf16" else "fp32"
-    steps_1000 = math.ceil(recipe["epochs"] * 1000 / 16)
-    out = {"recipe": recipe, "batch": 16, "cpu": cpu_model(), "native_bf16": native, "s_per_step": s_per_step,
+    batch = recipe.get("batch_size", 16)
+    steps_1000 = math.ceil(recipe["epochs"] * 1000 / batch)
+    out = {"recipe": recipe, "batch": batch, "cpu": cpu_model(), "native_bf16": native, "s_per_step": s_per_step,
            "runs": {k: [round(x, 2) for x in v] for k, v in per.items()}, "recipe_runs_in": ran,
            "matmul_ms": matmul_ms(), "steps_1000_records": steps_1000,
            "minutes_1000_records": round(steps_1000 * s_per_step[ran] / 60, 1),
@@ -171,6 +172,7 @@ def step_seconds(registry, data, recipe: dict, steps: int, mixed_precision: str 
     times = []
     cfg = StageConfig(data=str(data), method=recipe["method"], parent="small", max_steps=steps + 1, lr=recipe["lr"],
                       lora=True, lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"],
+                      batch_size=recipe.get("batch_size", 16),
                       mixed_precision=mixed_precision, checkpoint_every=0, evaluate_after=False)
     stage = StageRecipe(cfg, registry, on_event=lambda e: e["type"] == "step" and times.append(time.perf_counter()))
     stage.setup()

@@ -93,6 +93,8 @@ def cmd_learn(args) -> int:
     lora_size = {k: recipe[k] for k in ("lora_r", "lora_alpha") if k in recipe and lora}
     epochs = recipe["epochs"] if args.epochs is None else args.epochs
     lr = recipe["lr"] if args.lr is None else args.lr
+    if args.batch_size is None:  # small: 4; tiny and external checkpoints: 16
+        args.batch_size = recipe.get("batch_size", 16)
     projector_lr = recipe.get("projector_lr") if args.projector_lr is None else args.projector_lr
     precision = recipe.get("mixed_precision") if args.mixed_precision is None else args.mixed_precision
     if args.grouped:
@@ -300,7 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", choices=sorted(NAMED_RECIPES), default=None,
                    help="a named recipe instead of the base's own (options given here still win): %s" % "; ".join(
                        f"{k}: {describe(v)}" for k, v in sorted(NAMED_RECIPES.items())))
-    s.add_argument("--batch-size", type=int, default=16)
+    s.add_argument("--batch-size", type=int, default=None, help="default: the base's recipe (small 4, tiny 16)")
     s.add_argument("--grad-accum", type=int, default=1)
     s.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=None,
                    help="autocast the forward (weights and the rule stay fp32; default: the base's recipe: small auto = "
