@@ -14,7 +14,7 @@ from llaca.train.grouping import (  # noqa: F401 - DEFAULT_THRESHOLD: the Learn 
     route_question,
     router_of,
 )
-from llaca.train.recipes import recipe_for
+from llaca.train.recipes import base_stage_options, recipe_for
 
 from . import Studio, staged_data
 
@@ -59,12 +59,7 @@ def submit_grouped(studio: Studio, data_path: str, parent: str | None, threshold
               "name": (name or "").strip() or None, "epochs": float(epochs),
               "max_steps": int(max_steps) if max_steps else None, "lr": float(lr), "lora": bool(lora)}
     recipe = recipe_for(studio.registry, parent)  # the base's adapter size and precision, as a plain stage takes
-    if lora and "lora_r" in recipe:
-        config.update(lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"])
-    if recipe.get("mixed_precision"):
-        config["mixed_precision"] = recipe["mixed_precision"]
-    if recipe.get("batch_size"):
-        config["batch_size"] = recipe["batch_size"]
+    config.update(base_stage_options(recipe, bool(lora)))
     label = f"grouped · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
     return studio.jobs.submit(config, kind="grouped-stage", label=label, upload_dir=upload_dir)
 

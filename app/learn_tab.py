@@ -19,7 +19,7 @@ from llaca.data import InvalidDataset, demo, validate
 from llaca.data.formats import DATA_SUFFIXES
 from llaca.jobs import JobError, stage_upload
 from llaca.models.catalog import default_base
-from llaca.train.recipes import base_name_of, describe, recipe_for
+from llaca.train.recipes import base_name_of, base_stage_options, describe, recipe_for
 from llaca.versions import method_label
 
 from . import Studio, groups_ui, plots, staged_data, staging_root, warn
@@ -161,13 +161,8 @@ def submit_upload(studio: Studio, data_path: str, config: dict):
         config["parent"] = studio.newest_id()
     studio.registry.get(config["parent"])  # a clear error now rather than in the worker
     recipe = recipe_for(studio.registry, config["parent"])
-    if config.get("lora") and "lora_r" in recipe:  # the base's adapter size (small: r=32)
-        config.setdefault("lora_r", recipe["lora_r"])
-        config.setdefault("lora_alpha", recipe["lora_alpha"])
-    if recipe.get("mixed_precision"):  # small: bf16 autocast (~2x a step on CPU)
-        config.setdefault("mixed_precision", recipe["mixed_precision"])
-    if recipe.get("batch_size"):  # small: batches of 4
-        config.setdefault("batch_size", recipe["batch_size"])
+    for key, value in base_stage_options(recipe, bool(config.get("lora"))).items():  # small: r=32, bf16, batches of 4
+        config.setdefault(key, value)
     label = f"{method_label(config['method'], config.get('replay_fraction'))} · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
     return studio.jobs.submit(config, label=label, upload_dir=upload_dir)
 

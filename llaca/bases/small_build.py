@@ -34,7 +34,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPooling
 from .. import data as D
 from ..data import world as base_world
 from ..evaluation.evaluate import evaluate
-from ..models.small import IMAGE_SIZE, READOUT, SMALL_ASSETS, TOWER_VARIANT, assemble
+from ..models.small import IMAGE_SIZE, READOUT, READOUTS, SMALL_ASSETS, TOWER_VARIANT, assemble
 from ..paths import atomic_dir, atomic_write_json, llaca_home
 from .splits import split_fingerprint
 
@@ -413,10 +413,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         run = registry.home / "cache" / f"small-repair-{_folder_digest(Path(from_adapter))}-r{repair_steps}-b{batch}"
         run.mkdir(parents=True, exist_ok=True)
     else:
-        chat = _distilled(registry.home / "cache" / f"small-chat-distilled-seed{seed}.json", model, tokenizer,
-                          chat_prompts(seed)) if not distil_text else \
-            _distilled(registry.home / "cache" / f"small-chat-repair-seed{seed}.json", model, tokenizer,
-                       repair_prompts(seed))  # no pixels: the VLM is its LM
+        kind, prompts = ("repair", repair_prompts(seed)) if distil_text else ("distilled", chat_prompts(seed))
+        chat = _distilled(registry.home / "cache" / f"small-chat-{kind}-seed{seed}.json", model, tokenizer,
+                          prompts)  # no pixels: the VLM is its LM
         align_all = D.load_instruction_set(ensure_alignment(registry, seed, ALIGN_PHASES[0], N_ALIGN) / "train").records
         align = [align_all[i] for i in align_picked]
         cache.fill([r.image for r in align + tune])
@@ -427,7 +426,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             p.requires_grad = "multi_modal_projector" in name
         run = registry.home / "cache" / (f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}{tag}"
                                          + (f"-text{text_share}{'-kl' if distil_text else ''}"
-                                            if (text_share, distil_text) != (0.125, False) else ""))
+                                            if (text_share, distil_text) != (TEXT_SHARE, DISTIL_TEXT) else ""))
         run.mkdir(parents=True, exist_ok=True)
         stage1 = Mixture(align, encoder, cache, seed=seed)
         projector_file = run / "projector.safetensors"
@@ -518,7 +517,7 @@ def main(argv=None) -> None:
     ap.add_argument("--tune-steps", type=int, default=TUNE_STEPS)
     ap.add_argument("--batch", type=int, default=BATCH)
     ap.add_argument("--repair-steps", type=int, default=REPAIR_STEPS, help="stage 3 (language repair); 0 skips it")
-    ap.add_argument("--readout", default=READOUT, choices=["head", "s2d"],
+    ap.add_argument("--readout", default=READOUT, choices=sorted(READOUTS),
                     help="the tower map the LM reads (llaca.models.small.READOUTS)")
     ap.add_argument("--text-share", type=float, default=TEXT_SHARE, help="share of each stage-2 batch that is text chat")
     ap.add_argument("--distil-text", action="store_true", default=DISTIL_TEXT,

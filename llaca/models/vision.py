@@ -133,25 +133,34 @@ def _to_transformers(sd: dict[str, torch.Tensor], model, n_pretrained: int | Non
             for p in bn:
                 if f"{s}{a}.{p}" in sd:
                     out[f"{t}{b}.{p}"] = sd[f"{s}{a}.{p}"]
-        se = block.squeeze_excite
-        out[f"{t}squeeze_excite.reduce.weight"] = torch.zeros_like(se.reduce.weight)
-        out[f"{t}squeeze_excite.reduce.bias"] = torch.zeros_like(se.reduce.bias)
-        out[f"{t}squeeze_excite.expand.weight"] = torch.zeros_like(se.expand.weight)
-        out[f"{t}squeeze_excite.expand.bias"] = torch.full_like(se.expand.bias, SE_GATE_BIAS)
+        out.update(_open_se_gate(block.squeeze_excite, f"{t}squeeze_excite"))
     n_blocks = len({k.split(".")[1] for k in sd if k.startswith("_blocks.")})
     if n_pretrained is None and n_blocks != len(model.encoder.blocks):
         raise ValueError(f"weights have {n_blocks} blocks, config {len(model.encoder.blocks)}")
     return out
 
 
+def _open_se_gate(se, prefix: str) -> dict[str, torch.Tensor]:
+    """A block's squeeze-excite weights that pin its gate at exactly 1.0 (see the module docstring)."""
+    return {f"{prefix}.reduce.weight": torch.zeros_like(se.reduce.weight),
+            f"{prefix}.reduce.bias": torch.zeros_like(se.reduce.bias),
+            f"{prefix}.expand.weight": torch.zeros_like(se.expand.weight),
+            f"{prefix}.expand.bias": torch.full_like(se.expand.bias, SE_GATE_BIAS)}
+
+
+def _load_complete(model, state: dict, what: str) -> None:
+    """`model.load_state_dict(state)`, refusing a mapping that leaves a weight unset or names one the model lacks."""
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+    if missing or unexpected:
+        raise ValueError(f"{what}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
 def _load(model, sd, prefix: str = "") -> None:
     state = {prefix + k: v for k, v in _to_transformers(sd, model if not prefix else model.efficientnet).items()}
     if prefix:
         state["classifier.weight"], state["classifier.bias"] = sd["_fc.weight"], sd["_fc.bias"]
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(f"weight mapping incomplete: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _load_complete(model, state, "weight mapping incomplete")
 
 
 def efficientnet_lite_tower(variant: str = "lite2", image_size: int = 256):
@@ -251,20 +260,13 @@ def efficientnet_lite_s2d_tower(variant: str = "lite2", image_size: int = 224):
         pick[k * c:(k + 1) * c, 0, dy, dx] = 1.0
     state[f"{block}.depthwise_conv.depthwise_conv.weight"] = pick
     bn(f"{block}.depthwise_conv.depthwise_norm", 4 * c)
-    se = model.encoder.blocks[n_pretrained].squeeze_excite
-    state.update({f"{block}.squeeze_excite.reduce.weight": torch.zeros_like(se.reduce.weight),
-                  f"{block}.squeeze_excite.reduce.bias": torch.zeros_like(se.reduce.bias),
-                  f"{block}.squeeze_excite.expand.weight": torch.zeros_like(se.expand.weight),
-                  f"{block}.squeeze_excite.expand.bias": torch.full_like(se.expand.bias, SE_GATE_BIAS)})
+    state.update(_open_se_gate(model.encoder.blocks[n_pretrained].squeeze_excite, f"{block}.squeeze_excite"))
     state[f"{block}.projection.project_conv.weight"] = torch.eye(4 * c)[:, :, None, None]
     bn(f"{block}.projection.project_bn", 4 * c, -S2D_SHIFT)
     hidden = model.encoder.top_conv.out_channels
     state["encoder.top_conv.weight"] = torch.eye(hidden, 4 * c)[:, :, None, None]
     bn("encoder.top_bn", hidden, S2D_SHIFT, live=4 * c)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.endswith("num_batches_tracked")]
-    if missing or unexpected:
-        raise ValueError(f"space-to-depth tower: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    _load_complete(model, state, "space-to-depth tower")
     return model.eval(), config
 
 

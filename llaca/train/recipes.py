@@ -80,6 +80,13 @@ def stage_fields(recipe: dict) -> dict:
     return fields
 
 
+def base_stage_options(recipe: dict, lora: bool) -> dict:
+    """The base's adapter size (when the stage trains LoRA), precision and batch size, as `StageConfig` fields: what
+    the app's Learn and grouped tabs add to a stage whose form does not ask for them."""
+    keys = ("lora_r", "lora_alpha", "mixed_precision", "batch_size") if lora else ("mixed_precision", "batch_size")
+    return {k: recipe[k] for k in keys if recipe.get(k)}
+
+
 def describe(recipe: dict) -> str:
     """'replay (20% earlier records), LoRA r=32, lr 0.0002, 3 epochs, bf16': the one line the Learn tab and `learn --help` show."""
     from ..versions import method_label
