@@ -13,9 +13,7 @@ from llaca.paths import ASSETS_DIR
 IMAGE = 63  # the tiny vocabulary's <image> token
 
 
-@pytest.fixture()
-def tiny_fastvlm():
-    from peft import LoraConfig, get_peft_model
+def _tiny_model():
     from transformers import EfficientNetConfig, FastVlmConfig, FastVlmForConditionalGeneration, LlamaConfig
 
     torch.manual_seed(0)
@@ -25,8 +23,14 @@ def tiny_fastvlm():
                        num_key_value_heads=2)
     config = FastVlmConfig(vision_config=vision, text_config=text, image_token_id=IMAGE, image_seq_length=4,
                            projector_hidden_act="gelu", vision_feature_select_strategy="full", vision_feature_layer=-1)
-    model = FastVlmForConditionalGeneration(config)
-    return get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=small_build.LORA_TARGETS,
+    return FastVlmForConditionalGeneration(config)
+
+
+@pytest.fixture()
+def tiny_fastvlm():
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(_tiny_model(), LoraConfig(r=4, lora_alpha=8, target_modules=small_build.LORA_TARGETS,
                                             modules_to_save=["multi_modal_projector"]))
 
 
@@ -87,3 +91,24 @@ def test_build_prompts_never_include_a_language_check_prompt():
     for prompts in (small_build.chat_prompts(0), small_build.repair_prompts(0)):
         assert prompts and not {p.lower() for p in prompts} & check
     assert len(small_build.repair_prompts(0)) > 3 * len(small_build.chat_prompts(0))
+
+
+def test_stored_adapter_is_half_and_loads_back_as_its_rounded_weights(tiny_fastvlm, tmp_path):
+    from peft import PeftModel, get_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    for p in tiny_fastvlm.parameters():  # LoRA's B starts at zero: give every trained tensor a value to round
+        if p.requires_grad:
+            torch.nn.init.normal_(p, std=0.1)
+    tiny_fastvlm.save_pretrained(tmp_path)
+    file = tmp_path / "adapter_model.safetensors"
+    full = load_file(file)
+    small_build.store_half(file)
+    half = load_file(file)
+    assert half.keys() == full.keys() and all(t.dtype == torch.float16 for t in half.values())
+
+    reloaded = PeftModel.from_pretrained(_tiny_model(), tmp_path)
+    loaded = get_peft_model_state_dict(reloaded)
+    assert loaded.keys() == full.keys()
+    for key, value in loaded.items():
+        assert value.dtype == torch.float32 and torch.equal(value, full[key].half().float()), key

@@ -38,10 +38,10 @@ IMAGE_SIZE = 224  # a 7x7 grid = 49 image tokens
 
 
 # Which of the tower's maps becomes the 49 image tokens (the build records its choice in assets/small/meta.json):
-# "head" is the stride-32 head map (1280 channels; build 2, shipped), "s2d" the stride-16 map, each 2x2 patch stacked
-# into one token (480 live channels; `llaca.models.vision.efficientnet_lite_s2d_tower`). Build 4 (2026-12-05, s2d +
-# text learned by KL) answered 28.7% of the own test against build 2's 35.3, reading no better (2.5%): not shipped,
-# docs/base-models.md "Build 4".
+# "head" is the stride-32 head map (1280 channels; builds 2 and 5, shipped), "s2d" the stride-16 map, each 2x2
+# patch stacked into one token (480 live channels; `llaca.models.vision.efficientnet_lite_s2d_tower`). Build 4
+# (2026-12-05, s2d + text learned by KL) answered 28.7% of the own test against build 2's 35.3, reading no better
+# (2.5%): not shipped, docs/base-models.md "Build 4".
 READOUTS = {"head": efficientnet_lite_tower, "s2d": efficientnet_lite_s2d_tower}
 READOUT = "head"
 

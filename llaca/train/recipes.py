@@ -19,7 +19,8 @@ from .tuner import DEFAULT_RECIPE
 
 # Batches of 4 (2026-12-05): one epoch of the same records in four times the steps, at about the same cost per
 # record, learned held-out digits to 92.9% (batch 16: 68.0) and Tux Paint to 62.0% (54.8), base test after 33.7 / 35.7
-# (35.3 before); `python -m llaca.bench heldout ... --set batch_size=4`, docs/base-models.md.
+# (35.3 before), on small's build 2; on build 5 (shipped since) the same stage: digits 80.4, Tux Paint 57.8;
+# `python -m llaca.bench heldout ... --set batch_size=4`, docs/base-models.md.
 SMALL_RECIPE = {"method": "replay", "lr": 2e-4, "replay_fraction": 0.2, "epochs": 1.0, "batch_size": 4,
                 "lora": True, "lora_r": 32, "lora_alpha": 64, "mixed_precision": "auto"}
 RECIPES = {"tiny": DEFAULT_RECIPE, "small": SMALL_RECIPE}
