@@ -63,8 +63,8 @@ def test_small_answers_an_image_question_and_a_text_question(small_home):
     readout = json.loads((SMALL_ASSETS / "meta.json").read_text())["build"].get("readout", "head")
     _, built_with = READOUTS[readout](TOWER_VARIANT, IMAGE_SIZE)  # the tower the shipped adapter was trained on
     assert model.config.vision_config.out_channels == built_with.out_channels
-    # Shapes, not colours: build 2 names these two shapes ("square", "circle") but answers "white" to the colour of
-    # any plain square (docs/base-models.md): the check is that the picture reaches the answer.
+    # Shapes, not colours: the shipped builds name these two shapes ("square", "circle"), while build 2 answered
+    # "white" to the colour of any plain square (docs/base-models.md): the check is that the picture reaches the answer.
     square = answer_once(model, processor, _picture("square"), "What shape is this?", max_new_tokens=8)
     circle = answer_once(model, processor, _picture("circle"), "What shape is this?", max_new_tokens=8)
     assert square.strip() and circle.strip() and square != circle, (square, circle)

@@ -93,21 +93,28 @@ def test_build_prompts_never_include_a_language_check_prompt():
     assert len(small_build.repair_prompts(0)) > 3 * len(small_build.chat_prompts(0))
 
 
-def test_stored_adapter_is_half_and_loads_back_as_its_rounded_weights(tiny_fastvlm, tmp_path):
+def test_stored_adapter_is_half_in_small_shards_and_loads_back_as_its_rounded_weights(tiny_fastvlm, tmp_path):
     from peft import PeftModel, get_peft_model_state_dict
     from safetensors.torch import load_file
+
+    from llaca.bases.small import ADAPTER_INDEX, joined_adapter, store_adapter
 
     for p in tiny_fastvlm.parameters():  # LoRA's B starts at zero: give every trained tensor a value to round
         if p.requires_grad:
             torch.nn.init.normal_(p, std=0.1)
     tiny_fastvlm.save_pretrained(tmp_path)
-    file = tmp_path / "adapter_model.safetensors"
-    full = load_file(file)
-    small_build.store_half(file)
-    half = load_file(file)
+    full = load_file(tmp_path / "adapter_model.safetensors")
+    store_adapter(tmp_path, max_shard_size=8000)
+    shards = sorted(tmp_path.glob("adapter_model-*.safetensors"))
+    assert len(shards) >= 2 and (tmp_path / ADAPTER_INDEX).is_file()
+    assert not (tmp_path / "adapter_model.safetensors").exists()
+    parts = [load_file(f) for f in shards]
+    assert all(sum(t.numel() * t.element_size() for t in part.values()) <= 8000 for part in parts)
+    half = {k: v for part in parts for k, v in part.items()}
     assert half.keys() == full.keys() and all(t.dtype == torch.float16 for t in half.values())
 
-    reloaded = PeftModel.from_pretrained(_tiny_model(), tmp_path)
+    with joined_adapter(tmp_path) as folder:
+        reloaded = PeftModel.from_pretrained(_tiny_model(), folder)
     loaded = get_peft_model_state_dict(reloaded)
     assert loaded.keys() == full.keys()
     for key, value in loaded.items():

@@ -2,11 +2,51 @@
 from __future__ import annotations
 
 import json
+import shutil
+import tempfile
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 from ..models.small import SMALL_ASSETS, assemble
 from ..paths import ASSETS_DIR
+
+# Every shipped weight file stays under the repository's 20 MB limit for tracked files.
+ADAPTER_SHARD_SIZE = "16MB"
+ADAPTER_INDEX = "adapter_model.safetensors.index.json"
+
+
+def store_adapter(folder: Path, max_shard_size: str | int = ADAPTER_SHARD_SIZE) -> None:
+    """Rewrite peft's `adapter_model.safetensors` in `folder` as float16 shards (Hugging Face's sharded layout: an
+    index + `adapter_model-0000i-of-0000n.safetensors`): half the shipped bytes, and no file over the repo's limit.
+    `install_small` merges it into the fp32 LM exactly as it was measured (peft casts on load)."""
+    from huggingface_hub import save_torch_state_dict
+    from safetensors.torch import load_file
+
+    file = Path(folder) / "adapter_model.safetensors"
+    tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(file).items()}
+    file.unlink()
+    save_torch_state_dict(tensors, folder, filename_pattern="adapter_model{suffix}.safetensors",
+                          max_shard_size=max_shard_size, metadata={"format": "pt"})
+
+
+@contextmanager
+def joined_adapter(folder: Path):
+    """A folder peft can load: peft reads one `adapter_model.safetensors`, so a sharded adapter is joined into a
+    temporary folder (config + the shards' union); an unsharded one is used as it is."""
+    from safetensors.torch import load_file, save_file
+
+    folder = Path(folder)
+    if not (folder / ADAPTER_INDEX).is_file():
+        yield folder
+        return
+    tensors = {}
+    for shard in sorted(set(json.loads((folder / ADAPTER_INDEX).read_text())["weight_map"].values())):
+        tensors.update(load_file(folder / shard))
+    with tempfile.TemporaryDirectory() as tmp:
+        save_file(tensors, Path(tmp) / "adapter_model.safetensors", metadata={"format": "pt"})
+        shutil.copy(folder / "adapter_config.json", tmp)
+        yield Path(tmp)
 
 
 def install_small(registry, on_event=None, version_id: str = "small"):
@@ -40,7 +80,8 @@ def install_small(registry, on_event=None, version_id: str = "small"):
 
     # builds before the read-out was a choice (build 2) used the stride-32 head map
     model, processor = assemble(meta["build"]["seed"], on_event=progress, readout=meta["build"].get("readout", "head"))
-    model = PeftModel.from_pretrained(model, SMALL_ASSETS / "adapter").merge_and_unload()
+    with joined_adapter(SMALL_ASSETS / "adapter") as adapter:
+        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
     done(3)
     from .splits import base_data_root
@@ -51,8 +92,6 @@ def install_small(registry, on_event=None, version_id: str = "small"):
                      "test_path": str(data_root / "base" / "test")}
 
     def write(tmp: Path):
-        import shutil
-
         save_pretrained(model, processor, tmp / "model")
         shutil.copytree(ASSETS_DIR / "base" / "replay", tmp / "replay")
 

@@ -36,6 +36,7 @@ from ..data import world as base_world
 from ..evaluation.evaluate import evaluate
 from ..models.small import IMAGE_SIZE, READOUT, READOUTS, SMALL_ASSETS, TOWER_VARIANT, assemble
 from ..paths import atomic_dir, atomic_write_json, llaca_home
+from .small import store_adapter
 from .splits import split_fingerprint
 
 LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
@@ -464,7 +465,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
 
     with atomic_dir(Path(out)) as tmp:
         peft_model.save_pretrained(tmp)
-        store_half(tmp / "adapter_model.safetensors")
+        store_adapter(tmp)
     build_info = {"world": "v2", "seed": seed, "n_train": n_train, "n_test": 300, "rehearsal": 0.3,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": TUNE_LR, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
@@ -492,15 +493,6 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     atomic_write_json(Path(out).parent / "meta.json", meta)
     atomic_write_json(Path(out).parent / "train_log.json", log)
     return meta
-
-
-def store_half(file: Path) -> None:
-    """Rewrite a saved adapter's float tensors in float16: half the shipped size (the repo keeps every build), and
-    `install_small` merges it into the fp32 LM exactly as it was measured (peft casts on load)."""
-    from safetensors.torch import load_file, save_file
-
-    tensors = {k: (v.half() if v.is_floating_point() else v) for k, v in load_file(file).items()}
-    save_file(tensors, file, metadata={"format": "pt"})
 
 
 def _distilled(file: Path, model, tokenizer, prompts: list[str]) -> list[dict]:
