@@ -59,7 +59,7 @@ def submit_grouped(studio: Studio, data_path: str, parent: str | None, threshold
               "name": (name or "").strip() or None, "epochs": float(epochs),
               "max_steps": int(max_steps) if max_steps else None, "lr": float(lr), "lora": bool(lora)}
     recipe = recipe_for(studio.registry, parent)  # the base's adapter size and precision, as a plain stage takes
-    config.update(base_stage_options(recipe, bool(lora)))
+    config.update(base_stage_options(recipe, bool(lora), float(epochs)))
     label = f"grouped · {data.parent.name}" + (f" → {config['name']}" if config["name"] else "")
     return studio.jobs.submit(config, kind="grouped-stage", label=label, upload_dir=upload_dir)
 

@@ -379,6 +379,12 @@ def test_learn_tab_defaults_follow_the_parents_base():
                                            small["epochs"], 0, small["lr"], True))
     method, share, hparams = resolve_rule(small, None, None)
     assert (submitted.method, submitted.replay_fraction, submitted.rule_hparams) == (method, share, hparams)
+    # what submit_upload adds for the form's unasked options: the same floor of records `learn` takes
+    from llaca.train.recipes import base_stage_options, stage_fields
+
+    options = base_stage_options(small, True, submitted.epochs)
+    cli = StageConfig(data="d", **stage_fields(small))
+    assert (options["min_records"], options["batch_size"]) == (cli.min_records, cli.batch_size) == (1000, 4)
 
 
 def test_lineage_matrix_is_square_when_the_base_also_scored_a_build_phase():

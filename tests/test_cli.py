@@ -192,6 +192,10 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
     assert named == {"llaca + 20% replay", "llaca"}
     seq = learned("--method", "seq")
     assert "replay_fraction" not in seq["hparams"] and seq["steps"] == 48 // 8
+    # a set smaller than --min-records takes more passes: 96 / 48 records = 2 epochs of the 8 mixed batches
+    twice = learned("--min-records", "96")
+    assert twice["hparams"]["min_records"] == 96 and twice["steps"] == 2 * default["steps"]
+    assert "min_records" not in default["hparams"]  # tiny's recipe has none
     # the paper's named recipe: LoRA on every LM Linear + the projector at its own lr, one epoch, the rule alone
     paper = learned("--recipe", "paper-r64", "--max-steps", "2")
     assert paper["method"] == "llaca" and paper["weights"] == "lora"
@@ -234,3 +238,18 @@ def test_learn_takes_the_rule_and_replay_share_from_the_parents_base_recipe():
     from llaca.train.recipes import stage_fields  # small learns in batches of 4, tiny in the tuner's 16
 
     assert stage_fields(small)["batch_size"] == 4 and StageConfig(data="d", **stage_fields(tiny)).batch_size == 16
+
+
+def test_smalls_stage_passes_a_small_set_up_to_its_least_records_unless_the_epochs_are_chosen():
+    """`small`'s recipe trains at least 1,000 records per stage (a 493-record set: 2.03 epochs); the CLI and the app
+    drop that floor when the user picks the epochs (or steps) themselves, so a chosen epoch count runs as given."""
+    from llaca.cli import build_parser
+    from llaca.train.recipes import RECIPES, base_stage_options, describe
+
+    small, tiny = RECIPES["small"], RECIPES["tiny"]
+    assert small["min_records"] == 1000 and "min_records" not in tiny
+    assert base_stage_options(small, True, small["epochs"])["min_records"] == 1000  # the form left at the default
+    assert "min_records" not in base_stage_options(small, True, 2.0)  # epochs chosen: exactly those
+    assert "min_records" not in base_stage_options(tiny, False)
+    assert "passes up to 1,000 records" in describe(small) and "passes up to" not in describe(tiny)
+    assert build_parser().parse_args(["learn", "d"]).min_records is None  # None: the recipe decides

@@ -92,6 +92,8 @@ def cmd_learn(args) -> int:
     lora = recipe.get("lora", False) if args.lora is None else args.lora
     lora_size = {k: recipe[k] for k in ("lora_r", "lora_alpha") if k in recipe and lora}
     epochs = recipe["epochs"] if args.epochs is None else args.epochs
+    if args.min_records is None:  # the recipe's least records per stage, unless the passes were given
+        args.min_records = recipe.get("min_records", 0) if args.epochs is None and args.max_steps is None else 0
     lr = recipe["lr"] if args.lr is None else args.lr
     if args.batch_size is None:  # small: 4; tiny and external checkpoints: 16
         args.batch_size = recipe.get("batch_size", 16)
@@ -101,12 +103,13 @@ def cmd_learn(args) -> int:
         if replay_fraction:
             raise ValueError("--replay-fraction with --grouped applies to --method replay only")
         args.epochs, args.lr, args.lora = epochs, lr, lora  # the base's recipe where the options were not given
-        return _learn_grouped(args, registry, parent, rule_hparams, mixed_precision=precision, **lora_size)
+        return _learn_grouped(args, registry, parent, rule_hparams, mixed_precision=precision,
+                              min_records=args.min_records, **lora_size)
     if args.threshold is not None or args.max_groups is not None:
         raise ValueError("--threshold and --max-groups apply to --grouped learning only")
     cfg = StageConfig(data=args.data, method=args.method, parent=parent, name=args.name,
-                      epochs=epochs, max_steps=args.max_steps, lr=lr, projector_lr=projector_lr,
-                      batch_size=args.batch_size,
+                      epochs=epochs, max_steps=args.max_steps, min_records=args.min_records, lr=lr,
+                      projector_lr=projector_lr, batch_size=args.batch_size,
                       grad_accum=args.grad_accum, seed=args.seed, lora=lora, rule_hparams=rule_hparams, **lora_size,
                       load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, trace_dir=args.trace_dir,
                       evaluate_after=not args.no_eval,
@@ -294,6 +297,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="passes over the set (default: the base's recipe, llaca.train.recipes: tiny %g, small %g)"
                         % (RECIPES["tiny"]["epochs"], RECIPES["small"]["epochs"]))
     s.add_argument("--max-steps", type=int, default=None)
+    s.add_argument("--min-records", type=int, default=None,
+                   help="a smaller set takes more passes, up to this many records in all (default: the base's recipe "
+                        "when --epochs and --max-steps are not given: small %d, tiny none; 0: off)"
+                        % RECIPES["small"]["min_records"])
     s.add_argument("--lr", type=float, default=None,
                    help="default: the base's recipe (tiny %g: where replay and llaca + replay forgot least, "
                         "docs/benchmarks.md; small %g)" % (RECIPES["tiny"]["lr"], RECIPES["small"]["lr"]))

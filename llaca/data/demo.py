@@ -56,8 +56,8 @@ TINY = Demo("tiny", TASKS, STAGE, {arm: ARMS[arm] for arm in DEFAULT_ARMS})
 
 # small's default recipe (llaca.train.recipes.SMALL_RECIPE; data sits below train, so a test checks they agree)
 _SMALL_LORA = {"lora": True, "lora_r": 32, "lora_alpha": 64, "mixed_precision": "auto"}
-_SMALL_ARMS = {"seq, lr 0.0002": {"method": "seq", "lr": 2e-4, **_SMALL_LORA},
-               "replay, lr 0.0002": {"method": "replay", "rule_hparams": {"fraction": 0.2}, "lr": 2e-4, **_SMALL_LORA}}
+_SMALL_ARMS = {"seq, lr 0.0003": {"method": "seq", "lr": 3e-4, **_SMALL_LORA},
+               "replay, lr 0.0003": {"method": "replay", "rule_hparams": {"fraction": 0.2}, "lr": 3e-4, **_SMALL_LORA}}
 
 
 SMALL = Demo("small", ("sciqa", "imagenet"), dict(max_steps=10, batch_size=8, checkpoint_every=0, eval_limit=20), _SMALL_ARMS,
