@@ -234,6 +234,12 @@ def test_heldout_bench_stage_seed_probe_and_cache(llaca_home, tmp_path):
     assert heldout_bench.main(args) == 0
     assert cached.stat().st_mtime_ns == stamp and len(list((out / "runs").iterdir())) == 1
     assert "| digits | frozen tower, llaca+replay, lr 3e-4 | llaca | 1 |" in (out / "table.md").read_text()
+    # a figure the cached run lacks (accuracy on its own training records) runs the stage again and records it
+    assert heldout_bench.main(args + ["--train-eval", "20"]) == 0
+    rerun = json.loads(cached.read_text())
+    assert cached.stat().st_mtime_ns != stamp and 0 <= rerun["train_accuracy"] <= 100
+    assert rerun["test_accuracy"] == run["test_accuracy"]  # the same stage: seed and steps fix it
+    assert f"| {rerun['train_accuracy']} |" in (out / "table.md").read_text()
 
 
 def test_the_small_demo_is_seq_against_smalls_default_recipe_and_says_it_is_reduced():

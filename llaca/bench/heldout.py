@@ -141,7 +141,12 @@ def _base_fingerprint(registry, version: str) -> str:
 
 
 def stage_run(registry, version: str, data_root: Path, name: str, variant: str, work: Path,
-              base_test: str | None, seed: int = 0, max_steps: int | None = None, config: dict | None = None) -> dict:
+              base_test: str | None, seed: int = 0, max_steps: int | None = None, config: dict | None = None,
+              text_check: bool = False, train_eval: int = 0) -> dict:
+    """One stage from `version` on `<data_root>/<name>/train`, scored on its test split and the base's test; with
+    `text_check`, also the language check on the stage's version (does the chat LM still answer text questions as
+    SmolLM2 does after learning images?), and with `train_eval` the accuracy on that many of the stage's own
+    training records (underfit or overfit?)."""
     from ..evaluation.evaluate import evaluate
     from ..train.tuner import StageConfig, run_stage
     from ..versions import load_version
@@ -156,10 +161,20 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     model, processor = load_version(reg, learned.id)
     test = evaluate(model, processor, _test_set(str(data_root / name / "test")))
     retained = evaluate(model, processor, _test_set(base_test)).accuracy if base_test else None
+    extra = {}
+    if train_eval:
+        train = _test_set(str(data_root / name / "train"))
+        train.records = train.records[:train_eval]
+        extra["train_accuracy"] = round(evaluate(model, processor, train).accuracy, 1)
+    del model
+    if text_check:
+        from .quality import _text_kept
+
+        extra["text_after"] = _text_kept(reg, learned.id, registry.home)
     shutil.rmtree(reg.home, ignore_errors=True)
     return {"set": name, "variant": variant, "seed": seed, "method": cfg.method, "steps": learned.meta.get("steps"),
             "test_accuracy": round(test.accuracy, 1), "n_test": test.n,
-            "base_test_after": None if retained is None else round(retained, 1), "seconds": round(seconds, 1),
+            "base_test_after": None if retained is None else round(retained, 1), "seconds": round(seconds, 1), **extra,
             **answer_profile(test.predictions, [r.answer for r in _test_set(str(data_root / name / "test")).records])}
 
 
@@ -193,6 +208,10 @@ def main(argv=None) -> int:
                    "epochs)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="change the 'CLI defaults' recipe, e.g. --set lr=1e-3 method=replay (to find a better default)")
+    p.add_argument("--text-check", action="store_true", help="after each stage, the language check on its version "
+                   "(agreement with SmolLM2-135M-Instruct on assets/small/text_check.json; a pretrained base only)")
+    p.add_argument("--train-eval", type=int, default=0, metavar="N",
+                   help="also score each stage on N of its own training records (tells underfitting from overfitting)")
     a = p.parse_args(argv)
     overrides = parse_overrides(a.overrides)
     out = Path(a.out)
@@ -229,18 +248,23 @@ def main(argv=None) -> int:
                 else:
                     config = {**VARIANTS[variant], **overrides}
                 cache = out / "runs" / f"{fp}-{name}-{slug}{tag}.json"
-                if cache.is_file():
-                    run = {"seed": 0, **json.loads(cache.read_text())}
-                else:
-                    run = stage_run(registry, a.version, data, name, label, work, base_test, seed, a.max_steps, config)
+                wanted = ["text_after"] * a.text_check + ["train_accuracy"] * bool(a.train_eval)
+                cached = json.loads(cache.read_text()) if cache.is_file() else None
+                if cached is not None and all(k in cached for k in wanted):
+                    run = {"seed": 0, **cached}
+                else:  # not run yet, or run without a figure asked for now
+                    run = stage_run(registry, a.version, data, name, label, work, base_test, seed, a.max_steps, config,
+                                    text_check=a.text_check, train_eval=a.train_eval)
                     cache.write_text(json.dumps(run, indent=1))
                 results["stages"].append(run)
                 print(json.dumps(run))
     (out / "results.json").write_text(json.dumps(results, indent=1) + "\n")
-    lines = ["| set | tower | method | seed | steps | test accuracy | base test after | s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| set | tower | method | seed | steps | test accuracy | base test after | own training records | "
+             "text agreement after | s |", "|---|---|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['set']} | {r['variant']} | {r['method']} | {r['seed']} | {r['steps']} | {r['test_accuracy']} "
-              f"(n={r['n_test']}) | {r['base_test_after']} | {r['seconds']} |" for r in results["stages"]]
+              f"(n={r['n_test']}) | {r['base_test_after']} | {r.get('train_accuracy', '')} | "
+              f"{r['text_after']['agreement'] if 'text_after' in r else ''} | {r['seconds']} |"
+              for r in results["stages"]]
     lines += ["", "Linear probe of the frozen tower (logistic regression, train -> test split: what a linear read-out of "
               "the features the LM sees reaches):", "",
               "| set | pooled features | flat features | majority class |", "|---|---|---|---|"]
