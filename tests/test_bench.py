@@ -257,7 +257,8 @@ def test_the_small_demo_is_seq_against_smalls_default_recipe_and_says_it_is_redu
         assert [c["parent"] for c in configs] == ["small"] + [None] * (len(plan.tasks) - 1)
         for config in configs:
             cfg = StageConfig(**config)  # what the worker will run
-            assert (cfg.lora, cfg.lora_r, cfg.lr) == (True, SMALL_RECIPE["lora_r"], SMALL_RECIPE["lr"])
+            assert (cfg.lora, cfg.lora_r, cfg.lr, cfg.lora_dropout) == (
+                True, SMALL_RECIPE["lora_r"], SMALL_RECIPE["lr"], SMALL_RECIPE["lora_dropout"])
             assert cfg.eval_limit and cfg.max_steps * cfg.batch_size <= 100  # the cut for two cores
     seq, default = (StageConfig(**plan.stage_configs(Path("/data"), arm)[0]) for arm in arms)
     assert (seq.method, seq.replay_fraction) == ("seq", 0.0)

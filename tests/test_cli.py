@@ -202,6 +202,9 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
     assert {k: paper["hparams"][k] for k in ("lr", "projector_lr", "lora_r", "lora_alpha", "epochs")} == \
         {"lr": 2e-4, "projector_lr": 2e-5, "lora_r": 64, "lora_alpha": 128, "epochs": 1.0}
     assert "replay_fraction" not in paper["hparams"]
+    assert paper["hparams"]["lora_dropout"] == 0.05  # the paper's recipe keeps peft's usual adapter dropout
+    undropped = learned("--recipe", "paper-r64", "--max-steps", "1", "--lora-dropout", "0")
+    assert undropped["hparams"]["lora_dropout"] == 0.0
 
 
 def test_progress_bar_restarts_for_each_stage_of_a_job(capsys):
@@ -235,21 +238,22 @@ def test_learn_takes_the_rule_and_replay_share_from_the_parents_base_recipe():
     method, share, hparams = resolve_rule(small, None, None)
     cfg = StageConfig(data="d", method=method, replay_fraction=share, rule_hparams=hparams)
     assert make_rule(cfg.method, **cfg.rule_hparams).fraction == 0.2
-    from llaca.train.recipes import stage_fields  # small learns in batches of 4, tiny in the tuner's 16
+    from llaca.train.recipes import stage_fields  # small learns in batches of 2, tiny in the tuner's 16
 
-    assert stage_fields(small)["batch_size"] == 4 and StageConfig(data="d", **stage_fields(tiny)).batch_size == 16
+    assert stage_fields(small)["batch_size"] == 2 and StageConfig(data="d", **stage_fields(tiny)).batch_size == 16
 
 
 def test_smalls_stage_passes_a_small_set_up_to_its_least_records_unless_the_epochs_are_chosen():
-    """`small`'s recipe trains at least 1,000 records per stage (a 493-record set: 2.03 epochs); the CLI and the app
+    """`small`'s recipe trains at least 1,500 records per stage (a 493-record set: 3.04 epochs); the CLI and the app
     drop that floor when the user picks the epochs (or steps) themselves, so a chosen epoch count runs as given."""
     from llaca.cli import build_parser
     from llaca.train.recipes import RECIPES, base_stage_options, describe
 
     small, tiny = RECIPES["small"], RECIPES["tiny"]
-    assert small["min_records"] == 1000 and "min_records" not in tiny
-    assert base_stage_options(small, True, small["epochs"])["min_records"] == 1000  # the form left at the default
+    assert small["min_records"] == 1500 and "min_records" not in tiny
+    assert base_stage_options(small, True, small["epochs"])["min_records"] == 1500  # the form left at the default
+    assert base_stage_options(small, True)["lora_dropout"] == 0.0  # kept although falsy: 0 is a choice, not unset
     assert "min_records" not in base_stage_options(small, True, 2.0)  # epochs chosen: exactly those
     assert "min_records" not in base_stage_options(tiny, False)
-    assert "passes up to 1,000 records" in describe(small) and "passes up to" not in describe(tiny)
+    assert "passes up to 1,500 records" in describe(small) and "passes up to" not in describe(tiny)
     assert build_parser().parse_args(["learn", "d"]).min_records is None  # None: the recipe decides

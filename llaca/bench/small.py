@@ -135,11 +135,13 @@ def chat_cost(model, processor, reps: int = 5, new_tokens: int = 48) -> dict:
 
 
 def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
-    """s/step (steady state: the first step of each run is dropped) under fp32 and bf16, alternating `rounds` times."""
+    """s/step (steady state: the first step of each run is dropped) under fp32 and bf16, alternating `rounds` times;
+    where the recipe turns LoRA dropout off, also in its precision with peft's usual 0.05 (the cost of the dropout
+    that LoRA applies to every adapted Linear's input), in the same rounds."""
     import statistics
 
     from ..train.recipes import RECIPES
-    from ..train.tuner import native_bf16, resolve_mixed_precision
+    from ..train.tuner import StageConfig, native_bf16, resolve_mixed_precision
     from .quality import base_test_split
 
     recipe = RECIPES["small"]
@@ -147,13 +149,20 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     native = native_bf16("cpu")
     # Emulated bf16 (an AVX2-only CPU) is ~30x slower a step: measured on a matmul instead of minutes of steps
     per: dict[str, list[float]] = {"no": [], "bf16": []} if native else {"no": []}
-    for _ in range(rounds):
-        for precision in per:
-            per[precision].append(step_seconds(registry, data, recipe, steps, precision))
-    s_per_step = {("fp32" if k == "no" else k): round(statistics.median(v), 2) for k, v in per.items()}
     ran = "bf16" if resolve_mixed_precision(recipe.get("mixed_precision"), "cpu") == "bf16" else "fp32"
+    dropout = StageConfig.lora_dropout
+    if recipe.get("lora_dropout", dropout) != dropout:
+        per[f"{ran}, lora dropout {dropout:g}"] = []
+    for _ in range(rounds):
+        for key in per:
+            precision = key.split(",")[0]
+            variant = {**recipe, "lora_dropout": dropout} if "dropout" in key else recipe
+            per[key].append(step_seconds(registry, data, variant, steps, "no" if precision == "fp32" else precision))
+    s_per_step = {("fp32" if k == "no" else k): round(statistics.median(v), 2) for k, v in per.items()}
     batch = recipe.get("batch_size", 16)
-    steps_1000 = math.ceil(recipe["epochs"] * 1000 / batch)
+    # 1,000 records + the recipe's replay share, passed over max(epochs, min_records / 1,000) times (`_epochs`)
+    passes = max(recipe["epochs"], recipe.get("min_records", 0) / 1000)
+    steps_1000 = math.ceil(passes * math.ceil(1000 * (1 + recipe.get("replay_fraction", 0.0)) / batch))
     out = {"recipe": recipe, "batch": batch, "cpu": cpu_model(), "native_bf16": native, "s_per_step": s_per_step,
            "runs": {k: [round(x, 2) for x in v] for k, v in per.items()}, "recipe_runs_in": ran,
            "matmul_ms": matmul_ms(), "steps_1000_records": steps_1000,
@@ -161,6 +170,9 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
            "torch_threads": torch_threads(), "load_avg_start": os.getloadavg()}
     if native:
         out["speedup_bf16"] = round(s_per_step["fp32"] / s_per_step["bf16"], 2)
+    with_dropout = f"{ran}, lora dropout {dropout:g}"
+    if with_dropout in s_per_step:
+        out["speedup_no_dropout"] = round(s_per_step[with_dropout] / s_per_step[ran], 2)
     return out
 
 
@@ -172,6 +184,7 @@ def step_seconds(registry, data, recipe: dict, steps: int, mixed_precision: str 
     times = []
     cfg = StageConfig(data=str(data), method=recipe["method"], parent="small", max_steps=steps + 1, lr=recipe["lr"],
                       lora=True, lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"],
+                      lora_dropout=recipe.get("lora_dropout", StageConfig.lora_dropout),
                       batch_size=recipe.get("batch_size", 16),
                       mixed_precision=mixed_precision, checkpoint_every=0, evaluate_after=False)
     stage = StageRecipe(cfg, registry, on_event=lambda e: e["type"] == "step" and times.append(time.perf_counter()))
@@ -287,7 +300,9 @@ def markdown(r: dict) -> str:
         bf16 = (f"bf16 autocast x{st['speedup_bf16']} (alternating runs)" if st.get("native_bf16")
                 else f"no native bf16 on this CPU (one matmul: {st['matmul_ms']['fp32']} ms fp32, "
                      f"{st['matmul_ms']['bf16']} ms bf16), so the recipe runs fp32")
-        lines += [f"- a stage with the CLI recipe (batch 16) on {st.get('cpu', '?')}: {per_step}; {bf16}; "
+        if st.get("speedup_no_dropout"):
+            bf16 += f"; without LoRA dropout x{st['speedup_no_dropout']} (alternating runs)"
+        lines += [f"- a stage with the CLI recipe (batch {st.get('batch', 16)}) on {st.get('cpu', '?')}: {per_step}; {bf16}; "
                   f"1,000 records = {st['steps_1000_records']} steps = ~{st['minutes_1000_records']} min "
                   f"before evaluation (load {st['load_avg_end']:.1f})"]
     if "photos" in r:
