@@ -302,7 +302,8 @@ def markdown(r: dict) -> str:
                      f"{st['matmul_ms']['bf16']} ms bf16), so the recipe runs fp32")
         if st.get("speedup_no_dropout"):
             bf16 += f"; without LoRA dropout x{st['speedup_no_dropout']} (alternating runs)"
-        lines += [f"- a stage with the CLI recipe (batch {st.get('batch', 16)}) on {st.get('cpu', '?')}: {per_step}; {bf16}; "
+        lines += [f"- a stage with the CLI recipe (batch {st.get('batch', 16)}) on {st.get('cpu', '?')}: {per_step}; "
+                  f"{bf16}; "
                   f"1,000 records = {st['steps_1000_records']} steps = ~{st['minutes_1000_records']} min "
                   f"before evaluation (load {st['load_avg_end']:.1f})"]
     if "photos" in r:

@@ -311,7 +311,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--recipe", choices=sorted(NAMED_RECIPES), default=None,
                    help="a named recipe instead of the base's own (options given here still win): %s" % "; ".join(
                        f"{k}: {describe(v)}" for k, v in sorted(NAMED_RECIPES.items())))
-    s.add_argument("--batch-size", type=int, default=None, help="default: the base's recipe (small %d, tiny 16)" % RECIPES["small"]["batch_size"])
+    s.add_argument("--batch-size", type=int, default=None,
+                   help="default: the base's recipe (small %d, tiny 16)" % RECIPES["small"]["batch_size"])
     s.add_argument("--grad-accum", type=int, default=1)
     s.add_argument("--mixed-precision", choices=("auto", "no", "bf16", "fp16"), default=None,
                    help="autocast the forward (weights and the rule stay fp32; default: the base's recipe: small auto = "
