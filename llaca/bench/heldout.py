@@ -150,7 +150,7 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     from ..evaluation.evaluate import evaluate
     from ..train.tuner import StageConfig, run_stage
     from ..versions import load_version
-    from .quality import _fresh_registry, _test_set
+    from .quality import _fresh_registry, _test_set, text_kept
 
     reg = _fresh_registry(registry.home, work / f"{name}-{variant.replace(' ', '_').replace(',', '')}", version)
     t0 = time.time()
@@ -159,23 +159,21 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     learned = run_stage(cfg, reg)
     seconds = time.time() - t0
     model, processor = load_version(reg, learned.id)
-    test = evaluate(model, processor, _test_set(str(data_root / name / "test")))
+    test_set = _test_set(str(data_root / name / "test"))
+    test = evaluate(model, processor, test_set)
     retained = evaluate(model, processor, _test_set(base_test)).accuracy if base_test else None
     extra = {}
     if train_eval:
         train = _test_set(str(data_root / name / "train"))
         train.records = train.records[:train_eval]
         extra["train_accuracy"] = round(evaluate(model, processor, train).accuracy, 1)
-    del model
     if text_check:
-        from .quality import _text_kept
-
-        extra["text_after"] = _text_kept(reg, learned.id, registry.home)
+        extra["text_after"] = text_kept(model, processor, registry.home)
     shutil.rmtree(reg.home, ignore_errors=True)
     return {"set": name, "variant": variant, "seed": seed, "method": cfg.method, "steps": learned.meta.get("steps"),
             "test_accuracy": round(test.accuracy, 1), "n_test": test.n,
             "base_test_after": None if retained is None else round(retained, 1), "seconds": round(seconds, 1), **extra,
-            **answer_profile(test.predictions, [r.answer for r in _test_set(str(data_root / name / "test")).records])}
+            **answer_profile(test.predictions, [r.answer for r in test_set.records])}
 
 
 def answer_profile(predictions: list[str], answers: list[str], top: int = 5) -> dict:

@@ -324,9 +324,15 @@ def _text_kept(registry, version_id: str, cache_home) -> dict:
     """The language check on `version_id` (agreement with SmolLM2, key accuracy); the reference's answers are
     computed once per base registry and cached there."""
     from ..versions import load_version
+
+    return text_kept(*load_version(registry, version_id), cache_home)
+
+
+def text_kept(model, processor, cache_home) -> dict:
+    """`_text_kept` on a model already loaded (the reference's answers cached under `cache_home`)."""
     from .text_check import text_agreement
 
-    r = text_agreement(*load_version(registry, version_id), cache=Path(cache_home) / "cache")
+    r = text_agreement(model, processor, cache=Path(cache_home) / "cache")
     return {k: r[k] for k in ("n", "agreement", "small_key_accuracy", "smollm2_key_accuracy")}
 
 

@@ -148,16 +148,16 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     data = base_test_split(registry, registry.get("small"))  # 300 world records: only the step time is read
     native = native_bf16("cpu")
     # Emulated bf16 (an AVX2-only CPU) is ~30x slower a step: measured on a matmul instead of minutes of steps
-    per: dict[str, list[float]] = {"no": [], "bf16": []} if native else {"no": []}
+    arms = {"no": ("no", recipe), "bf16": ("bf16", recipe)} if native else {"no": ("no", recipe)}  # (precision, recipe)
     ran = "bf16" if resolve_mixed_precision(recipe.get("mixed_precision"), "cpu") == "bf16" else "fp32"
     dropout = StageConfig.lora_dropout
     if recipe.get("lora_dropout", dropout) != dropout:
-        per[f"{ran}, lora dropout {dropout:g}"] = []
+        precision = "bf16" if ran == "bf16" else "no"
+        arms[f"{ran}, lora dropout {dropout:g}"] = (precision, {**recipe, "lora_dropout": dropout})
+    per: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(rounds):
-        for key in per:
-            precision = key.split(",")[0]
-            variant = {**recipe, "lora_dropout": dropout} if "dropout" in key else recipe
-            per[key].append(step_seconds(registry, data, variant, steps, "no" if precision == "fp32" else precision))
+        for name, (precision, variant) in arms.items():
+            per[name].append(step_seconds(registry, data, variant, steps, precision))
     s_per_step = {("fp32" if k == "no" else k): round(statistics.median(v), 2) for k, v in per.items()}
     batch = recipe.get("batch_size", 16)
     # 1,000 records + the recipe's replay share, passed over max(epochs, min_records / 1,000) times (`_epochs`)

@@ -90,9 +90,9 @@ def cmd_learn(args) -> int:
     args.method, replay_fraction, rule_hparams = resolve_rule(recipe, args.method, args.replay_fraction, args.grouped,
                                                               rule_hparams)
     lora = recipe.get("lora", False) if args.lora is None else args.lora
-    lora_size = {k: recipe[k] for k in ("lora_r", "lora_alpha", "lora_dropout") if k in recipe and lora}
+    lora_options = {k: recipe[k] for k in ("lora_r", "lora_alpha", "lora_dropout") if k in recipe and lora}
     if args.lora_dropout is not None:
-        lora_size["lora_dropout"] = args.lora_dropout
+        lora_options["lora_dropout"] = args.lora_dropout
     epochs = recipe["epochs"] if args.epochs is None else args.epochs
     if args.min_records is None:  # the recipe's least records per stage, unless the passes were given
         args.min_records = recipe.get("min_records", 0) if args.epochs is None and args.max_steps is None else 0
@@ -106,13 +106,13 @@ def cmd_learn(args) -> int:
             raise ValueError("--replay-fraction with --grouped applies to --method replay only")
         args.epochs, args.lr, args.lora = epochs, lr, lora  # the base's recipe where the options were not given
         return _learn_grouped(args, registry, parent, rule_hparams, mixed_precision=precision,
-                              min_records=args.min_records, **lora_size)
+                              min_records=args.min_records, **lora_options)
     if args.threshold is not None or args.max_groups is not None:
         raise ValueError("--threshold and --max-groups apply to --grouped learning only")
     cfg = StageConfig(data=args.data, method=args.method, parent=parent, name=args.name,
                       epochs=epochs, max_steps=args.max_steps, min_records=args.min_records, lr=lr,
                       projector_lr=projector_lr, batch_size=args.batch_size,
-                      grad_accum=args.grad_accum, seed=args.seed, lora=lora, rule_hparams=rule_hparams, **lora_size,
+                      grad_accum=args.grad_accum, seed=args.seed, lora=lora, rule_hparams=rule_hparams, **lora_options,
                       load_in_4bit=args.load_in_4bit, load_in_8bit=args.load_in_8bit, trace_dir=args.trace_dir,
                       evaluate_after=not args.no_eval,
                       vision_blocks=args.vision_blocks, replay_fraction=replay_fraction, mixed_precision=precision,
@@ -323,7 +323,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "small uses LoRA r=%d, tiny full weights)" % RECIPES["small"]["lora_r"])
     s.add_argument("--lora-dropout", type=float, default=None,
                    help="dropout on each adapter's input (peft's lora_dropout; default: the base's recipe: small %g, "
-                        "else %g; off, a LoRA step of small is ~1.3x faster)" % (
+                        "else %g; off, a LoRA step of small is ~1.25x faster)" % (
                             RECIPES["small"].get("lora_dropout", StageConfig.lora_dropout), StageConfig.lora_dropout))
     s.add_argument("--vision", choices=("frozen", "train"), default=None,
                    help="the vision tower in full fine-tuning: 'train' adapts it to images of a new kind "

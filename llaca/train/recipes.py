@@ -28,8 +28,8 @@ from .tuner import DEFAULT_RECIPE
 # higher lr". The CoIN-mini figures in the docstring above were measured at 2e-4.
 # Batches of 2, no LoRA dropout, at least 1,500 records (2026-12-05, later): the stage above *underfits* its own
 # records (Tux Paint: 84.5% of its training records answered right after 2 passes, 69.3% of the test; six passes
-# reach 100 / 82.5), so it needs more updates per minute, not a higher rate. peft's LoRA dropout costs 1.3x a step
-# of small (a copy of every adapted Linear's input) and buys nothing while the stage underfits; batches of 2 give
+# reach 100 / 82.5), so it needs more updates per minute, not a higher rate. peft's LoRA dropout costs 1.24-1.28x a
+# step of small (a copy of every adapted Linear's input) and buys nothing while the stage underfits; batches of 2 give
 # twice the updates per record at 1.2x the cost per record. Together, 1,500 records: Tux Paint 78.3% (text
 # agreement with SmolLM2 after the stage 90.0, was 85.0), `bench heldout --set ...`, docs/base-models.md.
 SMALL_RECIPE = {"method": "replay", "lr": 3e-4, "replay_fraction": 0.2, "epochs": 1.0, "min_records": 1500,
@@ -101,7 +101,7 @@ def base_stage_options(recipe: dict, lora: bool, epochs: float | None = None) ->
         "mixed_precision", "batch_size")
     if epochs is None or epochs == recipe["epochs"]:
         keys += ("min_records",)
-    return {k: recipe[k] for k in keys if recipe.get(k) or (k == "lora_dropout" and k in recipe)}
+    return {k: recipe[k] for k in keys if recipe.get(k) is not None}  # 0 is a value (no dropout), absent is not
 
 
 def describe(recipe: dict) -> str:
