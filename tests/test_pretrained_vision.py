@@ -121,3 +121,32 @@ def test_space_to_depth_tower_stacks_each_2x2_patch_of_the_stride16_map(classifi
     again = AutoModel.from_pretrained(tmp_path / "s2d")
     with torch.no_grad():
         assert torch.equal(again(x).last_hidden_state, out)
+
+
+def test_a_stage_keeps_the_frozen_tower_in_eval_mode():
+    """`model.train()` would switch on the frozen tower's drop-connect (random features the LM never sees when it
+    answers); the tuner's `keep_frozen_in_eval` keeps a frozen tower deterministic and equal to its eval output, while
+    the parts that learn train, and a tower that learns its last blocks trains them with its frozen BatchNorms fixed."""
+    from llaca.train.tuner import keep_frozen_in_eval
+
+    tower, config = pv.efficientnet_lite_tower("lite2", 224)
+    model = nn.ModuleDict({"vision_tower": tower, "projector": nn.Sequential(nn.Linear(config.hidden_dim, 8),
+                                                                             nn.Dropout(0.5))})
+    pixels = torch.randn(2, 3, 224, 224, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        clean = tower(pixels).last_hidden_state
+        tower.requires_grad_(False)
+        alone = copy.deepcopy(model).train()  # what train() alone does: drop-connect (and BatchNorm updates) on
+        assert not torch.equal(alone["vision_tower"](pixels).last_hidden_state, clean)
+        model.train()
+        keep_frozen_in_eval(model)
+        assert not any(m.training for m in tower.modules())
+        assert torch.equal(tower(pixels).last_hidden_state, clean)
+    assert all(m.training for m in model["projector"].modules())
+    last = tower.encoder.blocks[-1]
+    last.requires_grad_(True)  # a tower that learns its last block: it trains, its frozen BatchNorms do not
+    model.train()
+    keep_frozen_in_eval(model)
+    assert tower.training and last.training
+    frozen_bns = [m for m in tower.encoder.blocks[0].modules() if isinstance(m, nn.BatchNorm2d)]
+    assert frozen_bns and not any(m.training for m in frozen_bns)

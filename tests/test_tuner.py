@@ -167,8 +167,8 @@ def test_projector_lr_is_its_own_param_group_and_survives_resume(llaca_home, coi
 
 
 def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_fp32_weights(llaca_home, coin_dir):
-    """`mixed_precision="bf16"` (small's recipe): the LM's matmuls run in bf16, while the weights (and so AdamW and
-    the LLaCA rule) stay fp32; the first loss matches the fp32 stage's to bf16 precision; the setting is in the run key
+    """`mixed_precision="bf16"` (small's recipe): the LM's matmuls run in bf16 (its attention eager on CPU, sdpa again
+    after the stage), while the weights (and so AdamW and the LLaCA rule) stay fp32; the first loss matches the fp32 stage's to bf16 precision; the setting is in the run key
     only when given, and a typo is refused."""
     registry = Registry()
     data = str(coin_dir / "vqav2" / "train")
@@ -176,8 +176,13 @@ def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_fp32_weights(llaca
     for precision in (None, "bf16"):
         cfg = StageConfig(data=data, method="llaca", max_steps=2, batch_size=8, evaluate_after=False,
                           checkpoint_every=0, mixed_precision=precision)
-        seen = []
-        recipe = StageRecipe(cfg, registry, on_event=lambda e: e["type"] == "step" and seen.append(e["loss"]))
+        seen, attention = [], []
+
+        def on_event(e):
+            if e["type"] == "step":
+                seen.append(e["loss"])
+                attention.append(recipe.model.config.text_config._attn_implementation)
+        recipe = StageRecipe(cfg, registry, on_event=on_event)
         recipe.setup()
         lm_linear = next(m for n, m in recipe.model.named_modules()
                          if isinstance(m, torch.nn.Linear) and "language_model" in n)
@@ -187,6 +192,9 @@ def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_fp32_weights(llaca
         hook.remove()
         losses[precision], dtypes[precision] = seen[0], set(outputs)
         assert all(p.dtype == torch.float32 for p in recipe.params.values())
+        # bf16 on CPU trains with eager attention (faster than sdpa's bf16 backward there); serving gets sdpa back
+        assert attention == ["eager" if precision == "bf16" else "sdpa"] * 2
+        assert recipe.model.config.text_config._attn_implementation == "sdpa"
     assert dtypes == {None: {torch.float32}, "bf16": {torch.bfloat16}}
     assert losses["bf16"] == pytest.approx(losses[None], rel=0.02)
     assert "mixed_precision" not in StageConfig(data=data).hparams()
@@ -233,3 +241,45 @@ def test_answer_loss_is_the_models_own_loss_with_the_head_only_on_label_tokens(l
     assert g_ours.keys() == g_theirs.keys() and len(g_ours) > 10
     for k in g_ours:
         torch.testing.assert_close(g_ours[k], g_theirs[k], rtol=1e-4, atol=1e-6)
+
+
+def test_bf16_stage_casts_frozen_weights_once_exactly_and_puts_them_back(llaca_home, coin_dir, monkeypatch):
+    """Under bf16 the frozen Linear weights (LoRA base layers, the head) are held as bf16 copies while the stage runs,
+    instead of being cast on every forward: the same losses bit for bit as without, and afterwards the model has its
+    fp32 weights back, unchanged, with the head tied again where it was."""
+    import contextlib
+
+    from llaca.train import tuner
+
+    registry = Registry()
+    data = str(coin_dir / "vqav2" / "train")
+
+    def stage(with_cast: bool):
+        if not with_cast:
+            monkeypatch.setattr(tuner, "frozen_linears_cast", lambda *a, **k: contextlib.nullcontext())
+        cfg = StageConfig(data=data, method="replay", max_steps=2, batch_size=4, evaluate_after=False,
+                          checkpoint_every=0, mixed_precision="bf16", lora=True, lora_r=4, lora_alpha=8)
+        losses, dtypes = [], set()
+
+        def on_event(e):
+            if e["type"] == "step":
+                losses.append(e["loss"])
+                dtypes.update(m.base_layer.weight.dtype for m in recipe.model.modules() if hasattr(m, "lora_A"))
+        recipe = StageRecipe(cfg, registry, on_event=on_event)
+        recipe.setup()
+        frozen = {n: p.detach().clone() for n, p in recipe.model.named_parameters() if not p.requires_grad}
+        recipe.train()
+        monkeypatch.undo()
+        return recipe, losses, dtypes, frozen
+
+    cast, losses_cast, dtypes_cast, frozen = stage(True)
+    _, losses_plain, dtypes_plain, _ = stage(False)
+    assert dtypes_cast == {torch.bfloat16} and dtypes_plain == {torch.float32}
+    assert losses_cast == losses_plain  # exact: autocast would have cast the same weights the same way
+    after = dict(cast.model.named_parameters())
+    assert after.keys() == frozen.keys() | {n for n, p in after.items() if p.requires_grad}
+    for name, value in frozen.items():
+        assert after[name].dtype == torch.float32 and torch.equal(after[name], value), name
+    base = cast.model.get_base_model()
+    tied = base.config.get_text_config().tie_word_embeddings or base.config.tie_word_embeddings
+    assert (base.lm_head.weight is base.get_input_embeddings().weight) == bool(tied)

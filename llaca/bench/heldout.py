@@ -147,6 +147,7 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     `text_check`, also the language check on the stage's version (does the chat LM still answer text questions as
     SmolLM2 does after learning images?), and with `train_eval` the accuracy on that many of the stage's own
     training records (underfit or overfit?)."""
+    from ..cli.common import progress_printer
     from ..evaluation.evaluate import evaluate
     from ..train.tuner import StageConfig, run_stage
     from ..versions import load_version
@@ -156,7 +157,7 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     t0 = time.time()
     cfg = StageConfig(data=str(data_root / name / "train"), parent="base", checkpoint_every=0,
                       evaluate_after=False, seed=seed, max_steps=max_steps, **(config or VARIANTS[variant]))
-    learned = run_stage(cfg, reg)
+    learned = run_stage(cfg, reg, on_event=progress_printer(f"{name}, {variant}, seed {seed}"))
     seconds = time.time() - t0
     model, processor = load_version(reg, learned.id)
     test_set = _test_set(str(data_root / name / "test"))

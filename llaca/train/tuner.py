@@ -378,10 +378,21 @@ class StageRecipe:
     def train(self) -> None:
         cfg, acc = self.cfg, self.accelerator
         self.model.train()
-        freeze_running_stats(self.model)
-        start, start_step = time.time(), self.step
+        keep_frozen_in_eval(self.model)
         self.on_event({"type": "start", "total_steps": self.total_steps, "step": self.step,
                        "n_records": len(self.train_records), "resumed": self.step > 0})
+        model = acc.unwrap_model(self.model)
+        dtype = MIXED_DTYPES.get(cfg.mixed_precision)
+        with training_attention(model, acc.device.type, cfg.mixed_precision), \
+                frozen_linears_cast(model, dtype, single_process=acc.num_processes == 1):
+            self._train_steps()
+        self.rule.end_stage(self.params)
+        if self.cfg.trace_dir:  # (full() gathers the shards: every rank takes part)
+            self._trace({"final_sums": {n: full(p.detach()).double().sum().item() for n, p in self.params.items()}})
+
+    def _train_steps(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        start, start_step = time.time(), self.step
         while self.step < self.total_steps:
             if self.should_stop():
                 self.save_checkpoint()
@@ -423,9 +434,6 @@ class StageRecipe:
                            "elapsed": elapsed, "eta": (self.total_steps - self.step) / max(rate, 1e-9)})
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < self.total_steps:
                 self.save_checkpoint()
-        self.rule.end_stage(self.params)
-        if self.cfg.trace_dir:  # (full() gathers the shards: every rank takes part)
-            self._trace({"final_sums": {n: full(p.detach()).double().sum().item() for n, p in self.params.items()}})
 
     def _autocast(self):
         """bf16 autocast for this stage's forward when asked (`mixed_precision`), else nothing."""
@@ -617,17 +625,72 @@ DEEPSPEED_REFUSAL = (
     "fsdp_offload_gpu.yaml) -m llaca learn ... (docs/sharded-training.md)")
 
 
-def freeze_running_stats(model) -> None:
-    """Keep frozen BatchNorm layers in eval mode while the rest trains.
+def keep_frozen_in_eval(model) -> None:
+    """Keep what does not learn in eval mode while the rest trains.
 
-    `model.train()` would let a frozen CNN tower (the `small` base's EfficientNet) re-estimate its running mean and
-    variance from every stage's images: the frozen base would drift anyway, and with several processes each would
-    drift on its own share of the batch (FSDP does not synchronise buffers; rank 0's would be saved).
+    `model.train()` puts frozen modules in training mode too:
+    - a frozen vision tower would run its dropout. `small`'s EfficientNet drops whole residual branches (drop-connect,
+      up to 0.2 in its last blocks): the LM would learn from features it never sees when it answers (and never saw
+      while the base was built: the build caches the tower's eval features), and each step would pay for the masks;
+    - frozen BatchNorm layers (in a tower that trains only its last blocks) would re-estimate their running mean and
+      variance from every stage's images: the frozen base would drift anyway, and with several processes each would
+      drift on its own share of the batch (FSDP does not synchronise buffers; rank 0's would be saved).
     """
-    for module in model.modules():
-        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm) and not any(
-                p.requires_grad for p in module.parameters()):
+    for name, module in model.named_modules():
+        frozen = not any(p.requires_grad for p in module.parameters())
+        if frozen and (name.endswith("vision_tower") or isinstance(module, torch.nn.modules.batchnorm._BatchNorm)):
             module.eval()
+
+
+@contextlib.contextmanager
+def training_attention(model, device_type: str, mixed_precision: str | None):
+    """Train the language model with transformers' eager attention where that is faster: bf16 on CPU.
+
+    PyTorch's CPU flash-attention backward is slow in bf16 for short sequences; eager attention's matmuls and fp32
+    soft-max are not: a step of `small`'s stage (batches of 2, ~90 tokens) 0.730 -> 0.675 s, its backward 0.357 ->
+    0.302 s (2 threads, side by side; `experiments/stage_step_profile.py`). In fp32 sdpa is the faster one and stays.
+    The same attention either way (one batch's loss 4.865 vs 4.841 in bf16); the model's own setting (sdpa, for
+    serving) is put back afterwards.
+    """
+    config = getattr(model, "config", None)
+    text = getattr(config, "text_config", None)
+    if device_type != "cpu" or mixed_precision != "bf16" or text is None or text._attn_implementation != "sdpa":
+        yield
+        return
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation({"text_config": "eager"})
+    try:
+        yield
+    finally:
+        base.set_attn_implementation({"text_config": "sdpa"})
+
+
+@contextlib.contextmanager
+def frozen_linears_cast(model, dtype: torch.dtype | None, single_process: bool = True):
+    """Hold every frozen fp32 Linear weight (the LoRA base layers, the LM head) as a `dtype` copy while the stage runs.
+
+    Autocast casts each fp32 weight to bf16 on every forward (frozen weights are not in its cache): 134M values of
+    `small` read, converted and written per step. Casting them once gives the same products bit for bit (autocast
+    would cast them the same way; one batch's loss identical) and a step of `small` 0.675 -> 0.631 s (2 threads, side
+    by side; `experiments/stage_step_profile.py`). The fp32 weights are kept and put back afterwards (a tied head is
+    tied again): the saved adapter, the evaluation and serving see the model as it was. Off for quantized layers (not
+    fp32) and under several processes (FSDP's parameters are DTensors; DDP untested with it).
+    """
+    if dtype is None or not single_process:
+        yield
+        return
+    originals = []
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if isinstance(module, torch.nn.Linear) and weight is not None and not weight.requires_grad \
+                and weight.dtype == torch.float32:
+            originals.append((module, weight))
+            module.weight = torch.nn.Parameter(weight.detach().to(dtype), requires_grad=False)
+    try:
+        yield
+    finally:
+        for module, weight in originals:
+            module.weight = weight
 
 
 def make_accelerator():
