@@ -4,7 +4,7 @@ Runs the stage's own components (StageRecipe with small's CLI recipe) step by st
 (encode, forward, backward, optimizer, rule), in turn for each arm of `ARMS`, alternating `--rounds` times:
 - the frozen tower in train mode (what `model.train()` did: drop-connect on) or eval mode (`keep_frozen_in_eval`);
 - the LM's attention as sdpa or eager (`training_attention`: eager for bf16 on CPU);
-- and, measured and not adopted, the frozen Linear weights pre-cast to bf16 once (autocast casts them every forward).
+- the frozen Linear weights cast to bf16 once or by autocast on every forward (`frozen_linears_cast`).
 `--profile-steps N` then prints torch.profiler's ops with the most self CPU time for the tuner's setting.
 
     LLACA_HOME=bench_results/small_build5/work/home PYTHONPATH=. python -m experiments.stage_step_profile \
@@ -13,6 +13,7 @@ Runs the stage's own components (StageRecipe with small's CLI recipe) step by st
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -52,49 +53,37 @@ def timed_steps(stage, steps: int) -> dict:
     return {k: round(statistics.median(v[1:]), 4) for k, v in parts.items()}
 
 
-class Variant:
-    """Switch the speed/consistency changes on one set-up stage: eval-mode frozen tower, eager attention, frozen
-    Linear weights pre-cast to the autocast dtype (swapped back on `off`)."""
+def set_tower_mode(model, eval_mode: bool) -> None:
+    """Eval mode (`keep_frozen_in_eval`), or what the tuner did before: train mode with the frozen BatchNorms in eval."""
+    for name, m in model.named_modules():
+        if name.endswith("vision_tower"):
+            m.train(not eval_mode)
+            for bn in m.modules():
+                if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
+                    bn.eval()
 
-    def __init__(self, stage):
-        self.stage = stage
-        self.model = stage.accelerator.unwrap_model(stage.model)
-        self.saved = {}
 
-    def tower(self, eval_mode: bool):
-        """Eval mode, or what the tuner did before: train mode with the frozen BatchNorms in eval."""
-        for name, m in self.model.named_modules():
-            if name.endswith("vision_tower"):
-                m.train(not eval_mode)
-                for bn in m.modules():
-                    if isinstance(bn, torch.nn.modules.batchnorm._BatchNorm):
-                        bn.eval()
+@contextlib.contextmanager
+def arm(model, tower_eval: bool, attention: str, precast: bool):
+    """The stage's model set up as one arm of `ARMS`, with the tuner's own context managers."""
+    from llaca.train.tuner import frozen_linears_cast, training_attention
 
-    def attention(self, impl: str):
-        for m in self.model.modules():
-            cfg = getattr(m, "config", None)
-            if cfg is not None and getattr(cfg, "model_type", "") == "llama":
-                cfg._attn_implementation = impl
-
-    def precast(self, on: bool):
-        if on:
-            for name, m in self.model.named_modules():
-                if isinstance(m, torch.nn.Linear) and not m.weight.requires_grad and m.weight.dtype == torch.float32:
-                    self.saved[name] = m.weight
-                    m.weight = torch.nn.Parameter(m.weight.detach().to(torch.bfloat16), requires_grad=False)
-        else:
-            mods = dict(self.model.named_modules())
-            for name, w in self.saved.items():
-                mods[name].weight = w
-            self.saved = {}
+    set_tower_mode(model, tower_eval)
+    with contextlib.ExitStack() as stack:
+        if attention == "eager":
+            stack.enter_context(training_attention(model, "cpu", "bf16"))
+        if precast:
+            stack.enter_context(frozen_linears_cast(model, torch.bfloat16))
+        yield
 
 
 ARMS = {  # name -> (tower in eval mode, LM attention, frozen Linear weights pre-cast to bf16)
     "before: tower in train mode, sdpa": (False, "sdpa", False),
     "tower eval, sdpa": (True, "sdpa", False),
-    "tower eval, eager (the tuner now)": (True, "eager", False),
-    "tower eval, eager, pre-cast weights": (True, "eager", True),
+    "tower eval, eager": (True, "eager", False),
+    "tower eval, eager, pre-cast weights (the tuner now)": (True, "eager", True),
 }
+NOW = "tower eval, eager, pre-cast weights (the tuner now)"
 
 
 def main(argv=None) -> int:
@@ -119,26 +108,18 @@ def main(argv=None) -> int:
     stage.setup()
     stage.model.train()
     keep_frozen_in_eval(stage.model)
-    variant = Variant(stage)
+    model = stage.accelerator.unwrap_model(stage.model)
     load_start = os.getloadavg()
     batch = stage._encode(stage._batches_for_step(0)[0])
     loss = {}  # one batch's loss per arm, before any step: pre-casting is exact, eager attention nearly
-    for name, (tower_eval, attention, precast) in ARMS.items():
-        variant.tower(tower_eval)
-        variant.attention(attention)
-        variant.precast(precast)
-        if tower_eval:
-            with torch.no_grad(), stage._autocast():
-                loss[name] = answer_loss(stage.model, batch, 1.0).item()
-        variant.precast(False)
+    for name, setting in ARMS.items():
+        with arm(model, *setting), torch.no_grad(), stage._autocast():
+            loss[name] = answer_loss(stage.model, batch, 1.0).item()
     per = {name: [] for name in ARMS}
     for _ in range(args.rounds):
-        for name, (tower_eval, attention, precast) in ARMS.items():
-            variant.tower(tower_eval)
-            variant.attention(attention)
-            variant.precast(precast)
-            per[name].append(timed_steps(stage, args.steps))
-            variant.precast(False)
+        for name, setting in ARMS.items():
+            with arm(model, *setting):
+                per[name].append(timed_steps(stage, args.steps))
     total = {name: statistics.median(p["total"] for p in runs) for name, runs in per.items()}
     before = next(iter(total.values()))
     out = {"recipe": recipe, "threads": torch.get_num_threads(), "load_avg_start": load_start,
@@ -152,9 +133,7 @@ def main(argv=None) -> int:
     if args.profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
-        variant.tower(True)
-        variant.attention("eager")
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
+        with arm(model, *ARMS[NOW]), profile(activities=[ProfilerActivity.CPU]) as prof:
             timed_steps(stage, args.profile_steps)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     return 0
