@@ -147,8 +147,8 @@ def stage_run(registry, version: str, data_root: Path, name: str, variant: str, 
     `text_check`, also the language check on the stage's version (does the chat LM still answer text questions as
     SmolLM2 does after learning images?), and with `train_eval` the accuracy on that many of the stage's own
     training records (underfit or overfit?)."""
-    from ..cli.common import progress_printer
     from ..evaluation.evaluate import evaluate
+    from ..train.progress import progress_printer
     from ..train.tuner import StageConfig, run_stage
     from ..versions import load_version
     from .quality import _fresh_registry, _test_set, text_kept
