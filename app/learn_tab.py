@@ -138,7 +138,7 @@ def recipe_line(studio: Studio, ref: str | None) -> str:
     """One line: the defaults a stage from `ref` starts with, and why (they depend on the parent's base)."""
     base = base_name_of(studio.registry, ref) or "tiny"
     why = {"small": "measured on this base: least forgetting over 4 CoIN-mini stages and the best held-out stages; "
-                    "1,000 records (900 steps of 2 with the replay) take ~13 min with native bf16, ~15 in fp32",
+                    "1,000 records (900 steps of 2 with the replay) take ~10.5 min with native bf16, ~17 in fp32",
            "tiny": "measured on this base: least forgetting over 8 CoIN-mini tasks"}[base]
     return f"Defaults for a stage on **{base}**: {describe(recipe_for(studio.registry, ref))} ({why})."
 
