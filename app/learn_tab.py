@@ -43,9 +43,9 @@ REGIME_NOTES = {
             "on this small model (78.4 vs 86.9 at lr 1e-3). *Run the demo* shows the three side by side at one lr. "
             "See docs/benchmarks.md, 'The default recipe and the demo'.",
     "small": "Default on **small**: `replay` (plain steps, 20% of earlier records mixed into the stage), LoRA "
-             "without dropout at lr 3e-4 in batches of 2, one epoch, and a set under 1,500 records passed over until "
-             "the stage has trained on 1,500: one held-out stage learned Tux Paint drawings to 78.3% and digits to "
-             "90.4% (in batches of 4 over 1,000 records: 69.3 and 91.2). Over 4 CoIN-mini stages (at lr 2e-4) on "
+             "without dropout at lr 3e-4 in batches of 2, one epoch, and a set under 1,800 records passed over until "
+             "the stage has trained on 1,800: one held-out stage learned Tux Paint drawings to 80.1% and digits to "
+             "92.9% (at 1,500 records: 78.3 and 91.7; in batches of 4 over 1,000 records: 69.3 and 91.2). Over 4 CoIN-mini stages (at lr 2e-4) on "
              "this base (3 seeds) it forgot 4.5 points at "
              "58.6% Avg.ACC, llaca + replay 12.2 / 51.7, and the paper's rule alone 18.1 / 53.6 against seq's "
              "40.0 / 38.6: the adaptive EMA halves seq's forgetting, replay does better (in batches of 16 on build 2, "
@@ -138,7 +138,7 @@ def recipe_line(studio: Studio, ref: str | None) -> str:
     """One line: the defaults a stage from `ref` starts with, and why (they depend on the parent's base)."""
     base = base_name_of(studio.registry, ref) or "tiny"
     why = {"small": "measured on this base: least forgetting over 4 CoIN-mini stages and the best held-out stages; "
-                    "1,000 records (900 steps of 2 with the replay) take ~10.5 min with native bf16, ~17 in fp32",
+                    "1,000 records (1,080 steps of 2 with the replay) take ~12.8 min with native bf16, ~21 in fp32",
            "tiny": "measured on this base: least forgetting over 8 CoIN-mini tasks"}[base]
     return f"Defaults for a stage on **{base}**: {describe(recipe_for(studio.registry, ref))} ({why})."
 

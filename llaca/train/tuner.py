@@ -118,7 +118,7 @@ class StageConfig:
     epochs: float = 3.0  # CoIN-mini stages need ~250 steps (1500 records, batch 16) to plateau
     max_steps: int | None = None  # overrides epochs
     # A small set gets more passes: the stage trains on at least this many of its records in all (`small`'s recipe:
-    # 1,500, so a 493-record set takes 3.04 epochs and a larger one `epochs`). 0: off.
+    # 1,800, so a 493-record set takes 3.65 epochs and a larger one `epochs`). 0: off.
     min_records: int = 0
     lr: float = 1e-3
     projector_lr: float | None = None  # LLaVA's mm_projector_lr: the projector's own lr (None: `lr`)
