@@ -8,9 +8,11 @@
 #       (2) FSDP2 stage on 1 GPU through configs/accelerate/fsdp_gpu.yaml (the sharded code path: DTensor params,
 #           LLaCA's all-reduce, sharded checkpoint, gathered version) - the same loop `--num_processes 8` runs;
 #       (3) QLoRA: NF4 base (bitsandbytes on CUDA) + LoRA, llaca rule;  (4) greedy chat, 64 new tokens, bf16.
-# Never part of CI. NOT RUN ON A GPU YET: written on machines without one (issue 27). Its plumbing ran once on CPU
-# (GPU_CHECK_ON_CPU=1 STEPS=3, 3 min): rows 1, 2 and 4 gave their lines; the QLoRA row hit its 120 s limit there
-# (bitsandbytes' 4-bit CPU path is slow). Expect to fix small things on first GPU use.
+# Never part of CI. Ran once on a lent H100 (2026-12-05; torch 2.11.0+cu130 of the device image, the pinned
+# transformers/peft/bitsandbytes carried as wheels, see scripts/gpu_check_cli.sh): all four rows passed,
+# bench_results/gpu_check/h100-20261205-1938.md. Its companion scripts/gpu_check_cli.sh checks the CLI path on a LLaVA
+# folder (LoRA, 4-bit, 8-bit, ask, eval) and runs the model tests with the GPU visible.
+#   GPU_CHECK_KEEP=DIR keeps each row's log; ROW_LIMIT=S is each stage row's time limit (120 s).
 # Needs a CUDA build of torch in $PYTHON's environment (requirements.txt pins the CPU wheel: on a GPU machine install
 # e.g. `pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128` first).
 set -uo pipefail
@@ -18,7 +20,9 @@ cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 STEPS=${STEPS:-30}
 WORK=$(mktemp -d)
-trap 'rm -rf "$WORK"' EXIT
+KEEP=${GPU_CHECK_KEEP:-}   # a folder to keep each row's log in (e.g. the device tool's $OUT)
+trap '[ -n "$KEEP" ] && mkdir -p "$KEEP" && cp "$WORK"/*.log "$KEEP"/ 2>/dev/null; rm -rf "$WORK"' EXIT
+ROW_LIMIT=${ROW_LIMIT:-120}
 export LLACA_HOME="$WORK/home" HF_HUB_OFFLINE=1 GRADIO_ANALYTICS_ENABLED=False PYTHONPATH="$PWD"
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
@@ -113,10 +117,10 @@ row() {  # row NAME TIMEOUT COMMAND...: run it, keep its JSON line, or record th
 T0=$(date +%s)
 "$PY" "$WORK/probe.py" setup "$WORK/coin" || { echo "gpu_check: setup failed" >&2; exit 1; }
 LAUNCH=("$PY" -m accelerate.commands.launch)
-row "bf16 stage (1 GPU)" 120 env ACCELERATE_MIXED_PRECISION=bf16 "$PY" "$WORK/probe.py" stage "$DATA" "$STEPS" bf16-stage
-row "FSDP2 stage (1 GPU)" 120 "${LAUNCH[@]}" --config_file configs/accelerate/fsdp_gpu.yaml --num_processes 1 \
+row "bf16 stage (1 GPU)" "$ROW_LIMIT" env ACCELERATE_MIXED_PRECISION=bf16 "$PY" "$WORK/probe.py" stage "$DATA" "$STEPS" bf16-stage
+row "FSDP2 stage (1 GPU)" "$ROW_LIMIT" "${LAUNCH[@]}" --config_file configs/accelerate/fsdp_gpu.yaml --num_processes 1 \
     "$WORK/probe.py" stage "$DATA" "$STEPS" fsdp-stage
-row "QLoRA NF4 stage (1 GPU)" 120 "$PY" "$WORK/probe.py" stage "$DATA" "$STEPS" qlora-stage lora 4bit
+row "QLoRA NF4 stage (1 GPU)" "$ROW_LIMIT" "$PY" "$WORK/probe.py" stage "$DATA" "$STEPS" qlora-stage lora 4bit
 IMAGE=$(ls "$WORK"/coin/vizwiz/test/images/* | head -1)
 row "chat" 60 "$PY" "$WORK/probe.py" chat bf16-stage "$IMAGE"
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -19,7 +20,7 @@ import torch
 from peft import PeftModel
 
 from llaca.data import load_image, to_messages
-from llaca.models.llava import QuantizationUnavailable, load_model
+from llaca.models.llava import QuantizationUnavailable, default_device, load_model
 from llaca.serve.serving import ModelPool
 from llaca.train.tuner import StageConfig, run_stage
 from llaca.versions import Registry, load_version
@@ -61,7 +62,7 @@ def an_image(coin_dir):
 def next_token_logits(model, processor, image) -> torch.Tensor:
     """Logits of the first answer token: a far stricter comparison than the tiny model's greedy text."""
     prompt = processor.apply_chat_template(to_messages([(QUESTION, None)]), add_generation_prompt=True)
-    inputs = processor(text=[prompt], images=[image], return_tensors="pt")
+    inputs = processor(text=[prompt], images=[image], return_tensors="pt").to(model.device)
     return model(**inputs).logits[0, -1].float()
 
 
@@ -211,7 +212,8 @@ def test_quantization_unavailable_is_one_clear_error(lineage, monkeypatch):
         raise RuntimeError("no kernel for this device")
 
     monkeypatch.setattr(bnb.nn, "Linear8bitLt", no_kernels)
-    with pytest.raises(QuantizationUnavailable, match=r"cannot run 8-bit layers on cpu \(RuntimeError: no kernel"):
+    where = re.escape(default_device())  # the CPU here, cuda:0 on a GPU machine
+    with pytest.raises(QuantizationUnavailable, match=rf"cannot run 8-bit layers on {where} \(RuntimeError: no kernel"):
         load_model(ckpt, load_in_8bit=True)
 
 
