@@ -86,12 +86,28 @@ ARMS = {  # name -> (tower in eval mode, LM attention, frozen Linear weights pre
 NOW = "tower eval, eager, pre-cast weights (the tuner now)"
 
 
-def main(argv=None) -> int:
+def small_stage():
+    """A stage of `small` with its CLI recipe on the base's own test records (only time is read), set up for training
+    as the tuner sets it up: (stage, the unwrapped model)."""
     from llaca.bench.quality import base_test_split
-    from llaca.train.loss import answer_loss
     from llaca.train.recipes import RECIPES, stage_fields
     from llaca.train.tuner import StageConfig, StageRecipe, keep_frozen_in_eval
     from llaca.versions import Registry
+
+    registry = Registry()
+    data = base_test_split(registry, registry.get("small"))
+    cfg = StageConfig(data=str(data), parent="small", checkpoint_every=0, evaluate_after=False,
+                      **{**stage_fields(RECIPES["small"]), "max_steps": 1000})
+    stage = StageRecipe(cfg, registry)
+    stage.setup()
+    stage.model.train()
+    keep_frozen_in_eval(stage.model)
+    return stage, stage.accelerator.unwrap_model(stage.model)
+
+
+def main(argv=None) -> int:
+    from llaca.train.loss import answer_loss
+    from llaca.train.recipes import RECIPES
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=8, help="steps per arm and round (the first is dropped)")
@@ -99,16 +115,8 @@ def main(argv=None) -> int:
     ap.add_argument("--profile-steps", type=int, default=0, help="then profile this many steps of the tuner's setting")
     ap.add_argument("--out", help="write the figures to this JSON file")
     args = ap.parse_args(argv)
-    registry = Registry()
     recipe = RECIPES["small"]
-    data = base_test_split(registry, registry.get("small"))  # the base's own records: only time is read
-    cfg = StageConfig(data=str(data), parent="small", checkpoint_every=0, evaluate_after=False,
-                      **{**stage_fields(recipe), "max_steps": 1000})
-    stage = StageRecipe(cfg, registry)
-    stage.setup()
-    stage.model.train()
-    keep_frozen_in_eval(stage.model)
-    model = stage.accelerator.unwrap_model(stage.model)
+    stage, model = small_stage()
     load_start = os.getloadavg()
     batch = stage._encode(stage._batches_for_step(0)[0])
     loss = {}  # one batch's loss per arm, before any step: pre-casting is exact, eager attention nearly

@@ -85,25 +85,15 @@ def grads_match(stage, idx: list[int]) -> float:
 
 
 def main(argv=None) -> int:
-    from llaca.bench.quality import base_test_split
-    from llaca.train.recipes import RECIPES, stage_fields
-    from llaca.train.tuner import StageConfig, StageRecipe, frozen_linears_cast, keep_frozen_in_eval, training_attention
-    from llaca.versions import Registry
+    from experiments.stage_step_profile import small_stage
+    from llaca.train.tuner import frozen_linears_cast, training_attention
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--steps", type=int, default=10)
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--out")
     args = ap.parse_args(argv)
-    registry = Registry()
-    data = base_test_split(registry, registry.get("small"))
-    cfg = StageConfig(data=str(data), parent="small", checkpoint_every=0, evaluate_after=False,
-                      **{**stage_fields(RECIPES["small"]), "max_steps": 1000})
-    stage = StageRecipe(cfg, registry)
-    stage.setup()
-    stage.model.train()
-    keep_frozen_in_eval(stage.model)
-    model = stage.accelerator.unwrap_model(stage.model)
+    stage, model = small_stage()
     load_start = os.getloadavg()
     times = {"sequential, 2 torch threads": [], "2 Python threads x 1 torch thread": []}
     with training_attention(model, "cpu", "bf16"), frozen_linears_cast(model, torch.bfloat16):
