@@ -141,7 +141,8 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     import statistics
 
     from ..train.recipes import RECIPES
-    from ..train.tuner import StageConfig, native_bf16, resolve_mixed_precision
+    from ..train.rules import ReplayRule
+    from ..train.tuner import StageConfig, native_bf16, passes_over, resolve_mixed_precision, steps_per_epoch
     from .quality import base_test_split
 
     recipe = RECIPES["small"]
@@ -160,9 +161,10 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
             per[name].append(step_seconds(registry, data, variant, steps, precision))
     s_per_step = {("fp32" if k == "no" else k): round(statistics.median(v), 2) for k, v in per.items()}
     batch = recipe.get("batch_size", 16)
-    # 1,000 records + the recipe's replay share, passed over max(epochs, min_records / 1,000) times (`_epochs`)
-    passes = max(recipe["epochs"], recipe.get("min_records", 0) / 1000)
-    steps_1000 = math.ceil(passes * math.ceil(1000 * (1 + recipe.get("replay_fraction", 0.0)) / batch))
+    # 1,000 records + the recipe's replay share, passed over as the tuner passes over them (one process)
+    with_replay = 1000 + ReplayRule(recipe.get("replay_fraction", 0.0)).n_replay(1000)
+    passes = passes_over(1000, recipe["epochs"], recipe.get("min_records", 0))
+    steps_1000 = math.ceil(passes * steps_per_epoch(with_replay, batch))
     out = {"recipe": recipe, "batch": batch, "cpu": cpu_model(), "native_bf16": native, "s_per_step": s_per_step,
            "runs": {k: [round(x, 2) for x in v] for k, v in per.items()}, "recipe_runs_in": ran,
            "matmul_ms": matmul_ms(), "steps_1000_records": steps_1000,

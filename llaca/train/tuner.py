@@ -337,13 +337,10 @@ class StageRecipe:
 
     # ------------------------------------------------------------------ data order
     def _epochs(self) -> float:
-        """`epochs`, or more passes where the set is smaller than `min_records` (its own records, before replay)."""
-        return max(self.cfg.epochs, self.cfg.min_records / max(1, len(self.dataset.records)))
+        return passes_over(len(self.dataset.records), self.cfg.epochs, self.cfg.min_records)
 
     def _steps_per_epoch(self) -> int:
-        """Full batches, plus the last partial one if every process gets at least one record of it."""
-        full, rest = divmod(len(self.train_records), self.cfg.batch_size)
-        return full + (rest >= self.accelerator.num_processes)
+        return steps_per_epoch(len(self.train_records), self.cfg.batch_size, self.accelerator.num_processes)
 
     def _batches_for_step(self, step: int) -> list[list[int]]:
         """This rank's micro-batches for optimizer step `step` (a pure function of seed and step -> resumable).
@@ -623,6 +620,18 @@ DEEPSPEED_REFUSAL = (
     "for that reason, docs/llaca.md), and ZeRO keeps gradients in flat partitions whose per-tensor L1 sums it does not "
     "expose. Shard with FSDP2 instead: accelerate launch --config_file configs/accelerate/fsdp_gpu.yaml (or "
     "fsdp_offload_gpu.yaml) -m llaca learn ... (docs/sharded-training.md)")
+
+
+def passes_over(n_records: int, epochs: float, min_records: int = 0) -> float:
+    """`epochs`, or more passes where the set is smaller than `min_records` (its own records, before replay)."""
+    return max(epochs, min_records / max(1, n_records))
+
+
+def steps_per_epoch(n_train_records: int, batch_size: int, processes: int = 1) -> int:
+    """Full batches of the stage's records (with replay), plus the last partial one if every process gets at least
+    one record of it."""
+    full, rest = divmod(n_train_records, batch_size)
+    return full + (rest >= processes)
 
 
 def keep_frozen_in_eval(model) -> None:
