@@ -209,7 +209,7 @@ def test_learn_defaults_to_the_measured_recipe_and_replay_fraction_0_is_the_fait
 
 def test_progress_bar_restarts_for_each_stage_of_a_job(capsys):
     """A multi-phase build (alignment, then instructions) shows one bar per phase, not one bar counting both."""
-    from llaca.cli.common import progress_printer
+    from llaca.train.progress import progress_printer
 
     on_event = progress_printer("build-base")
     for total, steps in ((4, 4), (6, 3)):

@@ -1,7 +1,7 @@
-"""Helpers every CLI command group shares: the tuner's tqdm progress printer and the registry with its base installed."""
+"""Helpers every CLI command group shares: the registry with its base installed."""
 from __future__ import annotations
 
-from ..train.progress import progress_printer  # (the CLI's commands import it from here)
+from ..train.progress import progress_printer
 
 
 def registry_with_base():

@@ -70,7 +70,8 @@ def cmd_learn(args) -> int:
     import dataclasses
 
     from ..train.corrections import learn, recipe_for_parent
-    from .common import progress_printer, registry_with_base
+    from ..train.progress import progress_printer
+    from .common import registry_with_base
 
     registry = registry_with_base()
     overrides = {"min_steps": args.min_steps, "replay_per_correction": args.replay_per_correction}

@@ -11,7 +11,8 @@ import os
 import sys
 import time
 
-from .common import progress_printer, registry_with_base
+from ..train.progress import progress_printer
+from .common import registry_with_base
 
 
 def cmd_build_base(args) -> int:
