@@ -169,8 +169,8 @@ def test_projector_lr_is_its_own_param_group_and_survives_resume(llaca_home, coi
 
 def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_fp32_weights(llaca_home, coin_dir):
     """`mixed_precision="bf16"` (small's recipe): the LM's matmuls run in bf16 (its attention eager on CPU, sdpa again
-    after the stage), while the weights (and so AdamW and the LLaCA rule) stay fp32; the first loss matches the fp32 stage's to bf16 precision; the setting is in the run key
-    only when given, and a typo is refused."""
+    after the stage), while the weights (and so AdamW and the LLaCA rule) stay fp32; the first loss matches the fp32
+    stage's to bf16 precision; the setting is in the run key only when given, and a typo is refused."""
     registry = Registry()
     data = str(coin_dir / "vqav2" / "train")
     losses, dtypes = {}, {}
