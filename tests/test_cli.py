@@ -257,3 +257,16 @@ def test_smalls_stage_passes_a_small_set_up_to_its_least_records_unless_the_epoc
     assert "min_records" not in base_stage_options(tiny, False)
     assert "passes up to 1,800 records" in describe(small) and "passes up to" not in describe(tiny)
     assert build_parser().parse_args(["learn", "d"]).min_records is None  # None: the recipe decides
+
+
+def test_image_jitter_reaches_the_stage_and_a_bad_value_is_one_clear_line(llaca_home, coin_dir):
+    """`learn --image-jitter 0.1` trains with reframed images (recorded in the version's hparams, so its run key
+    differs); an out-of-range value is refused with the option's name, no traceback."""
+    train = coin_dir / "textvqa" / "train"
+    out = llaca("learn", train, "--method", "seq", "--from", "base", "--max-steps", "2", "--batch-size", "8",
+                "--image-jitter", "0.1", "--no-eval", home=llaca_home)
+    vid = out.stdout.strip().splitlines()[-1]
+    assert json.loads((llaca_home / "versions" / vid / "meta.json").read_text())["hparams"]["image_jitter"] == 0.1
+    bad = llaca("learn", train, "--from", "base", "--max-steps", "2", "--image-jitter", "1.5", home=llaca_home,
+                check=False)
+    assert bad.returncode != 0 and "image_jitter=1.5" in bad.stderr and "Traceback" not in bad.stderr

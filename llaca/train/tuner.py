@@ -44,6 +44,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .. import data as D
+from ..data.augment import jitter_framing
 from ..paths import atomic_dir
 from ..versions import Registry, Version, base_of, load_base
 from .loss import answer_loss
@@ -144,6 +145,9 @@ class StageConfig:
     vision_blocks: int = 0  # the tower's last N blocks that feed LLaVA's features learn (full weights or, --lora, LoRA)
     rule_hparams: dict = dataclasses.field(default_factory=dict)
     replay_fraction: float = 0.0  # any rule but `replay`: mix in this fraction of earlier records (as ReplayRule does)
+    # Frame each training image a little differently on every pass: zoom by up to this fraction of its sides and
+    # shift (llaca.data.augment). 0: the images as they are.
+    image_jitter: float = 0.0
     checkpoint_every: int = 50
     evaluate_after: bool = True
     eval_limit: int | None = None
@@ -151,6 +155,8 @@ class StageConfig:
 
     def __post_init__(self):
         self.mixed_precision = resolve_mixed_precision(self.mixed_precision)
+        if not 0 <= self.image_jitter < 1:
+            raise ValueError(f"image_jitter={self.image_jitter}: a fraction of the image's sides, from 0 (off) to under 1")
 
     def hparams(self) -> dict:
         keep = ("epochs", "max_steps", "lr", "batch_size", "grad_accum", "warmup_ratio", "weight_decay",
@@ -164,6 +170,8 @@ class StageConfig:
             out["vision_blocks"] = self.vision_blocks
         if self.replay_fraction:  # only when set: run keys of existing stages are unchanged
             out["replay_fraction"] = self.replay_fraction
+        if self.image_jitter:  # only when set, like replay_fraction
+            out["image_jitter"] = self.image_jitter
         if self.lora:
             out.update(lora_r=self.lora_r, lora_alpha=self.lora_alpha, lora_dropout=self.lora_dropout)
         if self.load_in_4bit or self.load_in_8bit:
@@ -360,10 +368,20 @@ class StageRecipe:
         return [share[i:i + micro] for i in range(0, len(share), micro)]
 
     def _encode(self, idx: list[int]) -> dict:
-        batch = D.collate([self.encoder.encode(self.train_records[j]) for j in idx], self.processor.tokenizer.pad_token_id)
+        batch = D.collate([self._encode_record(j) for j in idx], self.processor.tokenizer.pad_token_id)
         batch = {k: v.to(self.accelerator.device) for k, v in batch.items()}
         batch["pixel_values"] = batch["pixel_values"].to(self.input_dtype)
         return batch
+
+    def _encode_record(self, j: int) -> dict:
+        """Record j of the stage, its image framed afresh for this step when `image_jitter` is set (a pure function
+        of seed, step and record: a resumed stage sees the same images)."""
+        record = self.train_records[j]
+        if not self.cfg.image_jitter:
+            return self.encoder.encode(record)
+        rng = random.Random(f"{self.cfg.seed}:{self.step}:{j}")
+        image = jitter_framing(D.load_image(record.image), rng, self.cfg.image_jitter)
+        return self.encoder.encode(record, image=image)
 
     def _global_label_tokens(self, batches: list[dict]) -> torch.Tensor:
         """Label tokens (after the causal shift) of the whole global batch, summed over all processes."""
