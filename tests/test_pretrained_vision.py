@@ -123,6 +123,34 @@ def test_space_to_depth_tower_stacks_each_2x2_patch_of_the_stride16_map(classifi
         assert torch.equal(again(x).last_hidden_state, out)
 
 
+def test_global_tower_gives_every_token_its_own_head_channels_and_the_maps_mean(classifier, tmp_path):
+    """The `head+mean` read-out: transformers' own EfficientNetModel at width 2 with Lite's widths and one fixed
+    block; every token holds the head map's 1280 channels at its position (bit-exact) and their mean over the map
+    (the ImageNet head's pooled features); reloads as is, and a stage's bf16 autocast keeps it."""
+    from transformers import AutoModel
+
+    tower, config = pv.efficientnet_lite_global_tower("lite2", 224)
+    x = pv.tower_image_processor(224)(_photos(["chelsea", "coffee"]), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        head = classifier.efficientnet(x).last_hidden_state
+        out = tower(x).last_hidden_state
+    assert head.shape == (2, 1280, 7, 7) and out.shape == (2, 2560, 7, 7) and config.hidden_dim == 2560
+    assert torch.equal(out[:, :1280], head)
+    mean = head.mean((2, 3), keepdim=True).expand_as(head)
+    assert torch.allclose(out[:, 1280:], mean, atol=1e-5)
+    assert out[0, 1280 + 9, 0, 0].item() == pytest.approx(head[0, 9].mean().item(), abs=1e-5)  # a corner too
+    assert (out[0, 1280:] - out[1, 1280:]).abs().max() > 0.1  # the mean is the image's own, not a constant
+    tower.save_pretrained(tmp_path / "global")
+    again = AutoModel.from_pretrained(tmp_path / "global")
+    with torch.no_grad():
+        assert torch.equal(again(x).last_hidden_state, out)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = tower(x).last_hidden_state.float()
+            low_head = classifier.efficientnet(x).last_hidden_state.float()
+    err = (low[:, :1280] - low_head).abs().max(), (low[:, 1280:] - low_head.mean((2, 3), keepdim=True)).abs().max()
+    assert err[0] < 0.1 and err[1] < 0.02, err  # bf16's own rounding (values up to 6), nothing clipped or lost
+
+
 def test_a_stage_keeps_the_frozen_tower_in_eval_mode():
     """`model.train()` would switch on the frozen tower's drop-connect (random features the LM never sees when it
     answers); the tuner's `keep_frozen_in_eval` keeps a frozen tower deterministic and equal to its eval output, while

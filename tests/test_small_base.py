@@ -96,3 +96,17 @@ def test_shipped_adapter_is_what_the_build_recorded():
     adapter = json.loads((SMALL_ASSETS / "adapter" / "adapter_config.json").read_text())
     assert adapter["r"] == build["lora_r"] and adapter["modules_to_save"] == ["multi_modal_projector"]
     assert torch.__version__.startswith("2.13.0")
+
+
+def test_the_head_plus_mean_readout_assembles_into_49_tokens_of_2560_channels():
+    """`small_build --readout head+mean` (not shipped): the tower's 2,560 channels reach LLaVA's projector, which
+    turns them into 49 LM-width image tokens."""
+    from llaca.models.small import IMAGE_SIZE, assemble
+
+    model, processor = assemble(0, readout="head+mean")
+    assert model.model.multi_modal_projector.linear_1.in_features == 2560
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), "white")
+    pixels = processor.image_processor(image, return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        tokens = model.get_image_features(pixel_values=pixels).pooler_output
+    assert tokens.shape == (1, 49, model.config.text_config.hidden_size) and torch.isfinite(tokens).all()

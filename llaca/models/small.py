@@ -23,7 +23,8 @@ import torch
 from transformers import AutoTokenizer, FastVlmConfig, FastVlmForConditionalGeneration, LlavaProcessor
 
 from ..paths import ASSETS_DIR
-from .vision import efficientnet_lite_s2d_tower, efficientnet_lite_tower, tower_image_processor
+from .vision import (efficientnet_lite_global_tower, efficientnet_lite_s2d_tower, efficientnet_lite_tower,
+                     tower_image_processor)
 
 SMALL_ASSETS = ASSETS_DIR / "small"
 
@@ -41,8 +42,11 @@ IMAGE_SIZE = 224  # a 7x7 grid = 49 image tokens
 # "head" is the stride-32 head map (1280 channels; builds 2 and 5, shipped), "s2d" the stride-16 map, each 2x2
 # patch stacked into one token (480 live channels; `llaca.models.vision.efficientnet_lite_s2d_tower`). Build 4
 # (2026-12-05, s2d + text learned by KL) answered 28.7% of the own test against build 2's 35.3, reading no better
-# (2.5%): not shipped, docs/base-models.md "Build 4".
-READOUTS = {"head": efficientnet_lite_tower, "s2d": efficientnet_lite_s2d_tower}
+# (2.5%): not shipped, docs/base-models.md "Build 4". "head+mean" gives every token its head-map channels and the
+# map's mean (2,560; `efficientnet_lite_global_tower`): measured only as build 5 converted with the mean's projector
+# weights zero (experiments/global_readout_version.py), where a stage did not learn held-out sets better; never built.
+READOUTS = {"head": efficientnet_lite_tower, "s2d": efficientnet_lite_s2d_tower,
+            "head+mean": efficientnet_lite_global_tower}
 READOUT = "head"
 
 
