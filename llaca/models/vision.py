@@ -326,6 +326,9 @@ def tower_image_processor(image_size: int = 256, mean=MEAN, std=STD):
 
 # --------------------------------------------------------------------------- the head map with its global mean
 
+GLOBAL_EXPAND = 8  # the fixed block expands Lite2's 352 channels to 2,816 >= 2 x 1280 (the rest stay 0)
+
+
 def lite_global_config(variant: str = "lite2", image_size: int = 224):
     """`EfficientNetConfig` of the head-map-plus-mean tower: Lite's blocks at width coefficient 2 with every channel
     count written at half (so the blocks keep Lite's widths, the stem and head double), then one fixed block that
@@ -347,9 +350,6 @@ def lite_global_config(variant: str = "lite2", image_size: int = 224):
     config.num_block_repeats = config.num_block_repeats + [1]
     config.hidden_dim = 2 * config.hidden_dim
     return config
-
-
-GLOBAL_EXPAND = 8  # the fixed block expands Lite2's 352 channels to 2,816 >= 2 x 1280 (the rest stay 0)
 
 
 def efficientnet_lite_global_tower(variant: str = "lite2", image_size: int = 224):
