@@ -44,8 +44,8 @@ REGIME_NOTES = {
             "See docs/benchmarks.md, 'The default recipe and the demo'.",
     "small": "Default on **small**: `replay` (plain steps, 20% of earlier records mixed into the stage), LoRA "
              "without dropout at lr 3e-4 in batches of 2, one epoch, and a set under 1,800 records passed over until "
-             "the stage has trained on 1,800: one held-out stage learned Tux Paint drawings to 80.1 / 75.3% and "
-             "digits to 92.9 / 94.0% (two seeds each; at 1,500 records: 78.3 and 91.7; in batches of 4 over 1,000 "
+             "the stage has trained on 1,800: one held-out stage learned Tux Paint drawings to 78.5% and "
+             "digits to 92.9% (means of three seeds; at 1,500 records: 78.3 and 91.7; in batches of 4 over 1,000 "
              "records: 69.3 and 91.2). Over 4 CoIN-mini stages (at lr 2e-4) on "
              "this base (3 seeds) it forgot 4.5 points at "
              "58.6% Avg.ACC, llaca + replay 12.2 / 51.7, and the paper's rule alone 18.1 / 53.6 against seq's "
