@@ -184,6 +184,36 @@ def efficientnet_lite_tower(variant: str = "lite2", image_size: int = 256):
     return model.eval(), config
 
 
+# --------------------------------------------------------------------------- towers with one fixed block
+
+def _map_side(image_size: int, strides: list[int]) -> int:
+    """The feature map's side after the stem (stride 2) and stages with `strides` (TF 'SAME': rounded up)."""
+    side = image_size
+    for stride in [2] + strides:
+        side = math.ceil(side / stride)
+    return side
+
+
+def _bn_state(prefix: str, weight: torch.Tensor, bias: torch.Tensor, mean: torch.Tensor | None = None,
+              var: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """A BatchNorm's state entries; running mean 0 and variance 1 unless given."""
+    n = weight.shape[0]
+    return {f"{prefix}.weight": weight, f"{prefix}.bias": bias,
+            f"{prefix}.running_mean": torch.zeros(n) if mean is None else mean,
+            f"{prefix}.running_var": torch.ones(n) if var is None else var}
+
+
+def _shift_bn(prefix: str, n: int, eps: float, bias: torch.Tensor | float = 0.0,
+              live: int | None = None) -> dict[str, torch.Tensor]:
+    """BatchNorm (eval) that computes x + bias on its first `live` channels (all by default) and 0 on the rest:
+    weight sqrt(1 + eps) cancels the running variance 1."""
+    weight = torch.full((n,), math.sqrt(1.0 + eps))
+    bias = torch.full((n,), float(bias)) if not torch.is_tensor(bias) else bias
+    if live is not None:
+        weight[live:], bias = 0.0, torch.cat([bias[:live], torch.zeros(n - live)])
+    return _bn_state(prefix, weight, bias)
+
+
 # --------------------------------------------------------------------------- the stride-16 read-out
 
 S2D_STAGES = 5  # EfficientNet's stages 0-4 end at stride 16 (Lite2: 120 channels, 14x14 at 224 px)
@@ -197,9 +227,7 @@ def lite_s2d_config(variant: str = "lite2", image_size: int = 224):
     n = S2D_STAGES
     c16 = config.out_channels[n - 1]
     pretrained_blocks = sum(config.num_block_repeats[:n])
-    side = image_size
-    for stride in [2] + config.strides[:n]:  # the stem, then each stage
-        side = math.ceil(side / stride)
+    side = _map_side(image_size, config.strides[:n])
     odd = [b for b in config.depthwise_padding if b < pretrained_blocks] + ([pretrained_blocks] if side % 2 else [])
     config.kernel_sizes = config.kernel_sizes[:n] + [3]
     config.strides = config.strides[:n] + [2]
@@ -241,31 +269,22 @@ def efficientnet_lite_s2d_tower(variant: str = "lite2", image_size: int = 224):
     c = config.in_channels[-1]
     eps = config.batch_norm_eps
 
-    def bn(prefix: str, n: int, bias: torch.Tensor | float = 0.0, live: int | None = None):
-        """BatchNorm that computes x + bias on its first `live` channels (all by default) and 0 on the rest."""
-        weight = torch.full((n,), math.sqrt(1.0 + eps))
-        bias = torch.full((n,), float(bias)) if not torch.is_tensor(bias) else bias
-        if live is not None:
-            weight[live:], bias = 0.0, torch.cat([bias[:live], torch.zeros(n - live)])
-        state.update({f"{prefix}.weight": weight, f"{prefix}.bias": bias, f"{prefix}.running_mean": torch.zeros(n),
-                      f"{prefix}.running_var": torch.ones(n)})
-
     block = f"encoder.blocks.{n_pretrained}"
     copies = torch.eye(c).repeat(4, 1)  # (4C, C): output channel k*C + c reads channel c
     state[f"{block}.expansion.expand_conv.weight"] = (S2D_SCALE * copies)[:, :, None, None]
-    bn(f"{block}.expansion.expand_bn", 4 * c, S2D_SHIFT)
+    state.update(_shift_bn(f"{block}.expansion.expand_bn", 4 * c, eps, S2D_SHIFT))
     pick = torch.zeros(4 * c, 1, 3, 3)
     for k in range(4):
         dy, dx = divmod(k, 2)
         pick[k * c:(k + 1) * c, 0, dy, dx] = 1.0
     state[f"{block}.depthwise_conv.depthwise_conv.weight"] = pick
-    bn(f"{block}.depthwise_conv.depthwise_norm", 4 * c)
+    state.update(_shift_bn(f"{block}.depthwise_conv.depthwise_norm", 4 * c, eps))
     state.update(_open_se_gate(model.encoder.blocks[n_pretrained].squeeze_excite, f"{block}.squeeze_excite"))
     state[f"{block}.projection.project_conv.weight"] = torch.eye(4 * c)[:, :, None, None]
-    bn(f"{block}.projection.project_bn", 4 * c, -S2D_SHIFT)
+    state.update(_shift_bn(f"{block}.projection.project_bn", 4 * c, eps, -S2D_SHIFT))
     hidden = model.encoder.top_conv.out_channels
     state["encoder.top_conv.weight"] = torch.eye(hidden, 4 * c)[:, :, None, None]
-    bn("encoder.top_bn", hidden, S2D_SHIFT, live=4 * c)
+    state.update(_shift_bn("encoder.top_bn", hidden, eps, S2D_SHIFT, live=4 * c))
     _load_complete(model, state, "space-to-depth tower")
     return model.eval(), config
 
@@ -334,9 +353,7 @@ def lite_global_config(variant: str = "lite2", image_size: int = 224):
     count written at half (so the blocks keep Lite's widths, the stem and head double), then one fixed block that
     computes the head map and its spatial mean (see `efficientnet_lite_global_tower`)."""
     config = lite_config(variant, image_size)
-    side = image_size
-    for stride in [2] + config.strides:  # the stem, then each stage
-        side = math.ceil(side / stride)
+    side = _map_side(image_size, config.strides)
     n_in = config.out_channels[-1]
     if any(c % 2 or (c // 2) % 4 for c in config.in_channels + config.out_channels):
         raise ValueError(f"{variant}: a channel count that width 2 cannot carry exactly")
@@ -381,59 +398,49 @@ def efficientnet_lite_global_tower(variant: str = "lite2", image_size: int = 224
     state = _to_transformers(sd, model, n_pretrained=n_lite)
     eps = config.batch_norm_eps
     stem = model.embeddings.convolution.out_channels
-    bn_keys = ("weight", "bias", "running_mean", "running_var")
 
     def pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
         return torch.cat([t, torch.zeros((n - t.shape[0],) + t.shape[1:], dtype=t.dtype)])
 
-    # the stem's extra channels: zero weights, BN output 0 (weight 0, bias 0)
+    def pad_bn(prefix: str, n: int) -> None:
+        """A BatchNorm widened to n channels whose extra ones output 0 (weight 0, bias 0, variance 1)."""
+        old = {p: state[f"{prefix}.{p}"] for p in ("weight", "bias", "running_mean", "running_var")}
+        state.update(_bn_state(prefix, pad_rows(old["weight"], n), pad_rows(old["bias"], n),
+                               pad_rows(old["running_mean"], n),
+                               torch.cat([old["running_var"], torch.ones(n - old["running_var"].shape[0])])))
+
+    # the stem's extra channels and the first block's depthwise conv on them: zero weights, BN output 0
     state["embeddings.convolution.weight"] = pad_rows(state["embeddings.convolution.weight"], stem)
-    for p in bn_keys:
-        fill = torch.ones if p == "running_var" else torch.zeros
-        t = state[f"embeddings.batchnorm.{p}"]
-        state[f"embeddings.batchnorm.{p}"] = torch.cat([t, fill(stem - t.shape[0])])
+    pad_bn("embeddings.batchnorm", stem)
     b0 = "encoder.blocks.0"
     dw = state[f"{b0}.depthwise_conv.depthwise_conv.weight"]
     state[f"{b0}.depthwise_conv.depthwise_conv.weight"] = pad_rows(dw, stem)
-    for p in bn_keys:
-        fill = torch.ones if p == "running_var" else torch.zeros
-        t = state[f"{b0}.depthwise_conv.depthwise_norm.{p}"]
-        state[f"{b0}.depthwise_conv.depthwise_norm.{p}"] = torch.cat([t, fill(stem - t.shape[0])])
+    pad_bn(f"{b0}.depthwise_conv.depthwise_norm", stem)
     proj = state[f"{b0}.projection.project_conv.weight"]
     state[f"{b0}.projection.project_conv.weight"] = torch.cat(
         [proj, torch.zeros(proj.shape[0], stem - proj.shape[1], 1, 1)], 1)
     state.update(_open_se_gate(model.encoder.blocks[0].squeeze_excite, f"{b0}.squeeze_excite"))
-
-    def bn(prefix: str, weight: torch.Tensor, bias: torch.Tensor, mean=None, var=None):
-        n = weight.shape[0]
-        state.update({f"{prefix}.weight": weight, f"{prefix}.bias": bias,
-                      f"{prefix}.running_mean": torch.zeros(n) if mean is None else mean,
-                      f"{prefix}.running_var": torch.ones(n) if var is None else var})
-
-    def identity_bn(prefix: str, n: int):
-        bn(prefix, torch.full((n,), math.sqrt(1.0 + eps)), torch.zeros(n))
 
     hidden = sd["_conv_head.weight"].shape[0]  # 1280
     block = f"encoder.blocks.{n_lite}"
     expanded = model.encoder.blocks[n_lite].depthwise_conv.depthwise_conv.in_channels
     head_w = sd["_conv_head.weight"]
     state[f"{block}.expansion.expand_conv.weight"] = pad_rows(torch.cat([head_w, head_w]), expanded)
-    zeros = torch.zeros(expanded - 2 * hidden)
-    bn(f"{block}.expansion.expand_bn",
-       torch.cat([sd["_bn1.weight"], sd["_bn1.weight"], zeros]), torch.cat([sd["_bn1.bias"], sd["_bn1.bias"], zeros]),
-       torch.cat([sd["_bn1.running_mean"], sd["_bn1.running_mean"], zeros]),
-       torch.cat([sd["_bn1.running_var"], sd["_bn1.running_var"], torch.ones(expanded - 2 * hidden)]))
+    twice = {p: torch.cat([sd[f"_bn1.{p}"], sd[f"_bn1.{p}"]]) for p in ("weight", "bias", "running_mean", "running_var")}
+    state.update(_bn_state(f"{block}.expansion.expand_bn", pad_rows(twice["weight"], expanded),
+                           pad_rows(twice["bias"], expanded), pad_rows(twice["running_mean"], expanded),
+                           torch.cat([twice["running_var"], torch.ones(expanded - 2 * hidden)])))
     k = config.kernel_sizes[-1]
     side = (k + 1) // 2
     taps = torch.zeros(expanded, 1, k, k)
     taps[:hidden, 0, k // 2, k // 2] = 1.0
     taps[hidden:2 * hidden, 0, k // 2 - side + 1:k // 2 + side, k // 2 - side + 1:k // 2 + side] = 1.0 / side ** 2
     state[f"{block}.depthwise_conv.depthwise_conv.weight"] = taps
-    identity_bn(f"{block}.depthwise_conv.depthwise_norm", expanded)
+    state.update(_shift_bn(f"{block}.depthwise_conv.depthwise_norm", expanded, eps))
     state.update(_open_se_gate(model.encoder.blocks[n_lite].squeeze_excite, f"{block}.squeeze_excite"))
     state[f"{block}.projection.project_conv.weight"] = torch.eye(2 * hidden, expanded)[:, :, None, None]
-    identity_bn(f"{block}.projection.project_bn", 2 * hidden)
+    state.update(_shift_bn(f"{block}.projection.project_bn", 2 * hidden, eps))
     state["encoder.top_conv.weight"] = torch.eye(2 * hidden)[:, :, None, None]
-    identity_bn("encoder.top_bn", 2 * hidden)
+    state.update(_shift_bn("encoder.top_bn", 2 * hidden, eps))
     _load_complete(model, state, "head-plus-mean tower")
     return model.eval(), config
