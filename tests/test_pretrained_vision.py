@@ -154,7 +154,8 @@ def test_global_tower_gives_every_token_its_own_head_channels_and_the_maps_mean(
 def test_a_stage_keeps_the_frozen_tower_in_eval_mode():
     """`model.train()` would switch on the frozen tower's drop-connect (random features the LM never sees when it
     answers); the tuner's `keep_frozen_in_eval` keeps a frozen tower deterministic and equal to its eval output, while
-    the parts that learn train, and a tower that learns its last blocks trains them with its frozen BatchNorms fixed."""
+    the parts that learn train, and a tower that learns its last blocks trains them with no drop-connect and its
+    BatchNorm statistics fixed."""
     from llaca.train.tuner import keep_frozen_in_eval
 
     tower, config = pv.efficientnet_lite_tower("lite2", 224)
@@ -172,9 +173,12 @@ def test_a_stage_keeps_the_frozen_tower_in_eval_mode():
         assert torch.equal(tower(pixels).last_hidden_state, clean)
     assert all(m.training for m in model["projector"].modules())
     last = tower.encoder.blocks[-1]
-    last.requires_grad_(True)  # a tower that learns its last block: it trains, its frozen BatchNorms do not
+    last.requires_grad_(True)  # a tower that learns its last block: the block trains, no dropout or BatchNorm does
     model.train()
     keep_frozen_in_eval(model)
     assert tower.training and last.training
-    frozen_bns = [m for m in tower.encoder.blocks[0].modules() if isinstance(m, nn.BatchNorm2d)]
-    assert frozen_bns and not any(m.training for m in frozen_bns)
+    bns = [m for m in tower.modules() if isinstance(m, nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns)
+    assert not any(m.training for m in tower.modules() if isinstance(m, nn.Dropout))
+    with torch.no_grad():  # so the learning tower's features are still exactly its eval features before a step
+        assert torch.equal(tower(pixels).last_hidden_state, clean)

@@ -88,6 +88,29 @@ def test_tuner_runs_lora_steps_on_small(small_home, coin_dir):
     assert trace == 3
 
 
+def test_vision_blocks_put_lora_on_the_efficientnet_towers_last_block_and_head_conv(small_home, coin_dir):
+    """`--vision-blocks 1` on `small` adapts what feeds its LM: LoRA on the last MBConv block's 1x1 convs and the head
+    conv (the 7x7 map's 1,280 channels), beside the LM's; no other tower layer, and the frozen tower stays exact."""
+    import re
+
+    from safetensors.torch import load_file
+
+    from llaca.train.tuner import StageConfig, run_stage
+    from llaca.versions import Registry
+
+    task = sorted(p for p in coin_dir.iterdir() if p.is_dir())[0]
+    version = run_stage(StageConfig(data=str(task / "train"), method="seq", parent="small", max_steps=2,
+                                    batch_size=2, lr=2e-4, lora=True, lora_r=4, lora_alpha=8, vision_blocks=1,
+                                    checkpoint_every=0, evaluate_after=False), Registry(small_home))
+    adapter = load_file(version.path / "adapter" / "adapter_model.safetensors")
+    tower = sorted({re.sub(r"\.lora_[AB].*", "", k.split("vision_tower.")[1]) for k in adapter if "vision_tower" in k})
+    assert tower == ["encoder.blocks.20.expansion.expand_conv", "encoder.blocks.20.projection.project_conv",
+                     "encoder.top_conv"], tower
+    moved = [k for k in adapter if "vision_tower" in k and "lora_B" in k and adapter[k].abs().max() > 0]
+    assert moved, "the tower's LoRA learned (lora_B starts at zero)"
+    assert any("language_model" in k and "lora_" in k for k in adapter)
+
+
 def test_shipped_adapter_is_what_the_build_recorded():
     """assets/small holds only what this project trained, within the issue's 60 MB."""
     size = sum(f.stat().st_size for f in SMALL_ASSETS.rglob("*") if f.is_file())

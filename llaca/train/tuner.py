@@ -79,21 +79,41 @@ LM_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|
 
 
 VISION_LINEAR_LAYERS = r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
+# EfficientNet's 1x1 convolutions (a Linear per pixel): LoRA's targets in its blocks. The depthwise 3x3/5x5 convs and
+# the squeeze-excite convs (pinned open in Lite, llaca.models.vision) are left alone.
+EFFICIENTNET_POINTWISE = r"\.(expansion\.expand_conv|projection\.project_conv)"
 
 
-def vision_block_pattern(model, n: int) -> str:
-    """Regex (up to the block index) of the tower's last `n` encoder blocks whose output LLaVA reads.
+def _vision_tower(model):
+    return next(m for name, m in model.named_modules() if name.endswith("vision_tower"))
 
-    LLaVA reads hidden state `vision_feature_layer` (-1 here, -2 in llava-1.5): blocks after it never reach the LM,
-    so "the last n" counts back from that one.
+
+def vision_block_pattern(model, n: int, lora: bool = False) -> str:
+    """Regex (`re.match` from the start of a module or parameter name) of the tower's last `n` blocks whose output
+    LLaVA reads; with `lora`, of the layers in them that get LoRA adapters.
+
+    A ViT (LLaVA): LLaVA reads hidden state `vision_feature_layer` (-1 here, -2 in llava-1.5), so blocks after it
+    never reach the LM and "the last n" counts back from that one. An EfficientNet (FastVLM, `small`): the LM reads
+    the last hidden state, the head 1x1 conv (`top_conv`) over the last MBConv block, so the last n blocks plus that
+    head conv.
     """
-    cfg = model.config
-    layers = cfg.vision_config.num_hidden_layers
-    feature = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else max(cfg.vision_feature_layer)
-    used = layers + 1 + feature if feature < 0 else feature  # hidden_states[0] is the embeddings
+    vision = model.config.vision_config
+    efficientnet = vision.model_type == "efficientnet"
+    if efficientnet:
+        used = len(_vision_tower(model).encoder.blocks)
+    else:
+        cfg = model.config
+        feature = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else max(cfg.vision_feature_layer)
+        used = vision.num_hidden_layers + 1 + feature if feature < 0 else feature  # hidden_states[0]: the embeddings
     if not 0 < n <= used:
         raise ValueError(f"vision_blocks={n}: the tower has {used} blocks that feed the language model (1..{used})")
-    return r".*vision_tower\..*encoder\.layers\.(" + "|".join(str(i) for i in range(used - n, used)) + r")"
+    index = "|".join(str(i) for i in range(used - n, used))
+    if efficientnet:
+        parts = [rf"blocks\.({index}){EFFICIENTNET_POINTWISE}", r"top_conv"] if lora else \
+            [rf"blocks\.({index})\.", r"top_conv\.", r"top_bn\."]
+    else:
+        parts = [rf"layers\.({index}){VISION_LINEAR_LAYERS}" if lora else rf"layers\.({index})\."]
+    return r".*vision_tower\..*encoder\.(" + "|".join(parts) + ")"
 
 
 class StageCancelled(RuntimeError):
@@ -309,7 +329,7 @@ class StageRecipe:
             raise ValueError("train_vision trains the whole tower; vision_blocks its last blocks only: choose one")
         if cfg.lora or getattr(model, "peft_config", None):
             return self._make_lora(model)
-        last = re.compile(vision_block_pattern(model, cfg.vision_blocks) + r"\.") if cfg.vision_blocks else None
+        last = re.compile(vision_block_pattern(model, cfg.vision_blocks)) if cfg.vision_blocks else None
         for name, p in model.named_parameters():
             p.requires_grad = cfg.train_vision or "vision_tower" not in name or bool(last and last.match(name))
         return model
@@ -325,7 +345,7 @@ class StageRecipe:
             p.requires_grad = False
         targets = LM_LINEAR_LAYERS
         if self.cfg.vision_blocks:  # LoRA also on the tower's last blocks (as LLaVA variants that adapt the tower)
-            targets += "|" + vision_block_pattern(model, self.cfg.vision_blocks) + VISION_LINEAR_LAYERS
+            targets += "|" + vision_block_pattern(model, self.cfg.vision_blocks, lora=True)
         config = LoraConfig(r=self.cfg.lora_r, lora_alpha=self.cfg.lora_alpha, lora_dropout=self.cfg.lora_dropout,
                             target_modules=targets, modules_to_save=["multi_modal_projector"])
         return get_peft_model(model, config)
@@ -661,11 +681,16 @@ def keep_frozen_in_eval(model) -> None:
       while the base was built: the build caches the tower's eval features), and each step would pay for the masks;
     - frozen BatchNorm layers (in a tower that trains only its last blocks) would re-estimate their running mean and
       variance from every stage's images: the frozen base would drift anyway, and with several processes each would
-      drift on its own share of the batch (FSDP does not synchronise buffers; rank 0's would be saved).
+      drift on its own share of the batch (FSDP does not synchronise buffers; rank 0's would be saved);
+    - a tower that learns its last blocks would still run the drop-connect of every block (its dropout modules hold
+      no parameters), and its BatchNorms would re-estimate their statistics from batches of 2-16 images: the tower's
+      parts with nothing to learn, its dropouts and all its BatchNorms stay in eval mode (a fine-tuned CNN keeps its
+      BatchNorm statistics frozen at small batches; the affine weights of a learning block still learn).
     """
     for name, module in model.named_modules():
         frozen = not any(p.requires_grad for p in module.parameters())
-        if frozen and (name.endswith("vision_tower") or isinstance(module, torch.nn.modules.batchnorm._BatchNorm)):
+        batch_norm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
+        if batch_norm or (frozen and "vision_tower" in name.split(".")):
             module.eval()
 
 
