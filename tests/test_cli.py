@@ -259,6 +259,35 @@ def test_smalls_stage_passes_a_small_set_up_to_its_least_records_unless_the_epoc
     assert build_parser().parse_args(["learn", "d"]).min_records is None  # None: the recipe decides
 
 
+def test_smalls_stage_adapts_the_towers_last_block_and_tiny_keeps_its_tower_frozen():
+    """`small`'s recipe puts LoRA on its tower's last block (`vision_blocks=1`): `learn` with no options, the Learn
+    tab's form and the held-out bench's "CLI defaults" all run it; tiny's recipe leaves the tower frozen."""
+    from llaca.cli import build_parser
+    from llaca.train.recipes import RECIPES, base_stage_options, describe, stage_fields
+
+    small, tiny = RECIPES["small"], RECIPES["tiny"]
+    assert stage_fields(small)["vision_blocks"] == 1 and "vision_blocks" not in stage_fields(tiny)
+    assert base_stage_options(small, True)["vision_blocks"] == 1 and "vision_blocks" not in base_stage_options(tiny, False)
+    assert "the tower's last block adapted" in describe(small) and "tower" not in describe(tiny)
+    assert build_parser().parse_args(["learn", "d"]).vision_blocks is None  # None: the recipe decides
+
+
+def test_learn_takes_the_recipes_tower_blocks_unless_the_tower_is_chosen(llaca_home, coin_dir, monkeypatch):
+    """`learn` with no tower option runs the recipe's `vision_blocks`; `--vision frozen` (or `train`) or
+    `--vision-blocks N` decide instead (here on tiny, its recipe given one block for the test)."""
+    from llaca.train import recipes
+
+    monkeypatch.setitem(recipes.RECIPES, "tiny", {**recipes.RECIPES["tiny"], "vision_blocks": 1})
+    train = coin_dir / "textvqa" / "train"
+    hparams = {}
+    for option in ([], ["--vision", "frozen"], ["--vision-blocks", "2"]):
+        out = llaca("learn", train, "--from", "base", "--max-steps", "1", "--batch-size", "4", "--no-eval", *option,
+                    home=llaca_home)
+        meta = json.loads((llaca_home / "versions" / out.stdout.strip().splitlines()[-1] / "meta.json").read_text())
+        hparams[" ".join(option)] = meta["hparams"].get("vision_blocks", 0)
+    assert hparams == {"": 1, "--vision frozen": 0, "--vision-blocks 2": 2}
+
+
 def test_image_jitter_reaches_the_stage_and_a_bad_value_is_one_clear_line(llaca_home, coin_dir):
     """`learn --image-jitter 0.1` trains with reframed images (recorded in the version's hparams, so its run key
     differs); an out-of-range value is refused with the option's name, no traceback."""

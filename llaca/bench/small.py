@@ -137,7 +137,8 @@ def chat_cost(model, processor, reps: int = 5, new_tokens: int = 48) -> dict:
 def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     """s/step (steady state: the first step of each run is dropped) under fp32 and bf16, alternating `rounds` times;
     where the recipe turns LoRA dropout off, also in its precision with peft's usual 0.05 (the cost of the dropout
-    that LoRA applies to every adapted Linear's input), in the same rounds."""
+    that LoRA applies to every adapted Linear's input), and where it adapts the tower's last blocks, also with the
+    tower frozen, in the same rounds."""
     import statistics
 
     from ..train.recipes import RECIPES
@@ -155,6 +156,9 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     if recipe.get("lora_dropout", dropout) != dropout:
         precision = "bf16" if ran == "bf16" else "no"
         arms[f"{ran}, lora dropout {dropout:g}"] = (precision, {**recipe, "lora_dropout": dropout})
+    if recipe.get("vision_blocks"):  # what adapting the tower's last blocks costs a step, side by side
+        precision = "bf16" if ran == "bf16" else "no"
+        arms[f"{ran}, tower frozen"] = (precision, {**recipe, "vision_blocks": 0})
     per: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(rounds):
         for name, (precision, variant) in arms.items():
@@ -175,6 +179,8 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     with_dropout = f"{ran}, lora dropout {dropout:g}"
     if with_dropout in s_per_step:
         out["speedup_no_dropout"] = round(s_per_step[with_dropout] / s_per_step[ran], 2)
+    if f"{ran}, tower frozen" in s_per_step:
+        out["cost_vision_blocks"] = round(s_per_step[ran] / s_per_step[f"{ran}, tower frozen"], 2)
     return out
 
 
@@ -187,7 +193,7 @@ def step_seconds(registry, data, recipe: dict, steps: int, mixed_precision: str 
     cfg = StageConfig(data=str(data), method=recipe["method"], parent="small", max_steps=steps + 1, lr=recipe["lr"],
                       lora=True, lora_r=recipe["lora_r"], lora_alpha=recipe["lora_alpha"],
                       lora_dropout=recipe.get("lora_dropout", StageConfig.lora_dropout),
-                      batch_size=recipe.get("batch_size", 16),
+                      batch_size=recipe.get("batch_size", 16), vision_blocks=recipe.get("vision_blocks", 0),
                       mixed_precision=mixed_precision, checkpoint_every=0, evaluate_after=False)
     stage = StageRecipe(cfg, registry, on_event=lambda e: e["type"] == "step" and times.append(time.perf_counter()))
     stage.setup()

@@ -102,12 +102,15 @@ def cmd_learn(args) -> int:
         args.batch_size = recipe.get("batch_size", 16)
     projector_lr = recipe.get("projector_lr") if args.projector_lr is None else args.projector_lr
     precision = recipe.get("mixed_precision") if args.mixed_precision is None else args.mixed_precision
+    if args.vision_blocks is None:  # the recipe's (small: its last block), unless the tower was set with --vision
+        args.vision_blocks = recipe.get("vision_blocks", 0) if args.vision is None else 0
     if args.grouped:
         if replay_fraction:
             raise ValueError("--replay-fraction with --grouped applies to --method replay only")
         args.epochs, args.lr, args.lora = epochs, lr, lora  # the base's recipe where the options were not given
         return _learn_grouped(args, registry, parent, rule_hparams, mixed_precision=precision,
-                              min_records=args.min_records, image_jitter=args.image_jitter, **lora_options)
+                              min_records=args.min_records, image_jitter=args.image_jitter,
+                              vision_blocks=args.vision_blocks, **lora_options)
     if args.threshold is not None or args.max_groups is not None:
         raise ValueError("--threshold and --max-groups apply to --grouped learning only")
     cfg = StageConfig(data=args.data, method=args.method, parent=parent, name=args.name,
@@ -330,9 +333,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--vision", choices=("frozen", "train"), default=None,
                    help="the vision tower in full fine-tuning: 'train' adapts it to images of a new kind "
                         "(default: %s, see docs/base-models.md)" % ("train" if StageConfig.train_vision else "frozen"))
-    s.add_argument("--vision-blocks", type=int, default=0, metavar="N",
-                   help="adapt only the tower's last N blocks (full weights: trained; with --lora: LoRA on them); "
-                        "measured on held-out real images in docs/benchmarks.md 'Held-out real images'")
+    s.add_argument("--vision-blocks", type=int, default=None, metavar="N",
+                   help="adapt only the tower's last N blocks (full weights: trained; with --lora: LoRA on them; "
+                        "default: the base's recipe: small %d, tiny 0; 0 keeps the tower frozen; see "
+                        "docs/base-models.md 'The tower's last block')" % RECIPES["small"].get("vision_blocks", 0))
     s.add_argument("--image-jitter", type=float, default=0.0, metavar="F",
                    help="frame each training image anew every step: zoom by up to F of its sides and shift (no flips "
                         "or colour changes; e.g. 0.1 for photographs). Off by default: on held-out drawings and digit "
