@@ -109,6 +109,11 @@ def test_vision_blocks_put_lora_on_the_efficientnet_towers_last_block_and_head_c
     moved = [k for k in adapter if "vision_tower" in k and "lora_B" in k and adapter[k].abs().max() > 0]
     assert moved, "the tower's LoRA learned (lora_B starts at zero)"
     assert any("language_model" in k and "lora_" in k for k in adapter)
+    from llaca.serve.chat import answer_once
+    from llaca.versions import load_version
+
+    model, processor = load_version(Registry(small_home), version.id)  # the version serves with its tower adapter
+    assert answer_once(model, processor, _picture("square"), "What shape is this?", max_new_tokens=4).strip()
 
 
 def test_shipped_adapter_is_what_the_build_recorded():
