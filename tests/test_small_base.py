@@ -90,7 +90,7 @@ def test_tuner_runs_lora_steps_on_small(small_home, coin_dir):
 
 def test_vision_blocks_put_lora_on_the_efficientnet_towers_last_block_and_head_conv(small_home, coin_dir):
     """`--vision-blocks 1` on `small` adapts what feeds its LM: LoRA on the last MBConv block's 1x1 convs and the head
-    conv (the 7x7 map's 1,280 channels), beside the LM's; no other tower layer, and the frozen tower stays exact."""
+    conv (the 7x7 map's 1,280 channels), beside the LM's, and no other tower layer; the version loads and answers."""
     import re
 
     from safetensors.torch import load_file
@@ -109,6 +109,7 @@ def test_vision_blocks_put_lora_on_the_efficientnet_towers_last_block_and_head_c
     moved = [k for k in adapter if "vision_tower" in k and "lora_B" in k and adapter[k].abs().max() > 0]
     assert moved, "the tower's LoRA learned (lora_B starts at zero)"
     assert any("language_model" in k and "lora_" in k for k in adapter)
+
     from llaca.serve.chat import answer_once
     from llaca.versions import load_version
 
