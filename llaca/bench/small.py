@@ -153,12 +153,12 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
     arms = {"no": ("no", recipe), "bf16": ("bf16", recipe)} if native else {"no": ("no", recipe)}  # (precision, recipe)
     ran = "bf16" if resolve_mixed_precision(recipe.get("mixed_precision"), "cpu") == "bf16" else "fp32"
     dropout = StageConfig.lora_dropout
+    precision = "bf16" if ran == "bf16" else "no"  # the recipe's own, for the arms that change one thing of it
+    with_dropout, tower_frozen = f"{ran}, lora dropout {dropout:g}", f"{ran}, tower frozen"
     if recipe.get("lora_dropout", dropout) != dropout:
-        precision = "bf16" if ran == "bf16" else "no"
-        arms[f"{ran}, lora dropout {dropout:g}"] = (precision, {**recipe, "lora_dropout": dropout})
+        arms[with_dropout] = (precision, {**recipe, "lora_dropout": dropout})
     if recipe.get("vision_blocks"):  # what adapting the tower's last blocks costs a step, side by side
-        precision = "bf16" if ran == "bf16" else "no"
-        arms[f"{ran}, tower frozen"] = (precision, {**recipe, "vision_blocks": 0})
+        arms[tower_frozen] = (precision, {**recipe, "vision_blocks": 0})
     per: dict[str, list[float]] = {name: [] for name in arms}
     for _ in range(rounds):
         for name, (precision, variant) in arms.items():
@@ -176,11 +176,10 @@ def stage_cost(registry, rounds: int = 2, steps: int = 4) -> dict:
            "torch_threads": torch_threads(), "load_avg_start": os.getloadavg()}
     if native:
         out["speedup_bf16"] = round(s_per_step["fp32"] / s_per_step["bf16"], 2)
-    with_dropout = f"{ran}, lora dropout {dropout:g}"
     if with_dropout in s_per_step:
         out["speedup_no_dropout"] = round(s_per_step[with_dropout] / s_per_step[ran], 2)
-    if f"{ran}, tower frozen" in s_per_step:
-        out["cost_vision_blocks"] = round(s_per_step[ran] / s_per_step[f"{ran}, tower frozen"], 2)
+    if tower_frozen in s_per_step:
+        out["cost_vision_blocks"] = round(s_per_step[ran] / s_per_step[tower_frozen], 2)
     return out
 
 

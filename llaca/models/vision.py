@@ -427,9 +427,9 @@ def efficientnet_lite_global_tower(variant: str = "lite2", image_size: int = 224
     head_w = sd["_conv_head.weight"]
     state[f"{block}.expansion.expand_conv.weight"] = pad_rows(torch.cat([head_w, head_w]), expanded)
     twice = {p: torch.cat([sd[f"_bn1.{p}"], sd[f"_bn1.{p}"]]) for p in ("weight", "bias", "running_mean", "running_var")}
-    state.update(_bn_state(f"{block}.expansion.expand_bn", pad_rows(twice["weight"], expanded),
-                           pad_rows(twice["bias"], expanded), pad_rows(twice["running_mean"], expanded),
-                           torch.cat([twice["running_var"], torch.ones(expanded - 2 * hidden)])))
+    state.update(_bn_state(f"{block}.expansion.expand_bn", twice["weight"], twice["bias"], twice["running_mean"],
+                           twice["running_var"]))
+    pad_bn(f"{block}.expansion.expand_bn", expanded)  # the expansion's spare channels output 0
     k = config.kernel_sizes[-1]
     side = (k + 1) // 2
     taps = torch.zeros(expanded, 1, k, k)

@@ -107,8 +107,7 @@ def base_stage_options(recipe: dict, lora: bool, epochs: float | None = None) ->
     """The base's adapter size (when the stage trains LoRA), precision, batch size, adapted tower blocks and least
     records per stage, as `StageConfig` fields: what the app's Learn and grouped tabs add to a stage whose form does
     not ask for them. A stage whose epochs differ from the recipe's runs exactly those epochs (no `min_records`)."""
-    keys = ("lora_r", "lora_alpha", "lora_dropout", "mixed_precision", "batch_size", "vision_blocks") if lora else (
-        "mixed_precision", "batch_size", "vision_blocks")
+    keys = ("mixed_precision", "batch_size", "vision_blocks") + (("lora_r", "lora_alpha", "lora_dropout") if lora else ())
     if epochs is None or epochs == recipe["epochs"]:
         keys += ("min_records",)
     return {k: recipe[k] for k in keys if recipe.get(k) is not None}  # 0 is a value (no dropout), absent is not

@@ -84,10 +84,6 @@ VISION_LINEAR_LAYERS = r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1
 EFFICIENTNET_POINTWISE = r"\.(expansion\.expand_conv|projection\.project_conv)"
 
 
-def _vision_tower(model):
-    return next(m for name, m in model.named_modules() if name.endswith("vision_tower"))
-
-
 def vision_block_pattern(model, n: int, lora: bool = False) -> str:
     """Regex (`re.match` from the start of a module or parameter name) of the tower's last `n` blocks whose output
     LLaVA reads; with `lora`, of the layers in them that get LoRA adapters.
@@ -100,7 +96,7 @@ def vision_block_pattern(model, n: int, lora: bool = False) -> str:
     vision = model.config.vision_config
     efficientnet = vision.model_type == "efficientnet"
     if efficientnet:
-        used = len(_vision_tower(model).encoder.blocks)
+        used = len(model.model.vision_tower.encoder.blocks)
     else:
         cfg = model.config
         feature = cfg.vision_feature_layer if isinstance(cfg.vision_feature_layer, int) else max(cfg.vision_feature_layer)
@@ -679,13 +675,12 @@ def keep_frozen_in_eval(model) -> None:
     - a frozen vision tower would run its dropout. `small`'s EfficientNet drops whole residual branches (drop-connect,
       up to 0.2 in its last blocks): the LM would learn from features it never sees when it answers (and never saw
       while the base was built: the build caches the tower's eval features), and each step would pay for the masks;
-    - frozen BatchNorm layers (in a tower that trains only its last blocks) would re-estimate their running mean and
-      variance from every stage's images: the frozen base would drift anyway, and with several processes each would
-      drift on its own share of the batch (FSDP does not synchronise buffers; rank 0's would be saved);
     - a tower that learns its last blocks would still run the drop-connect of every block (its dropout modules hold
-      no parameters), and its BatchNorms would re-estimate their statistics from batches of 2-16 images: the tower's
-      parts with nothing to learn, its dropouts and all its BatchNorms stay in eval mode (a fine-tuned CNN keeps its
-      BatchNorm statistics frozen at small batches; the affine weights of a learning block still learn).
+      no parameters), so every part of a tower with nothing to learn stays in eval mode;
+    - BatchNorm layers would re-estimate their running mean and variance from every stage's batches of 2-16 images:
+      the frozen base would drift, and with several processes each on its own share of the batch (FSDP does not
+      synchronise buffers; rank 0's would be saved). All BatchNorms stay in eval mode, as a CNN fine-tuned at small
+      batches keeps its statistics; the affine weights of a learning block still learn.
     """
     for name, module in model.named_modules():
         frozen = not any(p.requires_grad for p in module.parameters())
