@@ -167,6 +167,33 @@ def test_projector_lr_is_its_own_param_group_and_survives_resume(llaca_home, coi
                        recipe.optimizer.state[recipe.params[name]]["exp_avg"])
 
 
+def test_projector_first_trains_only_the_projector_for_that_share_of_the_steps(llaca_home, coin_dir):
+    """LP-FT: with projector_first=0.5 over 4 steps the LoRA weights keep the parent's values for steps 1-2 (their
+    group waits at lr 0) while the projector learns, then both learn; the setting is in the run key only when given
+    and a fraction outside [0, 1) is refused."""
+    registry = Registry()
+    data = str(coin_dir / "vqav2" / "train")
+    cfg = StageConfig(data=data, method="seq", lora=True, lora_r=4, lora_alpha=8, lr=1e-3, projector_first=0.5,
+                      max_steps=4, batch_size=8, evaluate_after=False, warmup_ratio=0.0)
+    seen = []
+    recipe = StageRecipe(cfg, registry, on_event=lambda e: e["type"] == "step" and seen.append(
+        {n: p.detach().clone() for n, p in recipe.params.items()}))
+    recipe.setup()
+    start = {n: p.detach().clone() for n, p in recipe.params.items()}
+    projector = [n for n in recipe.params if "multi_modal_projector" in n]
+    lora_b = [n for n in recipe.params if "lora_B" in n]
+    assert projector and lora_b and list(recipe.params)[-len(projector):] == projector
+    recipe.train()
+    assert len(seen) == 4
+    for step in (0, 1):  # the waiting share: LoRA exactly the parent's, the projector moved
+        assert all(torch.equal(seen[step][n], start[n]) for n in lora_b)
+        assert any(not torch.equal(seen[step][n], start[n]) for n in projector)
+    assert any(not torch.equal(seen[3][n], seen[1][n]) for n in lora_b)
+    assert cfg.hparams()["projector_first"] == 0.5 and "projector_first" not in StageConfig(data=data).hparams()
+    with pytest.raises(ValueError, match="projector_first"):
+        StageConfig(data=data, projector_first=1.0)
+
+
 def test_bf16_mixed_precision_autocasts_the_forward_and_keeps_fp32_weights(llaca_home, coin_dir):
     """`mixed_precision="bf16"` (small's recipe): the LM's matmuls run in bf16 (its attention eager on CPU, sdpa again
     after the stage), while the weights (and so AdamW and the LLaCA rule) stay fp32; the first loss matches the fp32

@@ -139,6 +139,10 @@ class StageConfig:
     min_records: int = 0
     lr: float = 1e-3
     projector_lr: float | None = None  # LLaVA's mm_projector_lr: the projector's own lr (None: `lr`)
+    # LP-FT (Kumar et al., 2022, "Fine-tuning can distort pretrained features"): the first fraction of the steps trains
+    # only the projector, like a probe between the frozen tower and the frozen LM; the rest trains everything, with
+    # its own warm-up and cosine. 0: everything from the first step.
+    projector_first: float = 0.0
     batch_size: int = 16  # global batch per optimizer step
     grad_accum: int = 1
     warmup_ratio: float = 0.03
@@ -171,6 +175,9 @@ class StageConfig:
 
     def __post_init__(self):
         self.mixed_precision = resolve_mixed_precision(self.mixed_precision)
+        if not 0 <= self.projector_first < 1:
+            raise ValueError(f"projector_first={self.projector_first}: a fraction of the stage's steps, from 0 (off) to "
+                             "under 1")
         if not 0 <= self.image_jitter < 1:
             raise ValueError(f"image_jitter={self.image_jitter}: a fraction of the image's sides, from 0 (off) to under 1")
 
@@ -180,6 +187,8 @@ class StageConfig:
         out = {k: getattr(self, k) for k in keep}
         if self.projector_lr is not None:  # only when set: run keys of existing stages are unchanged
             out["projector_lr"] = self.projector_lr
+        if self.projector_first:  # only when set, like projector_lr
+            out["projector_first"] = self.projector_first
         if self.min_records:  # only when set, like replay_fraction
             out["min_records"] = self.min_records
         if self.vision_blocks:  # only when set, like replay_fraction
@@ -239,10 +248,7 @@ class StageRecipe:
             raise ValueError(f"batch size {cfg.batch_size} must divide by grad_accum*processes = {cfg.grad_accum * world}")
         self.total_steps = cfg.max_steps or max(1, math.ceil(self._epochs() * self._steps_per_epoch()))
         self.optimizer = torch.optim.AdamW(self._param_groups(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-        from transformers import get_cosine_schedule_with_warmup
-
-        self.scheduler = get_cosine_schedule_with_warmup(
-            self.optimizer, math.ceil(cfg.warmup_ratio * self.total_steps), self.total_steps)
+        self.scheduler = self._schedule()
         self.sharded = is_sharded(self.accelerator)
         if self.sharded:
             self._shard()
@@ -277,22 +283,51 @@ class StageRecipe:
         return model, processor
 
     def _trainable(self, named) -> dict:
-        """Trainable parameters by name; with a projector lr the projector's come last, so that the optimizer's
-        state indices (one param group after the other) follow this dict's order in checkpoints."""
+        """Trainable parameters by name; with its own group (projector_lr, projector_first) the projector's come last,
+        so that the optimizer's state indices (one param group after the other) follow this dict's order in
+        checkpoints."""
         params = {n: p for n, p in named if p.requires_grad}
-        if self.cfg.projector_lr is None:
+        if not self._own_projector_group():
             return params
         return {**{n: p for n, p in params.items() if PROJECTOR not in n},
                 **{n: p for n, p in params.items() if PROJECTOR in n}}
 
+    def _own_projector_group(self) -> bool:
+        return self.cfg.projector_lr is not None or self.cfg.projector_first > 0
+
     def _param_groups(self) -> list:
         """AdamW's groups: everything at `lr`, and the projector at `projector_lr` when set (LLaVA's LoRA scripts
-        train the projector at 2e-5 beside LoRA at 2e-4). The cosine schedule scales each group's own lr."""
-        if self.cfg.projector_lr is None:
+        train the projector at 2e-5 beside LoRA at 2e-4) or on its own schedule (`projector_first`). The cosine
+        schedule scales each group's own lr."""
+        if not self._own_projector_group():
             return list(self.params.values())
         groups = [{"params": [p for n, p in self.params.items() if PROJECTOR not in n]},
-                  {"params": [p for n, p in self.params.items() if PROJECTOR in n], "lr": self.cfg.projector_lr}]
+                  {"params": [p for n, p in self.params.items() if PROJECTOR in n],
+                   "lr": self.cfg.lr if self.cfg.projector_lr is None else self.cfg.projector_lr}]
         return [g for g in groups if g["params"]]
+
+    def _schedule(self):
+        """Cosine with warm-up over the stage; with `projector_first`, the non-projector group waits at lr 0 for that
+        share of the steps and then runs its own warm-up and cosine over the rest."""
+        from transformers import get_cosine_schedule_with_warmup
+
+        cfg, total = self.cfg, self.total_steps
+        whole = get_cosine_schedule_with_warmup(self.optimizer, math.ceil(cfg.warmup_ratio * total), total)
+        if not cfg.projector_first or len(self.optimizer.param_groups) < 2:
+            return whole
+        wait = min(total - 1, math.ceil(cfg.projector_first * total))
+        rest = total - wait
+        warm = max(1, math.ceil(cfg.warmup_ratio * rest))
+
+        def after_the_wait(step: int) -> float:
+            if step < wait:
+                return 0.0
+            if step - wait < warm:
+                return (step - wait + 1) / (warm + 1)
+            progress = (step - wait - warm) / max(1, rest - warm)
+            return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+        return torch.optim.lr_scheduler.LambdaLR(self.optimizer, [after_the_wait, whole.lr_lambdas[0]])
 
     def _shard(self) -> None:
         """FSDP2 via accelerate: shard the model (each parameter becomes a DTensor) and hand the rule the new params.
