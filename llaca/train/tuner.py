@@ -718,9 +718,9 @@ def keep_frozen_in_eval(model) -> None:
       batches keeps its statistics; the affine weights of a learning block still learn.
     """
     for name, module in model.named_modules():
-        frozen = not any(p.requires_grad for p in module.parameters())
         batch_norm = isinstance(module, torch.nn.modules.batchnorm._BatchNorm)
-        if batch_norm or (frozen and "vision_tower" in name.split(".")):
+        # only the tower's modules are asked whether they learn: the LM's hundreds are never put in eval here
+        if batch_norm or ("vision_tower" in name.split(".") and not any(p.requires_grad for p in module.parameters())):
             module.eval()
 
 
