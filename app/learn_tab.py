@@ -44,9 +44,9 @@ REGIME_NOTES = {
             "See docs/benchmarks.md, 'The default recipe and the demo'.",
     "small": "Default on **small**: `replay` (plain steps, 20% of earlier records mixed into the stage), LoRA "
              "without dropout at lr 3e-4 in batches of 2 (also on the vision tower's last block), one epoch, and a "
-             "set under 1,800 records passed over until the stage has trained on 1,800: one held-out stage learned "
-             "Tux Paint drawings to 79.1% and digits to 94.5% (means of three seeds; with the tower frozen: 78.5 and "
-             "92.9; in batches of 4 over 1,000 records: 69.3 and 91.2). Over 4 CoIN-mini stages (at lr 2e-4) on "
+             "set under 2,000 records passed over until the stage has trained on 2,000: one held-out stage learned "
+             "Tux Paint drawings to 81.7% and digits to 95.1% (means of three seeds; over at least 1,800 records: 79.1 "
+             "and 94.5; in batches of 4 over 1,000 records: 69.3 and 91.2). Over 4 CoIN-mini stages (at lr 2e-4) on "
              "this base (3 seeds) it forgot 4.5 points at "
              "58.6% Avg.ACC, llaca + replay 12.2 / 51.7, and the paper's rule alone 18.1 / 53.6 against seq's "
              "40.0 / 38.6: the adaptive EMA halves seq's forgetting, replay does better (in batches of 16 on build 2, "
@@ -139,7 +139,7 @@ def recipe_line(studio: Studio, ref: str | None) -> str:
     """One line: the defaults a stage from `ref` starts with, and why (they depend on the parent's base)."""
     base = base_name_of(studio.registry, ref) or "tiny"
     why = {"small": "measured on this base: least forgetting over 4 CoIN-mini stages and the best held-out stages; "
-                    "1,000 records (1,080 steps of 2 with the replay) take ~12.8 min with native bf16, ~21 in fp32",
+                    "1,000 records (1,200 steps of 2 with the replay) took 13.2 min with native bf16, ~17-23 in fp32",
            "tiny": "measured on this base: least forgetting over 8 CoIN-mini tasks"}[base]
     return f"Defaults for a stage on **{base}**: {describe(recipe_for(studio.registry, ref))} ({why})."
 

@@ -4,7 +4,9 @@ Runs the stage's own components (StageRecipe with small's CLI recipe) step by st
 (encode, forward, backward, optimizer, rule), in turn for each arm of `ARMS`, alternating `--rounds` times:
 - the frozen tower in train mode (what `model.train()` did: drop-connect on) or eval mode (`keep_frozen_in_eval`);
 - the LM's attention as sdpa or eager (`training_attention`: eager for bf16 on CPU);
-- the frozen Linear weights cast to bf16 once or by autocast on every forward (`frozen_linears_cast`).
+- the frozen Linear weights cast to bf16 once or by autocast on every forward (`frozen_linears_cast`);
+- the frozen front of the tower computed on every step, or once per image (`tower_memo`; a first pass over a set
+  computes it, a later pass reuses it).
 `--profile-steps N` then prints torch.profiler's ops with the most self CPU time for the tuner's setting.
 
     LLACA_HOME=bench_results/small_build5/work/home PYTHONPATH=. python -m experiments.stage_step_profile \
@@ -64,8 +66,9 @@ def set_tower_mode(model, eval_mode: bool) -> None:
 
 
 @contextlib.contextmanager
-def arm(model, tower_eval: bool, attention: str, precast: bool):
+def arm(model, tower_eval: bool, attention: str, precast: bool, memo: str | None = None):
     """The stage's model set up as one arm of `ARMS`, with the tuner's own context managers."""
+    from llaca.train.tower_memo import memoized_frozen_tower
     from llaca.train.tuner import frozen_linears_cast, training_attention
 
     set_tower_mode(model, tower_eval)
@@ -74,16 +77,21 @@ def arm(model, tower_eval: bool, attention: str, precast: bool):
             stack.enter_context(training_attention(model, "cpu", "bf16"))
         if precast:
             stack.enter_context(frozen_linears_cast(model, torch.bfloat16))
+        if memo:
+            stack.enter_context(memoized_frozen_tower(model))
         yield
 
 
-ARMS = {  # name -> (tower in eval mode, LM attention, frozen Linear weights pre-cast to bf16)
+ARMS = {  # name -> (tower in eval mode, LM attention, frozen Linear weights pre-cast to bf16, frozen tower memo)
     "before: tower in train mode, sdpa": (False, "sdpa", False),
     "tower eval, sdpa": (True, "sdpa", False),
     "tower eval, eager": (True, "eager", False),
-    "tower eval, eager, pre-cast weights (the tuner now)": (True, "eager", True),
+    "tower eval, eager, pre-cast weights": (True, "eager", True),
+    # the memo: a first pass over a set computes and remembers each image's frozen tower front, a later pass reuses it
+    "+ frozen tower memo, first pass": (True, "eager", True, "first"),
+    "+ frozen tower memo, later passes (the tuner now)": (True, "eager", True, "later"),
 }
-NOW = "tower eval, eager, pre-cast weights (the tuner now)"
+NOW = "+ frozen tower memo, later passes (the tuner now)"
 
 
 def small_stage():
@@ -127,6 +135,8 @@ def main(argv=None) -> int:
     for _ in range(args.rounds):
         for name, setting in ARMS.items():
             with arm(model, *setting):
+                if setting[3:] == ("later",):
+                    timed_steps(stage, args.steps)  # the same steps' images seen once: every one a memo hit below
                 per[name].append(timed_steps(stage, args.steps))
     total = {name: statistics.median(p["total"] for p in runs) for name, runs in per.items()}
     before = next(iter(total.values()))
@@ -141,8 +151,10 @@ def main(argv=None) -> int:
     if args.profile_steps:
         from torch.profiler import ProfilerActivity, profile
 
-        with arm(model, *ARMS[NOW]), profile(activities=[ProfilerActivity.CPU]) as prof:
-            timed_steps(stage, args.profile_steps)
+        with arm(model, *ARMS[NOW]):
+            timed_steps(stage, args.profile_steps)  # the memo's later passes: these images seen once
+            with profile(activities=[ProfilerActivity.CPU]) as prof:
+                timed_steps(stage, args.profile_steps)
         print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30))
     return 0
 

@@ -53,6 +53,27 @@ def coin_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture()
+def make_tiny_fastvlm():
+    """Builds a tiny FastVLM, `small`'s container (an EfficientNet tower -> projector -> Llama), the same weights on
+    every call (seeded): for tests of what the product does to `small`'s model without its 140M parameters."""
+    def build():
+        import torch
+        from transformers import EfficientNetConfig, FastVlmConfig, FastVlmForConditionalGeneration, LlamaConfig
+
+        torch.manual_seed(0)
+        # the head conv makes 1280 x width channels (small: 1280); a 64 px image -> a 2x2 map = 4 image tokens
+        vision = EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.2, hidden_dim=320)
+        vision.hidden_size = 320
+        text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2)
+        config = FastVlmConfig(vision_config=vision, text_config=text, image_token_id=63, image_seq_length=4,
+                               projector_hidden_act="gelu", vision_feature_select_strategy="full",
+                               vision_feature_layer=-1)
+        return FastVlmForConditionalGeneration(config)
+    return build
+
+
 @pytest.fixture(scope="session")
 def chatty_home(quick_home, tmp_path_factory) -> Path:
     """quick_home + 40 seq steps on the base mixture (version 'chatty'), so answers are words, not nothing."""

@@ -385,7 +385,7 @@ def test_learn_tab_defaults_follow_the_parents_base():
     options = base_stage_options(small, True, submitted.epochs)
     cli = StageConfig(data="d", **stage_fields(small))
     assert (options["min_records"], options["batch_size"], options["lora_dropout"]) == (
-        cli.min_records, cli.batch_size, cli.lora_dropout) == (1800, 2, 0.0)
+        cli.min_records, cli.batch_size, cli.lora_dropout) == (2000, 2, 0.0)
 
 
 def test_lineage_matrix_is_square_when_the_base_also_scored_a_build_phase():

@@ -244,18 +244,18 @@ def test_learn_takes_the_rule_and_replay_share_from_the_parents_base_recipe():
 
 
 def test_smalls_stage_passes_a_small_set_up_to_its_least_records_unless_the_epochs_are_chosen():
-    """`small`'s recipe trains at least 1,800 records per stage (a 493-record set: 3.65 epochs); the CLI and the app
+    """`small`'s recipe trains at least 2,000 records per stage (a 493-record set: 4.06 epochs); the CLI and the app
     drop that floor when the user picks the epochs (or steps) themselves, so a chosen epoch count runs as given."""
     from llaca.cli import build_parser
     from llaca.train.recipes import RECIPES, base_stage_options, describe
 
     small, tiny = RECIPES["small"], RECIPES["tiny"]
-    assert small["min_records"] == 1800 and "min_records" not in tiny
-    assert base_stage_options(small, True, small["epochs"])["min_records"] == 1800  # the form left at the default
+    assert small["min_records"] == 2000 and "min_records" not in tiny
+    assert base_stage_options(small, True, small["epochs"])["min_records"] == 2000  # the form left at the default
     assert base_stage_options(small, True)["lora_dropout"] == 0.0  # kept although falsy: 0 is a choice, not unset
     assert "min_records" not in base_stage_options(small, True, 2.0)  # epochs chosen: exactly those
     assert "min_records" not in base_stage_options(tiny, False)
-    assert "passes up to 1,800 records" in describe(small) and "passes up to" not in describe(tiny)
+    assert "passes up to 2,000 records" in describe(small) and "passes up to" not in describe(tiny)
     assert build_parser().parse_args(["learn", "d"]).min_records is None  # None: the recipe decides
 
 

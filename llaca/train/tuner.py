@@ -50,6 +50,7 @@ from ..versions import Registry, Version, base_of, load_base
 from .loss import answer_loss
 from .rules import make_rule
 from .rules.base import local
+from .tower_memo import memoized_frozen_tower
 
 PROJECTOR = "multi_modal_projector"
 MIXED_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # StageConfig.mixed_precision
@@ -135,7 +136,7 @@ class StageConfig:
     epochs: float = 3.0  # CoIN-mini stages need ~250 steps (1500 records, batch 16) to plateau
     max_steps: int | None = None  # overrides epochs
     # A small set gets more passes: the stage trains on at least this many of its records in all (`small`'s recipe:
-    # 1,800, so a 493-record set takes 3.65 epochs and a larger one `epochs`). 0: off.
+    # 2,000, so a 493-record set takes 4.06 epochs and a larger one `epochs`). 0: off.
     min_records: int = 0
     lr: float = 1e-3
     projector_lr: float | None = None  # LLaVA's mm_projector_lr: the projector's own lr (None: `lr`)
@@ -449,8 +450,10 @@ class StageRecipe:
                        "n_records": len(self.train_records), "resumed": self.step > 0})
         model = acc.unwrap_model(self.model)
         dtype = MIXED_DTYPES.get(cfg.mixed_precision)
+        single = acc.num_processes == 1
         with training_attention(model, acc.device.type, cfg.mixed_precision), \
-                frozen_linears_cast(model, dtype, single_process=acc.num_processes == 1):
+                frozen_linears_cast(model, dtype, single_process=single), \
+                memoized_frozen_tower(model, enabled=single and acc.device.type == "cpu" and not cfg.image_jitter):
             self._train_steps()
         self.rule.end_stage(self.params)
         if self.cfg.trace_dir:  # (full() gathers the shards: every rank takes part)
