@@ -42,6 +42,9 @@ def test_memo_gives_the_towers_own_features_and_computes_each_image_once(make_ti
         assert (memo.hits, memo.misses, len(calls)) == (0, 2, 1)  # the frozen blocks ran once, for both images
         again = _features(model, torch.cat([b, c, a]))  # b and a remembered, c new
         assert (memo.hits, memo.misses) == (2, 3)
+        with torch.autocast("cpu", dtype=torch.bfloat16):  # another precision: computed afresh, not the fp32 output
+            half = _features(model, a)
+        assert (memo.hits, memo.misses) == (2, 4) and half.dtype == torch.bfloat16
         assert torch.equal(first, torch.cat([want["a"], want["b"]]))
         assert torch.equal(again, torch.cat([want["b"], want["c"], want["a"]]))
         again.sum().backward()  # the last block still learns; the frozen blocks get no gradient

@@ -33,18 +33,21 @@ class FrozenPrefixMemo:
         self.outputs: dict[bytes, torch.Tensor] = {}
 
     def __call__(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        keys = [image_key(image) for image in pixel_values]
+        device = pixel_values.device.type  # the same pixels under another autocast are another output
+        precision = f"{torch.is_autocast_enabled(device)}{torch.get_autocast_dtype(device)}".encode()
+        keys = [image_key(image) + precision for image in pixel_values]
         missing = [i for i, key in enumerate(keys) if key not in self.outputs]
         self.hits, self.misses = self.hits + len(keys) - len(missing), self.misses + len(missing)
+        fresh = {}
         if missing:
             with torch.no_grad():
-                computed = self.compute(pixel_values[missing])
-            fresh = dict(zip(missing, computed))
+                fresh = dict(zip(missing, self.compute(pixel_values[missing])))
             for i, out in fresh.items():
-                if self.bytes + out.numel() * out.element_size() <= self.max_bytes:
-                    self.outputs[keys[i]] = out
-                    self.bytes += out.numel() * out.element_size()
-        return torch.stack([self.outputs[key] if key in self.outputs else fresh[i] for i, key in enumerate(keys)])
+                size = out.numel() * out.element_size()
+                if keys[i] not in self.outputs and self.bytes + size <= self.max_bytes:
+                    self.outputs[keys[i]] = out.clone()  # its own storage, not a view of the batch
+                    self.bytes += size
+        return torch.stack([fresh[i] if i in fresh else self.outputs[key] for i, key in enumerate(keys)])
 
     def compute(self, pixel_values: torch.Tensor) -> torch.Tensor:
         hidden = self.embeddings_forward(pixel_values)
