@@ -45,7 +45,7 @@ REGIME_NOTES = {
     "small": "Default on **small**: `replay` (plain steps, 20% of earlier records mixed into the stage), LoRA "
              "without dropout at lr 3e-4 in batches of 2 (also on the vision tower's last block), one epoch, and a "
              "set under 2,000 records passed over until the stage has trained on 2,000: one held-out stage learned "
-             "Tux Paint drawings to 81.7% and digits to 95.1% (means of three seeds; over at least 1,800 records: 79.1 "
+             "Tux Paint drawings to 81.8% and digits to 95.4% (means of four seeds; over at least 1,800 records: 79.1 "
              "and 94.5; in batches of 4 over 1,000 records: 69.3 and 91.2). Over 4 CoIN-mini stages (at lr 2e-4) on "
              "this base (3 seeds) it forgot 4.5 points at "
              "58.6% Avg.ACC, llaca + replay 12.2 / 51.7, and the paper's rule alone 18.1 / 53.6 against seq's "
