@@ -46,8 +46,9 @@ from .tuner import DEFAULT_RECIPE
 # steps, 13.2 min end to end with the tower's frozen front computed once per image, `tower_memo`). Held-out Tux Paint
 # 79.1 -> 81.7%, digits 94.5 -> 95.1% (means of the same three seeds; paired Tux Paint -1.8 / +4.2 / +5.4, digits
 # +2.3 / -0.8 / +0.5; seed 3: 81.9 / 96.0, four-seed means 81.8 / 95.4; a run with a fused AdamW, another rounding:
-# 81.9 / 93.2, so digits sits inside the stage's spread); base test after 32.5 / 30.8 (33.7 / 31.3); the chat after the digits stage agrees with SmolLM2 on
-# 80.6% of the text prompts (87.2). docs/base-models.md "At least 2,000 records".
+# 81.9 / 93.2, so digits sits inside the stage's spread); base test after 32.5 / 30.8 (33.7 / 31.3); the chat after
+# the digits stage agrees with SmolLM2 on 80.6% of the text prompts (87.2). docs/base-models.md "At least 2,000
+# records".
 SMALL_RECIPE = {"method": "replay", "lr": 3e-4, "replay_fraction": 0.2, "epochs": 1.0, "min_records": 2000,
                 "batch_size": 2, "lora": True, "lora_r": 32, "lora_alpha": 64, "lora_dropout": 0.0,
                 "vision_blocks": 1, "mixed_precision": "auto"}
