@@ -63,14 +63,26 @@ def make_tiny_fastvlm():
 
         torch.manual_seed(0)
         # the head conv makes 1280 x width channels (small: 1280); a 64 px image -> a 2x2 map = 4 image tokens
-        vision = EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.2, hidden_dim=320)
+        # no drop-connect: a learning block in train mode would otherwise mask its output at random, and the tests
+        # compare features exactly
+        vision = EfficientNetConfig(image_size=64, width_coefficient=0.25, depth_coefficient=0.2, hidden_dim=320,
+                                    drop_connect_rate=0.0)
         vision.hidden_size = 320
         text = LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                            num_attention_heads=4, num_key_value_heads=2)
         config = FastVlmConfig(vision_config=vision, text_config=text, image_token_id=63, image_seq_length=4,
                                projector_hidden_act="gelu", vision_feature_select_strategy="full",
                                vision_feature_layer=-1)
-        return FastVlmForConditionalGeneration(config)
+        model = FastVlmForConditionalGeneration(config)
+        # transformers draws conv weights and BatchNorm scales at std 0.02: through 7 blocks a tiny random tower's map
+        # vanishes (~1e-38) and every feature is ~0. He-initialised convs and unit scales keep its activations at
+        # their input's scale, a function of the image, as a trained tower's map is.
+        for module in model.model.vision_tower.modules():
+            if isinstance(module, torch.nn.Conv2d):
+                torch.nn.init.kaiming_normal_(module.weight)
+            elif isinstance(module, torch.nn.BatchNorm2d):
+                torch.nn.init.ones_(module.weight)
+        return model
     return build
 
 

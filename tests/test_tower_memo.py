@@ -45,8 +45,9 @@ def test_memo_gives_the_towers_own_features_and_computes_each_image_once(make_ti
         with torch.autocast("cpu", dtype=torch.bfloat16):  # another precision: computed afresh, not the fp32 output
             half = _features(model, a)
         assert (memo.hits, memo.misses) == (2, 4) and half.dtype == torch.bfloat16
-        assert torch.equal(first, torch.cat([want["a"], want["b"]]))
-        assert torch.equal(again, torch.cat([want["b"], want["c"], want["a"]]))
+        # the same values (a batch of 2 or 3 may take another convolution kernel than a batch of 1: not bit-exact)
+        torch.testing.assert_close(first, torch.cat([want["a"], want["b"]]), rtol=1e-4, atol=1e-7)
+        torch.testing.assert_close(again, torch.cat([want["b"], want["c"], want["a"]]), rtol=1e-4, atol=1e-7)
         again.sum().backward()  # the last block still learns; the frozen blocks get no gradient
         assert all(p.grad is not None for p in tower.encoder.blocks[-1].parameters())
         assert all(p.grad is None for p in tower.encoder.blocks[0].parameters())
