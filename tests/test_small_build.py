@@ -108,3 +108,52 @@ def test_stored_adapter_is_half_in_small_shards_and_loads_back_as_its_rounded_we
     assert loaded.keys() == full.keys()
     for key, value in loaded.items():
         assert value.dtype == torch.float32 and torch.equal(value, full[key].half().float()), key
+
+
+def test_tower_tail_on_the_cached_front_is_the_towers_own_output_and_its_lora_learns(make_tiny_fastvlm, tmp_path,
+                                                                                     monkeypatch):
+    from peft import LoraConfig, get_peft_model
+    from PIL import Image
+
+    from llaca.train.tuner import vision_block_pattern
+
+    model = make_tiny_fastvlm().eval()
+    tower = model.model.vision_tower
+    n_blocks = len(tower.encoder.blocks)
+    images, rng = [], __import__("numpy").random.default_rng(0)
+    for i in range(2):  # noise: a flat colour gives the tiny random tower an all-zero front
+        images.append(tmp_path / f"{i}.png")
+        Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype="uint8")).save(images[-1])
+
+    class Processor:  # the cache's only use of a processor: pixels of 64 px images
+        @staticmethod
+        def image_processor(pics, return_tensors):
+            arr = torch.stack([torch.from_numpy(__import__("numpy").asarray(p, dtype="float32")) for p in pics])
+            return {"pixel_values": arr.permute(0, 3, 1, 2) / 255}
+
+    cache = small_build.FeatureCache(tmp_path / "cache", model, Processor, front=n_blocks - 1)
+    cache.fill(images)
+    with torch.no_grad():
+        front = tower.embeddings(Processor.image_processor([Image.open(images[0])], "pt")["pixel_values"])
+        for block in tower.encoder.blocks[:-1]:
+            front = block(front)
+    assert front.std() > 1e-4  # not the ~1e-11 of transformers' own init (`make_tiny_fastvlm`)
+    torch.testing.assert_close(cache[images[0]].float(), front[0], atol=1e-2, rtol=1e-2)  # (channels, 2, 2), float16
+    assert cache.n_tokens(images[0]) == 4  # a 2x2 map: FastVLM's 4 image tokens
+    with torch.no_grad():
+        pixels = Processor.image_processor([Image.open(p) for p in images], "pt")["pixel_values"]
+        full = tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)
+        tail = small_build.tower_tail(model, torch.stack([cache[p] for p in images]).float(), 1)
+    torch.testing.assert_close(tail, full, atol=2e-2, rtol=2e-2)  # the cache keeps the front in float16
+
+    targets = small_build.LORA_TARGETS + "|" + vision_block_pattern(model, 1, lora=True)
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
+                                                  modules_to_save=["multi_modal_projector"]))
+    items, _ = _rows()
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)  # the tiny tower's gradients are ~1e-10
+    loss = small_build.step_loss(peft_model, items[:2], [cache[p] for p in images], pad_id=0, tower_blocks=1)
+    loss.backward()
+    # lora_B starts at zero, so the first gradient reaches B (A gets one once B moves)
+    tail_lora = {n: p.grad for n, p in peft_model.named_parameters() if "vision_tower" in n and "lora_B" in n}
+    assert tail_lora and all(f"blocks.{n_blocks - 1}." in n or "top_conv" in n for n in tail_lora)
+    assert any(g is not None and g.abs().sum() > 0 for g in tail_lora.values())

@@ -11,7 +11,9 @@ chat learned as the untouched LM's whole next-token distribution (KL to the mode
 stage-2 mixture. `--from-adapter DIR` runs it on an adapter built before.
 
 The tower is frozen, so its features are computed once per image and cached (`FeatureCache`); each step then runs
-only projector + LM, feeding the projected features through `FastVlmModel`'s `mm_encoder_outputs`. What ships is
+only projector + LM, feeding the projected features through `FastVlmModel`'s `mm_encoder_outputs`. With
+`--tower-blocks N` the tower's last N blocks + head conv learn in stage 2 (LoRA, as `small`'s stages adapt its last
+block): the cache keeps the frozen front's map and each step runs those blocks (`tower_tail`) before the projector. What ships is
 the peft adapter (LoRA + the projector as a module to save), in `assets/small/adapter`. Deterministic for a seed
 (and torch thread count: the build uses 2; explicit RNGs; a resumed run does not restore the dropout RNG).
 `python -m llaca.bases.small_build --help`.
@@ -54,6 +56,9 @@ DISTIL_TEXT = True
 # the text agreement 71.7 -> 88.3% but cost the own test 35.3 -> 28.7% and the text keys 60.0 -> 53.3%; not shipped,
 # docs/base-models.md): half of each batch text, learned from the untouched LM's distribution (KL), at a low rate.
 REPAIR_STEPS, REPAIR_LR, REPAIR_TEXT_SHARE = 0, 2e-4, 0.5
+# The tower's last N blocks + head conv learn in stage 2 (LoRA on their 1x1 convs, as `small`'s stages adapt its last
+# block); 0 = the tower frozen, as builds 1-5. Their frozen front is what the feature cache keeps.
+TOWER_BLOCKS = 0
 
 
 # --------------------------------------------------------------------------- text-only chat (self-distilled)
@@ -189,16 +194,18 @@ def encode_chat(tokenizer, prompt: str, answer: str, finished: bool = True) -> d
 # --------------------------------------------------------------------------- frozen tower features
 
 class FeatureCache:
-    """The frozen tower's (tokens, channels) features per image, computed once, kept as float16 on disk.
+    """The frozen tower's features per image, computed once, kept as float16 on disk.
 
     The tower costs as much as a few LM tokens per image, but a build visits each image many times; cached, a
-    step runs only projector + LM. Keyed by the image file's path and the tower's identity.
+    step runs only projector + LM. Keyed by the image file's path and the tower's identity. With `front` (the
+    tower's last blocks learn, `tower_blocks`), what is kept is the frozen front's (channels, h, w) map: the output
+    of the stem and the first `front` blocks, which `tower_tail` carries on to the (tokens, channels) features.
     """
 
-    def __init__(self, folder: Path, model, processor):
+    def __init__(self, folder: Path, model, processor, front: int | None = None):
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
-        self.model, self.processor = model, processor
+        self.model, self.processor, self.front = model, processor, front
         self.memory: dict[str, torch.Tensor] = {}
 
     def _file(self, image: Path) -> Path:
@@ -214,14 +221,37 @@ class FeatureCache:
             pixels = self.processor.image_processor([D.load_image(p) for p in chunk], return_tensors="pt")["pixel_values"]
             pixels = pixels.to(memory_format=torch.channels_last)
             with torch.no_grad():
-                maps = tower(pixels).last_hidden_state  # (B, C, h, w), as FastVLM reads it
-            for p, m in zip(chunk, maps.flatten(2).transpose(1, 2)):
-                np.save(self._file(Path(p)), m.to(torch.float16).numpy())
+                if self.front is None:
+                    maps = tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)  # (B, tokens, C) as FastVLM reads it
+                else:
+                    maps = tower.embeddings(pixels)
+                    for block in tower.encoder.blocks[:self.front]:
+                        maps = block(maps)
+            for p, m in zip(chunk, maps):
+                np.save(self._file(Path(p)), m.contiguous().to(torch.float16).numpy())
         for p in todo:
             self.memory[p] = torch.from_numpy(np.load(self._file(Path(p))))
 
     def __getitem__(self, image: Path) -> torch.Tensor:
         return self.memory[str(image)]
+
+    def n_tokens(self, image: Path) -> int:
+        """Image tokens the LM reads for `image`: the map's positions (the tower's tail keeps a stride-32 map's)."""
+        shape = self.memory[str(image)].shape
+        return shape[0] if self.front is None else shape[1] * shape[2]
+
+
+def tower_tail(model, front_maps: torch.Tensor, blocks: int) -> torch.Tensor:
+    """The tower's last `blocks` blocks (those after the cached front, `FeatureCache.front`) + its head conv:
+    (B, C, h, w) front maps -> the (B, tokens, channels) features FastVLM reads. Runs the model's own modules, so
+    their LoRA adapters act (transformers' `EfficientNetEncoder.forward`, from its last blocks on)."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    encoder = inner.model.vision_tower.encoder
+    hidden = front_maps
+    for block in encoder.blocks[len(encoder.blocks) - blocks:]:
+        hidden = block(hidden)
+    hidden = encoder.top_activation(encoder.top_bn(encoder.top_conv(hidden)))
+    return hidden.flatten(2).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -233,14 +263,15 @@ def projector_of(model):
 
 
 def step_loss(model, items: list[dict], features: list[torch.Tensor | None], pad_id: int,
-              distil_text: bool = False) -> torch.Tensor:
+              distil_text: bool = False, tower_blocks: int = 0) -> torch.Tensor:
     """Mean answer-token loss of a batch; image rows get their cached tower features projected into the <image> slots.
 
     The LM head runs only where a label is: over a 49k vocabulary it is a fifth of the LM's compute per token, and
     nine in ten positions here (system prompt, image, question) carry no label. With `distil_text` (stage 3) the
     text-only rows learn the untouched LM's whole next-token distribution instead of its greedy tokens: KL(teacher ||
     student) per answer token, the teacher being this model with its adapters off (peft's `disable_adapter`), so the
-    LoRA is pulled back towards SmolLM2 wherever a text answer is, including where SmolLM2 itself hesitates.
+    LoRA is pulled back towards SmolLM2 wherever a text answer is, including where SmolLM2 itself hesitates. With
+    `tower_blocks` the cached features are the tower's frozen front and its last blocks run here (`tower_tail`).
     bf16 autocast only where the CPU has it natively (an AVX2-only CPU emulates it ~30x slower).
     """
     from ..train.tuner import native_bf16
@@ -250,7 +281,10 @@ def step_loss(model, items: list[dict], features: list[torch.Tensor | None], pad
     kwargs = {}
     rows = [f for f in features if f is not None]
     if rows:
-        projected = projector_of(model)(torch.stack(rows).float())
+        image_features = torch.stack(rows).float()
+        if tower_blocks:
+            image_features = tower_tail(model, image_features, tower_blocks)
+        projected = projector_of(model)(image_features)
         kwargs["mm_encoder_outputs"] = {"image": BaseModelOutputWithPooling(pooler_output=projected)}
     text = torch.tensor([f is None for f in features])
     distil = distil_text and bool(text.any())
@@ -311,7 +345,8 @@ def _load_checkpoint(folder: Path, model, opt, mixture: "Mixture", log: list) ->
 
 
 def train(model, mixture: "Mixture", batch: int, pad_id: int, steps: int, lr: float, desc: str, log: list,
-          checkpoint: Path, warmup: float = 0.05, every: int = 50, distil_text: bool = False) -> None:
+          checkpoint: Path, warmup: float = 0.05, every: int = 50, distil_text: bool = False,
+          tower_blocks: int = 0) -> None:
     """AdamW + linear warmup + cosine decay over `steps` batches of `mixture`; checkpoints every `every` steps to
     `checkpoint` and resumes from it, so an interrupted build goes on where it stopped."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -324,11 +359,14 @@ def train(model, mixture: "Mixture", batch: int, pad_id: int, steps: int, lr: fl
     if start:
         for group in opt.param_groups:
             group["lr"] = lr * schedule(start)
+    from ..train.tuner import keep_frozen_in_eval
+
     model.train()
+    keep_frozen_in_eval(model)  # the tower's frozen parts and every BatchNorm as the stages run them
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps)
     t0 = time.perf_counter()
     for step in bar:
-        loss = step_loss(model, *mixture.batch(batch), pad_id, distil_text)
+        loss = step_loss(model, *mixture.batch(batch), pad_id, distil_text, tower_blocks)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -355,7 +393,7 @@ class Mixture:
     def _image_item(self, i: int) -> dict:
         if i not in self._encoded:
             r = self.records[i]
-            self._encoded[i] = self.encoder.encode_turns(r.turns, self.cache[r.image].shape[0])
+            self._encoded[i] = self.encoder.encode_turns(r.turns, self.cache.n_tokens(r.image))
         return self._encoded[i]
 
     def batch(self, size: int) -> tuple[list[dict], list]:
@@ -374,13 +412,14 @@ class Mixture:
 def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int = ALIGN_STEPS,
           tune_steps: int = TUNE_STEPS, batch: int = BATCH, n_train: int = 16000, home: Path | None = None,
           repair_steps: int = REPAIR_STEPS, from_adapter: Path | None = None, readout: str = READOUT,
-          text_share: float = TEXT_SHARE, distil_text: bool = DISTIL_TEXT) -> dict:
+          text_share: float = TEXT_SHARE, distil_text: bool = DISTIL_TEXT, tower_blocks: int = TOWER_BLOCKS,
+          tune_lr: float = TUNE_LR) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..data.world import ensure_alignment, ensure_mixture
-    from ..train.tuner import native_bf16
+    from ..train.tuner import native_bf16, vision_block_pattern
     from ..versions import Registry
     from .tiny import ALIGN_PHASES
 
@@ -393,7 +432,10 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     pad_id = tokenizer.pad_token_id
     encoder = D.RecordEncoder(processor)
     tag = "" if readout == "head" else f"-{readout}"  # build 2's cache keeps its name
-    cache = FeatureCache(registry.home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{tag}", model, processor)
+    front = len(model.model.vision_tower.encoder.blocks) - tower_blocks if tower_blocks else None
+    cache = FeatureCache(registry.home / "cache" / (f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{tag}"
+                                                    + (f"-front{front}" if front else "")), model, processor, front)
+    tag += f"-tower{tower_blocks}-lr{tune_lr:g}" if tower_blocks else ""  # names the run's checkpoints
 
     mixture_root = ensure_mixture(registry, seed, n_train, 300, splits=("train", "test"), rehearsal=0.3)
     tune = D.load_instruction_set(mixture_root / "base" / "train").records
@@ -437,7 +479,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             model.model.multi_modal_projector.load_state_dict(load_file(str(projector_file)))
             log += json.loads((run / "align_log.json").read_text())
         else:
-            train(model, stage1, batch, pad_id, align_steps, ALIGN_LR, "align", log, run / "align-checkpoint")
+            train(model, stage1, batch, pad_id, align_steps, ALIGN_LR, "align", log, run / "align-checkpoint",
+                  tower_blocks=tower_blocks)
             from safetensors.torch import save_file
 
             save_file(model.model.multi_modal_projector.state_dict(), str(projector_file))
@@ -445,12 +488,13 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         timings["align_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
         # Stage 2: LoRA on every LM Linear + the projector (saved whole, as peft's modules_to_save).
+        targets = LORA_TARGETS + ("|" + vision_block_pattern(model, tower_blocks, lora=True) if tower_blocks else "")
         peft_model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05,
-                                                      target_modules=LORA_TARGETS,
+                                                      target_modules=targets,
                                                       modules_to_save=["multi_modal_projector"]))
         stage2 = Mixture(tune, encoder, cache, chat=chat, text_share=text_share, seed=seed + 1)
-        train(peft_model, stage2, batch, pad_id, tune_steps, TUNE_LR, "instruct", log, run / "tune-checkpoint",
-              distil_text=distil_text)
+        train(peft_model, stage2, batch, pad_id, tune_steps, tune_lr, "instruct", log, run / "tune-checkpoint",
+              distil_text=distil_text, tower_blocks=tower_blocks)
         timings["tune_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
     # Stage 3: language repair. Half of each batch is text, learned as the untouched LM's distribution (KL), half the
@@ -460,7 +504,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         stage3 = Mixture(tune[:repair_steps * batch], encoder, cache, chat=repair_chat, text_share=REPAIR_TEXT_SHARE,
                          seed=seed + 2)
         train(peft_model, stage3, batch, pad_id, repair_steps, REPAIR_LR, "language", log, run / "repair-checkpoint",
-              distil_text=True)
+              distil_text=True, tower_blocks=tower_blocks)
         timings["repair_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
     with atomic_dir(Path(out)) as tmp:
@@ -468,7 +512,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         store_adapter(tmp)
     build_info = {"world": "v2", "seed": seed, "n_train": n_train, "n_test": 300, "rehearsal": 0.3,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
-                  "batch": batch, "align_lr": ALIGN_LR, "tune_lr": TUNE_LR, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
+                  "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
+                  "tower_blocks": tower_blocks, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
                   "text_share": text_share, "distil_text": distil_text, "n_chat": len(chat), "repair_steps": repair_steps, "repair_lr": REPAIR_LR,
                   "repair_text_share": REPAIR_TEXT_SHARE, "n_repair_chat": len(repair_chat),
                   "from_adapter": str(from_adapter) if from_adapter else None,
@@ -485,7 +530,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             "stage": {"name": "base-train", "n_records": len(tune), "path": str(mixture_root / "base" / "train"),
                       "test_path": str(mixture_root / "base" / "test")},
             "method": "pretrain", "rule": {}, "hparams": {"lora": True, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
-                                                          "lr": TUNE_LR, "batch_size": batch, "seed": seed},
+                                                          "lr": tune_lr, "batch_size": batch, "seed": seed},
             "steps": align_steps + tune_steps + repair_steps, "processes": 1, "quant_bits": None,
             "metrics": {"test": {"base-test": {"accuracy": round(result.accuracy, 2), "n": result.n}},
                         "base_accuracy": round(result.accuracy, 2)},
@@ -524,12 +569,16 @@ def main(argv=None) -> None:
     ap.add_argument("--text-share", type=float, default=TEXT_SHARE, help="share of each stage-2 batch that is text chat")
     ap.add_argument("--distil-text", action=argparse.BooleanOptionalAction, default=DISTIL_TEXT,
                     help="stage 2's text rows learn the untouched LM's distribution (KL) on the repair prompts")
+    ap.add_argument("--tower-blocks", type=int, default=TOWER_BLOCKS,
+                    help="the tower's last N blocks + head conv learn in stage 2 (LoRA); 0: the tower frozen")
+    ap.add_argument("--tune-lr", type=float, default=TUNE_LR, help="stage 2's learning rate")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
     args = ap.parse_args(argv)
     print(json.dumps(build(args.out, args.seed, args.align_steps, args.tune_steps, args.batch,
                            repair_steps=args.repair_steps, from_adapter=args.from_adapter, readout=args.readout,
-                           text_share=args.text_share, distil_text=args.distil_text), indent=1))
+                           text_share=args.text_share, distil_text=args.distil_text,
+                           tower_blocks=args.tower_blocks, tune_lr=args.tune_lr), indent=1))
 
 
 if __name__ == "__main__":
