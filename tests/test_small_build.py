@@ -150,7 +150,8 @@ def test_tower_tail_on_the_cached_front_is_the_towers_own_output_and_its_lora_le
     peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=targets,
                                                   modules_to_save=["multi_modal_projector"]))
     items, _ = _rows()
-    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)  # the tiny tower's gradients are ~1e-10
+    # fp32: the tiny tower's gradients are small (~1e-10)
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
     loss = small_build.step_loss(peft_model, items[:2], [cache[p] for p in images], pad_id=0, tower_blocks=1)
     loss.backward()
     # lora_B starts at zero, so the first gradient reaches B (A gets one once B moves)

@@ -13,9 +13,9 @@ stage-2 mixture. `--from-adapter DIR` runs it on an adapter built before.
 The tower is frozen, so its features are computed once per image and cached (`FeatureCache`); each step then runs
 only projector + LM, feeding the projected features through `FastVlmModel`'s `mm_encoder_outputs`. With
 `--tower-blocks N` the tower's last N blocks + head conv learn in stage 2 (LoRA, as `small`'s stages adapt its last
-block): the cache keeps the frozen front's map and each step runs those blocks (`tower_tail`) before the projector. What ships is
-the peft adapter (LoRA + the projector as a module to save), in `assets/small/adapter`. Deterministic for a seed
-(and torch thread count: the build uses 2; explicit RNGs; a resumed run does not restore the dropout RNG).
+block): the cache keeps the frozen front's map and each step runs those blocks (`tower_tail`) before the projector.
+What ships is the peft adapter (LoRA + the projector as a module to save), in `assets/small/adapter`. Deterministic
+for a seed (and torch thread count: the build uses 2; explicit RNGs; a resumed run does not restore the dropout RNG).
 `python -m llaca.bases.small_build --help`.
 """
 from __future__ import annotations
@@ -222,7 +222,8 @@ class FeatureCache:
             pixels = pixels.to(memory_format=torch.channels_last)
             with torch.no_grad():
                 if self.front is None:
-                    maps = tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)  # (B, tokens, C) as FastVLM reads it
+                    # (B, tokens, C), as FastVLM reads the (B, C, h, w) map
+                    maps = tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)
                 else:
                     maps = tower.embeddings(pixels)
                     for block in tower.encoder.blocks[:self.front]:
@@ -435,7 +436,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     front = len(model.model.vision_tower.encoder.blocks) - tower_blocks if tower_blocks else None
     cache = FeatureCache(registry.home / "cache" / (f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{tag}"
                                                     + (f"-front{front}" if front else "")), model, processor, front)
-    tag += f"-tower{tower_blocks}-lr{tune_lr:g}" if tower_blocks else ""  # names the run's checkpoints
+    if tower_blocks or tune_lr != TUNE_LR:  # the run's checkpoints are named by what changes its weights
+        tag += f"-tower{tower_blocks}-lr{tune_lr:g}"
 
     mixture_root = ensure_mixture(registry, seed, n_train, 300, splits=("train", "test"), rehearsal=0.3)
     tune = D.load_instruction_set(mixture_root / "base" / "train").records
