@@ -49,16 +49,14 @@ class TailClassifier(nn.Module):
 def front_features(tower, processor, images: list[str], first: int, batch: int = 32) -> torch.Tensor:
     """The frozen front's output (embeddings + blocks before `first`) for every image, once."""
     from llaca.data import load_image
+    from llaca.models.vision import efficientnet_front
 
     out = []
     with torch.no_grad():
         for i in range(0, len(images), batch):
             pix = processor.image_processor([load_image(p) for p in images[i:i + batch]],
                                             return_tensors="pt")["pixel_values"]
-            h = tower.embeddings(pix)
-            for block in tower.encoder.blocks[:first]:
-                h = block(h)
-            out.append(h)
+            out.append(efficientnet_front(tower, pix, first))
     return torch.cat(out)
 
 

@@ -37,6 +37,7 @@ from .. import data as D
 from ..data import world as base_world
 from ..evaluation.evaluate import evaluate
 from ..models.small import IMAGE_SIZE, READOUT, READOUTS, SMALL_ASSETS, TOWER_VARIANT, assemble
+from ..models.vision import efficientnet_front, efficientnet_tail
 from ..paths import atomic_dir, atomic_write_json, llaca_home
 from .small import store_adapter
 from .splits import split_fingerprint
@@ -225,9 +226,7 @@ class FeatureCache:
                     # (B, tokens, C), as FastVLM reads the (B, C, h, w) map
                     maps = tower(pixels).last_hidden_state.flatten(2).transpose(1, 2)
                 else:
-                    maps = tower.embeddings(pixels)
-                    for block in tower.encoder.blocks[:self.front]:
-                        maps = block(maps)
+                    maps = efficientnet_front(tower, pixels, self.front)
             for p, m in zip(chunk, maps):
                 np.save(self._file(Path(p)), m.contiguous().to(torch.float16).numpy())
         for p in todo:
@@ -245,14 +244,9 @@ class FeatureCache:
 def tower_tail(model, front_maps: torch.Tensor, blocks: int) -> torch.Tensor:
     """The tower's last `blocks` blocks (those after the cached front, `FeatureCache.front`) + its head conv:
     (B, C, h, w) front maps -> the (B, tokens, channels) features FastVLM reads. Runs the model's own modules, so
-    their LoRA adapters act (transformers' `EfficientNetEncoder.forward`, from its last blocks on)."""
+    their LoRA adapters act."""
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    encoder = inner.model.vision_tower.encoder
-    hidden = front_maps
-    for block in encoder.blocks[len(encoder.blocks) - blocks:]:
-        hidden = block(hidden)
-    hidden = encoder.top_activation(encoder.top_bn(encoder.top_conv(hidden)))
-    return hidden.flatten(2).transpose(1, 2)
+    return efficientnet_tail(inner.model.vision_tower, front_maps, blocks).flatten(2).transpose(1, 2)
 
 
 # --------------------------------------------------------------------------- the training loop

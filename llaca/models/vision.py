@@ -184,6 +184,24 @@ def efficientnet_lite_tower(variant: str = "lite2", image_size: int = 256):
     return model.eval(), config
 
 
+def efficientnet_front(tower, pixel_values: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The stem and first `n_blocks` blocks of transformers' `EfficientNetModel`: the (B, C, h, w) map the next block
+    reads (a frozen front computed once per image while the blocks after it learn)."""
+    hidden = tower.embeddings(pixel_values)
+    for block in tower.encoder.blocks[:n_blocks]:
+        hidden = block(hidden)
+    return hidden
+
+
+def efficientnet_tail(tower, hidden: torch.Tensor, n_blocks: int) -> torch.Tensor:
+    """The last `n_blocks` blocks + head conv, BN and activation (`EfficientNetEncoder.forward` from there on): a front
+    map -> the (B, C, h, w) `last_hidden_state`. Runs the tower's own modules, so adapters on them act."""
+    encoder = tower.encoder
+    for block in encoder.blocks[len(encoder.blocks) - n_blocks:]:
+        hidden = block(hidden)
+    return encoder.top_activation(encoder.top_bn(encoder.top_conv(hidden)))
+
+
 # --------------------------------------------------------------------------- towers with one fixed block
 
 def _map_side(image_size: int, strides: list[int]) -> int:
