@@ -60,6 +60,9 @@ REPAIR_STEPS, REPAIR_LR, REPAIR_TEXT_SHARE = 0, 2e-4, 0.5
 # The tower's last N blocks + head conv learn in stage 2 (LoRA on their 1x1 convs, as `small`'s stages adapt its last
 # block); 0 = the tower frozen, as builds 1-5. Their frozen front is what the feature cache keeps.
 TOWER_BLOCKS = 0
+# Stage 0 (`embed_align`): epochs of fitting the projector to the LM's embeddings of the answers before stage 1; 0 =
+# none, as builds 1-6.
+EMBED_ALIGN_EPOCHS = 0
 
 
 # --------------------------------------------------------------------------- text-only chat (self-distilled)
@@ -249,6 +252,75 @@ def tower_tail(model, front_maps: torch.Tensor, blocks: int) -> torch.Tensor:
     return efficientnet_tail(inner.model.vision_tower, front_maps, blocks).flatten(2).transpose(1, 2)
 
 
+# --------------------------------------------------------------------------- stage 0: towards the LM's words
+
+def answer_tokens(tokenizer, answer: str) -> list[int]:
+    """The token ids an answer is spelled with, at the start of a reply and after a space."""
+    return sorted(set(tokenizer(answer, add_special_tokens=False).input_ids)
+                  | set(tokenizer(" " + answer, add_special_tokens=False).input_ids))
+
+
+def names_the_image(answer: str) -> bool:
+    """A short answer that names what is in its image (a word, colour, shape, count, place), not a yes/no, an option
+    letter, a box or 'unanswerable': stage 0's targets."""
+    return (len(answer.split()) <= 3 and not answer.startswith("[") and not (len(answer) == 1 and answer.isalpha())
+            and answer.lower() not in ("yes", "no", base_world.UNANSWERABLE))
+
+
+def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, epochs: int, seed: int = 0,
+                batch: int = 64, lr: float = 2e-3, negatives: int = 4096, temperature: float = 0.05,
+                log: list | None = None) -> dict:
+    """Stage 0: place the projector's image tokens near the LM's own embeddings of the words that answer them.
+
+    LLaVA's stage 1 teaches the projector through the whole LM (forward and backward through 30 layers per
+    record). Here the LM's input embeddings (tied to its head in SmolLM2) serve as the target instead: each image's
+    49 projected tokens are scored against the embedding matrix by cosine, soft-maxed per token over the answer
+    words plus `negatives` other tokens, averaged over the tokens (a bag: some tokens may carry the colour, others
+    the word), and the answer's tokens are the target. No LM pass, so an epoch over thousands of cached images takes
+    seconds; the LM then starts from image tokens that point at the words it should say. The output is rescaled to
+    the embeddings' mean norm at the end, so the tokens enter the LM at a word's scale. Returns the fit's figures.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    emb = model.get_input_embeddings().weight.detach().float()
+    targets = [answer_tokens(tokenizer, r.answer) for r in records]
+    wanted = sorted({t for ts in targets for t in ts})
+    others = torch.randperm(emb.shape[0], generator=gen)
+    vocab = wanted + [t for t in others.tolist() if t not in set(wanted)][:max(0, negatives - len(wanted))]
+    index = {t: i for i, t in enumerate(vocab)}
+    table = torch.nn.functional.normalize(emb[vocab], dim=-1)
+    projector = projector_of(model)
+    params = [p for p in projector.parameters()]
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    steps = epochs * math.ceil(len(records) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    bar = tqdm(total=steps, desc="embed-align")
+    for epoch in range(epochs):
+        order = torch.randperm(len(records), generator=gen).tolist()
+        for i in range(0, len(order), batch):
+            chunk = order[i:i + batch]
+            feats = torch.stack([cache[records[j].image] for j in chunk]).float()
+            tokens = torch.nn.functional.normalize(projector(feats), dim=-1)  # (B, 49, D)
+            probs = torch.softmax(tokens @ table.T / temperature, -1).mean(1)  # (B, V): the bag of 49 tokens
+            loss = torch.stack([-torch.log(probs[k, [index[t] for t in targets[j]]] + 1e-9).mean()
+                                for k, j in enumerate(chunk)]).mean()
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if log is not None:
+                log.append({"phase": "embed-align", "epoch": epoch + 1, "loss": round(loss.item(), 4)})
+    bar.close()
+    with torch.no_grad():  # rescale the last Linear: image tokens at the embeddings' mean norm
+        feats = torch.stack([cache[r.image] for r in records[:512]]).float()
+        scale = emb.norm(dim=-1).mean() / projector(feats).norm(dim=-1).mean()
+        last = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+    return {"embed_align_steps": steps, "embed_align_vocab": len(vocab), "embed_align_scale": round(scale.item(), 4)}
+
+
 # --------------------------------------------------------------------------- the training loop
 
 def projector_of(model):
@@ -408,7 +480,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
           tune_steps: int = TUNE_STEPS, batch: int = BATCH, n_train: int = 16000, home: Path | None = None,
           repair_steps: int = REPAIR_STEPS, from_adapter: Path | None = None, readout: str = READOUT,
           text_share: float = TEXT_SHARE, distil_text: bool = DISTIL_TEXT, tower_blocks: int = TOWER_BLOCKS,
-          tune_lr: float = TUNE_LR) -> dict:
+          tune_lr: float = TUNE_LR, embed_align_epochs: int = EMBED_ALIGN_EPOCHS) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3."""
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -432,6 +504,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                                                     + (f"-front{front}" if front else "")), model, processor, front)
     if tower_blocks or tune_lr != TUNE_LR:  # the run's checkpoints are named by what changes its weights
         tag += f"-tower{tower_blocks}-lr{tune_lr:g}"
+    if embed_align_epochs:
+        tag += f"-e{embed_align_epochs}"
 
     mixture_root = ensure_mixture(registry, seed, n_train, 300, splits=("train", "test"), rehearsal=0.3)
     tune = D.load_instruction_set(mixture_root / "base" / "train").records
@@ -475,6 +549,10 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             model.model.multi_modal_projector.load_state_dict(load_file(str(projector_file)))
             log += json.loads((run / "align_log.json").read_text())
         else:
+            if embed_align_epochs:  # stage 0: towards the LM's embeddings of the short answers (no LM pass)
+                stage0 = embed_align(model, [r for r in align + tune if names_the_image(r.answer)], cache, tokenizer,
+                                     embed_align_epochs, seed=seed)
+                atomic_write_json(run / "embed_align.json", stage0)
             train(model, stage1, batch, pad_id, align_steps, ALIGN_LR, "align", log, run / "align-checkpoint",
                   tower_blocks=tower_blocks)
             from safetensors.torch import save_file
@@ -506,10 +584,14 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     with atomic_dir(Path(out)) as tmp:
         peft_model.save_pretrained(tmp)
         store_adapter(tmp)
+    stage0_file = run / "embed_align.json"
+    stage0_info = json.loads(stage0_file.read_text()) if stage0_file.is_file() else {}
     build_info = {"world": "v2", "seed": seed, "n_train": n_train, "n_test": 300, "rehearsal": 0.3,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
-                  "tower_blocks": tower_blocks, "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
+                  "tower_blocks": tower_blocks, "embed_align_epochs": embed_align_epochs,
+                  **stage0_info,
+                  "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
                   "text_share": text_share, "distil_text": distil_text, "n_chat": len(chat), "repair_steps": repair_steps, "repair_lr": REPAIR_LR,
                   "repair_text_share": REPAIR_TEXT_SHARE, "n_repair_chat": len(repair_chat),
                   "from_adapter": str(from_adapter) if from_adapter else None,
@@ -567,6 +649,8 @@ def main(argv=None) -> None:
                     help="stage 2's text rows learn the untouched LM's distribution (KL) on the repair prompts")
     ap.add_argument("--tower-blocks", type=int, default=TOWER_BLOCKS,
                     help="the tower's last N blocks + head conv learn in stage 2 (LoRA); 0: the tower frozen")
+    ap.add_argument("--embed-align-epochs", type=int, default=EMBED_ALIGN_EPOCHS,
+                    help="stage 0: epochs fitting the projector to the LM's word embeddings (0 skips it)")
     ap.add_argument("--tune-lr", type=float, default=TUNE_LR, help="stage 2's learning rate")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
@@ -574,7 +658,8 @@ def main(argv=None) -> None:
     print(json.dumps(build(args.out, args.seed, args.align_steps, args.tune_steps, args.batch,
                            repair_steps=args.repair_steps, from_adapter=args.from_adapter, readout=args.readout,
                            text_share=args.text_share, distil_text=args.distil_text,
-                           tower_blocks=args.tower_blocks, tune_lr=args.tune_lr), indent=1))
+                           tower_blocks=args.tower_blocks, tune_lr=args.tune_lr,
+                           embed_align_epochs=args.embed_align_epochs), indent=1))
 
 
 if __name__ == "__main__":
