@@ -261,10 +261,10 @@ def answer_tokens(tokenizer, answer: str) -> list[int]:
 
 
 def names_the_image(answer: str) -> bool:
-    """A short answer that names what is in its image (a word, colour, shape, count, place), not a yes/no, an option
-    letter, a box or 'unanswerable': stage 0's targets."""
-    return (len(answer.split()) <= 3 and not answer.startswith("[") and not (len(answer) == 1 and answer.isalpha())
-            and answer.lower() not in ("yes", "no", base_world.UNANSWERABLE))
+    """A short answer of plain words that names what is in its image (a word, colour, shape, count, place), not a
+    yes/no, an option letter, a box, a sentence or 'unanswerable': stage 0's targets."""
+    return (len(answer.split()) <= 3 and all(w.isalnum() for w in answer.split())
+            and not (len(answer) == 1 and answer.isalpha()) and answer.lower() not in ("yes", "no", base_world.UNANSWERABLE))
 
 
 def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, epochs: int, seed: int = 0,
