@@ -163,3 +163,46 @@ def test_tower_tail_on_the_cached_front_is_the_towers_own_output_and_its_lora_le
     tail_lora = {n: p.grad for n, p in peft_model.named_parameters() if "vision_tower" in n and "lora_B" in n}
     assert tail_lora and all(f"blocks.{n_blocks - 1}." in n or "top_conv" in n for n in tail_lora)
     assert any(g is not None and g.abs().sum() > 0 for g in tail_lora.values())
+
+
+def test_stage0_points_each_images_tokens_at_its_answer_embedding_at_a_words_norm(make_tiny_fastvlm, tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llaca.data.records import Record
+
+    model = make_tiny_fastvlm()
+    words = ["red", "blue", "star", "seven", "cup", "sun"] + [f"w{i}" for i in range(50)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 60}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    answers = ["red", "blue", "star", "seven", "cup", "sun"]
+    records = [Record(id=str(i), image=tmp_path / f"{i}.png", turns=[("What is this?", a)]) for i, a in enumerate(answers)]
+    features = {r.image: torch.randn(4, 320, generator=torch.Generator().manual_seed(i)) for i, r in enumerate(records)}
+    emb_before = model.get_input_embeddings().weight.detach().clone()
+    lm_before = {n: p.detach().clone() for n, p in model.named_parameters() if "multi_modal_projector" not in n}
+    log: list = []
+    info = small_build.embed_align(model, records, features, tokenizer, epochs=60, batch=3, lr=1e-2, log=log)
+
+    assert info["embed_align_vocab"] == 64  # 6 answer words + every other token of the tiny vocabulary as negatives
+    first = sum(e["loss"] for e in log[:4]) / 4
+    last = sum(e["loss"] for e in log[-4:]) / 4
+    assert last < 0.5 * first
+    emb = model.get_input_embeddings().weight.detach()
+    with torch.no_grad():
+        tokens = small_build.projector_of(model)(torch.stack([features[r.image] for r in records]))
+        unit = torch.nn.functional.normalize(tokens, dim=-1) @ torch.nn.functional.normalize(emb, dim=-1).T
+        bag = torch.softmax(unit / 0.05, -1).mean(1)  # (6 images, 64 tokens)
+    assert bag.argmax(-1).tolist() == [words.index(a) for a in answers]
+    # the rescale: the tokens enter the LM at the embeddings' mean norm, not the fit's arbitrary one
+    assert tokens.norm(dim=-1).mean().item() == pytest.approx(emb.norm(dim=-1).mean().item(), rel=0.05)
+    assert torch.equal(emb, emb_before)  # only the projector learned
+    assert all(torch.equal(p, lm_before[n]) for n, p in model.named_parameters() if n in lm_before)
+
+
+def test_stage0_targets_are_plain_word_answers():
+    named = ["3", "egg", "top left", "meats and eggs", "red"]
+    not_named = ["A", "yes", "No", "unanswerable", "The text 'egg'.", "A food.", "[0.1,0.2,0.5,0.9]",
+                 "The picture shows four leds and two stars."]
+    assert all(small_build.names_the_image(a) for a in named)
+    assert not any(small_build.names_the_image(a) for a in not_named)
