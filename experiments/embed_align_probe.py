@@ -4,7 +4,8 @@ Assembles `small` from the wheels with a fresh projector, fits stage 0 on the bu
 features) and reports, on the alignment set's test split (unseen images): the bag top-1 (does the most probable
 vocabulary entry of the 49 tokens' mean belong to the answer?) and the untouched LM's zero-shot answers through that
 projector, per attribute, against the fresh projector. Usage:
-`PYTHONPATH=. python -m experiments.embed_align_probe --home /tmp/probe --epochs 3 --out bench_results/small/embed_align_probe.json`
+`PYTHONPATH=. python -m experiments.embed_align_probe --home /tmp/probe --epochs 3
+--out bench_results/small/embed_align_probe.json`
 """
 from __future__ import annotations
 

@@ -177,7 +177,8 @@ def test_stage0_points_each_images_tokens_at_its_answer_embedding_at_a_words_nor
     core.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
     answers = ["red", "blue", "star", "seven", "cup", "sun"]
-    records = [Record(id=str(i), image=tmp_path / f"{i}.png", turns=[("What is this?", a)]) for i, a in enumerate(answers)]
+    records = [Record(id=str(i), image=tmp_path / f"{i}.png", turns=[("What is this?", a)])
+               for i, a in enumerate(answers)]
     features = {r.image: torch.randn(4, 320, generator=torch.Generator().manual_seed(i)) for i, r in enumerate(records)}
     emb_before = model.get_input_embeddings().weight.detach().clone()
     lm_before = {n: p.detach().clone() for n, p in model.named_parameters() if "multi_modal_projector" not in n}

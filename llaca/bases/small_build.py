@@ -1,5 +1,7 @@
 """Train what base v3 (`small`) adds to its pretrained parts: LLaVA's two stages, shrunk to 2 cores.
 
+Stage 0 (optional, `--embed-align-epochs N`; off in the shipped build): the projector alone is fitted, with no LM
+pass, to the LM's own embeddings of the short answers, so that stage 1 starts from image tokens that point at words.
 Stage 1, feature alignment: only the projector learns, on one fixed question per visual attribute of base v2's
 world (colour, shape, category, word, region, count: real drawings and emoji, fonts, shapes), as LLaVA-1.5
 pre-trains its projector on image-caption pairs with the LM frozen.
@@ -263,34 +265,36 @@ def answer_tokens(tokenizer, answer: str) -> list[int]:
 def names_the_image(answer: str) -> bool:
     """A short answer of plain words that names what is in its image (a word, colour, shape, count, place), not a
     yes/no, an option letter, a box, a sentence or 'unanswerable': stage 0's targets."""
-    return (len(answer.split()) <= 3 and all(w.isalnum() for w in answer.split())
-            and not (len(answer) == 1 and answer.isalpha()) and answer.lower() not in ("yes", "no", base_world.UNANSWERABLE))
+    words = answer.split()
+    return (len(words) <= 3 and all(w.isalnum() for w in words) and not (len(answer) == 1 and answer.isalpha())
+            and answer.lower() not in ("yes", "no", base_world.UNANSWERABLE))
 
 
 def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, epochs: int, seed: int = 0,
-                batch: int = 64, lr: float = 2e-3, negatives: int = 4096, temperature: float = 0.05,
+                batch: int = 64, lr: float = 2e-3, table_rows: int = 4096, temperature: float = 0.05,
                 log: list | None = None) -> dict:
     """Stage 0: place the projector's image tokens near the LM's own embeddings of the words that answer them.
 
     LLaVA's stage 1 teaches the projector through the whole LM (forward and backward through 30 layers per
     record). Here the LM's input embeddings (tied to its head in SmolLM2) serve as the target instead: each image's
-    49 projected tokens are scored against the embedding matrix by cosine, soft-maxed per token over the answer
-    words plus `negatives` other tokens, averaged over the tokens (a bag: some tokens may carry the colour, others
-    the word), and the answer's tokens are the target. No LM pass, so an epoch over thousands of cached images takes
-    seconds; the LM then starts from image tokens that point at the words it should say. The output is rescaled to
-    the embeddings' mean norm at the end, so the tokens enter the LM at a word's scale. Returns the fit's figures.
+    49 projected tokens are scored by cosine against `table_rows` rows of the embedding matrix (every answer token,
+    the rest drawn at random), soft-maxed per token, averaged over the tokens (a bag: some tokens may carry the
+    colour, others the word), and the answer's tokens are the target. No LM pass, so an epoch over thousands of
+    cached images takes seconds; the LM then starts from image tokens that point at the words it should say. The
+    output is rescaled to the embeddings' mean norm at the end, so the tokens enter the LM at a word's scale.
+    Returns the fit's figures.
     """
     gen = torch.Generator().manual_seed(seed)
     emb = model.get_input_embeddings().weight.detach().float()
     targets = [answer_tokens(tokenizer, r.answer) for r in records]
     wanted = sorted({t for ts in targets for t in ts})
-    others = torch.randperm(emb.shape[0], generator=gen)
-    vocab = wanted + [t for t in others.tolist() if t not in set(wanted)][:max(0, negatives - len(wanted))]
+    known = set(wanted)
+    others = [t for t in torch.randperm(emb.shape[0], generator=gen).tolist() if t not in known]
+    vocab = wanted + others[:max(0, table_rows - len(wanted))]
     index = {t: i for i, t in enumerate(vocab)}
     table = torch.nn.functional.normalize(emb[vocab], dim=-1)
     projector = projector_of(model)
-    params = [p for p in projector.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(records) / batch)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     bar = tqdm(total=steps, desc="embed-align")
@@ -490,6 +494,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     from ..versions import Registry
     from .tiny import ALIGN_PHASES
 
+    if embed_align_epochs and tower_blocks:
+        raise ValueError("--embed-align-epochs needs the tower's features, and --tower-blocks caches only its front: "
+                         "choose one")
     torch.set_num_threads(1 if torch.get_num_threads() < 2 else 2)
     torch.manual_seed(seed)
     t0 = time.time()
