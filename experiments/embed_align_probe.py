@@ -19,23 +19,12 @@ import torch
 from llaca import data as D
 from llaca.bases import small_build as B
 from llaca.bases.tiny import ALIGN_PHASES
-from llaca.data.world import ensure_alignment
+from llaca.data.world import ensure_alignment, family
 from llaca.evaluation import metrics
 from llaca.evaluation.evaluate import generate_answers
 from llaca.models.small import IMAGE_SIZE, TOWER_VARIANT, assemble
 from llaca.paths import atomic_write_json
 from llaca.versions import Registry
-
-
-def attribute_of(question: str) -> str:
-    from llaca.data.world import ATTRIBUTE_QUESTIONS
-
-    first = question.split("\n")[0]
-    for name, template in ATTRIBUTE_QUESTIONS.items():
-        head = template.split("{")[0]
-        if first.startswith(head) and (head or first == template):
-            return name
-    return "other"
 
 
 def zero_shot(model, processor, records) -> dict:
@@ -44,21 +33,20 @@ def zero_shot(model, processor, records) -> dict:
                              [r.question for r in records], batch_size=16, max_new_tokens=12)
     per: dict[str, list[bool]] = {}
     for r, p in zip(records, preds):
-        per.setdefault(attribute_of(r.question), []).append(metrics.is_correct(p, r.answer))
+        per.setdefault(family(r.question, r.answer), []).append(metrics.is_correct(p, r.answer))
     return {"accuracy": round(100 * sum(sum(v) for v in per.values()) / len(records), 1),
             "per_attribute": {k: round(100 * sum(v) / len(v), 1) for k, v in sorted(per.items())},
             "examples": [{"q": r.question, "a": r.answer, "p": p} for r, p in list(zip(records, preds))[:12]]}
 
 
 def bag_top1(model, records, cache, tokenizer) -> float:
-    emb = torch.nn.functional.normalize(model.get_input_embeddings().weight.detach().float(), dim=-1)
+    table = torch.nn.functional.normalize(model.get_input_embeddings().weight.detach().float(), dim=-1)
     hits = 0
     with torch.no_grad():
         for i in range(0, len(records), 32):
             chunk = records[i:i + 32]
-            tokens = torch.nn.functional.normalize(B.projector_of(model)(
-                torch.stack([cache[r.image] for r in chunk]).float()), dim=-1)
-            best = torch.softmax(tokens @ emb.T / 0.05, -1).mean(1).argmax(-1)
+            tokens = B.projector_of(model)(torch.stack([cache[r.image] for r in chunk]).float())
+            best = B.token_bag(tokens, table).argmax(-1)
             hits += sum(int(b) in B.answer_tokens(tokenizer, r.answer) for b, r in zip(best.tolist(), chunk))
     return round(100 * hits / len(records), 1)
 

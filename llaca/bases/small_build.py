@@ -270,6 +270,13 @@ def names_the_image(answer: str) -> bool:
             and answer.lower() not in ("yes", "no", base_world.UNANSWERABLE))
 
 
+def token_bag(tokens: torch.Tensor, table: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
+    """(B, tokens, D) image tokens, (V, D) unit-norm embedding rows -> (B, V): each token's soft-max over the rows by
+    cosine, averaged over the image's tokens (stage 0's bag: some tokens may carry the colour, others the word)."""
+    unit = torch.nn.functional.normalize(tokens, dim=-1)
+    return torch.softmax(unit @ table.T / temperature, -1).mean(1)
+
+
 def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, epochs: int, seed: int = 0,
                 batch: int = 64, lr: float = 2e-3, table_rows: int = 4096, temperature: float = 0.05,
                 log: list | None = None) -> dict:
@@ -292,6 +299,7 @@ def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, 
     others = [t for t in torch.randperm(emb.shape[0], generator=gen).tolist() if t not in known]
     vocab = wanted + others[:max(0, table_rows - len(wanted))]
     index = {t: i for i, t in enumerate(vocab)}
+    rows = [[index[t] for t in ts] for ts in targets]  # each record's answer tokens as rows of the table
     table = torch.nn.functional.normalize(emb[vocab], dim=-1)
     projector = projector_of(model)
     opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
@@ -303,10 +311,8 @@ def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, 
         for i in range(0, len(order), batch):
             chunk = order[i:i + batch]
             feats = torch.stack([cache[records[j].image] for j in chunk]).float()
-            tokens = torch.nn.functional.normalize(projector(feats), dim=-1)  # (B, 49, D)
-            probs = torch.softmax(tokens @ table.T / temperature, -1).mean(1)  # (B, V): the bag of 49 tokens
-            loss = torch.stack([-torch.log(probs[k, [index[t] for t in targets[j]]] + 1e-9).mean()
-                                for k, j in enumerate(chunk)]).mean()
+            probs = token_bag(projector(feats), table, temperature)  # (B, V)
+            loss = torch.stack([-torch.log(probs[k, rows[j]] + 1e-9).mean() for k, j in enumerate(chunk)]).mean()
             loss.backward()
             opt.step()
             sched.step()
