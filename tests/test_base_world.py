@@ -175,3 +175,27 @@ def test_attribute_questions_are_well_formed():
               "read": answer in bw.WORDS, "region": answer in bw.REGIONS,
               "count": answer.isdigit() and 1 <= int(answer) <= 6, "group": answer.islower()}[attribute]
         assert ok, (attribute, question, answer)
+
+
+def test_multi_turn_records_ask_one_scene_different_families_and_round_trip(tmp_path):
+    from llaca.data import load_instruction_set
+
+    rng_a, rng_b = random.Random(5), random.Random(5)
+    for _ in range(20):  # one question: exactly what `sample` draws (the shipped builds' mixture is unchanged)
+        image, turns = bw.sample_turns(rng_a, 1)
+        image_b, question, answer = bw.sample(rng_b)
+        assert turns == [(question, answer)] and np.array_equal(np.asarray(image), np.asarray(image_b))
+    rng = random.Random(3)
+    records = [bw.sample_turns(rng, 3) for _ in range(40)]
+    sizes = [len(turns) for _, turns in records]
+    assert max(sizes) == 3 and min(sizes) >= 2  # every scene kind fits at least two families
+    for _, turns in records:
+        families = [bw.family(q, a) for q, a in turns]
+        assert len(set(families)) == len(families)
+    bw.write_mixture(tmp_path, seed=1, n_train=12, n_test=6, rehearsal=0.0, turns=3)
+    train = load_instruction_set(tmp_path / "base" / "train").records
+    test = load_instruction_set(tmp_path / "base" / "test").records
+    assert all(len(r.turns) >= 2 for r in train) and all(len(r.turns) == 1 for r in test)
+    single = tmp_path / "single"
+    bw.write_mixture(single, seed=1, n_train=12, n_test=6, splits=("test",))
+    assert [r.turns for r in load_instruction_set(single / "base" / "test").records] == [r.turns for r in test]

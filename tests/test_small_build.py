@@ -207,3 +207,12 @@ def test_stage0_targets_are_plain_word_answers():
                  "The picture shows four leds and two stars."]
     assert all(small_build.names_the_image(a) for a in named)
     assert not any(small_build.names_the_image(a) for a in not_named)
+    from pathlib import Path
+
+    from llaca.data import Record
+
+    talk = Record("r1", Path("a.png"), [("What colour is it?", "red"), ("Is there a dog?", "no"),
+                                        ("What does the text say?", "lamp")])
+    single = Record("r2", Path("b.png"), [("Which option?", "B")])
+    assert [(r.image.name, r.turns) for r in small_build.naming_turns([talk, single])] == [
+        ("a.png", [("What colour is it?", "red")]), ("a.png", [("What does the text say?", "lamp")])]

@@ -65,6 +65,9 @@ TOWER_BLOCKS = 0
 # Stage 0 (`embed_align`): epochs of fitting the projector to the LM's embeddings of the answers before stage 1; 0 =
 # none, as builds 1-6.
 EMBED_ALIGN_EPOCHS = 0
+# Stage 2's records ask each image up to this many questions (a multi-turn record: the 49 image tokens and the chat
+# template are paid once for k answers; one question: ~77 tokens an answer, three: ~44); 1 = one question, builds 1-7.
+TURNS_PER_IMAGE = 1
 
 
 # --------------------------------------------------------------------------- text-only chat (self-distilled)
@@ -268,6 +271,12 @@ def names_the_image(answer: str) -> bool:
     words = answer.split()
     return (len(words) <= 3 and all(w.isalnum() for w in words) and not (len(answer) == 1 and answer.isalpha())
             and answer.lower() not in ("yes", "no", base_world.UNANSWERABLE))
+
+
+def naming_turns(records: list[D.Record]) -> list[D.Record]:
+    """Stage 0's targets: one single-turn record per answer that names its image (a multi-turn record gives one for
+    each such turn)."""
+    return [D.Record(r.id, r.image, [turn]) for r in records for turn in r.turns if names_the_image(turn[1])]
 
 
 def token_bag(tokens: torch.Tensor, table: torch.Tensor, temperature: float = 0.05) -> torch.Tensor:
@@ -490,9 +499,11 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
           tune_steps: int = TUNE_STEPS, batch: int = BATCH, n_train: int = 16000, home: Path | None = None,
           repair_steps: int = REPAIR_STEPS, from_adapter: Path | None = None, readout: str = READOUT,
           text_share: float = TEXT_SHARE, distil_text: bool = DISTIL_TEXT, tower_blocks: int = TOWER_BLOCKS,
-          tune_lr: float = TUNE_LR, embed_align_epochs: int = EMBED_ALIGN_EPOCHS) -> dict:
+          tune_lr: float = TUNE_LR, embed_align_epochs: int = EMBED_ALIGN_EPOCHS,
+          turns_per_image: int = TURNS_PER_IMAGE) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
-    adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3."""
+    adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3.
+    `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..data.world import ensure_alignment, ensure_mixture
@@ -519,8 +530,12 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         tag += f"-tower{tower_blocks}-lr{tune_lr:g}"
     if embed_align_epochs:
         tag += f"-e{embed_align_epochs}"
+    if turns_per_image > 1:
+        tag += f"-turns{turns_per_image}"
 
-    mixture_root = ensure_mixture(registry, seed, n_train, 300, splits=("train", "test"), rehearsal=0.3)
+    n_images = n_train // turns_per_image
+    mixture_root = ensure_mixture(registry, seed, n_images, 300, splits=("train", "test"), rehearsal=0.3,
+                                  turns=turns_per_image)
     tune = D.load_instruction_set(mixture_root / "base" / "train").records
     repair_chat = _distilled(registry.home / "cache" / f"small-chat-repair-seed{seed}.json", model, tokenizer,
                              repair_prompts(seed)) if repair_steps else []
@@ -563,8 +578,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             log += json.loads((run / "align_log.json").read_text())
         else:
             if embed_align_epochs:  # stage 0: towards the LM's embeddings of the short answers (no LM pass)
-                stage0 = embed_align(model, [r for r in align + tune if names_the_image(r.answer)], cache, tokenizer,
-                                     embed_align_epochs, seed=seed)
+                stage0 = embed_align(model, naming_turns(align + tune), cache, tokenizer, embed_align_epochs,
+                                     seed=seed)
                 atomic_write_json(run / "embed_align.json", stage0)
             train(model, stage1, batch, pad_id, align_steps, ALIGN_LR, "align", log, run / "align-checkpoint",
                   tower_blocks=tower_blocks)
@@ -599,7 +614,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         store_adapter(tmp)
     stage0_file = run / "embed_align.json"
     stage0_info = json.loads(stage0_file.read_text()) if stage0_file.is_file() else {}
-    build_info = {"world": "v2", "seed": seed, "n_train": n_train, "n_test": 300, "rehearsal": 0.3,
+    build_info = {"world": "v2", "seed": seed, "n_train": n_images, "n_test": 300, "rehearsal": 0.3,
+                  "turns_per_image": turns_per_image,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
                   "tower_blocks": tower_blocks, "embed_align_epochs": embed_align_epochs,
@@ -665,6 +681,8 @@ def main(argv=None) -> None:
     ap.add_argument("--embed-align-epochs", type=int, default=EMBED_ALIGN_EPOCHS,
                     help="stage 0: epochs fitting the projector to the LM's word embeddings (0 skips it)")
     ap.add_argument("--tune-lr", type=float, default=TUNE_LR, help="stage 2's learning rate")
+    ap.add_argument("--turns-per-image", type=int, default=TURNS_PER_IMAGE,
+                    help="stage 2 asks each image up to this many questions (one multi-turn record)")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
     args = ap.parse_args(argv)
@@ -672,7 +690,8 @@ def main(argv=None) -> None:
                            repair_steps=args.repair_steps, from_adapter=args.from_adapter, readout=args.readout,
                            text_share=args.text_share, distil_text=args.distil_text,
                            tower_blocks=args.tower_blocks, tune_lr=args.tune_lr,
-                           embed_align_epochs=args.embed_align_epochs), indent=1))
+                           embed_align_epochs=args.embed_align_epochs, turns_per_image=args.turns_per_image),
+                     indent=1))
 
 
 if __name__ == "__main__":

@@ -447,7 +447,8 @@ def make_records(task_name: str, n: int, seed: int) -> list[Record]:
 
 
 def write_split(out_dir: str | os.PathLike, records: list[Record], id_prefix: str) -> Path:
-    """Write data.json + images/ in LLaVA conversation format, atomically.
+    """Write data.json + images/ in LLaVA conversation format, atomically; a record is (image, question, answer) or
+    (image, [(question, answer), ...]) for a multi-turn conversation about one image.
 
     Everything goes to a sibling temp dir first and is swapped in by rename, so a
     reader never sees a half-written split (and a crash leaves the old one intact).
@@ -458,17 +459,15 @@ def write_split(out_dir: str | os.PathLike, records: list[Record], id_prefix: st
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "images").mkdir(parents=True)
     entries = []
-    for i, (img, question, answer) in enumerate(records):
+    for i, (img, *asked) in enumerate(records):
         rel = f"images/{i:05d}.png"
         img.save(tmp / rel, format="PNG")
-        entries.append({
-            "id": f"{id_prefix}-{i:05d}",
-            "image": rel,
-            "conversations": [
-                {"from": "human", "value": "<image>\n" + question},
-                {"from": "gpt", "value": answer},
-            ],
-        })
+        turns = asked[0] if len(asked) == 1 else [asked]  # (image, [(q, a), ...]) or (image, q, a)
+        conversations = []
+        for t, (question, answer) in enumerate(turns):
+            conversations += [{"from": "human", "value": ("<image>\n" if t == 0 else "") + question},
+                              {"from": "gpt", "value": answer}]
+        entries.append({"id": f"{id_prefix}-{i:05d}", "image": rel, "conversations": conversations})
     (tmp / "data.json").write_text(json.dumps(entries, indent=1) + "\n", encoding="utf-8")
     old = out_dir.parent / f".{out_dir.name}.old-{os.getpid()}"
     if out_dir.exists():

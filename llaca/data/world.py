@@ -594,11 +594,25 @@ def _mcq(rng, question: str, answer: str, pool: list[str]) -> tuple[str, str]:
 
 
 def sample(rng: random.Random) -> tuple[Image.Image, str, str]:
+    image, turns = sample_turns(rng, 1)
+    return image, *turns[0]
+
+
+def sample_turns(rng: random.Random, k: int) -> tuple[Image.Image, list[tuple[str, str]]]:
+    """One scene asked up to `k` questions of different answer families: a multi-turn record (as LLaVA's own
+    instruction data is), so a model pays the image's tokens once for k answers. k = 1 draws what `sample` draws."""
     scene = sample_scene(rng)
     while scene.kind == "objects" and not scene.things:
         scene = sample_scene(rng)
-    question, answer = _ask(rng, scene)
-    return render(scene), question, answer
+    turns, families = [], set()
+    for _ in range(4 * k):
+        question, answer = _ask(rng, scene)
+        if family(question, answer) not in families:
+            families.add(family(question, answer))
+            turns.append((question, answer))
+        if len(turns) == k:
+            break
+    return render(scene), turns
 
 
 # --------------------------------------------------------------------------- alignment (LLaVA's stage 1, shrunk)
@@ -666,11 +680,12 @@ def all_texts(seed: int = 0, n: int = 4000) -> list[str]:
 
 
 def write_mixture(out_root, seed: int = 0, n_train: int = 16000, n_test: int = 300,
-                  splits=("train", "test"), rehearsal: float = 0.0) -> Path:
+                  splits=("train", "test"), rehearsal: float = 0.0, turns: int = 1) -> Path:
     """<out_root>/base/{train,test} in LLaVA conversation format (atomic per split; each split has its own seed).
 
     `rehearsal`: that fraction of the *training* records are attribute questions (all attributes), so the
-    instruction phase keeps what the alignment phases grounded; the test split is instructions only.
+    instruction phase keeps what the alignment phases grounded; the test split is instructions only. `turns`: up to
+    that many questions per training image (`sample_turns`); the test split stays one question per image.
     """
     from .coin_mini import write_split  # the file writer only: LLaVA JSON + PNGs, atomic
 
@@ -680,8 +695,10 @@ def write_mixture(out_root, seed: int = 0, n_train: int = 16000, n_test: int = 3
             continue
         rng = random.Random(seed * 1000 + 700 + s)
         share = rehearsal if split == "train" else 0.0
+        asked = turns if split == "train" else 1
         write_split(base_dir / split, [attribute_sample(rng, ATTRIBUTES) if share and rng.random() < share
-                                       else sample(rng) for _ in range(n)], f"base-{split}")
+                                       else sample(rng) if asked == 1 else sample_turns(rng, asked)
+                                       for _ in range(n)], f"base-{split}")
     return base_dir
 
 
@@ -692,15 +709,16 @@ N_TEST = 300
 
 
 def ensure_mixture(registry, seed: int, n_train: int = N_TRAIN, n_test: int = N_TEST,
-                   splits=("train", "test"), rehearsal: float = 0.0) -> Path:
-    """The v2 instruction mixture on disk (each split written once per seed, size and rehearsal share)."""
-    name = f"base-v2-mixture-d{DATA_VERSION}-seed{seed}" + (f"-rehearsal{rehearsal:g}" if rehearsal else "")
+                   splits=("train", "test"), rehearsal: float = 0.0, turns: int = 1) -> Path:
+    """The v2 instruction mixture on disk (each split written once per seed, size, rehearsal share and turns)."""
+    name = (f"base-v2-mixture-d{DATA_VERSION}-seed{seed}" + (f"-rehearsal{rehearsal:g}" if rehearsal else "")
+            + (f"-turns{turns}" if turns > 1 else ""))
     root = registry.home / "datasets" / name
     for split, n in (("train", n_train), ("test", n_test)):
         stamp = root / "base" / f"{split}.size"
         if split in splits and not (stamp.is_file() and stamp.read_text() == str(n)):
             write_mixture(root, seed=seed, n_train=n_train, n_test=n_test, splits=(split,),
-                          rehearsal=rehearsal)
+                          rehearsal=rehearsal, turns=turns)
             stamp.write_text(str(n))
     return root
 
