@@ -216,3 +216,39 @@ def test_stage0_targets_are_plain_word_answers():
     single = Record("r2", Path("b.png"), [("Which option?", "B")])
     assert [(r.image.name, r.turns) for r in small_build.naming_turns([talk, single])] == [
         ("a.png", [("What colour is it?", "red")]), ("a.png", [("What does the text say?", "lamp")])]
+
+
+def test_grouped_batches_pad_less_and_resume_at_the_checkpoint_interval():
+    from pathlib import Path
+
+    from llaca.data import Record
+
+    class Encoder:  # what `Mixture` asks of the record encoder: a tokenizer and each record's token ids
+        tokenizer = None
+
+        @staticmethod
+        def encode_turns(turns, n_img):
+            return {"input_ids": torch.zeros(n_img + 10 * len(turns), dtype=torch.long)}
+
+    class Cache(dict):
+        def n_tokens(self, image):
+            return 49
+
+    records = [Record(f"r{i}", Path(f"{i}.png"), [("q", "a")] * (1 + i % 3)) for i in range(60)]
+    cache = Cache({r.image: torch.zeros(1) for r in records})
+
+    def padded(mixture, steps):
+        total = 0
+        for _ in range(steps):
+            items, feats = mixture.batch(8)
+            assert len(items) == len(feats) == 8
+            total += 8 * max(len(i["input_ids"]) for i in items) - sum(len(i["input_ids"]) for i in items)
+        return total
+
+    plain = small_build.Mixture(records, Encoder, cache, seed=3)
+    grouped = small_build.Mixture(records, Encoder, cache, seed=3, group_by_length=5)
+    assert padded(grouped, 20) < padded(plain, 20) / 3
+    assert small_build.CHECKPOINT_EVERY % 5 == 0
+    resumed = small_build.Mixture(records, Encoder, cache, seed=0, group_by_length=5)
+    resumed.rng.setstate(grouped.rng.getstate())  # what a checkpoint after 20 steps (4 pools) restores
+    assert [len(i["input_ids"]) for i in grouped.batch(8)[0]] == [len(i["input_ids"]) for i in resumed.batch(8)[0]]

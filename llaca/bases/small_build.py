@@ -49,6 +49,7 @@ LORA_R, LORA_ALPHA = 32, 64
 ALIGN_STEPS, ALIGN_LR = 150, 1e-3
 TUNE_STEPS, TUNE_LR = 550, 4e-4
 BATCH = 16
+CHECKPOINT_EVERY = 50  # steps
 N_ALIGN = 8000  # stage-1 records written (align_steps * batch of them are drawn)
 # Stage 2: 4 of every 16 records are text-only chat that learns the untouched LM's whole next-token distribution (KL,
 # on the repair prompts). Build 5 (shipped 2026-12-05) agrees with SmolLM2 on 90.0% of the text check; build 2 (2 of 16
@@ -68,6 +69,11 @@ EMBED_ALIGN_EPOCHS = 0
 # Stage 2's records ask each image up to this many questions (a multi-turn record: the 49 image tokens and the chat
 # template are paid once for k answers; one question: ~77 tokens an answer, three: ~44); 1 = one question, builds 1-7.
 TURNS_PER_IMAGE = 1
+# Stage 2 draws this many batches' records at once, sorts them by length and shuffles the batches (transformers'
+# `group_by_length`): a batch is padded to its longest row, ~28% of the compute in builds 1-7's mixed batches of one
+# question, more with conversations of 1-3 turns. 1 = off, as builds 1-7. Divides the checkpoint interval (50), so a
+# resumed build draws what an uninterrupted one does.
+GROUP_BY_LENGTH = 1
 
 
 # --------------------------------------------------------------------------- text-only chat (self-distilled)
@@ -431,7 +437,7 @@ def _load_checkpoint(folder: Path, model, opt, mixture: "Mixture", log: list) ->
 
 
 def train(model, mixture: "Mixture", batch: int, pad_id: int, steps: int, lr: float, desc: str, log: list,
-          checkpoint: Path, warmup: float = 0.05, every: int = 50, distil_text: bool = False,
+          checkpoint: Path, warmup: float = 0.05, every: int = CHECKPOINT_EVERY, distil_text: bool = False,
           tower_blocks: int = 0) -> None:
     """AdamW + linear warmup + cosine decay over `steps` batches of `mixture`; checkpoints every `every` steps to
     `checkpoint` and resumes from it, so an interrupted build goes on where it stopped."""
@@ -467,14 +473,19 @@ def train(model, mixture: "Mixture", batch: int, pad_id: int, steps: int, lr: fl
 
 
 class Mixture:
-    """Encoded records of one phase: image records (with cached features) and, optionally, text-only chat."""
+    """Encoded records of one phase: image records (with cached features) and, optionally, text-only chat.
+
+    `group_by_length` > 1: that many batches are drawn at once, sorted by length into batches of similar rows and
+    handed out in a shuffled order (less padding; the image and text shares stay what they are)."""
 
     def __init__(self, records: list[D.Record], encoder: D.RecordEncoder, cache: FeatureCache,
-                 chat: list[dict] = (), text_share: float = 0.0, seed: int = 0):
+                 chat: list[dict] = (), text_share: float = 0.0, seed: int = 0, group_by_length: int = 1):
         self.records, self.encoder, self.cache = records, encoder, cache
         self.chat = [encode_chat(encoder.tokenizer, c["prompt"], c["answer"], c["finished"]) for c in chat]
         self.text_share, self.rng = text_share, random.Random(seed)
+        self.group_by_length = group_by_length
         self._encoded: dict[int, dict] = {}
+        self._queue: list[tuple[list[dict], list]] = []
 
     def _image_item(self, i: int) -> dict:
         if i not in self._encoded:
@@ -483,6 +494,17 @@ class Mixture:
         return self._encoded[i]
 
     def batch(self, size: int) -> tuple[list[dict], list]:
+        if self.group_by_length <= 1:
+            return self._draw(size)
+        if not self._queue:
+            items, feats = self._draw(size * self.group_by_length)
+            order = sorted(range(len(items)), key=lambda i: len(items[i]["input_ids"]))
+            chunks = [order[i:i + size] for i in range(0, len(order), size)]
+            self.rng.shuffle(chunks)
+            self._queue = [([items[i] for i in c], [feats[i] for i in c]) for c in chunks]
+        return self._queue.pop()
+
+    def _draw(self, size: int) -> tuple[list[dict], list]:
         n_text = round(size * self.text_share) if self.chat else 0
         items, feats = [], []
         for _ in range(size - n_text):
@@ -500,7 +522,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
           repair_steps: int = REPAIR_STEPS, from_adapter: Path | None = None, readout: str = READOUT,
           text_share: float = TEXT_SHARE, distil_text: bool = DISTIL_TEXT, tower_blocks: int = TOWER_BLOCKS,
           tune_lr: float = TUNE_LR, embed_align_epochs: int = EMBED_ALIGN_EPOCHS,
-          turns_per_image: int = TURNS_PER_IMAGE) -> dict:
+          turns_per_image: int = TURNS_PER_IMAGE, group_by_length: int = GROUP_BY_LENGTH) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3.
     `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images)."""
@@ -532,6 +554,10 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         tag += f"-e{embed_align_epochs}"
     if turns_per_image > 1:
         tag += f"-turns{turns_per_image}"
+    if group_by_length > 1:
+        tag += f"-group{group_by_length}"
+    if CHECKPOINT_EVERY % group_by_length:
+        raise ValueError(f"--group-by-length must divide {CHECKPOINT_EVERY} (the checkpoint interval)")
 
     n_images = n_train // turns_per_image
     mixture_root = ensure_mixture(registry, seed, n_images, 300, splits=("train", "test"), rehearsal=0.3,
@@ -594,7 +620,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         peft_model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05,
                                                       target_modules=targets,
                                                       modules_to_save=["multi_modal_projector"]))
-        stage2 = Mixture(tune, encoder, cache, chat=chat, text_share=text_share, seed=seed + 1)
+        stage2 = Mixture(tune, encoder, cache, chat=chat, text_share=text_share, seed=seed + 1,
+                         group_by_length=group_by_length)
         train(peft_model, stage2, batch, pad_id, tune_steps, tune_lr, "instruct", log, run / "tune-checkpoint",
               distil_text=distil_text, tower_blocks=tower_blocks)
         timings["tune_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
@@ -615,7 +642,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     stage0_file = run / "embed_align.json"
     stage0_info = json.loads(stage0_file.read_text()) if stage0_file.is_file() else {}
     build_info = {"world": "v2", "seed": seed, "n_train": n_images, "n_test": 300, "rehearsal": 0.3,
-                  "turns_per_image": turns_per_image,
+                  "turns_per_image": turns_per_image, "group_by_length": group_by_length,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
                   "tower_blocks": tower_blocks, "embed_align_epochs": embed_align_epochs,
@@ -683,6 +710,8 @@ def main(argv=None) -> None:
     ap.add_argument("--tune-lr", type=float, default=TUNE_LR, help="stage 2's learning rate")
     ap.add_argument("--turns-per-image", type=int, default=TURNS_PER_IMAGE,
                     help="stage 2 asks each image up to this many questions (one multi-turn record)")
+    ap.add_argument("--group-by-length", type=int, default=GROUP_BY_LENGTH,
+                    help="stage 2 sorts this many batches' records by length into batches (less padding; 1: off)")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
     args = ap.parse_args(argv)
@@ -690,7 +719,8 @@ def main(argv=None) -> None:
                            repair_steps=args.repair_steps, from_adapter=args.from_adapter, readout=args.readout,
                            text_share=args.text_share, distil_text=args.distil_text,
                            tower_blocks=args.tower_blocks, tune_lr=args.tune_lr,
-                           embed_align_epochs=args.embed_align_epochs, turns_per_image=args.turns_per_image),
+                           embed_align_epochs=args.embed_align_epochs, turns_per_image=args.turns_per_image,
+                           group_by_length=args.group_by_length),
                      indent=1))
 
 
