@@ -1,11 +1,12 @@
-"""`python -m experiments.turns_speed`: what multi-turn records buy `small`'s build (`--turns-per-image K`): stage-2
-steps of 16 records asking each image one question against K, alternating in one process. The figure is seconds per
-*answer* as a ratio (an image's 49 tokens and the chat template are paid once for K answers); whether an answer
+"""`python -m experiments.turns_speed`: what multi-turn records (`small_build --turns-per-image K`) and batches grouped
+by length (`--group-by-length N`) buy `small`'s build: stage-2 steps of 16 rows, the arms alternating in one process.
+The figure is seconds per *answer* as a ratio to builds 1-7's stage 2 (one question per image, no grouping): an
+image's 49 tokens and the chat template are paid once for K answers, and grouped batches pad less. Whether an answer
 in a conversation teaches as much as one on its own is what a build measures, not this.
 
-Both arms draw from the build's mixture (30% single-question attribute records, as the build), without the text
-rows (the same in both). Forward + backward of the build's own `step_loss` with its LoRA; bf16 where the CPU has it.
-Writes bench_results/small/turns_speed.json.
+Every arm draws from the build's mixture (30% single-question attribute records) with 4 of 16 rows text-only chat
+(the build's prompts, answered here by the untouched LM). Forward + backward of the build's own `step_loss` with its
+LoRA; bf16 where the CPU has it. Writes bench_results/small/turns_speed.json.
 """
 from __future__ import annotations
 
@@ -32,7 +33,8 @@ def answers_in(items: list[dict]) -> int:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m experiments.turns_speed")
-    p.add_argument("--k", type=int, default=3, help="questions per image in the multi-turn arm")
+    p.add_argument("--k", type=int, default=3, help="questions per image in the multi-turn arms")
+    p.add_argument("--group", type=int, default=10, help="batches grouped by length in the grouped arms")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--steps", type=int, default=3, help="timed steps per arm and round")
     p.add_argument("--out", default="bench_results/small/turns_speed.json")
@@ -49,10 +51,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(2)
     model, processor = assemble(0)
     encoder = RecordEncoder(processor)
+    chat = B.distill_chat(model, processor.tokenizer, B.repair_prompts(0)[:48])
     tmp = Path(tempfile.mkdtemp(prefix="turns_speed-"))
     records = {}
     for k in (1, a.k):
-        write_mixture(tmp / f"turns{k}", seed=0, n_train=160, n_test=1, splits=("train",), rehearsal=0.3, turns=k)
+        write_mixture(tmp / f"turns{k}", seed=0, n_train=240, n_test=1, splits=("train",), rehearsal=0.3, turns=k)
         records[k] = load_instruction_set(tmp / f"turns{k}" / "base" / "train").records
     cache = B.FeatureCache(tmp / "features", model, processor)
     cache.fill([r.image for rs in records.values() for r in rs])
@@ -60,32 +63,33 @@ def main(argv=None) -> int:
                                              target_modules=B.LORA_TARGETS, modules_to_save=["multi_modal_projector"]))
     model.train()
     keep_frozen_in_eval(model)  # as the build's loop runs it
-    mixtures = {k: B.Mixture(rs, encoder, cache, seed=1) for k, rs in records.items()}
+    arms = {f"{k} question(s) per image, group {g}": B.Mixture(records[k], encoder, cache, chat=chat, text_share=0.25,
+                                                               seed=1, group_by_length=g)
+            for k, g in ((1, 1), (1, a.group), (a.k, a.group))}
     pad = processor.tokenizer.pad_token_id
-    seconds = {k: [] for k in mixtures}
-    answers = {k: [] for k in mixtures}
-    tokens = {k: [] for k in mixtures}
-    B.step_loss(model, *mixtures[1].batch(B.BATCH), pad).backward()  # warm-up
+    seconds, answers, tokens = ({name: [] for name in arms} for _ in range(3))
+    B.step_loss(model, *arms[next(iter(arms))].batch(B.BATCH), pad).backward()  # warm-up
     model.zero_grad(set_to_none=True)
     for _ in range(a.rounds):
-        for k, mixture in mixtures.items():
+        for name, mixture in arms.items():
             for _ in range(a.steps):
                 items, features = mixture.batch(B.BATCH)
                 t0 = time.perf_counter()
-                B.step_loss(model, items, features, pad).backward()
-                seconds[k].append(time.perf_counter() - t0)
+                B.step_loss(model, items, features, pad, distil_text=True).backward()
+                seconds[name].append(time.perf_counter() - t0)
                 model.zero_grad(set_to_none=True)
-                answers[k].append(answers_in(items))
-                tokens[k].append(sum(len(i["input_ids"]) for i in items))
-    per_answer = {k: sum(seconds[k]) / sum(answers[k]) for k in mixtures}
-    out = {"k": a.k, "batch": B.BATCH,
-           "s_per_step_median": {str(k): round(statistics.median(v), 2) for k, v in seconds.items()},
-           "answers_per_step": {str(k): round(statistics.mean(v), 1) for k, v in answers.items()},
-           "tokens_per_answer": {str(k): round(sum(tokens[k]) / sum(answers[k]), 1) for k in mixtures},
-           "s_per_answer": {str(k): round(v, 3) for k, v in per_answer.items()},
-           "answers_per_second_ratio": round(per_answer[1] / per_answer[a.k], 2),
-           "bf16": native_bf16("cpu"), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-           "load_avg_end": os.getloadavg(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+                answers[name].append(answers_in(items))
+                tokens[name].append(B.BATCH * max(len(i["input_ids"]) for i in items))
+    per_answer = {name: sum(seconds[name]) / sum(answers[name]) for name in arms}
+    reference = per_answer[next(iter(arms))]
+    out = {"batch": B.BATCH, "arms": {name: {
+        "s_per_step_median": round(statistics.median(seconds[name]), 2),
+        "answers_per_step": round(statistics.mean(answers[name]), 1),
+        "padded_tokens_per_answer": round(sum(tokens[name]) / sum(answers[name]), 1),
+        "s_per_answer": round(per_answer[name], 3),
+        "answers_per_second_vs_builds_1_7": round(reference / per_answer[name], 2)} for name in arms},
+        "bf16": native_bf16("cpu"), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
+        "load_avg_end": os.getloadavg(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
     atomic_write_json(Path(a.out), out)
     print(out)
     return 0
