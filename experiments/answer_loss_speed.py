@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
-import time
 from pathlib import Path
 
 from llaca.paths import atomic_write_json
@@ -29,7 +28,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     os.environ["LLACA_HOME"] = str(Path(a.home).resolve())
     from llaca.bench.quality import base_test_split
-    from llaca.bench.small import cpu_model, step_seconds, torch_threads
+    from llaca.bench.small import machine_stamp, step_seconds
     from llaca.train import tuner
     from llaca.train.loss import answer_loss
     from llaca.train.recipes import RECIPES
@@ -47,8 +46,7 @@ def main(argv=None) -> int:
     s = {k: round(statistics.median(v), 2) for k, v in per.items()}
     new, old = s.values()
     out = {"s_per_step": s, "runs": {k: [round(x, 2) for x in v] for k, v in per.items()},
-           "speedup": round(old / new, 2), "batch": 16, "cpu": cpu_model(), "torch_threads": torch_threads(),
-           "load_avg_end": os.getloadavg(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+           "speedup": round(old / new, 2), "batch": 16, **machine_stamp()}
     atomic_write_json(Path(a.out), out)
     print(out)
     return 0

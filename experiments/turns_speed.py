@@ -11,7 +11,6 @@ LoRA; bf16 where the CPU has it. Writes bench_results/small/turns_speed.json.
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import tempfile
 import time
@@ -42,7 +41,7 @@ def main(argv=None) -> int:
     from peft import LoraConfig, get_peft_model
 
     from llaca.bases import small_build as B
-    from llaca.bench.small import cpu_model
+    from llaca.bench.small import machine_stamp
     from llaca.data import RecordEncoder, load_instruction_set
     from llaca.data.world import write_mixture
     from llaca.models.small import assemble
@@ -88,8 +87,7 @@ def main(argv=None) -> int:
         "padded_tokens_per_answer": round(sum(tokens[name]) / sum(answers[name]), 1),
         "s_per_answer": round(per_answer[name], 3),
         "answers_per_second_vs_builds_1_7": round(reference / per_answer[name], 2)} for name in arms},
-        "bf16": native_bf16("cpu"), "cpu": cpu_model(), "torch_threads": torch.get_num_threads(),
-        "load_avg_end": os.getloadavg(), "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+        "bf16": native_bf16("cpu"), **machine_stamp()}
     atomic_write_json(Path(a.out), out)
     print(out)
     return 0

@@ -229,6 +229,12 @@ def torch_threads() -> int:
     return torch.get_num_threads()
 
 
+def machine_stamp() -> dict:
+    """Where and when a timing ran (CPU, torch threads, load average at the end, UTC time): every timing file says it."""
+    return {"cpu": cpu_model(), "torch_threads": torch_threads(), "load_avg_end": os.getloadavg(),
+            "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="python -m llaca.bench small", description=__doc__.split("\n")[0])
     p.add_argument("--out", default="bench_results/small")

@@ -607,8 +607,8 @@ def sample_turns(rng: random.Random, k: int) -> tuple[Image.Image, list[tuple[st
     turns, families = [], set()
     for _ in range(4 * k):
         question, answer = _ask(rng, scene)
-        if family(question, answer) not in families:
-            families.add(family(question, answer))
+        if (kind := family(question, answer)) not in families:
+            families.add(kind)
             turns.append((question, answer))
         if len(turns) == k:
             break
