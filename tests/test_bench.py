@@ -274,3 +274,19 @@ def test_heldout_answer_profile_counts_answers_and_mistakes():
     prof = answer_profile(["Animal", "animal ", "food", "animal", "town"], ["animal", "plant", "food", "town", "town"])
     assert prof["answers_given"] == {"animal": 3, "food": 1, "town": 1}
     assert prof["top_mistakes"] == {"plant -> animal": 1, "town -> animal": 1}
+
+
+def test_own_test_family_scores_by_hand():
+    """`small`'s own-test score: overall and per answer family of the world (a box by IoU, text normalised)."""
+    from llaca.bench.small import family_scores
+
+    questions = ["What colour is the star?", "What colour is the ring?", "How many dogs are there?",
+                 "Give the bounding box of the cat as [x1,y1,x2,y2] with one decimal."]
+    golds = ["red", "blue", "3", "[0.1,0.1,0.5,0.5]"]
+    predictions = ["Red.", "green", "three", "[0.1,0.1,0.5,0.6]"]  # right, wrong, right (number word), IoU 0.8
+    scores = family_scores(questions, golds, predictions)
+    assert scores["n"] == 4 and scores["accuracy"] == 75.0
+    assert scores["per_family"] == {"box": {"accuracy": 100.0, "n": 1}, "colour": {"accuracy": 50.0, "n": 2},
+                                    "count": {"accuracy": 100.0, "n": 1}}
+    with pytest.raises(ValueError):
+        family_scores(questions, golds, predictions[:3])

@@ -47,17 +47,24 @@ def install(home: Path) -> dict:
 
 
 def own_test(model, processor, registry) -> dict:
-    from ..data.world import family
-    from ..evaluation import metrics
     from ..evaluation.evaluate import evaluate
     from .quality import _test_set, base_test_split
 
     test = _test_set(base_test_split(registry, registry.get("small")))
     result = evaluate(model, processor, test, batch_size=16)
+    return family_scores([r.question for r in test.records], [r.answer for r in test.records], result.predictions)
+
+
+def family_scores(questions: list[str], golds: list[str], predictions: list[str]) -> dict:
+    """Accuracy (percent) over all of the world's test records and per answer family (`world.family`)."""
+    from ..data.world import family
+    from ..evaluation.metrics import is_correct
+
     per: dict[str, list[float]] = {}
-    for record, pred in zip(test.records, result.predictions):
-        per.setdefault(family(record.question, record.answer), []).append(metrics.accuracy([pred], [record.answer]))
-    return {"accuracy": round(result.accuracy, 2), "n": result.n,
+    for question, gold, prediction in zip(questions, golds, predictions, strict=True):
+        per.setdefault(family(question, gold), []).append(100.0 * is_correct(prediction, gold))
+    scores = [s for v in per.values() for s in v]
+    return {"accuracy": round(sum(scores) / len(scores), 2), "n": len(scores),
             "per_family": {k: {"accuracy": round(sum(v) / len(v), 1), "n": len(v)} for k, v in sorted(per.items())}}
 
 
@@ -230,7 +237,7 @@ def torch_threads() -> int:
 
 
 def machine_stamp() -> dict:
-    """Where and when a timing ran (CPU, torch threads, load average at the end, UTC time): every timing file says it."""
+    """Where and when a timing ran (CPU, torch threads, load average at the end, UTC time): in every timing file."""
     return {"cpu": cpu_model(), "torch_threads": torch_threads(), "load_avg_end": os.getloadavg(),
             "measured": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())}
 
