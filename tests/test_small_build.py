@@ -252,3 +252,48 @@ def test_grouped_batches_pad_less_and_resume_at_the_checkpoint_interval():
     resumed = small_build.Mixture(records, Encoder, cache, seed=0, group_by_length=5)
     resumed.rng.setstate(grouped.rng.getstate())  # what a checkpoint after 20 steps (4 pools) restores
     assert [len(i["input_ids"]) for i in grouped.batch(8)[0]] == [len(i["input_ids"]) for i in resumed.batch(8)[0]]
+
+
+def test_an_interrupted_stage_resumes_at_its_checkpoint_as_if_never_stopped(make_tiny_fastvlm, tmp_path, monkeypatch):
+    """`train` checkpoints every `every` steps; a run killed after one resumes there and ends where an uninterrupted
+    run ends: the same weights, losses and learning rates (cosine schedule resumed, not restarted)."""
+    import random
+
+    from peft import LoraConfig, get_peft_model
+
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
+    rows = _rows()[0][2:]
+
+    class TextRows:  # `Mixture`'s interface: seeded draws from `rng`, which the checkpoint saves and restores
+        def __init__(self, stop_at: int | None = None):
+            self.rng, self.calls, self.stop_at = random.Random(5), 0, stop_at
+
+        def batch(self, size):
+            self.calls += 1
+            if self.calls == self.stop_at:
+                raise KeyboardInterrupt  # the build killed while it draws step 5's batch
+            return [self.rng.choice(rows) for _ in range(size)], [None] * size
+
+    def model():
+        torch.manual_seed(0)
+        lora = LoraConfig(r=4, lora_alpha=8, target_modules=small_build.LORA_TARGETS, init_lora_weights="gaussian")
+        return get_peft_model(make_tiny_fastvlm(), lora)
+
+    def run(m, mixture, folder, log):
+        small_build.train(m, mixture, 2, 0, steps=6, lr=1e-2, desc="t", log=log, checkpoint=folder, every=2)
+
+    whole, whole_log = model(), []
+    run(whole, TextRows(), tmp_path / "whole", whole_log)
+    stopped_log = []
+    with pytest.raises(KeyboardInterrupt):
+        run(model(), TextRows(stop_at=5), tmp_path / "stopped", stopped_log)
+    assert json.loads((tmp_path / "stopped" / "state.json").read_text())["step"] == 4
+    resumed, resumed_log = model(), []
+    run(resumed, TextRows(), tmp_path / "stopped", resumed_log)
+    assert [r["step"] for r in resumed_log] == list(range(1, 7))
+    for a, b in zip(whole_log, resumed_log):
+        assert a["lr"] == b["lr"] and a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    trained = dict(resumed.named_parameters())
+    for name, p in whole.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(trained[name], p, atol=1e-6, rtol=1e-5)

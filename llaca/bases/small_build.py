@@ -448,11 +448,11 @@ def train(model, mixture: "Mixture", batch: int, pad_id: int, steps: int, lr: fl
     warm = max(1, int(warmup * steps))
     schedule = lambda s: (s + 1) / warm if s < warm else 0.5 * (1 + math.cos(math.pi * (s - warm) / max(1, steps - warm)))  # noqa: E731
     start = _load_checkpoint(checkpoint, model, opt, mixture, log)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=start - 1) if start else \
-        torch.optim.lr_scheduler.LambdaLR(opt, schedule)
-    if start:
+    if start:  # a scheduler resumed mid-run (last_epoch >= 0) scales each group's `initial_lr`, which torch requires
         for group in opt.param_groups:
-            group["lr"] = lr * schedule(start)
+            group["initial_lr"] = lr
+    # the scheduler's first step sets the rate of step `start`: schedule(start)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule, last_epoch=start - 1)
     from ..train.tuner import keep_frozen_in_eval
 
     model.train()
