@@ -59,6 +59,8 @@ def replay_split(split: str, n: int, seed: int = 0, rehearsal: float = 0.3) -> l
 def check_against(records: list[tuple], data_json: Path) -> None:
     """The replayed questions and answers must be the written split's, record for record."""
     written = json.loads(data_json.read_text())
+    if len(written) != len(records):
+        raise SystemExit(f"{data_json}: {len(written)} records written, {len(records)} replayed")
     for i, ((_, q, a), w) in enumerate(zip(records, written)):
         turns = w["conversations"]
         if turns[0]["value"].replace("<image>", "").strip() != q.strip() or turns[1]["value"] != a:

@@ -290,3 +290,5 @@ def test_own_test_family_scores_by_hand():
                                     "count": {"accuracy": 100.0, "n": 1}}
     with pytest.raises(ValueError):
         family_scores(questions, golds, predictions[:3])
+    with pytest.raises(ValueError, match="no test records"):
+        family_scores([], [], [])

@@ -64,6 +64,8 @@ def family_scores(questions: list[str], golds: list[str], predictions: list[str]
     for question, gold, prediction in zip(questions, golds, predictions, strict=True):
         per.setdefault(family(question, gold), []).append(100.0 * is_correct(prediction, gold))
     scores = [s for v in per.values() for s in v]
+    if not scores:
+        raise ValueError("no test records to score")
     return {"accuracy": round(sum(scores) / len(scores), 2), "n": len(scores),
             "per_family": {k: {"accuracy": round(sum(v) / len(v), 1), "n": len(v)} for k, v in sorted(per.items())}}
 
