@@ -72,41 +72,21 @@ def prompt_of(scene, question: str) -> str:
 
 
 class OracleMixture:
-    """`small_build.Mixture`'s interface for text-only rows: a batch of encoded oracle records, seeded draws.
+    """`small_build.Mixture`'s interface for text-only rows: a batch of encoded oracle records, seeded draws."""
 
-    Each batch's longest row is padded at its end up to a multiple of `bucket` tokens (padding after the last label:
-    causal attention and the -100 labels make it change nothing), so the batches come in a few lengths. With a new
-    length almost every step, the first run's resident memory grew to 16 GB and its step slowed from ~10 to ~15 s
-    (measured; the CPU's bf16 kernels are set up per input shape)."""
-
-    def __init__(self, items: list[dict], seed: int, pad_id: int, bucket: int = 32):
-        self.items, self.rng, self.pad_id, self.bucket = items, random.Random(seed), pad_id, bucket
+    def __init__(self, items: list[dict], seed: int):
+        self.items, self.rng = items, random.Random(seed)
 
     def batch(self, size: int) -> tuple[list[dict], list]:
-        rows = [self.items[self.rng.randrange(len(self.items))] for _ in range(size)]
-        longest = max(range(size), key=lambda i: len(rows[i]["input_ids"]))
-        n = len(rows[longest]["input_ids"])
-        extra = -n % self.bucket
-        if extra:
-            row = rows[longest]
-            rows[longest] = {"input_ids": torch.cat([row["input_ids"], torch.full((extra,), self.pad_id)]),
-                             "labels": torch.cat([row["labels"], torch.full((extra,), -100)])}
-        return rows, [None] * size
+        return [self.items[self.rng.randrange(len(self.items))] for _ in range(size)], [None] * size
 
 
-def answer_all(model, tokenizer, records: list[tuple], batch: int = 32) -> list[str]:
-    """Greedy answers (left-padded batches, at most 40 new tokens)."""
-    tokenizer.padding_side = "left"
-    out = []
-    for i in range(0, len(records), batch):
-        chunk = records[i:i + batch]
-        texts = [tokenizer.apply_chat_template([{"role": "user", "content": prompt_of(s, q)}], tokenize=False,
-                                               add_generation_prompt=True) for s, q, _ in chunk]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=40, do_sample=False)
-        out += [t.strip() for t in tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)]
-    return out
+def answer_all(model, tokenizer, records: list[tuple]) -> list[str]:
+    """Greedy answers to the oracle prompts (the build's own batched chat generation, at most 40 new tokens)."""
+    from llaca.bases.small_build import distill_chat
+
+    return [r["answer"] for r in distill_chat(model, tokenizer, [prompt_of(s, q) for s, q, _ in records],
+                                              max_new_tokens=40, batch=32)]
 
 
 def score(records: list[tuple], answers: list[str]) -> dict:
@@ -121,6 +101,7 @@ def main(argv=None) -> int:
     from llaca.bases import small_build as B
     from llaca.bench.small import machine_stamp
     from llaca.models.small import load_language_model
+    from llaca.train.tuner import LM_LINEARS
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--steps", type=int, default=B.TUNE_STEPS)
@@ -146,14 +127,14 @@ def main(argv=None) -> int:
     lm, tokenizer = load_language_model()
     items = [B.encode_chat(tokenizer, prompt_of(s, q), ans) for s, q, ans in train]
     model = get_peft_model(lm, LoraConfig(r=B.LORA_R, lora_alpha=B.LORA_ALPHA, lora_dropout=0.05,
-                                          target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
-                                                          "up_proj", "down_proj"]))
+                                          target_modules=rf".*\.({LM_LINEARS})"))
     log: list[dict] = []
     work = a.work or llaca_home() / "cache" / f"small-oracle-lm-seed{a.seed}-t{a.steps}"
     t_train = time.time()
-    pad_id = tokenizer.pad_token_id
-    B.train(model, OracleMixture(items, a.seed + 1, pad_id), B.BATCH, pad_id, a.steps, B.TUNE_LR, "oracle", log,
-            work / "checkpoint")
+    # Batches padded to multiples of 32 tokens: with a new length almost every step, the first run's resident memory
+    # grew to 16 GB and its step slowed from ~10 to ~15 s (measured); bucketed, it held at 12.5 GB.
+    B.train(model, OracleMixture(items, a.seed + 1), B.BATCH, tokenizer.pad_token_id, a.steps, B.TUNE_LR, "oracle", log,
+            work / "checkpoint", pad_to_multiple_of=32)
     train_seconds = time.time() - t_train
     seen = train[:a.n_test]
     result = {

@@ -117,3 +117,18 @@ def test_token_limit_is_checked_with_processor(tmp_path, processor):
     long_q = "<image>\n" + "What color is the object? " * 40
     report = D.validate(make_set(tmp_path, [rec(1, q=long_q)]), D.Limits(max_tokens=64), processor=processor)
     assert "over the limit of 64" in str(report.problems[0]) and "field 'conversations'" in str(report.problems[0])
+
+
+def test_collate_right_pads_and_rounds_the_length_up_to_a_multiple():
+    import torch
+
+    rows = [{"input_ids": torch.tensor([5, 6, 7]), "labels": torch.tensor([-100, 6, 7])},
+            {"input_ids": torch.tensor([8, 9]), "labels": torch.tensor([-100, 9])}]
+    plain = D.collate(rows, pad_token_id=0)
+    assert plain["input_ids"].tolist() == [[5, 6, 7], [8, 9, 0]]
+    assert plain["attention_mask"].tolist() == [[1, 1, 1], [1, 1, 0]]
+    bucketed = D.collate(rows, pad_token_id=0, pad_to_multiple_of=4)
+    assert bucketed["input_ids"].tolist() == [[5, 6, 7, 0], [8, 9, 0, 0]]
+    assert bucketed["labels"].tolist() == [[-100, 6, 7, -100], [-100, 9, -100, -100]]
+    assert bucketed["attention_mask"].tolist() == [[1, 1, 1, 0], [1, 1, 0, 0]]
+    assert D.collate(rows, 0, pad_to_multiple_of=3)["input_ids"].shape == (2, 3)  # already a multiple

@@ -43,10 +43,11 @@ from ..evaluation.evaluate import evaluate
 from ..models.small import IMAGE_SIZE, READOUT, READOUTS, SMALL_ASSETS, TOWER_VARIANT, assemble
 from ..models.vision import efficientnet_front, efficientnet_tail
 from ..paths import atomic_dir, atomic_write_json, llaca_home
+from ..train.tuner import LM_LINEAR_LAYERS
 from .small import store_adapter
 from .splits import split_fingerprint
 
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+LORA_TARGETS = LM_LINEAR_LAYERS
 LORA_R, LORA_ALPHA = 32, 64
 ALIGN_STEPS, ALIGN_LR = 150, 1e-3
 TUNE_STEPS, TUNE_LR = 550, 4e-4
@@ -357,7 +358,7 @@ def projector_of(model):
 
 
 def step_loss(model, items: list[dict], features: list[torch.Tensor | None], pad_id: int,
-              distil_text: bool = False, tower_blocks: int = 0) -> torch.Tensor:
+              distil_text: bool = False, tower_blocks: int = 0, pad_to_multiple_of: int = 1) -> torch.Tensor:
     """Mean answer-token loss of a batch; image rows get their cached tower features projected into the <image> slots.
 
     The LM head runs only where a label is: over a 49k vocabulary it is a fifth of the LM's compute per token, and
@@ -370,7 +371,7 @@ def step_loss(model, items: list[dict], features: list[torch.Tensor | None], pad
     """
     from ..train.tuner import native_bf16
 
-    batch = D.collate(items, pad_id)
+    batch = D.collate(items, pad_id, pad_to_multiple_of)
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
     kwargs = {}
     rows = [f for f in features if f is not None]
@@ -440,7 +441,7 @@ def _load_checkpoint(folder: Path, model, opt, mixture: "Mixture", log: list) ->
 
 def train(model, mixture: "Mixture", batch: int, pad_id: int, steps: int, lr: float, desc: str, log: list,
           checkpoint: Path, warmup: float = 0.05, every: int = CHECKPOINT_EVERY, distil_text: bool = False,
-          tower_blocks: int = 0) -> None:
+          tower_blocks: int = 0, pad_to_multiple_of: int = 1) -> None:
     """AdamW + linear warmup + cosine decay over `steps` batches of `mixture`; checkpoints every `every` steps to
     `checkpoint` and resumes from it, so an interrupted build goes on where it stopped."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -460,7 +461,7 @@ def train(model, mixture: "Mixture", batch: int, pad_id: int, steps: int, lr: fl
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps)
     t0 = time.perf_counter()
     for step in bar:
-        loss = step_loss(model, *mixture.batch(batch), pad_id, distil_text, tower_blocks)
+        loss = step_loss(model, *mixture.batch(batch), pad_id, distil_text, tower_blocks, pad_to_multiple_of)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()

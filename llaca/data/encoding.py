@@ -105,9 +105,12 @@ class EncodedDataset(torch.utils.data.Dataset):
         return self.encoder.encode(self.records[i])
 
 
-def collate(batch: list[dict], pad_token_id: int) -> dict:
-    """Right-pad a training batch (loss ignores the padding through labels = -100)."""
+def collate(batch: list[dict], pad_token_id: int, pad_to_multiple_of: int = 1) -> dict:
+    """Right-pad a training batch (loss ignores the padding through labels = -100); with `pad_to_multiple_of`, to a
+    multiple of that many tokens (as transformers' collators do): batches then come in a few shapes, which the CPU's
+    kernels are set up for once each."""
     n = max(len(b["input_ids"]) for b in batch)
+    n += -n % pad_to_multiple_of
     input_ids = torch.full((len(batch), n), pad_token_id, dtype=torch.long)
     labels = torch.full((len(batch), n), -100, dtype=torch.long)
     attention = torch.zeros((len(batch), n), dtype=torch.long)

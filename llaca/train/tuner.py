@@ -76,7 +76,9 @@ def resolve_mixed_precision(value: str | None, device_type: str | None = None) -
     return None if value == "no" else value
 
 
-LM_LINEAR_LAYERS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+# A Llama's Linear layers (attention + MLP); inside a LLaVA they are the language model's.
+LM_LINEARS = "q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj"
+LM_LINEAR_LAYERS = rf".*language_model.*\.({LM_LINEARS})"
 
 
 VISION_LINEAR_LAYERS = r"\.(self_attn\.(q_proj|k_proj|v_proj|out_proj)|mlp\.(fc1|fc2))"
