@@ -6,8 +6,8 @@ of the scene's exact facts (each thing's name or colour and shape, its group, it
 the kind of empty frame): more than any tower carries. The things are listed in reading order (top to bottom, left to
 right), not in the order the generator drew them, so a caption's order is as unknowable as it is from pixels.
 
-The records are the build's own: `world.write_mixture`'s draws replayed with `render` swapped for the identity (it
-is a pure function of the scene and draws nothing from the generator), the 16,000 training records thinned to the
+The records are the build's own: `world.write_mixture`'s draws replayed with the scene kept instead of rendered
+(`world.keep_scene`; rendering draws nothing from the generator), the 16,000 training records thinned to the
 build's 550 x 16 exactly as `small_build.build` draws them, and the 300-record test split it scores. Stage 2's
 LoRA (r 32, every LM Linear), lr 4e-4 with warmup and cosine decay, batches of 16, bf16 autocast where native, and
 its training loop (`small_build.train`, checkpointed, so an interrupted run resumes). Every row of a batch is a scene
@@ -46,14 +46,7 @@ def replay_split(split: str, n: int, seed: int = 0, rehearsal: float = 0.3) -> l
     """(scene, question, answer) of `world.write_mixture`'s records, drawn by its own code without pixels."""
     from llaca.data import world
 
-    rng = random.Random(seed * 1000 + 700 + (split == "test"))
-    share = rehearsal if split == "train" else 0.0
-    render, world.render = world.render, (lambda scene: scene)
-    try:
-        return [world.attribute_sample(rng, world.ATTRIBUTES) if share and rng.random() < share
-                else world.sample(rng) for _ in range(n)]
-    finally:
-        world.render = render
+    return world.mixture_draws(split, n, seed, rehearsal, draw=world.keep_scene)
 
 
 def check_against(records: list[tuple], data_json: Path) -> None:

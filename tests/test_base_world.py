@@ -199,3 +199,29 @@ def test_multi_turn_records_ask_one_scene_different_families_and_round_trip(tmp_
     single = tmp_path / "single"
     bw.write_mixture(single, seed=1, n_train=12, n_test=6, splits=("test",))
     assert [r.turns for r in load_instruction_set(single / "base" / "test").records] == [r.turns for r in test]
+
+
+def test_patch_words_say_what_each_image_token_shows():
+    """Fact alignment's targets (`small_build.fact_align`): a shape's colour and shape, a drawing's name and group on
+    the patches it owns, the written word on every patch of a text scene, nothing on background or empty frames."""
+    star = bw.Thing("shape", "star", "shape", (0, 0, 32, 32), colour="red", shape="star")
+    dog = bw.Thing("sprite", "dog", "animal", (40, 40, 60, 60), sprite=0)  # 400 px of the bottom-right 32 px patch
+    assert bw.patch_words(bw.Scene("objects", "plain", things=[star, dog]), grid=2) == [
+        ["red", "star"], [], [], ["dog", "animal"]]
+    assert bw.patch_words(bw.Scene("text", "plain", text="owl"), grid=2) == [["owl"]] * 4
+    assert bw.patch_words(bw.Scene("empty", "dark"), grid=2) == [[]] * 4
+
+
+def test_mixture_scenes_are_the_scenes_of_the_written_records(tmp_path):
+    """Replaying the mixture without pixels gives, record for record, the written question, answer and image."""
+    from llaca.data import load_image, load_instruction_set
+
+    bw.write_mixture(tmp_path, seed=2, n_train=10, n_test=4, rehearsal=0.3)
+    for split, n in (("train", 10), ("test", 4)):
+        records = load_instruction_set(tmp_path / "base" / split).records
+        draws = bw.mixture_draws(split, n, seed=2, rehearsal=0.3, draw=bw.keep_scene)
+        assert [r.turns[0] for r in records] == [(q.strip(), a) for _, q, a in draws]
+        scenes = bw.mixture_scenes(split, n, seed=2, rehearsal=0.3)
+        assert all(isinstance(s, bw.Scene) for s in scenes)
+        for r, scene in list(zip(records, scenes))[:3]:
+            assert np.array_equal(np.asarray(load_image(r.image)), np.asarray(bw.render(scene)))

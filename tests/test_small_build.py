@@ -297,3 +297,64 @@ def test_an_interrupted_stage_resumes_at_its_checkpoint_as_if_never_stopped(make
     for name, p in whole.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(trained[name], p, atol=1e-6, rtol=1e-5)
+
+
+def test_fact_align_teaches_each_image_token_its_patch_words_and_only_the_tail_and_projector_learn(
+        make_tiny_fastvlm, monkeypatch):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llaca.data import world
+    from llaca.models.vision import efficientnet_front
+
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
+    model = make_tiny_fastvlm().eval()
+    tower = model.model.vision_tower
+    n_blocks = len(tower.encoder.blocks)
+    words = ["red", "blue", "star", "ring", "dog", "animal", "owl"] + [f"w{i}" for i in range(50)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 60}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+
+    def shape(colour, kind, box):
+        return world.Thing("shape", kind, "shape", box, colour=colour, shape=kind)
+
+    dog = world.Thing("sprite", "dog", "animal", (34, 34, 62, 62), sprite=0)
+    scenes = [world.Scene("objects", "plain", things=[shape("red", "star", (0, 0, 30, 30)), dog]),
+              world.Scene("objects", "plain", things=[shape("blue", "ring", (34, 0, 62, 30))]),
+              world.Scene("text", "plain", text="owl"),
+              world.Scene("objects", "plain", things=[shape("blue", "star", (0, 34, 30, 62)), dog])]
+    images = [f"{i}.png" for i in range(len(scenes))]
+    with torch.no_grad():  # the shape of the frozen front's map (`FeatureCache(front=...)` keeps it), at unit scale:
+        shape = efficientnet_front(tower, torch.rand(1, 3, 64, 64), n_blocks - 1).shape[1:]
+    fronts = torch.randn(len(scenes), *shape, generator=torch.Generator().manual_seed(0))
+    cache = dict(zip(images, fronts))
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():  # what the caller had set to learn next (stage 1: the projector)
+        p.requires_grad = "multi_modal_projector" in n
+    log: list = []
+    info = small_build.fact_align(model, images, scenes, cache, tokenizer, epochs=150, batch=4, lr=1e-2,
+                                  tail_lr=1e-3, grid=2, test=(images, scenes), log=log)
+
+    assert info["fact_align_vocab"] == 64  # the 7 patch words + every other token of the tiny vocabulary
+    assert sum(e["loss"] for e in log[-5:]) < 0.5 * sum(e["loss"] for e in log[:5])
+    # every labelled token's nearest word is one of its patch's (the 4 images learned by heart)
+    assert info["fact_align_test_things_accuracy"] == 100.0 and info["fact_align_test_words_accuracy"] == 100.0
+    emb = model.get_input_embeddings().weight.detach()
+    with torch.no_grad():
+        tokens = small_build.projector_of(model)(small_build.tower_tail(model, fronts, 1))
+    assert tokens.norm(dim=-1).mean().item() == pytest.approx(emb.norm(dim=-1).mean().item(), rel=0.05)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+    tail = f"vision_tower.encoder.blocks.{n_blocks - 1}."
+    assert any(tail in n for n in changed) and any("top_conv" in n for n in changed)
+    assert any("multi_modal_projector" in n for n in changed)
+    # nothing else: not the LM, not the front, not the tail's BatchNorms or its pinned squeeze-excite gate
+    assert all(("multi_modal_projector" in n or tail in n or "top_conv" in n) and "bn" not in n
+               and "norm" not in n and "squeeze_excite" not in n for n in changed), sorted(changed)
+    assert all(p.requires_grad == ("multi_modal_projector" in n) for n, p in model.named_parameters())
+    # what the LM reads from then on: the taught tail, run once per image
+    features = small_build.TailFeatures({k: v for k, v in cache.items()}, model, 1, images)
+    with torch.no_grad():
+        expected = small_build.tower_tail(model, fronts, 1)
+    torch.testing.assert_close(features[images[1]].float(), expected[1], rtol=1e-2, atol=1e-2)
+    assert features.n_tokens(images[0]) == 4

@@ -2,6 +2,9 @@
 
 Stage 0 (optional, `--embed-align-epochs N`; off in the shipped build): the projector alone is fitted, with no LM
 pass, to the LM's own embeddings of the short answers, so that stage 1 starts from image tokens that point at words.
+Stage 0' (optional, `--fact-align-epochs N`; off in the shipped build): the tower's last block + head conv and the
+projector learn, with no LM pass, to put on each image token the LM's embeddings of the words that say what its patch
+shows (`fact_align`); the taught tail then ships in the adapter (peft's modules_to_save) and is frozen again.
 Stage 1, feature alignment: only the projector learns, on one fixed question per visual attribute of base v2's
 world (colour, shape, category, word, region, count: real drawings and emoji, fonts, shapes), as LLaVA-1.5
 pre-trains its projector on image-caption pairs with the LM frozen.
@@ -69,6 +72,10 @@ TOWER_BLOCKS = 0
 # Stage 0 (`embed_align`): epochs of fitting the projector to the LM's embeddings of the answers before stage 1; 0 =
 # none, as builds 1-6.
 EMBED_ALIGN_EPOCHS = 0
+# Stage 0' (`fact_align`): epochs of teaching the tower's last block + head conv and the projector to put, on each image
+# token, the LM's embeddings of the words that say what that patch shows; 0 = none, as builds 1-8.
+FACT_ALIGN_EPOCHS = 0
+FACT_BLOCKS = 1  # the tower blocks (after the frozen front) that fact alignment teaches, with the head conv
 # Stage 2's records ask each image up to this many questions (a multi-turn record: the 49 image tokens and the chat
 # template are paid once for k answers; one question: ~77 tokens an answer, three: ~44); 1 = one question, builds 1-7.
 TURNS_PER_IMAGE = 1
@@ -295,6 +302,27 @@ def token_bag(tokens: torch.Tensor, table: torch.Tensor, temperature: float = 0.
     return torch.softmax(unit @ table.T / temperature, -1).mean(1)
 
 
+def embedding_table(emb: torch.Tensor, targets: list[list[int]], rows: int, gen: torch.Generator):
+    """The rows of the LM's (V, D) embedding matrix an image token is scored against: every target token, then
+    random others up to `rows`. Returns (token ids, token id -> row, the (rows, D) unit-norm table)."""
+    wanted = sorted({t for ts in targets for t in ts})
+    known = set(wanted)
+    others = [t for t in torch.randperm(emb.shape[0], generator=gen).tolist() if t not in known]
+    vocab = wanted + others[:max(0, rows - len(wanted))]
+    return vocab, {t: i for i, t in enumerate(vocab)}, torch.nn.functional.normalize(emb[vocab], dim=-1)
+
+
+def rescale_to_word_norm(projector, features: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    """Scale the projector's last Linear so its image tokens for `features` enter the LM at the mean norm of its
+    word embeddings (a cosine fit leaves their norm free). Returns the factor."""
+    with torch.no_grad():
+        scale = emb.norm(dim=-1).mean() / projector(features).norm(dim=-1).mean()
+        last = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)][-1]
+        last.weight.mul_(scale)
+        last.bias.mul_(scale)
+    return scale
+
+
 def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, epochs: int, seed: int = 0,
                 batch: int = 64, lr: float = 2e-3, table_rows: int = 4096, temperature: float = 0.05,
                 log: list | None = None) -> dict:
@@ -312,13 +340,8 @@ def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, 
     gen = torch.Generator().manual_seed(seed)
     emb = model.get_input_embeddings().weight.detach().float()
     targets = [answer_tokens(tokenizer, r.answer) for r in records]
-    wanted = sorted({t for ts in targets for t in ts})
-    known = set(wanted)
-    others = [t for t in torch.randperm(emb.shape[0], generator=gen).tolist() if t not in known]
-    vocab = wanted + others[:max(0, table_rows - len(wanted))]
-    index = {t: i for i, t in enumerate(vocab)}
+    vocab, index, table = embedding_table(emb, targets, table_rows, gen)
     rows = [[index[t] for t in ts] for ts in targets]  # each record's answer tokens as rows of the table
-    table = torch.nn.functional.normalize(emb[vocab], dim=-1)
     projector = projector_of(model)
     opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
     steps = epochs * math.ceil(len(records) / batch)
@@ -340,13 +363,158 @@ def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, 
             if log is not None:
                 log.append({"phase": "embed-align", "epoch": epoch + 1, "loss": round(loss.item(), 4)})
     bar.close()
-    with torch.no_grad():  # rescale the last Linear: image tokens at the embeddings' mean norm
-        feats = torch.stack([cache[r.image] for r in records[:512]]).float()
-        scale = emb.norm(dim=-1).mean() / projector(feats).norm(dim=-1).mean()
-        last = [m for m in projector.modules() if isinstance(m, torch.nn.Linear)][-1]
-        last.weight.mul_(scale)
-        last.bias.mul_(scale)
+    scale = rescale_to_word_norm(projector, torch.stack([cache[r.image] for r in records[:512]]).float(), emb)
     return {"embed_align_steps": steps, "embed_align_vocab": len(vocab), "embed_align_scale": round(scale.item(), 4)}
+
+
+# --------------------------------------------------------------------------- stage 0': facts on every image token
+
+def patch_targets(scene, tokenizer, grid: int) -> list[list[int]]:
+    """Per image token (row-major over the tower's grid x grid map): the token ids of the words that say what that
+    patch shows (`world.patch_words`); [] where nothing is to be said (background, an empty frame)."""
+    return [sorted({t for w in words for t in answer_tokens(tokenizer, w)})
+            for words in base_world.patch_words(scene, grid)]
+
+
+def fact_logprobs(model, fronts: torch.Tensor, table: torch.Tensor, blocks: int,
+                  temperature: float = 0.05) -> torch.Tensor:
+    """(B, C, h, w) frozen-front maps -> (B, tokens, rows) log-probabilities of each image token over the table's
+    words by cosine: the tower's tail, the projector, then a soft-max per token."""
+    from ..train.tuner import native_bf16
+
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=native_bf16("cpu")):
+        tokens = projector_of(model)(tower_tail(model, fronts, blocks))
+    unit = torch.nn.functional.normalize(tokens.float(), dim=-1)
+    return torch.log_softmax(unit @ table.T / temperature, -1)
+
+
+def fact_loss(logp: torch.Tensor, mask: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy of `fact_align`'s targets: per labelled token (`mask`, `_target_mask`), except for images
+    whose words belong to the whole picture (`whole`: a written word), scored once on the bag of their tokens (the
+    mean of the tokens' distributions, as stage 0's `token_bag`), so the tokens away from the word need not say it."""
+    per_token = -(logp * mask).sum(-1)[~whole][mask[~whole].sum(-1) > 0]
+    bag = torch.logsumexp(logp[whole], 1) - math.log(logp.shape[1])
+    per_image = -(bag * mask[whole][:, 0]).sum(-1)
+    losses = torch.cat([per_token, per_image])
+    return losses.mean() if len(losses) else logp.sum() * 0
+
+
+def _target_mask(targets: list[list[list[int]]], n_rows: int) -> torch.Tensor:
+    """(B, tokens, rows) float mask of each token's target rows, each token's row normalised to sum 1 (or 0)."""
+    mask = torch.zeros(len(targets), len(targets[0]), n_rows)
+    for b, per_token in enumerate(targets):
+        for k, rows in enumerate(per_token):
+            if rows:
+                mask[b, k, rows] = 1.0 / len(rows)
+    return mask
+
+
+def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer, epochs: int, blocks: int = FACT_BLOCKS,
+               seed: int = 0, batch: int = 32, lr: float = 5e-3, tail_lr: float = 1e-3, table_rows: int = 4096,
+               grid: int = 7, test: tuple[list, list] | None = None, log: list | None = None) -> dict:
+    """Stage 0': the tower's last `blocks` blocks + head conv and the projector learn to put, on each image token, the
+    LM's embedding of the words that say what its patch shows (a shape's colour and shape, a drawing's name and
+    group, the written word), so the LM reads the scene from its tokens as it would read it from text.
+
+    Why: with the scene's exact facts as text, `small`'s LM learns 91% of the own test in the build's budget
+    (`experiments/small_oracle_lm.py`), from the frozen tower's tokens 39%; a probe reads 90% of the written words
+    once the tower's last block learns (76% frozen). Dense and LM-free, this costs a tail + projector pass per image,
+    no LM, so it can pass over the images several times; build 7's stage 0 did the same per image (a bag of the
+    tokens) with the tower frozen and lifted only reading. The loss per token is the cross-entropy against its words
+    spread evenly (`_target_mask`); the tail's BatchNorm statistics and squeeze-excite gate stay as trained
+    (only its convolutions learn). `cache` keeps the frozen front (`FeatureCache(front=...)`). `test`: (images,
+    scenes) scored at the end: the share of labelled tokens whose nearest table word is one of their words.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    emb = model.get_input_embeddings().weight.detach().float()
+    targets = [patch_targets(sc, tokenizer, grid) for sc in scenes]
+    test_targets = [patch_targets(sc, tokenizer, grid) for sc in test[1]] if test else []
+    vocab, index, table = embedding_table(emb, [t for per in targets + test_targets for t in per], table_rows, gen)
+    rows = [[[index[t] for t in per] for per in image] for image in targets]
+    whole = torch.tensor([sc.kind == "text" for sc in scenes])
+    tower = model.model.vision_tower
+    tail = [m for b in tower.encoder.blocks[len(tower.encoder.blocks) - blocks:] for name, m in b.named_modules()
+            if isinstance(m, torch.nn.Conv2d) and "squeeze_excite" not in name] + [tower.encoder.top_conv]
+    tail_params = [p for m in tail for p in m.parameters()]
+    projector = projector_of(model)
+    was_learning = {p: p.requires_grad for p in model.parameters()}
+    for p in model.parameters():
+        p.requires_grad = False
+    for p in tail_params + list(projector.parameters()):
+        p.requires_grad = True
+    opt = torch.optim.AdamW([{"params": tail_params, "lr": tail_lr}, {"params": list(projector.parameters()), "lr": lr}],
+                            weight_decay=0.0)
+    steps = epochs * math.ceil(len(images) / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    model.eval()  # the tower's BatchNorm statistics and drop-connect as the base runs them
+    bar = tqdm(total=steps, desc="fact-align")
+    for epoch in range(epochs):
+        order = torch.randperm(len(images), generator=gen).tolist()
+        for i in range(0, len(order), batch):
+            chunk = order[i:i + batch]
+            logp = fact_logprobs(model, torch.stack([cache[images[j]] for j in chunk]).float(), table, blocks)
+            loss = fact_loss(logp, _target_mask([rows[j] for j in chunk], len(vocab)), whole[chunk])
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if log is not None:
+                log.append({"phase": "fact-align", "epoch": epoch + 1, "loss": round(loss.item(), 4)})
+    bar.close()
+    for p, learning in was_learning.items():  # what learns next is the caller's to say, as before
+        p.requires_grad = learning
+    info = {"fact_align_steps": steps, "fact_align_images": len(images), "fact_align_vocab": len(vocab)}
+    if test:
+        test_whole = [sc.kind == "text" for sc in test[1]]
+        for name, keep in (("things", False), ("words", True)):  # tokens of things; written words, one per image
+            chosen = [i for i, w in enumerate(test_whole) if w == keep]
+            info[f"fact_align_test_{name}_accuracy"] = round(100 * fact_accuracy(
+                model, [test[0][i] for i in chosen], [test_targets[i] for i in chosen], cache, table, index, blocks,
+                whole=keep), 1)
+    with torch.no_grad():
+        features = tower_tail(model, torch.stack([cache[im] for im in images[:256]]).float(), blocks)
+    info["fact_align_scale"] = round(rescale_to_word_norm(projector, features, emb).item(), 4)
+    return info
+
+
+class TailFeatures:
+    """`FeatureCache`'s interface over a tower whose tail learned and is frozen again (after `fact_align`): each
+    image's features = the tail run once on its cached front, kept in memory as float16 (49 x 1280 = 125 KB)."""
+
+    def __init__(self, front: FeatureCache, model, blocks: int, images: list, batch: int = 64):
+        self.memory: dict[str, torch.Tensor] = {}
+        todo = {str(p): p for p in images}
+        keys = sorted(todo)
+        with torch.no_grad():
+            for i in tqdm(range(0, len(keys), batch), desc="tower tail", leave=False):
+                chunk = keys[i:i + batch]
+                feats = tower_tail(model, torch.stack([front[todo[k]] for k in chunk]).float(), blocks)
+                self.memory.update({k: f.to(torch.float16) for k, f in zip(chunk, feats)})
+
+    def __getitem__(self, image) -> torch.Tensor:
+        return self.memory[str(image)]
+
+    def n_tokens(self, image) -> int:
+        return self.memory[str(image)].shape[0]
+
+
+def fact_accuracy(model, images: list, targets: list[list[list[int]]], cache: FeatureCache, table: torch.Tensor,
+                  index: dict[int, int], blocks: int, whole: bool = False) -> float:
+    """Share of the labelled image tokens whose nearest table word (by cosine) is one of their patch's words; with
+    `whole`, of the images whose bag of tokens (`fact_loss`) puts most weight on one of their words."""
+    hit = total = 0
+    with torch.no_grad():
+        for i in range(0, len(images), 64):
+            logp = fact_logprobs(model, torch.stack([cache[im] for im in images[i:i + 64]]).float(), table, blocks)
+            best = (torch.logsumexp(logp, 1, keepdim=True) if whole else logp).argmax(-1)
+            for b, per_token in enumerate(targets[i:i + 64]):
+                for k, ids in enumerate(per_token[:1] if whole else per_token):  # a whole image's: the same words
+                    if ids:
+                        total += 1
+                        hit += int(best[b, k].item() in {index[t] for t in ids})
+    return hit / max(1, total)
 
 
 # --------------------------------------------------------------------------- the training loop
@@ -520,15 +688,54 @@ class Mixture:
         return items, feats
 
 
+def mixture_scenes_of(records: list[D.Record], seed: int, n: int, split: str = "train") -> dict[str, object]:
+    """Image path -> the scene behind it, for the written v2 mixture's `records` (rehearsal 0.3, as `build` writes
+    it), replayed without pixels; every record's question and answer must be the replay's."""
+    draws = base_world.mixture_draws(split, n, seed, 0.3, draw=base_world.keep_scene)
+    if len(draws) != len(records):
+        raise ValueError(f"the written {split} split has {len(records)} records, its replay {len(draws)}")
+    for r, (scene, question, answer) in zip(records, draws):
+        if r.turns[0] != (question.strip(), answer):
+            raise ValueError(f"record {r.id} is not its replay: {r.turns[0]!r} vs {(question, answer)!r}")
+    return {str(r.image): scene for r, (scene, _, _) in zip(records, draws)}
+
+
+def fact_tail_modules(n_blocks: int) -> list[str]:
+    """The tower modules `fact_align` teaches (its last FACT_BLOCKS blocks and head conv), as peft's modules_to_save."""
+    return [f"encoder.blocks.{i}" for i in range(n_blocks - FACT_BLOCKS, n_blocks)] + ["encoder.top_conv"]
+
+
+def fact_stage(model, run: Path, tune: list[D.Record], scenes: dict, test: list[D.Record], test_scenes: dict,
+               cache: FeatureCache, tokenizer, epochs: int, seed: int, lm_images: list) -> "TailFeatures":
+    """Run `fact_align` on the stage-2 images (or load its weights from an earlier, interrupted run) and return the
+    features the LM reads from then on, the taught tail frozen again (`TailFeatures`)."""
+    from safetensors.torch import load_file, save_file
+
+    weights = run / "fact_align.safetensors"
+    if weights.is_file():
+        model.load_state_dict(load_file(str(weights)), strict=False)
+    else:
+        images = sorted({str(r.image) for r in tune})
+        info = fact_align(model, [Path(p) for p in images], [scenes[p] for p in images], cache, tokenizer, epochs,
+                          seed=seed, test=([r.image for r in test], [test_scenes[str(r.image)] for r in test]))
+        keep = tuple(fact_tail_modules(len(model.model.vision_tower.encoder.blocks))) + ("multi_modal_projector",)
+        save_file({n: t.contiguous() for n, t in model.state_dict().items() if any(k + "." in n for k in keep)},
+                  str(weights))
+        atomic_write_json(run / "fact_align.json", info)
+    return TailFeatures(cache, model, FACT_BLOCKS, lm_images)
+
+
 def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int = ALIGN_STEPS,
           tune_steps: int = TUNE_STEPS, batch: int = BATCH, n_train: int = 16000, home: Path | None = None,
           repair_steps: int = REPAIR_STEPS, from_adapter: Path | None = None, readout: str = READOUT,
           text_share: float = TEXT_SHARE, distil_text: bool = DISTIL_TEXT, tower_blocks: int = TOWER_BLOCKS,
           tune_lr: float = TUNE_LR, embed_align_epochs: int = EMBED_ALIGN_EPOCHS,
-          turns_per_image: int = TURNS_PER_IMAGE, group_by_length: int = GROUP_BY_LENGTH) -> dict:
+          turns_per_image: int = TURNS_PER_IMAGE, group_by_length: int = GROUP_BY_LENGTH,
+          fact_align_epochs: int = FACT_ALIGN_EPOCHS) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3.
-    `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images)."""
+    `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images).
+    `fact_align_epochs`: stage 0' (`fact_align`) first; the tower's tail it teaches ships in the adapter."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..data.world import ensure_alignment, ensure_mixture
@@ -539,6 +746,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     if embed_align_epochs and tower_blocks:
         raise ValueError("--embed-align-epochs needs the tower's features, and --tower-blocks caches only its front: "
                          "choose one")
+    if fact_align_epochs and (tower_blocks or embed_align_epochs or from_adapter or turns_per_image > 1):
+        raise ValueError("--fact-align-epochs teaches the tower's tail itself: it goes with neither --tower-blocks, "
+                         "--embed-align-epochs, --from-adapter nor --turns-per-image")
     torch.set_num_threads(1 if torch.get_num_threads() < 2 else 2)
     torch.manual_seed(seed)
     t0 = time.time()
@@ -548,13 +758,16 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     pad_id = tokenizer.pad_token_id
     encoder = D.RecordEncoder(processor)
     tag = "" if readout == "head" else f"-{readout}"  # build 2's cache keeps its name
-    front = len(model.model.vision_tower.encoder.blocks) - tower_blocks if tower_blocks else None
+    n_blocks = len(model.model.vision_tower.encoder.blocks)
+    front = n_blocks - tower_blocks if tower_blocks else n_blocks - FACT_BLOCKS if fact_align_epochs else None
     cache = FeatureCache(registry.home / "cache" / (f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{tag}"
                                                     + (f"-front{front}" if front else "")), model, processor, front)
     if tower_blocks or tune_lr != TUNE_LR:  # the run's checkpoints are named by what changes its weights
         tag += f"-tower{tower_blocks}-lr{tune_lr:g}"
     if embed_align_epochs:
         tag += f"-e{embed_align_epochs}"
+    if fact_align_epochs:
+        tag += f"-facts{fact_align_epochs}"
     if turns_per_image > 1:
         tag += f"-turns{turns_per_image}"
     if group_by_length > 1:
@@ -566,6 +779,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     mixture_root = ensure_mixture(registry, seed, n_images, 300, splits=("train", "test"), rehearsal=0.3,
                                   turns=turns_per_image)
     tune = D.load_instruction_set(mixture_root / "base" / "train").records
+    scenes = mixture_scenes_of(tune, seed, n_images) if fact_align_epochs else {}
     repair_chat = _distilled(registry.home / "cache" / f"small-chat-repair-seed{seed}.json", model, tokenizer,
                              repair_prompts(seed)) if repair_steps else []
     rng = random.Random(seed)  # indices first: the same draws whether or not stages 1-2 run (`from_adapter`)
@@ -588,7 +802,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                           prompts)  # no pixels: the VLM is its LM
         align_all = D.load_instruction_set(ensure_alignment(registry, seed, ALIGN_PHASES[0], N_ALIGN) / "train").records
         align = [align_all[i] for i in align_picked]
-        cache.fill([r.image for r in align + tune])
+        test = D.load_instruction_set(mixture_root / "base" / "test").records if fact_align_epochs else []
+        cache.fill([r.image for r in align + tune + test])
         timings["prepare_seconds"] = round(time.time() - t0, 1)  # assembly, data, self-distillation, tower features
 
         # Stage 1: the projector alone (LM and tower frozen).
@@ -598,7 +813,11 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                                          + (f"-text{text_share}{'-kl' if distil_text else ''}"
                                             if (text_share, distil_text) != (TEXT_SHARE, DISTIL_TEXT) else ""))
         run.mkdir(parents=True, exist_ok=True)
-        stage1 = Mixture(align, encoder, cache, seed=seed)
+        lm_cache = cache
+        if fact_align_epochs:  # stage 0': the tower's tail + projector put the scene's words on its tokens
+            lm_cache = fact_stage(model, run, tune, scenes, test, mixture_scenes_of(test, seed, 300, "test"), cache,
+                                  tokenizer, fact_align_epochs, seed, [r.image for r in align + tune])
+        stage1 = Mixture(align, encoder, lm_cache, seed=seed)
         projector_file = run / "projector.safetensors"
         if projector_file.is_file():  # stage 1 done in an earlier, interrupted run
             from safetensors.torch import load_file
@@ -620,10 +839,10 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
 
         # Stage 2: LoRA on every LM Linear + the projector (saved whole, as peft's modules_to_save).
         targets = LORA_TARGETS + ("|" + vision_block_pattern(model, tower_blocks, lora=True) if tower_blocks else "")
+        saved = ["multi_modal_projector"] + (fact_tail_modules(n_blocks) if fact_align_epochs else [])
         peft_model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05,
-                                                      target_modules=targets,
-                                                      modules_to_save=["multi_modal_projector"]))
-        stage2 = Mixture(tune, encoder, cache, chat=chat, text_share=text_share, seed=seed + 1,
+                                                      target_modules=targets, modules_to_save=saved))
+        stage2 = Mixture(tune, encoder, lm_cache, chat=chat, text_share=text_share, seed=seed + 1,
                          group_by_length=group_by_length)
         train(peft_model, stage2, batch, pad_id, tune_steps, tune_lr, "instruct", log, run / "tune-checkpoint",
               distil_text=distil_text, tower_blocks=tower_blocks)
@@ -642,13 +861,14 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     with atomic_dir(Path(out)) as tmp:
         peft_model.save_pretrained(tmp)
         store_adapter(tmp)
-    stage0_file = run / "embed_align.json"
-    stage0_info = json.loads(stage0_file.read_text()) if stage0_file.is_file() else {}
+    stage0_info = {k: v for f in ("embed_align.json", "fact_align.json") if (run / f).is_file()
+                   for k, v in json.loads((run / f).read_text()).items()}
     build_info = {"world": "v2", "seed": seed, "n_train": n_images, "n_test": 300, "rehearsal": 0.3,
                   "turns_per_image": turns_per_image, "group_by_length": group_by_length,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
                   "tower_blocks": tower_blocks, "embed_align_epochs": embed_align_epochs,
+                  "fact_align_epochs": fact_align_epochs,
                   **stage0_info,
                   "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
                   "text_share": text_share, "distil_text": distil_text, "n_chat": len(chat), "repair_steps": repair_steps, "repair_lr": REPAIR_LR,
@@ -710,6 +930,8 @@ def main(argv=None) -> None:
                     help="the tower's last N blocks + head conv learn in stage 2 (LoRA); 0: the tower frozen")
     ap.add_argument("--embed-align-epochs", type=int, default=EMBED_ALIGN_EPOCHS,
                     help="stage 0: epochs fitting the projector to the LM's word embeddings (0 skips it)")
+    ap.add_argument("--fact-align-epochs", type=int, default=FACT_ALIGN_EPOCHS,
+                    help="stage 0': epochs teaching the tower's last block + projector the words of each patch (0: off)")
     ap.add_argument("--tune-lr", type=float, default=TUNE_LR, help="stage 2's learning rate")
     ap.add_argument("--turns-per-image", type=int, default=TURNS_PER_IMAGE,
                     help="stage 2 asks each image up to this many questions (one multi-turn record)")
@@ -723,7 +945,7 @@ def main(argv=None) -> None:
                            text_share=args.text_share, distil_text=args.distil_text,
                            tower_blocks=args.tower_blocks, tune_lr=args.tune_lr,
                            embed_align_epochs=args.embed_align_epochs, turns_per_image=args.turns_per_image,
-                           group_by_length=args.group_by_length),
+                           group_by_length=args.group_by_length, fact_align_epochs=args.fact_align_epochs),
                      indent=1))
 
 

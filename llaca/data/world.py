@@ -360,7 +360,7 @@ def dense_labels(scene: Scene, grid: int) -> dict[str, list[int]]:
     """
     labels, groups = _sprite_labels()
     _, sprites = image_pack.load()
-    n, cell = grid * grid, SIZE // grid
+    n = grid * grid
     out = {h: [-100] * n for h in dense_heads()}
     shape_g, text_g, empty_g, background_g = len(groups), len(groups) + 1, len(groups) + 2, len(groups) + 3
     if scene.kind == "empty":
@@ -370,6 +370,24 @@ def dense_labels(scene: Scene, grid: int) -> dict[str, list[int]]:
         out["patch_group"] = [text_g] * n
         out["patch_word"] = [WORDS.index(scene.text)] * n
         return out
+    owner = patch_owners(scene, grid)
+    for i, t in enumerate(owner):
+        if t is None:
+            out["patch_group"][i] = background_g
+        elif t.kind == "shape":
+            out["patch_group"][i] = shape_g
+            out["patch_shape"][i] = SHAPE_KINDS.index(t.shape)
+            out["patch_colour"][i] = list(PALETTE).index(t.colour)
+        else:
+            out["patch_group"][i] = groups[t.group]
+            out["patch_label"][i] = labels[sprites[t.sprite].label]
+    return out
+
+
+def patch_owners(scene: Scene, grid: int) -> list[Thing | None]:
+    """Row-major over a grid x grid split of the image: the thing each patch shows (the one covering most of it, a
+    quarter at least; a thing always owns the patch under its centre), or None."""
+    n, cell = grid * grid, SIZE // grid
     owner: list[Thing | None] = [None] * n
     for i in range(n):
         r, c = divmod(i, grid)
@@ -383,17 +401,16 @@ def dense_labels(scene: Scene, grid: int) -> dict[str, list[int]]:
     for t in scene.things:  # a small thing split over four patches still owns the one under its centre
         cx, cy = (t.box[0] + t.box[2]) // 2, (t.box[1] + t.box[3]) // 2
         owner[min(cy // cell, grid - 1) * grid + min(cx // cell, grid - 1)] = t
-    for i, t in enumerate(owner):
-        if t is None:
-            out["patch_group"][i] = background_g
-        elif t.kind == "shape":
-            out["patch_group"][i] = shape_g
-            out["patch_shape"][i] = SHAPE_KINDS.index(t.shape)
-            out["patch_colour"][i] = list(PALETTE).index(t.colour)
-        else:
-            out["patch_group"][i] = groups[t.group]
-            out["patch_label"][i] = labels[sprites[t.sprite].label]
-    return out
+    return owner
+
+
+def patch_words(scene: Scene, grid: int) -> list[list[str]]:
+    """Row-major per patch: the words that say what it shows, as the instructions name it (a shape's colour and
+    shape, a drawing's name and group; a text scene's word on every patch); [] for background and empty frames."""
+    if scene.kind == "text":
+        return [[scene.text]] * (grid * grid)
+    return [[] if t is None else [t.colour, t.shape] if t.kind == "shape" else [t.name, t.group]
+            for t in patch_owners(scene, grid)]
 
 
 # --------------------------------------------------------------------------- instructions
@@ -593,14 +610,15 @@ def _mcq(rng, question: str, answer: str, pool: list[str]) -> tuple[str, str]:
     return _pick(rng, MCQ_QS).format(q=question, options=listing), LETTERS[options.index(answer)]
 
 
-def sample(rng: random.Random) -> tuple[Image.Image, str, str]:
-    image, turns = sample_turns(rng, 1)
+def sample(rng: random.Random, draw=render) -> tuple[Image.Image, str, str]:
+    image, turns = sample_turns(rng, 1, draw)
     return image, *turns[0]
 
 
-def sample_turns(rng: random.Random, k: int) -> tuple[Image.Image, list[tuple[str, str]]]:
+def sample_turns(rng: random.Random, k: int, draw=render) -> tuple[Image.Image, list[tuple[str, str]]]:
     """One scene asked up to `k` questions of different answer families: a multi-turn record (as LLaVA's own
-    instruction data is), so a model pays the image's tokens once for k answers. k = 1 draws what `sample` draws."""
+    instruction data is), so a model pays the image's tokens once for k answers. k = 1 draws what `sample` draws.
+    `draw` turns the scene into the record's image (`keep_scene`: the scene itself; it draws nothing from `rng`)."""
     scene = sample_scene(rng)
     while scene.kind == "objects" and not scene.things:
         scene = sample_scene(rng)
@@ -612,7 +630,7 @@ def sample_turns(rng: random.Random, k: int) -> tuple[Image.Image, list[tuple[st
             turns.append((question, answer))
         if len(turns) == k:
             break
-    return render(scene), turns
+    return draw(scene), turns
 
 
 # --------------------------------------------------------------------------- alignment (LLaVA's stage 1, shrunk)
@@ -626,16 +644,16 @@ ATTRIBUTE_QUESTIONS = {"colour": "What colour is the {shape}?", "shape": "What s
                        "region": "Where is the {thing}?", "count": "How many {things} are there?"}
 
 
-def attribute_sample(rng: random.Random, attributes) -> tuple[Image.Image, str, str]:
+def attribute_sample(rng: random.Random, attributes, draw=render) -> tuple[Image.Image, str, str]:
     """(image, question, answer) for one attribute drawn from `attributes`: one shape or sprite anywhere, a word, or
-    1-6 copies of one thing (count), on plain / gradient / textured backgrounds."""
+    1-6 copies of one thing (count), on plain / gradient / textured backgrounds. `draw`: as `sample_turns`."""
     _, sprites = image_pack.load()
     attribute = rng.choice(list(attributes))
     background = rng.choice(["plain", "plain", "gradient", "texture"])
     question = ATTRIBUTE_QUESTIONS[attribute]
     if attribute == "read":
         scene = Scene("text", background, text=rng.choice(WORDS), font=rng.choice(FONTS), seed=rng.getrandbits(31))
-        return render(scene), question, scene.text
+        return draw(scene), question, scene.text
     if attribute == "count":
         n, size = rng.randint(1, 6), rng.randint(12, 22)
         idx, shape, colour = rng.randrange(len(sprites)), rng.choice(SHAPE_KINDS), rng.choice(list(PALETTE))
@@ -645,13 +663,13 @@ def attribute_sample(rng: random.Random, attributes) -> tuple[Image.Image, str, 
             if box:
                 things.append(_sprite_thing(rng, idx, box) if use_sprite else _shape_thing(rng, box, shape, colour))
         scene = Scene("objects", background, things=things, seed=rng.getrandbits(31))
-        return render(scene), question.format(things=_plural(_thing_phrase(things[0]), 2)), str(len(things))
+        return draw(scene), question.format(things=_plural(_thing_phrase(things[0]), 2)), str(len(things))
     box = _free_box(rng, rng.randint(24, 56), [])
     sprite = attribute == "group" or (attribute == "region" and rng.random() < 0.5)
     thing = _sprite_thing(rng, rng.randrange(len(sprites)), box) if sprite else _shape_thing(rng, box)
     scene = Scene("objects", background, things=[thing], seed=rng.getrandbits(31))
     answer = {"colour": thing.colour, "shape": thing.shape, "group": thing.group, "region": region_of(thing.box)}
-    return render(scene), question.format(shape=thing.shape, thing=_thing_phrase(thing)), answer[attribute]
+    return draw(scene), question.format(shape=thing.shape, thing=_thing_phrase(thing)), answer[attribute]
 
 
 def write_attribute_set(out_dir, attributes, n_train: int, n_test: int, seed: int = 0) -> Path:
@@ -679,6 +697,27 @@ def all_texts(seed: int = 0, n: int = 4000) -> list[str]:
     return texts + sorted({readable_name(s) for s in sprites}) + WORDS
 
 
+def keep_scene(scene: Scene) -> Scene:
+    """A `draw` that renders nothing: the record's 'image' is its scene (the facts a perfect eye would read)."""
+    return scene
+
+
+def mixture_draws(split: str, n: int, seed: int = 0, rehearsal: float = 0.0, turns: int = 1, draw=render) -> list:
+    """The records of one split of the v2 mixture, in order: (image, question, answer), or (image, turns) when a
+    training split asks several questions an image. With `draw=keep_scene` the same records carry their scenes
+    instead of pixels (the draws are identical: rendering takes nothing from the generator)."""
+    rng = random.Random(seed * 1000 + 700 + (split == "test"))
+    share = rehearsal if split == "train" else 0.0
+    asked = turns if split == "train" else 1
+    return [attribute_sample(rng, ATTRIBUTES, draw) if share and rng.random() < share
+            else sample(rng, draw) if asked == 1 else sample_turns(rng, asked, draw) for _ in range(n)]
+
+
+def mixture_scenes(split: str, n: int, seed: int = 0, rehearsal: float = 0.0, turns: int = 1) -> list[Scene]:
+    """The scene behind each record of `mixture_draws`' split, in the written order, without rendering a pixel."""
+    return [d[0] for d in mixture_draws(split, n, seed, rehearsal, turns, keep_scene)]
+
+
 def write_mixture(out_root, seed: int = 0, n_train: int = 16000, n_test: int = 300,
                   splits=("train", "test"), rehearsal: float = 0.0, turns: int = 1) -> Path:
     """<out_root>/base/{train,test} in LLaVA conversation format (atomic per split; each split has its own seed).
@@ -690,15 +729,9 @@ def write_mixture(out_root, seed: int = 0, n_train: int = 16000, n_test: int = 3
     from .coin_mini import write_split  # the file writer only: LLaVA JSON + PNGs, atomic
 
     base_dir = Path(out_root) / "base"
-    for split, n, s in (("train", n_train, 0), ("test", n_test, 1)):
-        if split not in splits:
-            continue
-        rng = random.Random(seed * 1000 + 700 + s)
-        share = rehearsal if split == "train" else 0.0
-        asked = turns if split == "train" else 1
-        write_split(base_dir / split, [attribute_sample(rng, ATTRIBUTES) if share and rng.random() < share
-                                       else sample(rng) if asked == 1 else sample_turns(rng, asked)
-                                       for _ in range(n)], f"base-{split}")
+    for split, n in (("train", n_train), ("test", n_test)):
+        if split in splits:
+            write_split(base_dir / split, mixture_draws(split, n, seed, rehearsal, turns), f"base-{split}")
     return base_dir
 
 
