@@ -358,3 +358,21 @@ def test_fact_align_teaches_each_image_token_its_patch_words_and_only_the_tail_a
         expected = small_build.tower_tail(model, fronts, 1)
     torch.testing.assert_close(features[images[1]].float(), expected[1], rtol=1e-2, atol=1e-2)
     assert features.n_tokens(images[0]) == 4
+
+
+def test_fact_loss_by_hand():
+    """Per labelled token for things (a token's words share its target evenly), once per image on the bag of its
+    tokens for a written word."""
+    import math
+
+    p = torch.tensor([[[0.5, 0.3, 0.2], [0.1, 0.1, 0.8], [0.2, 0.2, 0.6]],  # things: rows {0, 1}, none, {2}
+                      [[0.6, 0.2, 0.2], [0.2, 0.2, 0.6], [0.2, 0.2, 0.6]],  # a written word: row 2 on every token
+                      [[0.6, 0.2, 0.2], [0.2, 0.2, 0.6], [0.2, 0.2, 0.6]]])  # nothing to say (background)
+    mask = small_build._target_mask([[[0, 1], [], [2]], [[2], [2], [2]], [[], [], []]], 3)
+    assert mask[0, 0].tolist() == [0.5, 0.5, 0.0] and mask[0, 1].sum() == 0
+    loss = small_build.fact_loss(p.log(), mask, torch.tensor([False, True, False]))
+    things = (-(0.5 * math.log(0.5) + 0.5 * math.log(0.3)) - math.log(0.6)) / 2  # the mean of its two labelled tokens
+    word = -math.log((0.2 + 0.6 + 0.6) / 3)
+    assert loss.item() == pytest.approx((things + word) / 2, rel=1e-6)  # per image; the background image not counted
+    only_things = small_build.fact_loss(p.log()[:1], mask[:1], torch.tensor([False]))
+    assert only_things.item() == pytest.approx(things, rel=1e-6)

@@ -389,14 +389,17 @@ def fact_logprobs(model, fronts: torch.Tensor, table: torch.Tensor, blocks: int,
 
 
 def fact_loss(logp: torch.Tensor, mask: torch.Tensor, whole: torch.Tensor) -> torch.Tensor:
-    """Mean cross-entropy of `fact_align`'s targets: per labelled token (`mask`, `_target_mask`), except for images
-    whose words belong to the whole picture (`whole`: a written word), scored once on the bag of their tokens (the
-    mean of the tokens' distributions, as stage 0's `token_bag`), so the tokens away from the word need not say it."""
-    per_token = -(logp * mask).sum(-1)[~whole][mask[~whole].sum(-1) > 0]
-    bag = torch.logsumexp(logp[whole], 1) - math.log(logp.shape[1])
-    per_image = -(bag * mask[whole][:, 0]).sum(-1)
-    losses = torch.cat([per_token, per_image])
-    return losses.mean() if len(losses) else logp.sum() * 0
+    """Mean over images of `fact_align`'s cross-entropy: an image of things scores the mean over its labelled tokens
+    (`mask`, `_target_mask`); an image whose words belong to the whole picture (`whole`: a written word) scores once
+    on the bag of its tokens (the mean of their distributions, as stage 0's `token_bag`), so the tokens away from
+    the word need not say it. Per image, so that a word weighs as much as a picture of things with 49 tokens."""
+    token_loss = -(logp * mask).sum(-1)  # (B, tokens)
+    labelled = (mask.sum(-1) > 0).float()
+    things = (token_loss * labelled).sum(1) / labelled.sum(1).clamp(min=1)
+    bag = torch.logsumexp(logp, 1) - math.log(logp.shape[1])  # (B, rows)
+    words = -(bag * mask[:, 0]).sum(-1)
+    per_image = torch.where(whole, words, things)[whole | (labelled.sum(1) > 0)]
+    return per_image.mean() if len(per_image) else logp.sum() * 0
 
 
 def _target_mask(targets: list[list[list[int]]], n_rows: int) -> torch.Tensor:
@@ -422,8 +425,9 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
     no LM, so it can pass over the images several times; build 7's stage 0 did the same per image (a bag of the
     tokens) with the tower frozen and lifted only reading. The loss per token is the cross-entropy against its words
     spread evenly (`_target_mask`); the tail's BatchNorm statistics and squeeze-excite gate stay as trained
-    (only its convolutions learn). `cache` keeps the frozen front (`FeatureCache(front=...)`). `test`: (images,
-    scenes) scored at the end: the share of labelled tokens whose nearest table word is one of their words.
+    (only its convolutions learn). A written word is scored on the bag of the image's tokens instead (`fact_loss`).
+    `cache` keeps the frozen front (`FeatureCache(front=...)`). `test`: (images, scenes) scored at the end
+    (`fact_accuracy`): things' tokens whose nearest table word is one of theirs, written words read off the bag.
     """
     gen = torch.Generator().manual_seed(seed)
     emb = model.get_input_embeddings().weight.detach().float()
