@@ -376,3 +376,48 @@ def test_fact_loss_by_hand():
     assert loss.item() == pytest.approx((things + word) / 2, rel=1e-6)  # per image; the background image not counted
     only_things = small_build.fact_loss(p.log()[:1], mask[:1], torch.tensor([False]))
     assert only_things.item() == pytest.approx(things, rel=1e-6)
+
+
+def test_fact_stage_keeps_the_taught_tail_and_an_interrupted_build_loads_it_instead_of_teaching_again(
+        make_tiny_fastvlm, tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llaca.data import Record, world
+
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
+    words = ["red", "star", "owl"] + [f"w{i}" for i in range(50)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 60}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    scenes = [world.Scene("objects", "plain", things=[world.Thing("shape", "star", "shape", (0, 0, 30, 30),
+                                                                  colour="red", shape="star")]),
+              world.Scene("text", "plain", text="owl")]
+    records = [Record(str(i), Path(f"{i}.png"), [("What is this?", "x")]) for i in range(2)]
+    by_image = {str(r.image): sc for r, sc in zip(records, scenes)}
+    first = make_tiny_fastvlm().eval()
+    n_blocks = len(first.model.vision_tower.encoder.blocks)
+    fronts = torch.randn(2, 48, 2, 2, generator=torch.Generator().manual_seed(0))
+    cache = {r.image: f for r, f in zip(records, fronts)}
+    untaught = {n: p.detach().clone() for n, p in first.named_parameters()}
+    features = small_build.fact_stage(first, tmp_path, records, by_image, records, by_image, cache, tokenizer,
+                                      epochs=3, seed=0, lm_images=[r.image for r in records])
+    assert (tmp_path / "fact_align.safetensors").is_file() and not (tmp_path / "fact_align.partial").exists()
+    assert set(json.loads((tmp_path / "fact_align.json").read_text())) >= {"fact_align_steps",
+                                                                            "fact_align_test_words_accuracy"}
+    tail = f"encoder.blocks.{n_blocks - 1}."
+    assert any(tail in n and not torch.equal(p, untaught[n]) for n, p in first.named_parameters())
+
+    def teach_again(*args, **kwargs):
+        raise AssertionError("the taught weights were on disk: nothing to teach again")
+
+    monkeypatch.setattr(small_build, "fact_align", teach_again)
+    resumed = make_tiny_fastvlm().eval()
+    again = small_build.fact_stage(resumed, tmp_path, records, by_image, records, by_image, cache, tokenizer,
+                                   epochs=3, seed=0, lm_images=[r.image for r in records])
+    kept = ("multi_modal_projector", tail, "top_conv")
+    taught = {n: p for n, p in first.named_parameters() if any(k in n for k in kept)}
+    assert all(torch.equal(p, taught[n]) for n, p in resumed.named_parameters() if n in taught)
+    assert all(torch.equal(features[r.image], again[r.image]) for r in records)

@@ -302,6 +302,29 @@ def token_bag(tokens: torch.Tensor, table: torch.Tensor, temperature: float = 0.
     return torch.softmax(unit @ table.T / temperature, -1).mean(1)
 
 
+def fit_epochs(n: int, loss_of, opt, epochs: int, batch: int, gen: torch.Generator, desc: str,
+               log: list | None = None) -> int:
+    """The LM-free stages' loop: `epochs` shuffled passes over items 0..n-1 in batches, `loss_of(indices)` minimised
+    with `opt` on a cosine decay to zero; returns the steps taken."""
+    steps = epochs * math.ceil(n / batch)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
+    bar = tqdm(total=steps, desc=desc)
+    for epoch in range(epochs):
+        order = torch.randperm(n, generator=gen).tolist()
+        for i in range(0, n, batch):
+            loss = loss_of(order[i:i + batch])
+            loss.backward()
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            bar.update()
+            bar.set_postfix(loss=f"{loss.item():.3f}")
+            if log is not None:
+                log.append({"phase": desc, "epoch": epoch + 1, "loss": round(loss.item(), 4)})
+    bar.close()
+    return steps
+
+
 def embedding_table(emb: torch.Tensor, targets: list[list[int]], rows: int, gen: torch.Generator):
     """The rows of the LM's (V, D) embedding matrix an image token is scored against: every target token, then
     random others up to `rows`. Returns (token ids, token id -> row, the (rows, D) unit-norm table)."""
@@ -344,25 +367,13 @@ def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, 
     rows = [[index[t] for t in ts] for ts in targets]  # each record's answer tokens as rows of the table
     projector = projector_of(model)
     opt = torch.optim.AdamW(projector.parameters(), lr=lr, weight_decay=0.0)
-    steps = epochs * math.ceil(len(records) / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
-    bar = tqdm(total=steps, desc="embed-align")
-    for epoch in range(epochs):
-        order = torch.randperm(len(records), generator=gen).tolist()
-        for i in range(0, len(order), batch):
-            chunk = order[i:i + batch]
-            feats = torch.stack([cache[records[j].image] for j in chunk]).float()
-            probs = token_bag(projector(feats), table, temperature)  # (B, V)
-            loss = torch.stack([-torch.log(probs[k, rows[j]] + 1e-9).mean() for k, j in enumerate(chunk)]).mean()
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log is not None:
-                log.append({"phase": "embed-align", "epoch": epoch + 1, "loss": round(loss.item(), 4)})
-    bar.close()
+
+    def loss_of(chunk: list[int]) -> torch.Tensor:
+        probs = token_bag(projector(torch.stack([cache[records[j].image] for j in chunk]).float()), table,
+                          temperature)  # (B, V)
+        return torch.stack([-torch.log(probs[k, rows[j]] + 1e-9).mean() for k, j in enumerate(chunk)]).mean()
+
+    steps = fit_epochs(len(records), loss_of, opt, epochs, batch, gen, "embed-align", log)
     scale = rescale_to_word_norm(projector, torch.stack([cache[r.image] for r in records[:512]]).float(), emb)
     return {"embed_align_steps": steps, "embed_align_vocab": len(vocab), "embed_align_scale": round(scale.item(), 4)}
 
@@ -414,7 +425,7 @@ def _target_mask(targets: list[list[list[int]]], n_rows: int) -> torch.Tensor:
 
 def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer, epochs: int, blocks: int = FACT_BLOCKS,
                seed: int = 0, batch: int = 32, lr: float = 5e-3, tail_lr: float = 1e-3, table_rows: int = 4096,
-               grid: int = 7, test: tuple[list, list] | None = None, log: list | None = None) -> dict:
+               grid: int | None = None, test: tuple[list, list] | None = None, log: list | None = None) -> dict:
     """Stage 0': the tower's last `blocks` blocks + head conv and the projector learn to put, on each image token, the
     LM's embedding of the words that say what its patch shows (a shape's colour and shape, a drawing's name and
     group, the written word), so the LM reads the scene from its tokens as it would read it from text.
@@ -431,6 +442,7 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
     """
     gen = torch.Generator().manual_seed(seed)
     emb = model.get_input_embeddings().weight.detach().float()
+    grid = grid or cache[images[0]].shape[-1]  # the tail keeps the front's stride: `small`'s 7 x 7 map at 224 px
     targets = [patch_targets(sc, tokenizer, grid) for sc in scenes]
     test_targets = [patch_targets(sc, tokenizer, grid) for sc in test[1]] if test else []
     vocab, index, table = embedding_table(emb, [t for per in targets + test_targets for t in per], table_rows, gen)
@@ -448,28 +460,20 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
         p.requires_grad = True
     opt = torch.optim.AdamW([{"params": tail_params, "lr": tail_lr}, {"params": list(projector.parameters()), "lr": lr}],
                             weight_decay=0.0)
-    steps = epochs * math.ceil(len(images) / batch)
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * s / max(1, steps))))
     model.eval()  # the tower's BatchNorm statistics and drop-connect as the base runs them
-    bar = tqdm(total=steps, desc="fact-align")
-    for epoch in range(epochs):
-        order = torch.randperm(len(images), generator=gen).tolist()
-        for i in range(0, len(order), batch):
-            chunk = order[i:i + batch]
-            logp = fact_logprobs(model, torch.stack([cache[images[j]] for j in chunk]).float(), table, blocks)
-            loss = fact_loss(logp, _target_mask([rows[j] for j in chunk], len(vocab)), whole[chunk])
-            loss.backward()
-            opt.step()
-            sched.step()
-            opt.zero_grad(set_to_none=True)
-            bar.update()
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-            if log is not None:
-                log.append({"phase": "fact-align", "epoch": epoch + 1, "loss": round(loss.item(), 4)})
-    bar.close()
+
+    def loss_of(chunk: list[int]) -> torch.Tensor:
+        logp = fact_logprobs(model, torch.stack([cache[images[j]] for j in chunk]).float(), table, blocks)
+        return fact_loss(logp, _target_mask([rows[j] for j in chunk], len(vocab)), whole[chunk])
+
+    log = [] if log is None else log
+    steps = fit_epochs(len(images), loss_of, opt, epochs, batch, gen, "fact-align", log)
     for p, learning in was_learning.items():  # what learns next is the caller's to say, as before
         p.requires_grad = learning
-    info = {"fact_align_steps": steps, "fact_align_images": len(images), "fact_align_vocab": len(vocab)}
+    losses = [e["loss"] for e in log if e["phase"] == "fact-align"]
+    info = {"fact_align_steps": steps, "fact_align_images": len(images), "fact_align_vocab": len(vocab),
+            "fact_align_loss_first_20": round(sum(losses[:20]) / len(losses[:20]), 4),
+            "fact_align_loss_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4)}
     if test:
         test_whole = [sc.kind == "text" for sc in test[1]]
         for name, keep in (("things", False), ("words", True)):  # tokens of things; written words, one per image
@@ -723,8 +727,10 @@ def fact_stage(model, run: Path, tune: list[D.Record], scenes: dict, test: list[
         info = fact_align(model, [Path(p) for p in images], [scenes[p] for p in images], cache, tokenizer, epochs,
                           seed=seed, test=([r.image for r in test], [test_scenes[str(r.image)] for r in test]))
         keep = tuple(fact_tail_modules(len(model.model.vision_tower.encoder.blocks))) + ("multi_modal_projector",)
+        partial = weights.with_suffix(".partial")  # temp + rename: a build killed while writing resumes cleanly
         save_file({n: t.contiguous() for n, t in model.state_dict().items() if any(k + "." in n for k in keep)},
-                  str(weights))
+                  str(partial))
+        partial.replace(weights)
         atomic_write_json(run / "fact_align.json", info)
     return TailFeatures(cache, model, FACT_BLOCKS, lm_images)
 
