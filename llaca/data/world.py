@@ -713,11 +713,6 @@ def mixture_draws(split: str, n: int, seed: int = 0, rehearsal: float = 0.0, tur
             else sample(rng, draw) if asked == 1 else sample_turns(rng, asked, draw) for _ in range(n)]
 
 
-def mixture_scenes(split: str, n: int, seed: int = 0, rehearsal: float = 0.0, turns: int = 1) -> list[Scene]:
-    """The scene behind each record of `mixture_draws`' split, in the written order, without rendering a pixel."""
-    return [d[0] for d in mixture_draws(split, n, seed, rehearsal, turns, keep_scene)]
-
-
 def write_mixture(out_root, seed: int = 0, n_train: int = 16000, n_test: int = 300,
                   splits=("train", "test"), rehearsal: float = 0.0, turns: int = 1) -> Path:
     """<out_root>/base/{train,test} in LLaVA conversation format (atomic per split; each split has its own seed).
