@@ -423,9 +423,10 @@ def _target_mask(targets: list[list[list[int]]], n_rows: int) -> torch.Tensor:
     return mask
 
 
-def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer, epochs: int, blocks: int = FACT_BLOCKS,
-               seed: int = 0, batch: int = 32, lr: float = 5e-3, tail_lr: float = 1e-3, table_rows: int = 4096,
-               grid: int | None = None, test: tuple[list, list] | None = None, log: list | None = None) -> dict:
+def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer, epochs: int,
+               blocks: int = FACT_BLOCKS, seed: int = 0, batch: int = 32, lr: float = 5e-3, tail_lr: float = 1e-3,
+               table_rows: int = 4096, grid: int | None = None, test: tuple[list, list] | None = None,
+               log: list | None = None) -> dict:
     """Stage 0': the tower's last `blocks` blocks + head conv and the projector learn to put, on each image token, the
     LM's embedding of the words that say what its patch shows (a shape's colour and shape, a drawing's name and
     group, the written word), so the LM reads the scene from its tokens as it would read it from text.
@@ -458,8 +459,8 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
         p.requires_grad = False
     for p in tail_params + list(projector.parameters()):
         p.requires_grad = True
-    opt = torch.optim.AdamW([{"params": tail_params, "lr": tail_lr}, {"params": list(projector.parameters()), "lr": lr}],
-                            weight_decay=0.0)
+    opt = torch.optim.AdamW([{"params": tail_params, "lr": tail_lr},
+                             {"params": list(projector.parameters()), "lr": lr}], weight_decay=0.0)
     model.eval()  # the tower's BatchNorm statistics and drop-connect as the base runs them
 
     def loss_of(chunk: list[int]) -> torch.Tensor:
@@ -812,8 +813,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                           prompts)  # no pixels: the VLM is its LM
         align_all = D.load_instruction_set(ensure_alignment(registry, seed, ALIGN_PHASES[0], N_ALIGN) / "train").records
         align = [align_all[i] for i in align_picked]
-        test = D.load_instruction_set(mixture_root / "base" / "test").records if fact_align_epochs else []
-        cache.fill([r.image for r in align + tune + test])
+        test_records = D.load_instruction_set(mixture_root / "base" / "test").records if fact_align_epochs else []
+        cache.fill([r.image for r in align + tune + test_records])
         timings["prepare_seconds"] = round(time.time() - t0, 1)  # assembly, data, self-distillation, tower features
 
         # Stage 1: the projector alone (LM and tower frozen).
@@ -825,8 +826,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         run.mkdir(parents=True, exist_ok=True)
         lm_cache = cache
         if fact_align_epochs:  # stage 0': the tower's tail + projector put the scene's words on its tokens
-            lm_cache = fact_stage(model, run, tune, scenes, test, mixture_scenes_of(test, seed, 300, "test"), cache,
-                                  tokenizer, fact_align_epochs, seed, [r.image for r in align + tune])
+            test_scenes = mixture_scenes_of(test_records, seed, 300, "test")
+            lm_cache = fact_stage(model, run, tune, scenes, test_records, test_scenes, cache, tokenizer,
+                                  fact_align_epochs, seed, [r.image for r in align + tune])
         stage1 = Mixture(align, encoder, lm_cache, seed=seed)
         projector_file = run / "projector.safetensors"
         if projector_file.is_file():  # stage 1 done in an earlier, interrupted run
@@ -941,7 +943,7 @@ def main(argv=None) -> None:
     ap.add_argument("--embed-align-epochs", type=int, default=EMBED_ALIGN_EPOCHS,
                     help="stage 0: epochs fitting the projector to the LM's word embeddings (0 skips it)")
     ap.add_argument("--fact-align-epochs", type=int, default=FACT_ALIGN_EPOCHS,
-                    help="stage 0': epochs teaching the tower's last block + projector the words of each patch (0: off)")
+                    help="stage 0': epochs teaching the tower's last block + projector each patch's words (0: off)")
     ap.add_argument("--tune-lr", type=float, default=TUNE_LR, help="stage 2's learning rate")
     ap.add_argument("--turns-per-image", type=int, default=TURNS_PER_IMAGE,
                     help="stage 2 asks each image up to this many questions (one multi-turn record)")
