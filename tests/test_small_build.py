@@ -402,7 +402,8 @@ def test_fact_stage_keeps_the_taught_tail_and_an_interrupted_build_loads_it_inst
     fronts = torch.randn(2, 48, 2, 2, generator=torch.Generator().manual_seed(0))
     cache = {r.image: f for r, f in zip(records, fronts)}
     untaught = {n: p.detach().clone() for n, p in first.named_parameters()}
-    features = small_build.fact_stage(first, tmp_path, records, by_image, records, by_image, cache, tokenizer,
+    features = small_build.fact_stage(first, tmp_path, records, lambda: by_image, records, lambda: by_image, cache,
+                                      tokenizer,
                                       epochs=3, seed=0, lm_images=[r.image for r in records])
     assert (tmp_path / "fact_align.safetensors").is_file() and not (tmp_path / "fact_align.partial").exists()
     assert set(json.loads((tmp_path / "fact_align.json").read_text())) >= {"fact_align_steps",
@@ -415,7 +416,8 @@ def test_fact_stage_keeps_the_taught_tail_and_an_interrupted_build_loads_it_inst
 
     monkeypatch.setattr(small_build, "fact_align", teach_again)
     resumed = make_tiny_fastvlm().eval()
-    again = small_build.fact_stage(resumed, tmp_path, records, by_image, records, by_image, cache, tokenizer,
+    again = small_build.fact_stage(resumed, tmp_path, records, teach_again, records, teach_again, cache,
+                                   tokenizer,
                                    epochs=3, seed=0, lm_images=[r.image for r in records])
     kept = ("multi_modal_projector", tail, "top_conv")
     taught = {n: p for n, p in first.named_parameters() if any(k in n for k in kept)}

@@ -714,10 +714,11 @@ def fact_tail_modules(n_blocks: int) -> list[str]:
     return [f"encoder.blocks.{i}" for i in range(n_blocks - FACT_BLOCKS, n_blocks)] + ["encoder.top_conv"]
 
 
-def fact_stage(model, run: Path, tune: list[D.Record], scenes: dict, test: list[D.Record], test_scenes: dict,
+def fact_stage(model, run: Path, tune: list[D.Record], scenes_of, test: list[D.Record], test_scenes_of,
                cache: FeatureCache, tokenizer, epochs: int, seed: int, lm_images: list) -> "TailFeatures":
     """Run `fact_align` on the stage-2 images (or load its weights from an earlier, interrupted run) and return the
-    features the LM reads from then on, the taught tail frozen again (`TailFeatures`)."""
+    features the LM reads from then on, the taught tail frozen again (`TailFeatures`). `scenes_of` / `test_scenes_of`
+    give image path -> scene (`mixture_scenes_of`); called only when there is something to teach."""
     from safetensors.torch import load_file, save_file
 
     weights = run / "fact_align.safetensors"
@@ -725,6 +726,7 @@ def fact_stage(model, run: Path, tune: list[D.Record], scenes: dict, test: list[
         model.load_state_dict(load_file(str(weights)), strict=False)
     else:
         images = sorted({str(r.image) for r in tune})
+        scenes, test_scenes = scenes_of(), test_scenes_of()
         info = fact_align(model, [Path(p) for p in images], [scenes[p] for p in images], cache, tokenizer, epochs,
                           seed=seed, test=([r.image for r in test], [test_scenes[str(r.image)] for r in test]))
         keep = tuple(fact_tail_modules(len(model.model.vision_tower.encoder.blocks))) + ("multi_modal_projector",)
@@ -789,13 +791,12 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     n_images = n_train // turns_per_image
     mixture_root = ensure_mixture(registry, seed, n_images, 300, splits=("train", "test"), rehearsal=0.3,
                                   turns=turns_per_image)
-    tune = D.load_instruction_set(mixture_root / "base" / "train").records
-    scenes = mixture_scenes_of(tune, seed, n_images) if fact_align_epochs else {}
+    tune_all = D.load_instruction_set(mixture_root / "base" / "train").records
     repair_chat = _distilled(registry.home / "cache" / f"small-chat-repair-seed{seed}.json", model, tokenizer,
                              repair_prompts(seed)) if repair_steps else []
     rng = random.Random(seed)  # indices first: the same draws whether or not stages 1-2 run (`from_adapter`)
     align_picked = rng.sample(range(N_ALIGN), min(N_ALIGN, align_steps * batch))
-    tune = rng.sample(tune, min(len(tune), tune_steps * batch))
+    tune = rng.sample(tune_all, min(len(tune_all), tune_steps * batch))
     log: list[dict] = []
     timings = {}
     chat: list[dict] = []  # stage 2's text records (stages 1-2 only)
@@ -826,9 +827,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         run.mkdir(parents=True, exist_ok=True)
         lm_cache = cache
         if fact_align_epochs:  # stage 0': the tower's tail + projector put the scene's words on its tokens
-            test_scenes = mixture_scenes_of(test_records, seed, 300, "test")
-            lm_cache = fact_stage(model, run, tune, scenes, test_records, test_scenes, cache, tokenizer,
-                                  fact_align_epochs, seed, [r.image for r in align + tune])
+            lm_cache = fact_stage(model, run, tune, lambda: mixture_scenes_of(tune_all, seed, n_images),
+                                  test_records, lambda: mixture_scenes_of(test_records, seed, 300, "test"), cache,
+                                  tokenizer, fact_align_epochs, seed, [r.image for r in align + tune])
         stage1 = Mixture(align, encoder, lm_cache, seed=seed)
         projector_file = run / "projector.safetensors"
         if projector_file.is_file():  # stage 1 done in an earlier, interrupted run
