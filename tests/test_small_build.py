@@ -378,6 +378,48 @@ def test_fact_loss_by_hand():
     assert only_things.item() == pytest.approx(things, rel=1e-6)
 
 
+def test_keep_loss_by_hand():
+    """In units of each channel's spread: a decoder that knows nothing beyond the mean misses all (1.0 on the sample
+    the spread came from, up to n/(n-1)), one that reads the features back exactly misses nothing."""
+    before = torch.tensor([[[1.0, 10.0], [3.0, 30.0]], [[5.0, 50.0], [7.0, 70.0]]])  # (B=2, tokens=2, channels=2)
+    flat = before.flatten(0, 1)
+    mean, std = flat.mean(0), flat.std(0)
+    assert small_build.keep_loss(torch.zeros_like(before), before, mean, std).item() == pytest.approx(3 / 4)
+    assert small_build.keep_loss((before - mean) / std, before, mean, std).item() == pytest.approx(0.0, abs=1e-7)
+    off = (before - mean) / std + torch.tensor([0.5, 0.0])  # half a spread off on the first channel only
+    assert small_build.keep_loss(off, before, mean, std).item() == pytest.approx(0.25 / 2)
+
+
+def test_fact_align_with_keep_leaves_the_untouched_features_readable_from_its_tokens(make_tiny_fastvlm, monkeypatch):
+    """`keep` > 0: the taught tokens still say their patch's words, and a linear read of them recovers most of what the
+    untouched tail's features held (the share reported for the test images)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from llaca.data import world
+    from llaca.models.vision import efficientnet_front
+
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
+    model = make_tiny_fastvlm().eval()
+    tower = model.model.vision_tower
+    words = ["red", "blue", "star", "ring"] + [f"w{i}" for i in range(20)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 30}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    scenes = [world.Scene("objects", "plain", things=[world.Thing("shape", k, "shape", box, colour=c, shape=k)])
+              for c, k, box in [("red", "star", (0, 0, 30, 30)), ("blue", "ring", (34, 0, 62, 30)),
+                                ("blue", "star", (0, 34, 30, 62)), ("red", "ring", (34, 34, 62, 62))]]
+    images = [f"{i}.png" for i in range(len(scenes))]
+    with torch.no_grad():
+        shape = efficientnet_front(tower, torch.rand(1, 3, 64, 64), len(tower.encoder.blocks) - 1).shape[1:]
+    cache = dict(zip(images, torch.randn(len(scenes), *shape, generator=torch.Generator().manual_seed(0))))
+    info = small_build.fact_align(model, images, scenes, cache, tokenizer, epochs=150, batch=4, lr=1e-2,
+                                  tail_lr=1e-3, grid=2, test=(images, scenes), keep=1.0)
+    assert info["fact_align_keep"] == 1.0
+    assert info["fact_align_test_things_accuracy"] == 100.0
+    assert info["fact_align_test_kept"] > 0.5  # 0 would be a read that knows only the features' mean
+
+
 def test_fact_stage_keeps_the_taught_tail_and_an_interrupted_build_loads_it_instead_of_teaching_again(
         make_tiny_fastvlm, tmp_path, monkeypatch):
     from pathlib import Path
