@@ -1,4 +1,4 @@
-"""Score a `small` build at its last stage-2 checkpoint on its own 300-record test, per answer family.
+"""Score a `small` build at its last stage-2 checkpoint (or a finished build's adapter) on its own test, per family.
 
 A build checkpoints every 50 steps (`small_build.train`); one that cannot finish in the time at hand still says
 where it stands this way. The checkpoint's weights (LoRA + projector, and with `--fact-align-epochs` the taught tower
@@ -7,6 +7,8 @@ at the end. Mid-run the learning rate has not decayed yet: the figure is where t
 
     LLACA_HOME=<the build's home> PYTHONPATH=. python -m experiments.score_build_checkpoint \\
         --run <home>/cache/small-build-seed0-a150-t550-b16-facts10 --out bench_results/small/build9/checkpoint.json
+
+A finished build: `--adapter <its --out folder>` instead of `--run` (peft loads it, as `install_small` does).
 """
 from __future__ import annotations
 
@@ -20,30 +22,17 @@ import torch
 from llaca.paths import atomic_write_json, llaca_home
 
 
-def main(argv=None) -> int:
+def merged_checkpoint(model, run: Path):
+    """`model` with the run's stage-2 checkpoint (LoRA + projector, and a taught tower tail) put on and merged."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
-    from llaca import data as D
     from llaca.bases import small_build as B
-    from llaca.bench.small import family_scores, machine_stamp
-    from llaca.evaluation.evaluate import evaluate
-    from llaca.models.small import assemble
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--run", type=Path, required=True, help="the build's run folder ($LLACA_HOME/cache/small-build-...)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--n-test", type=int, default=300)
-    p.add_argument("--out", type=Path, required=True)
-    a = p.parse_args(argv)
-    torch.set_num_threads(2)
-    t0 = time.time()
-    checkpoint = a.run / "tune-checkpoint"
-    state = json.loads((checkpoint / "state.json").read_text())
-    model, processor = assemble(a.seed)
+    checkpoint = run / "tune-checkpoint"
     saved = ["multi_modal_projector"]
-    if (a.run / "fact_align.safetensors").is_file():
-        model.load_state_dict(load_file(str(a.run / "fact_align.safetensors")), strict=False)
+    if (run / "fact_align.safetensors").is_file():
+        model.load_state_dict(load_file(str(run / "fact_align.safetensors")), strict=False)
         saved += B.fact_tail_modules(len(model.model.vision_tower.encoder.blocks))
     peft_model = get_peft_model(model, LoraConfig(r=B.LORA_R, lora_alpha=B.LORA_ALPHA, lora_dropout=0.05,
                                                   target_modules=B.LORA_TARGETS, modules_to_save=saved))
@@ -54,13 +43,48 @@ def main(argv=None) -> int:
     with torch.no_grad():
         for name, value in weights.items():
             params[name].copy_(value)
-    merged = peft_model.merge_and_unload().eval()
+    return peft_model.merge_and_unload().eval(), json.loads((checkpoint / "state.json").read_text())
+
+
+def merged_adapter(model, adapter: Path):
+    """`model` with a finished build's (sharded) adapter merged, as `install_small` merges the shipped one."""
+    from peft import PeftModel
+
+    from llaca.bases.small import joined_adapter
+
+    with joined_adapter(adapter) as folder:
+        return PeftModel.from_pretrained(model, folder).merge_and_unload().eval()
+
+
+def main(argv=None) -> int:
+    from llaca import data as D
+    from llaca.bench.small import family_scores, machine_stamp
+    from llaca.evaluation.evaluate import evaluate
+    from llaca.models.small import assemble
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--run", type=Path, help="the build's run folder ($LLACA_HOME/cache/small-build-...)")
+    which.add_argument("--adapter", type=Path, help="a finished build's adapter folder (small_build's --out)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-test", type=int, default=300)
+    p.add_argument("--out", type=Path, required=True)
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    t0 = time.time()
+    model, processor = assemble(a.seed)
+    if a.adapter:
+        merged, state = merged_adapter(model, a.adapter), {"step": "end", "log": json.loads(
+            (a.adapter.parent / "train_log.json").read_text())}
+    else:
+        merged, state = merged_checkpoint(model, a.run)
     root = llaca_home() / "datasets" / f"base-v2-mixture-d2-seed{a.seed}-rehearsal0.3" / "base" / "test"
     test = D.load_instruction_set(root)
     records = test.records[:a.n_test]
     result = evaluate(merged, processor, test, batch_size=16, limit=a.n_test, progress=True)
     tune_log = [e for e in state["log"] if e["phase"] == "instruct"]
-    out = {"run": str(a.run), "step": state["step"], "lr_at_step": tune_log[-1]["lr"] if tune_log else None,
+    out = {"run": str(a.run or a.adapter), "step": state["step"],
+           "lr_at_step": tune_log[-1]["lr"] if tune_log else None,
            "loss_last_50_mean": round(sum(e["loss"] for e in tune_log[-50:]) / max(1, len(tune_log[-50:])), 4),
            "test": family_scores([r.question for r in records], [r.answer for r in records], result.predictions),
            "answers_first_40": [{"q": r.question, "gold": r.answer, "answer": x}
