@@ -117,6 +117,24 @@ def test_vision_blocks_put_lora_on_the_efficientnet_towers_last_block_and_head_c
     assert answer_once(model, processor, _picture("square"), "What shape is this?", max_new_tokens=4).strip()
 
 
+def test_the_bench_measures_a_candidate_build_from_its_output_folder_not_the_shipped_assets(tmp_path):
+    """`python -m llaca.bench small --candidate DIR`: a build is measured before it ships; its version is assembled
+    from DIR's adapter and meta (here a copy of the shipped ones, its meta marked), and assets/small is not read."""
+    import shutil
+
+    from llaca.bench.small import install
+    from llaca.versions import Registry
+
+    candidate = tmp_path / "candidate"
+    shutil.copytree(SMALL_ASSETS, candidate)
+    meta = json.loads((candidate / "meta.json").read_text())
+    meta["metrics"]["base_accuracy"] = -1.0  # a value no shipped build has
+    (candidate / "meta.json").write_text(json.dumps(meta))
+    result = install(tmp_path / "home", candidate)
+    version = Registry(tmp_path / "home").get("small")
+    assert version.meta["metrics"]["base_accuracy"] == -1.0 and result["assets"] == str(candidate)
+
+
 def test_shipped_adapter_is_what_the_build_recorded():
     """assets/small holds only what this project trained, within the issue's 60 MB."""
     size = sum(f.stat().st_size for f in SMALL_ASSETS.rglob("*") if f.is_file())

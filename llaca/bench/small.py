@@ -37,13 +37,23 @@ def _rss_mb() -> float:
     return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
-def install(home: Path) -> dict:
-    from ..bases.install import ensure_base
+def install(home: Path, candidate: Path | None = None) -> dict:
+    """First launch: `small` assembled into an empty home from the shipped assets, or from a `candidate` build's
+    output folder (its `adapter/` and `meta.json`, as `python -m llaca.bases.small_build --out DIR/adapter` writes)."""
     from ..versions import Registry
 
     t0 = time.perf_counter()
-    ensure_base(Registry(home), base="small")
-    return {"install_seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": _rss_mb()}
+    registry = Registry(home)
+    if candidate is None:
+        from ..bases.install import ensure_base
+
+        ensure_base(registry, base="small")
+    elif not registry.exists("small"):
+        from ..bases.small import install_small
+
+        install_small(registry, assets=candidate)
+    return {"install_seconds": round(time.perf_counter() - t0, 1), "peak_rss_mb": _rss_mb(),
+            "assets": str(candidate) if candidate else "assets/small"}
 
 
 def own_test(model, processor, registry) -> dict:
@@ -250,6 +260,8 @@ def main(argv=None) -> int:
     p.add_argument("--sections", nargs="*", default=list(SECTIONS), choices=SECTIONS)
     p.add_argument("--zero-shot-limit", type=int, default=50)
     p.add_argument("--force", action="store_true", help="measure again even where a cached result exists")
+    p.add_argument("--candidate", type=Path, default=None,
+                   help="measure a build's output folder (adapter/ + meta.json) instead of the shipped assets/small")
     a = p.parse_args(argv)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -268,12 +280,10 @@ def main(argv=None) -> int:
             import shutil
 
             shutil.rmtree(home, ignore_errors=True)
-            res = install(home)
+            res = install(home, a.candidate)
         else:
             if model is None:
-                from ..bases.install import ensure_base
-
-                ensure_base(Registry(home), base="small")
+                install(home, a.candidate)
                 model, processor = load_version(Registry(home), "small")
             res = {"own": lambda: own_test(model, processor, Registry(home)),
                    "text": lambda: text_agreement(model, processor, cache=out / "work"),
