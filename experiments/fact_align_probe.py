@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import random
 import time
 from pathlib import Path
 
@@ -22,10 +21,11 @@ from llaca.paths import atomic_write_json, llaca_home
 
 
 def main(argv=None) -> int:
-    from llaca import data as D
     from llaca.bases import small_build as B
     from llaca.bench.small import machine_stamp
-    from llaca.models.small import IMAGE_SIZE, TOWER_VARIANT, assemble
+    from llaca.models.small import assemble
+
+    from .stage0_data import build_records, front_cache
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--epochs", type=int, default=2)
@@ -36,28 +36,17 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     home = llaca_home()
-    root = home / "datasets" / f"base-v2-mixture-d2-seed{a.seed}-rehearsal0.3" / "base"
-    tune_all = D.load_instruction_set(root / "train").records
-    test = D.load_instruction_set(root / "test").records
-    rng = random.Random(a.seed)  # the build's draws: stage 1's indices first, then stage 2's records
-    rng.sample(range(B.N_ALIGN), min(B.N_ALIGN, B.ALIGN_STEPS * B.BATCH))
-    tune = rng.sample(tune_all, min(len(tune_all), B.TUNE_STEPS * B.BATCH))
-    scenes = B.mixture_scenes_of(tune_all, a.seed, len(tune_all))
-    test_scenes = B.mixture_scenes_of(test, a.seed, len(test), "test")
+    _, tune, test, scenes = build_records(home, a.seed)
     images = sorted({str(r.image) for r in tune})[:a.images or None]
     runs = []
     for keep in a.keep:
         t0 = time.time()
         torch.manual_seed(a.seed)
         model, processor = assemble(a.seed)
-        n_blocks = len(model.model.vision_tower.encoder.blocks)
-        front = n_blocks - B.FACT_BLOCKS
-        cache = B.FeatureCache(home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}-front{front}", model,
-                               processor, front)
-        cache.fill([Path(i) for i in images] + [r.image for r in test])
+        cache = front_cache(home, model, processor, images + [str(r.image) for r in test])
         info = B.fact_align(model, [Path(i) for i in images], [scenes[i] for i in images], cache,
                             processor.tokenizer, a.epochs, seed=a.seed,
-                            test=([r.image for r in test], [test_scenes[str(r.image)] for r in test]), keep=keep)
+                            test=([r.image for r in test], [scenes[str(r.image)] for r in test]), keep=keep)
         runs.append({"epochs": a.epochs, **info, "seconds": round(time.time() - t0, 1)})
         print(json.dumps(runs[-1]), flush=True)
         atomic_write_json(a.out, {"home": str(home), "runs": runs, **machine_stamp()})

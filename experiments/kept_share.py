@@ -34,10 +34,11 @@ def apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def main(argv=None) -> int:
     from safetensors.torch import load_file
 
-    from llaca import data as D
     from llaca.bases import small_build as B
     from llaca.bench.small import machine_stamp
-    from llaca.models.small import IMAGE_SIZE, TOWER_VARIANT, assemble
+    from llaca.models.small import assemble
+
+    from .stage0_data import build_records, front_cache
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--weights", type=Path, nargs="+", required=True,
@@ -50,18 +51,11 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     home = llaca_home()
-    root = home / "datasets" / f"base-v2-mixture-d2-seed{a.seed}-rehearsal0.3" / "base"
-    tune_all = D.load_instruction_set(root / "train").records
-    test = D.load_instruction_set(root / "test").records
-    scenes = B.mixture_scenes_of(tune_all, a.seed, len(tune_all))
-    scenes.update(B.mixture_scenes_of(test, a.seed, len(test), "test"))
+    tune_all, _, test, scenes = build_records(home, a.seed)
     train = sorted({str(r.image) for r in random.Random(a.seed).sample(tune_all, a.images)})
     test_images = sorted({str(r.image) for r in test})
     model, processor = assemble(a.seed)
-    n_blocks = len(model.model.vision_tower.encoder.blocks)
-    cache = B.FeatureCache(home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}-front{n_blocks - 1}", model,
-                           processor, n_blocks - 1)
-    cache.fill([Path(i) for i in train + test_images])
+    cache = front_cache(home, model, processor, train + test_images)
     before = B.TailFeatures(cache, model, 1, train + test_images)  # the untouched tail
 
     def stack(features, images):

@@ -1,0 +1,34 @@
+"""What the stage-0' experiments read from a build's home: its v2 mixture, the scenes behind it, the tower fronts."""
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+
+def build_records(home: Path, seed: int = 0):
+    """(every stage-2 record written, the build's own draw of them, the 300 test records, image path -> scene for
+    all of them), as `small_build.build` draws them: stage 1's indices first, then stage 2's records."""
+    from llaca import data as D
+    from llaca.bases import small_build as B
+
+    root = home / "datasets" / f"base-v2-mixture-d2-seed{seed}-rehearsal0.3" / "base"
+    tune_all = D.load_instruction_set(root / "train").records
+    test = D.load_instruction_set(root / "test").records
+    rng = random.Random(seed)
+    rng.sample(range(B.N_ALIGN), min(B.N_ALIGN, B.ALIGN_STEPS * B.BATCH))
+    tune = rng.sample(tune_all, min(len(tune_all), B.TUNE_STEPS * B.BATCH))
+    scenes = B.mixture_scenes_of(tune_all, seed, len(tune_all))
+    scenes.update(B.mixture_scenes_of(test, seed, len(test), "test"))
+    return tune_all, tune, test, scenes
+
+
+def front_cache(home: Path, model, processor, images: list):
+    """The build's cache of the tower's frozen front (all blocks but stage 0''s), filled for `images`."""
+    from llaca.bases import small_build as B
+    from llaca.models.small import IMAGE_SIZE, TOWER_VARIANT
+
+    front = len(model.model.vision_tower.encoder.blocks) - B.FACT_BLOCKS
+    cache = B.FeatureCache(home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}-front{front}", model,
+                           processor, front)
+    cache.fill([Path(i) for i in images])
+    return cache
