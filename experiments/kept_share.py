@@ -55,24 +55,24 @@ def main(argv=None) -> int:
     train = sorted({str(r.image) for r in random.Random(a.seed).sample(tune_all, a.images)})
     test_images = sorted({str(r.image) for r in test})
     model, processor = assemble(a.seed)
-    cache = front_cache(home, model, processor, train + test_images)
-    before = B.TailFeatures(cache, model, 1, train + test_images)  # the untouched tail
+    everything = train + test_images
+    cache = front_cache(home, model, processor, everything)
+    before = B.TailFeatures(cache, model, 1, everything)  # the untouched tail
 
     def stack(features, images):
         return torch.stack([features[i] for i in images]).float()
 
     sample = stack(before, train).flatten(0, 1)
     mean, std = sample.mean(0), sample.std(0).clamp(min=1e-3)
-    counts = {i: float(len(scenes[i].things)) for i in train + test_images}
+    counts = {i: float(len(scenes[i].things)) for i in everything}
+    read = B.fact_tokens if a.level == "tokens" else lambda m, f, n: B.tower_tail(m, f, n).float()
     rows = []
     for weights in a.weights:
         if str(weights) == "none":  # the reference: the untouched tail's features themselves
             tokens = before
         else:
             model.load_state_dict(load_file(str(weights)), strict=False)
-            everything = train + test_images
             with torch.no_grad():
-                read = (B.fact_tokens if a.level == "tokens" else lambda m, f, n: B.tower_tail(m, f, n).float())
                 tokens = {i: t for k in range(0, len(everything), 64)
                           for i, t in zip(everything[k:k + 64], read(model, stack(cache, everything[k:k + 64]), 1))}
         x_train, x_test = stack(tokens, train).double(), stack(tokens, test_images).double()

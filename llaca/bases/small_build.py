@@ -456,8 +456,9 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
     `keep` > 0 adds `keep` x `keep_loss`: a linear decoder (learned alongside, then dropped) must recover the
     untouched tail's features from the image tokens. Words say what a patch shows, not which copy of a thing it is,
     where its edges are or how many there are; build 9 (keep 0) read 57.5% of the words but counted 45.8% against
-    the frozen tower's 72.9 (build 5). The term asks the tokens to carry the words *and* what the frozen map carried, so the
-    LM can still learn from the latter what words do not say. The test's share of that variance kept is reported.
+    the frozen tower's 72.9 (build 5). The term asks the tokens to carry the words *and* what the frozen map
+    carried, so the LM can still learn from the latter what words do not say. The test's share of that variance kept
+    is reported.
     """
     gen = torch.Generator().manual_seed(seed)
     emb = model.get_input_embeddings().weight.detach().float()
@@ -779,6 +780,15 @@ def fact_stage(model, run: Path, tune: list[D.Record], scenes_of, test: list[D.R
     return TailFeatures(cache, model, FACT_BLOCKS, lm_images)
 
 
+def draw_records(tune_all: list[D.Record], seed: int, align_steps: int = ALIGN_STEPS, tune_steps: int = TUNE_STEPS,
+                 batch: int = BATCH) -> tuple[list[int], list[D.Record]]:
+    """A build's draws: stage 1's indices into the N_ALIGN alignment records, then stage 2's records of `tune_all`,
+    indices first, so the draws are the same whether or not stages 1-2 run (`from_adapter`)."""
+    rng = random.Random(seed)
+    align_picked = rng.sample(range(N_ALIGN), min(N_ALIGN, align_steps * batch))
+    return align_picked, rng.sample(tune_all, min(len(tune_all), tune_steps * batch))
+
+
 def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int = ALIGN_STEPS,
           tune_steps: int = TUNE_STEPS, batch: int = BATCH, n_train: int = 16000, home: Path | None = None,
           repair_steps: int = REPAIR_STEPS, from_adapter: Path | None = None, readout: str = READOUT,
@@ -836,9 +846,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     tune_all = D.load_instruction_set(mixture_root / "base" / "train").records
     repair_chat = _distilled(registry.home / "cache" / f"small-chat-repair-seed{seed}.json", model, tokenizer,
                              repair_prompts(seed)) if repair_steps else []
-    rng = random.Random(seed)  # indices first: the same draws whether or not stages 1-2 run (`from_adapter`)
-    align_picked = rng.sample(range(N_ALIGN), min(N_ALIGN, align_steps * batch))
-    tune = rng.sample(tune_all, min(len(tune_all), tune_steps * batch))
+    align_picked, tune = draw_records(tune_all, seed, align_steps, tune_steps, batch)
     log: list[dict] = []
     timings = {}
     chat: list[dict] = []  # stage 2's text records (stages 1-2 only)
