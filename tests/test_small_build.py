@@ -75,6 +75,18 @@ def test_text_only_batch_distils_without_image_rows(tiny_fastvlm):
     assert loss.item() == pytest.approx(0.0, abs=1e-6)
 
 
+
+def test_padding_batches_to_a_multiple_changes_their_shape_not_their_loss(tiny_fastvlm, monkeypatch):
+    """`--pad-to-multiple-of`: the padded positions carry no label and no attention, so the loss is the same."""
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
+    items, features = _rows()
+    assert small_build.D.collate(items, 0, 16)["input_ids"].shape == (4, 16)
+    with torch.no_grad():
+        plain = small_build.step_loss(tiny_fastvlm, items, features, pad_id=0)
+        padded = small_build.step_loss(tiny_fastvlm, items, features, pad_id=0, pad_to_multiple_of=16)
+    assert padded.item() == pytest.approx(plain.item(), abs=1e-5)
+
+
 def test_build_prompts_never_include_a_language_check_prompt():
     check = {p["prompt"].lower() for p in json.loads((ASSETS_DIR / "small" / "text_check.json").read_text())["prompts"]}
     for prompts in (small_build.chat_prompts(0), small_build.repair_prompts(0)):

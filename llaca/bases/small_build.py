@@ -87,6 +87,7 @@ TURNS_PER_IMAGE = 1
 # question, more with conversations of 1-3 turns. 1 = off, as builds 1-7. Divides the checkpoint interval (50), so a
 # resumed build draws what an uninterrupted one does.
 GROUP_BY_LENGTH = 1
+PAD_TO_MULTIPLE_OF = 1  # stage 2 pads each batch to a multiple of this many tokens (few shapes: no memory creep)
 
 
 # --------------------------------------------------------------------------- text-only chat (self-distilled)
@@ -795,12 +796,14 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
           text_share: float = TEXT_SHARE, distil_text: bool = DISTIL_TEXT, tower_blocks: int = TOWER_BLOCKS,
           tune_lr: float = TUNE_LR, embed_align_epochs: int = EMBED_ALIGN_EPOCHS,
           turns_per_image: int = TURNS_PER_IMAGE, group_by_length: int = GROUP_BY_LENGTH,
-          fact_align_epochs: int = FACT_ALIGN_EPOCHS, fact_keep: float = FACT_KEEP) -> dict:
+          fact_align_epochs: int = FACT_ALIGN_EPOCHS, fact_keep: float = FACT_KEEP,
+          pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3.
     `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images).
     `fact_align_epochs`: stage 0' (`fact_align`) first; the tower's tail it teaches ships in the adapter; `fact_keep`:
-    its weight on keeping the untouched tail's features (`fact_align`'s `keep`)."""
+    its weight on keeping the untouched tail's features (`fact_align`'s `keep`). `pad_to_multiple_of`: stage 2's
+    batches come in a few lengths (each new length grows the allocator's pools: 10 -> 13.7 GB over build 11)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..data.world import ensure_alignment, ensure_mixture
@@ -837,6 +840,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         tag += f"-turns{turns_per_image}"
     if group_by_length > 1:
         tag += f"-group{group_by_length}"
+    if pad_to_multiple_of > 1:
+        tag += f"-pad{pad_to_multiple_of}"
     if group_by_length < 1 or CHECKPOINT_EVERY % group_by_length:
         raise ValueError(f"--group-by-length must divide {CHECKPOINT_EVERY} (the checkpoint interval)")
 
@@ -908,7 +913,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         stage2 = Mixture(tune, encoder, lm_cache, chat=chat, text_share=text_share, seed=seed + 1,
                          group_by_length=group_by_length)
         train(peft_model, stage2, batch, pad_id, tune_steps, tune_lr, "instruct", log, run / "tune-checkpoint",
-              distil_text=distil_text, tower_blocks=tower_blocks)
+              distil_text=distil_text, tower_blocks=tower_blocks, pad_to_multiple_of=pad_to_multiple_of)
         timings["tune_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
     # Stage 3: language repair. Half of each batch is text, learned as the untouched LM's distribution (KL), half the
@@ -928,6 +933,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                    for k, v in json.loads((run / f).read_text()).items()}
     build_info = {"world": "v2", "seed": seed, "n_train": n_images, "n_test": 300, "rehearsal": 0.3,
                   "turns_per_image": turns_per_image, "group_by_length": group_by_length,
+                  "pad_to_multiple_of": pad_to_multiple_of,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
                   "tower_blocks": tower_blocks, "embed_align_epochs": embed_align_epochs,
@@ -1002,6 +1008,8 @@ def main(argv=None) -> None:
                     help="stage 2 asks each image up to this many questions (one multi-turn record)")
     ap.add_argument("--group-by-length", type=int, default=GROUP_BY_LENGTH,
                     help="stage 2 sorts this many batches' records by length into batches (less padding; 1: off)")
+    ap.add_argument("--pad-to-multiple-of", type=int, default=PAD_TO_MULTIPLE_OF,
+                    help="stage 2 pads each batch to a multiple of this many tokens (a few shapes; 1: off)")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
     args = ap.parse_args(argv)
@@ -1011,7 +1019,7 @@ def main(argv=None) -> None:
                            tower_blocks=args.tower_blocks, tune_lr=args.tune_lr,
                            embed_align_epochs=args.embed_align_epochs, turns_per_image=args.turns_per_image,
                            group_by_length=args.group_by_length, fact_align_epochs=args.fact_align_epochs,
-                           fact_keep=args.fact_keep),
+                           fact_keep=args.fact_keep, pad_to_multiple_of=args.pad_to_multiple_of),
                      indent=1))
 
 
