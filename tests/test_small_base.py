@@ -145,6 +145,22 @@ def test_shipped_adapter_is_what_the_build_recorded():
     assert torch.__version__.startswith("2.13.0")
 
 
+def test_shipped_adapter_has_the_model_card_its_build_writes():
+    """assets/small/adapter/README.md is the card `small_build` writes from the meta beside it (not peft's blank
+    template), and Hugging Face's ModelCard reads its metadata back."""
+    from huggingface_hub import ModelCard
+
+    from llaca.bases.model_card import model_card
+
+    meta = json.loads((SMALL_ASSETS / "meta.json").read_text())
+    saved = json.loads((SMALL_ASSETS / "adapter" / "adapter_config.json").read_text())["modules_to_save"]
+    shipped = (SMALL_ASSETS / "adapter" / "README.md").read_text()
+    assert shipped == str(model_card(meta, saved))
+    assert "More Information Needed" not in shipped and f"**{meta['metrics']['base_accuracy']}%**" in shipped
+    card = ModelCard.load(SMALL_ASSETS / "adapter" / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.library_name == "peft"
+
+
 def test_the_head_plus_mean_readout_assembles_into_49_tokens_of_2560_channels():
     """`small_build --readout head+mean` (not shipped): the tower's 2,560 channels reach LLaVA's projector, which
     turns them into 49 LM-width image tokens."""

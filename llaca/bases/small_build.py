@@ -47,6 +47,7 @@ from ..models.small import IMAGE_SIZE, READOUT, READOUTS, SMALL_ASSETS, TOWER_VA
 from ..models.vision import efficientnet_front, efficientnet_tail
 from ..paths import atomic_dir, atomic_write_json, llaca_home
 from ..train.tuner import LM_LINEAR_LAYERS
+from .model_card import write_model_card
 from .small import store_adapter
 from .splits import split_fingerprint
 
@@ -963,6 +964,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             "build": build_info}
     atomic_write_json(Path(out).parent / "meta.json", meta)
     atomic_write_json(Path(out).parent / "train_log.json", log)
+    write_model_card(out, meta)
     return meta
 
 

