@@ -477,3 +477,20 @@ def test_fact_stage_keeps_the_taught_tail_and_an_interrupted_build_loads_it_inst
     taught = {n: p for n, p in first.named_parameters() if any(k in n for k in kept)}
     assert all(torch.equal(p, taught[n]) for n, p in resumed.named_parameters() if n in taught)
     assert all(torch.equal(features[r.image], again[r.image]) for r in records)
+
+
+@pytest.mark.parametrize("meta_file", ["assets/small/meta.json", "bench_results/small/build9/meta.json"])
+def test_the_model_cards_command_repeats_the_build_it_describes(meta_file):
+    """`model_card.build_command` (the card's "Training" line), parsed by `small_build`'s own parser, gives back the
+    recipe recorded in the meta: the shipped build's and a fact-aligned one's (stage 0')."""
+    from llaca.bases.model_card import RECIPE_KEYS, build_command, recipe_value
+    from llaca.paths import REPO_DIR
+
+    build = json.loads((REPO_DIR / meta_file).read_text())["build"]
+    command = build_command(build).split()
+    assert command[:3] == ["python", "-m", "llaca.bases.small_build"]
+    args = small_build.parser().parse_args(command[3:])
+    assert args.distil_text == build["distil_text"]
+    for key in RECIPE_KEYS:
+        assert getattr(args, key) == recipe_value(build, key), key
+    assert {"seed", "tune_steps", "fact_align_epochs", "pad_to_multiple_of"} <= set(RECIPE_KEYS)

