@@ -3,6 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+# The experiments on stage 0' were measured on build 9's stage-2 draws (550 steps of 16), whatever the module's default.
+BUILD9_TUNE_STEPS = 550
+
 
 def build_records(home: Path, seed: int = 0):
     """(every stage-2 record written, the build's own draw of them, the 300 test records, image path -> scene for
@@ -15,7 +18,7 @@ def build_records(home: Path, seed: int = 0):
     root = ensure_mixture(Registry(home), seed, 16000, 300, rehearsal=0.3) / "base"
     tune_all = D.load_instruction_set(root / "train").records
     test = D.load_instruction_set(root / "test").records
-    _, tune = B.draw_records(tune_all, seed)
+    _, tune = B.draw_records(tune_all, seed, tune_steps=BUILD9_TUNE_STEPS)
     scenes = B.mixture_scenes_of(tune_all, seed, len(tune_all))
     scenes.update(B.mixture_scenes_of(test, seed, len(test), "test"))
     return tune_all, tune, test, scenes

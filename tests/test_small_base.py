@@ -141,7 +141,11 @@ def test_shipped_adapter_is_what_the_build_recorded():
     assert size <= 60 * 2**20, size
     build = json.loads((SMALL_ASSETS / "meta.json").read_text())["build"]
     adapter = json.loads((SMALL_ASSETS / "adapter" / "adapter_config.json").read_text())
-    assert adapter["r"] == build["lora_r"] and adapter["modules_to_save"] == ["multi_modal_projector"]
+    # a fact-aligned build (stage 0') also ships, whole, the tower tail it taught: Lite2's last of 21 blocks + head conv
+    from llaca.bases.small_build import fact_tail_modules
+
+    tail = fact_tail_modules(21) if build["fact_align_epochs"] else []
+    assert adapter["r"] == build["lora_r"] and adapter["modules_to_save"] == ["multi_modal_projector", *tail]
     assert torch.__version__.startswith("2.13.0")
 
 

@@ -28,8 +28,9 @@ def recipe_value(build: dict, key: str):
 
 def build_command(build: dict) -> str:
     """The `small_build` command line that repeats the build: every recipe flag, from its meta."""
-    flags = [f"--{key.replace('_', '-')} {recipe_value(build, key):g}" if isinstance(recipe_value(build, key), float)
-             else f"--{key.replace('_', '-')} {recipe_value(build, key)}" for key in RECIPE_KEYS]
+    values = {key: recipe_value(build, key) for key in RECIPE_KEYS}
+    flags = [f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float) else f"--{key.replace('_', '-')} {value}"
+             for key, value in values.items()]
     flags.append("--distil-text" if build.get("distil_text") else "--no-distil-text")
     return "python -m llaca.bases.small_build " + " ".join(flags)
 
@@ -97,8 +98,11 @@ From Python (`llaca.bases.small.install_small` assembles the parts, merges this 
 as a version whose `model/` folder loads with `FastVlmForConditionalGeneration.from_pretrained`):
 
 ```python
+from transformers import FastVlmForConditionalGeneration
 from llaca.bases.install import ensure_base
-version = ensure_base(base="small")
+
+version = ensure_base(base="small")  # assembled once, then registered in $LLACA_HOME
+model = FastVlmForConditionalGeneration.from_pretrained(version.path / "model")
 ```
 
 ## Training
