@@ -144,7 +144,7 @@ def test_shipped_adapter_is_what_the_build_recorded():
     # a fact-aligned build (stage 0') also ships, whole, the tower tail it taught: Lite2's last of 21 blocks + head conv
     from llaca.bases.small_build import fact_tail_modules
 
-    tail = fact_tail_modules(21) if build["fact_align_epochs"] else []
+    tail = fact_tail_modules(21) if build.get("fact_align_epochs") else []  # build 5 predates the key
     assert adapter["r"] == build["lora_r"] and adapter["modules_to_save"] == ["multi_modal_projector", *tail]
     assert torch.__version__.startswith("2.13.0")
 
