@@ -88,7 +88,9 @@ TURNS_PER_IMAGE = 1
 # question, more with conversations of 1-3 turns. 1 = off, as builds 1-7. Divides the checkpoint interval (50), so a
 # resumed build draws what an uninterrupted one does.
 GROUP_BY_LENGTH = 1
-PAD_TO_MULTIPLE_OF = 1  # stage 2 pads each batch to a multiple of this many tokens (few shapes: no memory creep)
+# Stage 2 pads each batch to a multiple of this many tokens (a few shapes); 1 = off. Build 12 used 32: its resident
+# memory still grew over stage 2 (to 13.9 GB, as build 11's without it), so the growth is not the batch shapes.
+PAD_TO_MULTIPLE_OF = 1
 
 
 # --------------------------------------------------------------------------- text-only chat (self-distilled)
@@ -804,7 +806,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images).
     `fact_align_epochs`: stage 0' (`fact_align`) first; the tower's tail it teaches ships in the adapter; `fact_keep`:
     its weight on keeping the untouched tail's features (`fact_align`'s `keep`). `pad_to_multiple_of`: stage 2's
-    batches come in a few lengths (each new length grows the allocator's pools: 10 -> 13.7 GB over build 11)."""
+    batches come in a few lengths (it did not stop the resident memory's growth in build 12)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..data.world import ensure_alignment, ensure_mixture
