@@ -115,9 +115,7 @@ def main(argv=None) -> int:
     if a.check_against:
         check_against(test, a.check_against / "test" / "data.json")
         check_against(train_all, a.check_against / "train" / "data.json")
-    rng = random.Random(a.seed)  # the build's draws: stage 1's indices first, then stage 2's records
-    rng.sample(range(B.N_ALIGN), min(B.N_ALIGN, B.ALIGN_STEPS * B.BATCH))
-    train = rng.sample(train_all, min(len(train_all), a.steps * B.BATCH))
+    _, train = B.draw_records(train_all, a.seed, tune_steps=a.steps)  # the build's own draw of stage 2's records
 
     lm, tokenizer = load_language_model()
     items = [B.encode_chat(tokenizer, prompt_of(s, q), ans) for s, q, ans in train]

