@@ -151,6 +151,47 @@ def test_global_tower_gives_every_token_its_own_head_channels_and_the_maps_mean(
     assert err[0] < 0.1 and err[1] < 0.02, err  # bf16's own rounding (values up to 6), nothing clipped or lost
 
 
+
+def test_twin_tower_carries_the_head_map_twice_and_its_masks_keep_the_first_copy(classifier, tmp_path):
+    """The `twin` read-out: transformers' own EfficientNetModel with Lite's last block and head side by side twice;
+    before teaching both halves are the head map (the first bit-exact), it reloads as is, and a tail trained through
+    `twin_learning_masks` changes the second half's map only."""
+    from transformers import AutoModel
+
+    tower, config = pv.efficientnet_lite_twin_tower("lite2", 224)
+    x = pv.tower_image_processor(224)(_photos(["chelsea", "coffee"]), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        head = classifier.efficientnet(x).last_hidden_state
+        out = tower(x).last_hidden_state
+    assert out.shape == (2, 2560, 7, 7) and config.hidden_dim == 2560 and config.twin_head
+    assert torch.equal(out[:, :1280], head)
+    assert torch.allclose(out[:, 1280:], head, atol=1e-4)  # the same sums, a block of zeros in their order
+    tower.save_pretrained(tmp_path / "twin")
+    again = AutoModel.from_pretrained(tmp_path / "twin")
+    assert again.config.twin_head
+    with torch.no_grad():
+        assert torch.equal(again(x).last_hidden_state, out)
+    masks = pv.twin_learning_masks(tower)
+    named = dict(tower.named_parameters())
+    for p in tower.parameters():
+        p.requires_grad = False
+    hooks = []
+    for name, mask in masks.items():
+        named[name].requires_grad = True
+        hooks.append(named[name].register_hook(lambda g, m=mask: g * m))
+    opt = torch.optim.Adam([named[n] for n in masks], lr=1e-2)
+    for _ in range(3):
+        opt.zero_grad()
+        tower(x).last_hidden_state.pow(2).mean().backward()
+        opt.step()
+    for h in hooks:
+        h.remove()
+    with torch.no_grad():
+        taught = tower(x).last_hidden_state
+    assert torch.equal(taught[:, :1280], head)
+    assert (taught[:, 1280:] - head).abs().max() > 0.1
+    assert pv.twin_learning_masks(classifier.efficientnet) == {}
+
 def test_a_stage_keeps_the_frozen_tower_in_eval_mode():
     """`model.train()` would switch on the frozen tower's drop-connect (random features the LM never sees when it
     answers); the tuner's `keep_frozen_in_eval` keeps a frozen tower deterministic and equal to its eval output, while

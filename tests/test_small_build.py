@@ -494,3 +494,43 @@ def test_the_model_cards_command_repeats_the_build_it_describes(meta_file):
     for key in RECIPE_KEYS:
         assert getattr(args, key) == recipe_value(build, key), key
     assert {"seed", "tune_steps", "fact_align_epochs", "pad_to_multiple_of"} <= set(RECIPE_KEYS)
+
+
+def test_fact_align_on_a_twin_head_tower_teaches_only_the_second_copy(make_tiny_fastvlm, monkeypatch):
+    """`efficientnet_lite_twin_tower` keeps the ImageNet head map in its first half: `fact_align` multiplies the tail's
+    gradients by `twin_learning_masks`, so the kept copy's weights and the zero blocks between the copies come out
+    exactly as they went in while the second copy learns."""
+    from llaca.data import world
+    from llaca.models.vision import efficientnet_front, twin_learning_masks
+
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
+    model = make_tiny_fastvlm().eval()
+    tower = model.model.vision_tower
+    tower.config.twin_head = True  # the masks read only this mark and the tail's shapes
+    masks = twin_learning_masks(tower)
+    assert len(masks) == 4 and all(0 < m.mean() < 1 for m in masks.values())
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = ["red", "star", "blue", "ring"] + [f"w{i}" for i in range(50)]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)} | {"[UNK]": 60}, unk_token="[UNK]"))
+    core.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=core, unk_token="[UNK]")
+    scenes = [world.Scene("objects", "plain", things=[world.Thing("shape", "star", "shape", (0, 0, 30, 30),
+                                                                  colour="red", shape="star")]),
+              world.Scene("objects", "plain", things=[world.Thing("shape", "ring", "shape", (34, 0, 62, 30),
+                                                                  colour="blue", shape="ring")])]
+    images = ["a.png", "b.png"]
+    n_blocks = len(tower.encoder.blocks)
+    with torch.no_grad():
+        shape = efficientnet_front(tower, torch.rand(1, 3, 64, 64), n_blocks - 1).shape[1:]
+    cache = dict(zip(images, torch.randn(2, *shape, generator=torch.Generator().manual_seed(0))))
+    before = {n: p.detach().clone() for n, p in tower.named_parameters()}
+    small_build.fact_align(model, images, scenes, cache, tokenizer, epochs=20, batch=2, lr=1e-2, tail_lr=1e-2, grid=2)
+    params = dict(tower.named_parameters())
+    for name, mask in masks.items():
+        kept, taught = mask == 0, mask == 1
+        assert torch.equal(params[name][kept], before[name][kept]), name
+        assert not torch.equal(params[name][taught], before[name][taught]), name
+    hooks_left = [p._backward_hooks for p in params.values() if getattr(p, "_backward_hooks", None)]
+    assert not hooks_left  # the masks act during stage 0' only

@@ -44,7 +44,7 @@ from .. import data as D
 from ..data import world as base_world
 from ..evaluation.evaluate import evaluate
 from ..models.small import IMAGE_SIZE, READOUT, READOUTS, SMALL_ASSETS, TOWER_VARIANT, assemble
-from ..models.vision import efficientnet_front, efficientnet_tail
+from ..models.vision import efficientnet_front, efficientnet_tail, twin_learning_masks
 from ..paths import atomic_dir, atomic_write_json, llaca_home
 from ..train.tuner import LM_LINEAR_LAYERS
 from .model_card import write_model_card
@@ -457,6 +457,9 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
     `cache` keeps the frozen front (`FeatureCache(front=...)`). `test`: (images, scenes) scored at the end
     (`fact_accuracy`): things' tokens whose nearest table word is one of theirs, written words read off the bag.
 
+    On a twin-head tower (`readout="twin"`, `efficientnet_lite_twin_tower`) only the tail's second copy learns
+    (`twin_learning_masks` on its gradients): the tokens keep the untouched ImageNet map beside the taught one.
+
     `keep` > 0 adds `keep` x `keep_loss`: a linear decoder (learned alongside, then dropped) must recover the
     untouched tail's features from the image tokens. Words say what a patch shows, not which copy of a thing it is,
     where its edges are or how many there are; build 9 (keep 0) read 57.5% of the words but counted 45.8% against
@@ -483,6 +486,8 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
     for p in tail_params + list(projector.parameters()):
         p.requires_grad = True
     groups = [{"params": tail_params, "lr": tail_lr}, {"params": list(projector.parameters()), "lr": lr}]
+    named = dict(tower.named_parameters())  # a twin-head tower teaches only its second copy of the tail
+    hooks = [named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)) for n, m in twin_learning_masks(tower).items()]
     model.eval()  # the tower's BatchNorm statistics and drop-connect as the base runs them
     if keep:  # the untouched tail's features, per channel standardised, and a decoder from the tokens to them
         before = TailFeatures(cache, model, blocks, list(images) + (list(test[0]) if test else []))
@@ -505,6 +510,8 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
 
     log = [] if log is None else log
     steps = fit_epochs(len(images), loss_of, opt, epochs, batch, gen, "fact-align", log)
+    for hook in hooks:
+        hook.remove()
     for p, learning in was_learning.items():  # what learns next is the caller's to say, as before
         p.requires_grad = learning
     losses = [e["loss"] for e in log if e["phase"] == "fact-align"]

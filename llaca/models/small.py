@@ -24,7 +24,7 @@ from transformers import AutoTokenizer, FastVlmConfig, FastVlmForConditionalGene
 
 from ..paths import ASSETS_DIR
 from .vision import (efficientnet_lite_global_tower, efficientnet_lite_s2d_tower, efficientnet_lite_tower,
-                     tower_image_processor)
+                     efficientnet_lite_twin_tower, tower_image_processor)
 
 SMALL_ASSETS = ASSETS_DIR / "small"
 
@@ -45,8 +45,10 @@ IMAGE_SIZE = 224  # a 7x7 grid = 49 image tokens
 # (2.5%): not shipped, docs/base-models.md "Build 4". "head+mean" gives every token its head-map channels and the
 # map's mean (2,560; `efficientnet_lite_global_tower`): measured only as build 5 converted with the mean's projector
 # weights zero (experiments/global_readout_version.py), where a stage did not learn held-out sets better; never built.
+# "twin" gives every token the untouched head map and a second copy of the last block + head that stage 0' teaches
+# (2,560; `efficientnet_lite_twin_tower`), so what stage 0' rewrites does not take the ImageNet map away.
 READOUTS = {"head": efficientnet_lite_tower, "s2d": efficientnet_lite_s2d_tower,
-            "head+mean": efficientnet_lite_global_tower}
+            "head+mean": efficientnet_lite_global_tower, "twin": efficientnet_lite_twin_tower}
 READOUT = "head"
 
 
