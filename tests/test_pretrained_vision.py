@@ -154,7 +154,7 @@ def test_global_tower_gives_every_token_its_own_head_channels_and_the_maps_mean(
 
 def test_twin_tower_carries_the_head_map_twice_and_its_masks_keep_the_first_copy(classifier, tmp_path):
     """The `twin` read-out: transformers' own EfficientNetModel with Lite's last block and head side by side twice;
-    before teaching both halves are the head map (the first bit-exact), it reloads as is, and a tail trained through
+    before teaching both halves are the head map (to float rounding), it reloads as is, and a tail trained through
     `twin_learning_masks` changes the second half's map only."""
     from transformers import AutoModel
 
@@ -164,8 +164,9 @@ def test_twin_tower_carries_the_head_map_twice_and_its_masks_keep_the_first_copy
         head = classifier.efficientnet(x).last_hidden_state
         out = tower(x).last_hidden_state
     assert out.shape == (2, 2560, 7, 7) and config.hidden_dim == 2560 and config.twin_head
-    assert torch.equal(out[:, :1280], head)
-    assert torch.allclose(out[:, 1280:], head, atol=1e-4)  # the same sums, a block of zeros in their order
+    # the same sums; the wider convs may be blocked differently (bit-exact at 2 threads here, 4e-6 at one)
+    assert torch.allclose(out[:, :1280], head, atol=1e-5, rtol=0)
+    assert torch.allclose(out[:, 1280:], head, atol=1e-5, rtol=0)
     tower.save_pretrained(tmp_path / "twin")
     again = AutoModel.from_pretrained(tmp_path / "twin")
     assert again.config.twin_head
@@ -188,7 +189,7 @@ def test_twin_tower_carries_the_head_map_twice_and_its_masks_keep_the_first_copy
         h.remove()
     with torch.no_grad():
         taught = tower(x).last_hidden_state
-    assert torch.equal(taught[:, :1280], head)
+    assert torch.equal(taught[:, :1280], out[:, :1280])  # the kept copy computes exactly what it did
     assert (taught[:, 1280:] - head).abs().max() > 0.1
     assert pv.twin_learning_masks(classifier.efficientnet) == {}
 
