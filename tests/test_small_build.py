@@ -534,3 +534,5 @@ def test_fact_align_on_a_twin_head_tower_teaches_only_the_second_copy(make_tiny_
         assert not torch.equal(params[name][taught], before[name][taught]), name
     hooks_left = [p._backward_hooks for p in params.values() if getattr(p, "_backward_hooks", None)]
     assert not hooks_left  # the masks act during stage 0' only
+    with pytest.raises(ValueError, match="twin-head"):  # earlier blocks feed both copies: teaching them is refused
+        small_build.fact_align(model, images, scenes, cache, tokenizer, epochs=1, batch=2, blocks=2, grid=2)

@@ -486,8 +486,12 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
     for p in tail_params + list(projector.parameters()):
         p.requires_grad = True
     groups = [{"params": tail_params, "lr": tail_lr}, {"params": list(projector.parameters()), "lr": lr}]
-    named = dict(tower.named_parameters())  # a twin-head tower teaches only its second copy of the tail
-    hooks = [named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)) for n, m in twin_learning_masks(tower).items()]
+    masks = twin_learning_masks(tower)  # a twin-head tower teaches only its second copy of the tail
+    if masks and blocks != 1:
+        raise ValueError(f"a twin-head tower has one block in two copies: blocks={blocks} would teach blocks both "
+                         "copies read")
+    named = dict(tower.named_parameters())
+    hooks = [named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)) for n, m in masks.items()]
     model.eval()  # the tower's BatchNorm statistics and drop-connect as the base runs them
     if keep:  # the untouched tail's features, per channel standardised, and a decoder from the tokens to them
         before = TailFeatures(cache, model, blocks, list(images) + (list(test[0]) if test else []))
@@ -509,9 +513,11 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
         return loss
 
     log = [] if log is None else log
-    steps = fit_epochs(len(images), loss_of, opt, epochs, batch, gen, "fact-align", log)
-    for hook in hooks:
-        hook.remove()
+    try:
+        steps = fit_epochs(len(images), loss_of, opt, epochs, batch, gen, "fact-align", log)
+    finally:
+        for hook in hooks:
+            hook.remove()
     for p, learning in was_learning.items():  # what learns next is the caller's to say, as before
         p.requires_grad = learning
     losses = [e["loss"] for e in log if e["phase"] == "fact-align"]
