@@ -164,9 +164,10 @@ def test_twin_tower_carries_the_head_map_twice_and_its_masks_keep_the_first_copy
         head = classifier.efficientnet(x).last_hidden_state
         out = tower(x).last_hidden_state
     assert out.shape == (2, 2560, 7, 7) and config.hidden_dim == 2560 and config.twin_head
-    # the same sums; the wider convs may be blocked differently (bit-exact at 2 threads here, 4e-6 at one)
+    # the same sums; the wider convs may be blocked differently: the first half bit-exact at 2 threads here, 4e-6 off
+    # at one; the second half (its sums pass a block of zeros) 1.05e-5 off at 2 threads, of values up to 6
     assert torch.allclose(out[:, :1280], head, atol=1e-5, rtol=0)
-    assert torch.allclose(out[:, 1280:], head, atol=1e-5, rtol=0)
+    assert torch.allclose(out[:, 1280:], head, atol=1e-4, rtol=0)
     tower.save_pretrained(tmp_path / "twin")
     again = AutoModel.from_pretrained(tmp_path / "twin")
     assert again.config.twin_head
