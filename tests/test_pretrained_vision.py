@@ -173,21 +173,18 @@ def test_twin_tower_carries_the_head_map_twice_and_its_masks_keep_the_first_copy
     assert again.config.twin_head
     with torch.no_grad():
         assert torch.equal(again(x).last_hidden_state, out)
-    masks = pv.twin_learning_masks(tower)
     named = dict(tower.named_parameters())
     for p in tower.parameters():
         p.requires_grad = False
-    hooks = []
-    for name, mask in masks.items():
-        named[name].requires_grad = True
-        hooks.append(named[name].register_hook(lambda g, m=mask: g * m))
-    opt = torch.optim.Adam([named[n] for n in masks], lr=1e-2)
-    for _ in range(3):
-        opt.zero_grad()
-        tower(x).last_hidden_state.pow(2).mean().backward()
-        opt.step()
-    for h in hooks:
-        h.remove()
+    tail = [named[n] for n in pv.twin_learning_masks(tower)]
+    for p in tail:
+        p.requires_grad = True
+    opt = torch.optim.Adam(tail, lr=1e-2)
+    with pv.only_the_taught_copy_learns(tower):
+        for _ in range(3):
+            opt.zero_grad()
+            tower(x).last_hidden_state.pow(2).mean().backward()
+            opt.step()
     with torch.no_grad():
         taught = tower(x).last_hidden_state
     assert torch.equal(taught[:, :1280], out[:, :1280])  # the kept copy computes exactly what it did

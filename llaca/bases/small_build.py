@@ -44,7 +44,7 @@ from .. import data as D
 from ..data import world as base_world
 from ..evaluation.evaluate import evaluate
 from ..models.small import IMAGE_SIZE, READOUT, READOUTS, SMALL_ASSETS, TOWER_VARIANT, assemble
-from ..models.vision import efficientnet_front, efficientnet_tail, twin_learning_masks
+from ..models.vision import efficientnet_front, efficientnet_tail, only_the_taught_copy_learns, twin_learning_masks
 from ..paths import atomic_dir, atomic_write_json, llaca_home
 from ..train.tuner import LM_LINEAR_LAYERS
 from .model_card import write_model_card
@@ -486,12 +486,9 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
     for p in tail_params + list(projector.parameters()):
         p.requires_grad = True
     groups = [{"params": tail_params, "lr": tail_lr}, {"params": list(projector.parameters()), "lr": lr}]
-    masks = twin_learning_masks(tower)  # a twin-head tower teaches only its second copy of the tail
-    if masks and blocks != 1:
+    if twin_learning_masks(tower) and blocks != 1:  # a twin-head tower teaches only its second copy of the tail
         raise ValueError(f"a twin-head tower has one block in two copies: blocks={blocks} would teach blocks both "
                          "copies read")
-    named = dict(tower.named_parameters())
-    hooks = [named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)) for n, m in masks.items()]
     model.eval()  # the tower's BatchNorm statistics and drop-connect as the base runs them
     if keep:  # the untouched tail's features, per channel standardised, and a decoder from the tokens to them
         before = TailFeatures(cache, model, blocks, list(images) + (list(test[0]) if test else []))
@@ -513,11 +510,8 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
         return loss
 
     log = [] if log is None else log
-    try:
+    with only_the_taught_copy_learns(tower):
         steps = fit_epochs(len(images), loss_of, opt, epochs, batch, gen, "fact-align", log)
-    finally:
-        for hook in hooks:
-            hook.remove()
     for p, learning in was_learning.items():  # what learns next is the caller's to say, as before
         p.requires_grad = learning
     losses = [e["loss"] for e in log if e["phase"] == "fact-align"]

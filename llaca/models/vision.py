@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import importlib.resources
 import math
+from contextlib import contextmanager
 
 import torch
 
@@ -232,13 +233,16 @@ def _shift_bn(prefix: str, n: int, eps: float, bias: torch.Tensor | float = 0.0,
     return _bn_state(prefix, weight, bias)
 
 
+BN_STATE = ("weight", "bias", "running_mean", "running_var")  # a BatchNorm's entries (num_batches_tracked aside)
+
+
 def _pad_rows(t: torch.Tensor, n: int) -> torch.Tensor:
     return torch.cat([t, torch.zeros((n - t.shape[0],) + t.shape[1:], dtype=t.dtype)])
 
 
 def _pad_bn(state: dict, prefix: str, n: int) -> None:
     """A BatchNorm in `state` widened to n channels whose extra ones output 0 (weight 0, bias 0, variance 1)."""
-    old = {p: state[f"{prefix}.{p}"] for p in ("weight", "bias", "running_mean", "running_var")}
+    old = {p: state[f"{prefix}.{p}"] for p in BN_STATE}
     state.update(_bn_state(prefix, _pad_rows(old["weight"], n), _pad_rows(old["bias"], n),
                            _pad_rows(old["running_mean"], n),
                            torch.cat([old["running_var"], torch.ones(n - old["running_var"].shape[0])])))
@@ -394,24 +398,33 @@ def tower_image_processor(image_size: int = 256, mean=MEAN, std=STD):
 GLOBAL_EXPAND = 8  # the fixed block expands Lite2's 352 channels to 2,816 >= 2 x 1280 (the rest stay 0)
 
 
+def _at_width_2(config, variant: str, keep_last_out: bool = False):
+    """Lite's `config` at width coefficient 2 with every block's channel count written at half, so the blocks keep
+    Lite's widths while the stem and head (which transformers scales only through the coefficient) double; with
+    `keep_last_out` the last block's output is written whole (it doubles too)."""
+    halved = config.out_channels[:-1] if keep_last_out else config.out_channels
+    if any(c % 2 or (c // 2) % 4 for c in config.in_channels + halved):
+        raise ValueError(f"{variant}: a channel count that width 2 cannot carry exactly")
+    config.width_coefficient = 2.0
+    # the first block reads the stem, which doubles (its extra channels are zero); every other width is Lite's
+    config.in_channels = [config.in_channels[0]] + [c // 2 for c in config.in_channels[1:]]
+    config.out_channels = [c // 2 for c in halved] + config.out_channels[len(halved):]
+    config.hidden_dim = 2 * config.hidden_dim
+    return config
+
+
 def lite_global_config(variant: str = "lite2", image_size: int = 224):
     """`EfficientNetConfig` of the head-map-plus-mean tower: Lite's blocks at width coefficient 2 with every channel
     count written at half (so the blocks keep Lite's widths, the stem and head double), then one fixed block that
     computes the head map and its spatial mean (see `efficientnet_lite_global_tower`)."""
-    config = lite_config(variant, image_size)
+    config = _at_width_2(lite_config(variant, image_size), variant)
     side = _map_side(image_size, config.strides)
-    n_in = config.out_channels[-1]
-    if any(c % 2 or (c // 2) % 4 for c in config.in_channels + config.out_channels):
-        raise ValueError(f"{variant}: a channel count that width 2 cannot carry exactly")
-    config.width_coefficient = 2.0  # transformers scales the stem (32) and the head (1280) only through this
     config.kernel_sizes = config.kernel_sizes + [2 * side - 1]  # 'same' padding: every output sees the whole map
     config.strides = config.strides + [1]
     config.expand_ratios = config.expand_ratios + [GLOBAL_EXPAND]
-    # the first block reads the stem, which doubles (its extra channels are zero); every other width is Lite's
-    config.in_channels = [config.in_channels[0]] + [c // 2 for c in config.in_channels[1:]] + [n_in // 2]
-    config.out_channels = [c // 2 for c in config.out_channels] + [config.hidden_dim]  # 2 x 1280 after scaling
+    config.in_channels = config.in_channels + [config.out_channels[-1]]  # Lite's last block's output, halved
+    config.out_channels = config.out_channels + [config.hidden_dim // 2]  # 2 x 1280 after scaling
     config.num_block_repeats = config.num_block_repeats + [1]
-    config.hidden_dim = 2 * config.hidden_dim
     return config
 
 
@@ -450,7 +463,7 @@ def efficientnet_lite_global_tower(variant: str = "lite2", image_size: int = 224
     expanded = model.encoder.blocks[n_lite].depthwise_conv.depthwise_conv.in_channels
     head_w = sd["_conv_head.weight"]
     state[f"{block}.expansion.expand_conv.weight"] = _pad_rows(torch.cat([head_w, head_w]), expanded)
-    twice = {p: torch.cat([sd[f"_bn1.{p}"], sd[f"_bn1.{p}"]]) for p in ("weight", "bias", "running_mean", "running_var")}
+    twice = {p: torch.cat([sd[f"_bn1.{p}"], sd[f"_bn1.{p}"]]) for p in BN_STATE}
     state.update(_bn_state(f"{block}.expansion.expand_bn", twice["weight"], twice["bias"], twice["running_mean"],
                            twice["running_var"]))
     _pad_bn(state, f"{block}.expansion.expand_bn", expanded)  # the expansion's spare channels output 0
@@ -477,14 +490,8 @@ def lite_twin_config(variant: str = "lite2", image_size: int = 224):
     by side, at width coefficient 2 with every other channel count written at half (the global tower's trick: the
     stem and head double, the blocks keep Lite's widths); the last block expands 2x as wide (two copies of Lite's
     expansion) and outputs both copies' channels. `twin_head` marks it (saved with the config)."""
-    config = lite_config(variant, image_size)
-    if any(c % 2 or (c // 2) % 4 for c in config.in_channels + config.out_channels[:-1]):
-        raise ValueError(f"{variant}: a channel count that width 2 cannot carry exactly")
-    config.width_coefficient = 2.0
-    config.in_channels = [config.in_channels[0]] + [c // 2 for c in config.in_channels[1:]]
-    config.out_channels = [c // 2 for c in config.out_channels[:-1]] + [config.out_channels[-1]]
+    config = _at_width_2(lite_config(variant, image_size), variant, keep_last_out=True)
     config.expand_ratios = config.expand_ratios[:-1] + [2 * config.expand_ratios[-1]]
-    config.hidden_dim = 2 * config.hidden_dim
     config.twin_head = True
     return config
 
@@ -522,7 +529,6 @@ def efficientnet_lite_twin_tower(variant: str = "lite2", image_size: int = 224):
     sd = lite_state_dict(variant)
     state = _to_transformers(sd, model, n_pretrained=last)
     _widen_stem(state, model)
-    bn = ("weight", "bias", "running_mean", "running_var")
     src, dst = f"_blocks.{last}", f"encoder.blocks.{last}"
     twice = lambda key: torch.cat([sd[key], sd[key]])  # noqa: E731
     state[f"{dst}.expansion.expand_conv.weight"] = twice(f"{src}._expand_conv.weight")
@@ -531,8 +537,8 @@ def efficientnet_lite_twin_tower(variant: str = "lite2", image_size: int = 224):
     state["encoder.top_conv.weight"] = _block_diagonal(sd["_conv_head.weight"])
     for a, b in (("_bn0", "expansion.expand_bn"), ("_bn1", "depthwise_conv.depthwise_norm"),
                  ("_bn2", "projection.project_bn")):
-        state.update({f"{dst}.{b}.{p}": twice(f"{src}.{a}.{p}") for p in bn})
-    state.update({f"encoder.top_bn.{p}": twice(f"_bn1.{p}") for p in bn})
+        state.update({f"{dst}.{b}.{p}": twice(f"{src}.{a}.{p}") for p in BN_STATE})
+    state.update({f"encoder.top_bn.{p}": twice(f"_bn1.{p}") for p in BN_STATE})
     state.update(_open_se_gate(model.encoder.blocks[last].squeeze_excite, f"{dst}.squeeze_excite"))
     _load_complete(model, state, "twin-head tower")
     return model.eval(), config
@@ -558,3 +564,16 @@ def twin_learning_masks(tower) -> dict[str, torch.Tensor]:
         mask[mask.shape[0] // 2:, mask.shape[1] // 2:] = 1.0
         masks[name] = mask
     return masks
+
+
+@contextmanager
+def only_the_taught_copy_learns(tower):
+    """Within it, a twin-head tower's gradients are multiplied by `twin_learning_masks` (no-op for other towers);
+    the hooks are gone afterwards, however the block is left."""
+    named = dict(tower.named_parameters())
+    hooks = [named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)) for n, m in twin_learning_masks(tower).items()]
+    try:
+        yield
+    finally:
+        for hook in hooks:
+            hook.remove()
