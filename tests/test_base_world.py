@@ -212,6 +212,21 @@ def test_patch_words_say_what_each_image_token_shows():
     assert bw.patch_words(bw.Scene("empty", "dark"), grid=2) == [[]] * 4
 
 
+def test_a_centre_word_marks_each_thing_once_whatever_its_size():
+    """With `centre_word`, one big star over four patches and two small stars carry the word on three patches: the
+    things can be counted off the patches, which the words alone (on all six patches) do not allow."""
+    def star(box):
+        return bw.Thing("shape", "star", "shape", box, colour="red", shape="star")
+
+    scene = bw.Scene("objects", "plain", things=[star((0, 0, 32, 32)), star((40, 0, 52, 12)), star((40, 40, 52, 52))])
+    words = bw.patch_words(scene, grid=4, centre_word="one")
+    assert [i for i, w in enumerate(words) if w == ["red", "star", "one"]] == [2, 5, 10]
+    assert [i for i, w in enumerate(words) if w == ["red", "star"]] == [0, 1, 4]
+    assert sum(w.count("one") for w in words) == len(scene.things)
+    assert bw.patch_words(scene, grid=4) == [w[:2] for w in words]  # without it: the words alone
+    assert bw.patch_words(bw.Scene("text", "plain", text="owl"), grid=2, centre_word="one") == [["owl"]] * 4
+
+
 def test_mixture_scenes_are_the_scenes_of_the_written_records(tmp_path):
     """Replaying the mixture without pixels gives, record for record, the written question, answer and image."""
     from llaca.data import load_image, load_instruction_set

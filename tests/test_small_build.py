@@ -496,6 +496,21 @@ def test_the_model_cards_command_repeats_the_build_it_describes(meta_file):
     assert {"seed", "tune_steps", "fact_align_epochs", "pad_to_multiple_of"} <= set(RECIPE_KEYS)
 
 
+def test_a_centre_word_is_in_the_command_only_where_a_build_said_one():
+    """`--fact-centre-word` has no value by default: the card's command names it only for a build that used one, and
+    `small_build` refuses it without stage 0', whose target it is."""
+    from llaca.bases.model_card import build_command
+    from llaca.paths import REPO_DIR
+
+    build = json.loads((REPO_DIR / "bench_results/small/build13/meta.json").read_text())["build"]
+    assert "--fact-centre-word" not in build_command(build)
+    assert small_build.parser().parse_args(build_command(build).split()[3:]).fact_centre_word is None
+    args = small_build.parser().parse_args(build_command({**build, "fact_centre_word": "one"}).split()[3:])
+    assert args.fact_centre_word == "one" and args.fact_align_epochs == build["fact_align_epochs"]
+    with pytest.raises(ValueError, match="--fact-align-epochs"):
+        small_build.build(fact_centre_word="one", fact_align_epochs=0)
+
+
 def test_fact_align_on_a_twin_head_tower_teaches_only_the_second_copy(make_tiny_fastvlm, monkeypatch):
     """`efficientnet_lite_twin_tower` keeps the ImageNet head map in its first half: `fact_align` multiplies the tail's
     gradients by `twin_learning_masks`, so the kept copy's weights and the zero blocks between the copies come out

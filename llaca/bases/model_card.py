@@ -35,6 +35,8 @@ def build_command(build: dict) -> str:
         value = recipe_value(build, key)
         flags.append(f"--{key.replace('_', '-')} {f'{value:g}' if isinstance(value, float) else value}")
     flags.append("--distil-text" if build.get("distil_text") else "--no-distil-text")
+    if build.get("fact_centre_word"):  # no word is the default; a flag only where a build said one
+        flags.append(f"--fact-centre-word {build['fact_centre_word']}")
     return "python -m llaca.bases.small_build " + " ".join(flags)
 
 
@@ -44,7 +46,9 @@ def _recipe_rows(build: dict) -> list[tuple[str, str]]:
     if build.get("fact_align_epochs"):
         rows.append(("0' (no LM pass)", f"the tower's last block + head conv and the projector put the LM's embedding of "
                      f"each patch's words on its image token: {build['fact_align_epochs']} epochs over "
-                     f"{build.get('fact_align_images', 0):,} images ({build.get('fact_align_steps', '?')} steps)"))
+                     f"{build.get('fact_align_images', 0):,} images ({build.get('fact_align_steps', '?')} steps)"
+                     + (f"; \"{build['fact_centre_word']}\" also on each thing's centre patch"
+                        if build.get("fact_centre_word") else "")))
     if build.get("embed_align_epochs"):
         rows.append(("0 (no LM pass)", f"the projector aimed at the LM's word embeddings: {build['embed_align_epochs']} "
                      "epochs"))

@@ -80,6 +80,9 @@ FACT_BLOCKS = 1  # the tower blocks (after the frozen front) that fact alignment
 # Stage 0' weight on keeping the untouched tail's features recoverable from the image tokens (`fact_align`'s `keep`);
 # 0 = the words alone, as build 9.
 FACT_KEEP = 0.0
+# Stage 0' also says this word on the patch under each thing's centre (`world.patch_words`' `centre_word`), once per
+# thing, so the tokens can be counted; None = no such word, as builds 9-14.
+FACT_CENTRE_WORD = None
 # Stage 2's records ask each image up to this many questions (a multi-turn record: the 49 image tokens and the chat
 # template are paid once for k answers; one question: ~77 tokens an answer, three: ~44); 1 = one question, builds 1-7.
 TURNS_PER_IMAGE = 1
@@ -387,11 +390,12 @@ def embed_align(model, records: list[D.Record], cache: FeatureCache, tokenizer, 
 
 # --------------------------------------------------------------------------- stage 0': facts on every image token
 
-def patch_targets(scene, tokenizer, grid: int) -> list[list[int]]:
+def patch_targets(scene, tokenizer, grid: int, centre_word: str | None = None) -> list[list[int]]:
     """Per image token (row-major over the tower's grid x grid map): the token ids of the words that say what that
-    patch shows (`world.patch_words`); [] where nothing is to be said (background, an empty frame)."""
+    patch shows (`world.patch_words`, with its `centre_word`); [] where nothing is to be said (background, an empty
+    frame)."""
     return [sorted({t for w in words for t in answer_tokens(tokenizer, w)})
-            for words in base_world.patch_words(scene, grid)]
+            for words in base_world.patch_words(scene, grid, centre_word)]
 
 
 def fact_tokens(model, fronts: torch.Tensor, blocks: int) -> torch.Tensor:
@@ -442,7 +446,7 @@ def _target_mask(targets: list[list[list[int]]], n_rows: int) -> torch.Tensor:
 def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer, epochs: int,
                blocks: int = FACT_BLOCKS, seed: int = 0, batch: int = 32, lr: float = 5e-3, tail_lr: float = 1e-3,
                table_rows: int = 4096, grid: int | None = None, test: tuple[list, list] | None = None,
-               log: list | None = None, keep: float = 0.0) -> dict:
+               log: list | None = None, keep: float = 0.0, centre_word: str | None = None) -> dict:
     """Stage 0': the tower's last `blocks` blocks + head conv and the projector learn to put, on each image token, the
     LM's embedding of the words that say what its patch shows (a shape's colour and shape, a drawing's name and
     group, the written word), so the LM reads the scene from its tokens as it would read it from text.
@@ -460,6 +464,9 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
     On a twin-head tower (`readout="twin"`, `efficientnet_lite_twin_tower`) only the tail's second copy learns
     (`twin_learning_masks` on its gradients): the tokens keep the untouched ImageNet map beside the taught one.
 
+    `centre_word`: also put on the token under each thing's centre (`world.patch_words`), so that the tokens say how
+    many things there are, not only what they are (the words are on every patch a thing covers).
+
     `keep` > 0 adds `keep` x `keep_loss`: a linear decoder (learned alongside, then dropped) must recover the
     untouched tail's features from the image tokens. Words say what a patch shows, not which copy of a thing it is,
     where its edges are or how many there are; build 9 (keep 0) read 57.5% of the words but counted 45.8% against
@@ -470,8 +477,8 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
     gen = torch.Generator().manual_seed(seed)
     emb = model.get_input_embeddings().weight.detach().float()
     grid = grid or cache[images[0]].shape[-1]  # the tail keeps the front's stride: `small`'s 7 x 7 map at 224 px
-    targets = [patch_targets(sc, tokenizer, grid) for sc in scenes]
-    test_targets = [patch_targets(sc, tokenizer, grid) for sc in test[1]] if test else []
+    targets = [patch_targets(sc, tokenizer, grid, centre_word) for sc in scenes]
+    test_targets = [patch_targets(sc, tokenizer, grid, centre_word) for sc in test[1]] if test else []
     vocab, index, table = embedding_table(emb, [t for per in targets + test_targets for t in per], table_rows, gen)
     rows = [[[index[t] for t in per] for per in image] for image in targets]
     whole = torch.tensor([sc.kind == "text" for sc in scenes])
@@ -516,7 +523,7 @@ def fact_align(model, images: list, scenes: list, cache: FeatureCache, tokenizer
         p.requires_grad = learning
     losses = [e["loss"] for e in log if e["phase"] == "fact-align"]
     info = {"fact_align_steps": steps, "fact_align_images": len(images), "fact_align_vocab": len(vocab),
-            "fact_align_keep": keep,
+            "fact_align_keep": keep, "fact_align_centre_word": centre_word,
             "fact_align_loss_first_20": round(sum(losses[:20]) / len(losses[:20]), 4),
             "fact_align_loss_last_50": round(sum(losses[-50:]) / len(losses[-50:]), 4)}
     if test:
@@ -767,7 +774,7 @@ def fact_tail_modules(n_blocks: int) -> list[str]:
 
 def fact_stage(model, run: Path, tune: list[D.Record], scenes_of, test: list[D.Record], test_scenes_of,
                cache: FeatureCache, tokenizer, epochs: int, seed: int, lm_images: list,
-               keep: float = 0.0) -> "TailFeatures":
+               keep: float = 0.0, centre_word: str | None = None) -> "TailFeatures":
     """Run `fact_align` on the stage-2 images (or load its weights from an earlier, interrupted run) and return the
     features the LM reads from then on, the taught tail frozen again (`TailFeatures`). `scenes_of` / `test_scenes_of`
     give image path -> scene (`mixture_scenes_of`); called only when there is something to teach."""
@@ -781,7 +788,7 @@ def fact_stage(model, run: Path, tune: list[D.Record], scenes_of, test: list[D.R
         scenes, test_scenes = scenes_of(), test_scenes_of()
         info = fact_align(model, [Path(p) for p in images], [scenes[p] for p in images], cache, tokenizer, epochs,
                           seed=seed, test=([r.image for r in test], [test_scenes[str(r.image)] for r in test]),
-                          keep=keep)
+                          keep=keep, centre_word=centre_word)
         keep = tuple(fact_tail_modules(len(model.model.vision_tower.encoder.blocks))) + ("multi_modal_projector",)
         partial = weights.with_suffix(".partial")  # temp + rename: a build killed while writing resumes cleanly
         save_file({n: t.contiguous() for n, t in model.state_dict().items() if any(k + "." in n for k in keep)},
@@ -807,12 +814,13 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
           tune_lr: float = TUNE_LR, embed_align_epochs: int = EMBED_ALIGN_EPOCHS,
           turns_per_image: int = TURNS_PER_IMAGE, group_by_length: int = GROUP_BY_LENGTH,
           fact_align_epochs: int = FACT_ALIGN_EPOCHS, fact_keep: float = FACT_KEEP,
-          pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF) -> dict:
+          pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, fact_centre_word: str | None = FACT_CENTRE_WORD) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3.
     `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images).
     `fact_align_epochs`: stage 0' (`fact_align`) first; the tower's tail it teaches ships in the adapter; `fact_keep`:
-    its weight on keeping the untouched tail's features (`fact_align`'s `keep`). `pad_to_multiple_of`: stage 2's
+    its weight on keeping the untouched tail's features (`fact_align`'s `keep`); `fact_centre_word`: its word on each
+    thing's centre patch (`fact_align`'s `centre_word`). `pad_to_multiple_of`: stage 2's
     batches come in a few lengths (it did not stop the resident memory's growth in build 12)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -824,6 +832,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     if embed_align_epochs and tower_blocks:
         raise ValueError("--embed-align-epochs needs the tower's features, and --tower-blocks caches only its front: "
                          "choose one")
+    if fact_centre_word and not fact_align_epochs:
+        raise ValueError("--fact-centre-word is a target of stage 0': it needs --fact-align-epochs")
     if fact_align_epochs and (tower_blocks or embed_align_epochs or from_adapter or turns_per_image > 1):
         raise ValueError("--fact-align-epochs teaches the tower's tail itself: it goes with neither --tower-blocks, "
                          "--embed-align-epochs, --from-adapter nor --turns-per-image")
@@ -845,7 +855,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     if embed_align_epochs:
         tag += f"-e{embed_align_epochs}"
     if fact_align_epochs:
-        tag += f"-facts{fact_align_epochs}" + (f"-keep{fact_keep:g}" if fact_keep else "")
+        tag += (f"-facts{fact_align_epochs}" + (f"-keep{fact_keep:g}" if fact_keep else "")
+                + (f"-centre-{fact_centre_word}" if fact_centre_word else ""))
     if turns_per_image > 1:
         tag += f"-turns{turns_per_image}"
     if group_by_length > 1:
@@ -894,7 +905,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         if fact_align_epochs:  # stage 0': the tower's tail + projector put the scene's words on its tokens
             lm_cache = fact_stage(model, run, tune, lambda: mixture_scenes_of(tune_all, seed, n_images),
                                   test_records, lambda: mixture_scenes_of(test_records, seed, 300, "test"), cache,
-                                  tokenizer, fact_align_epochs, seed, [r.image for r in align + tune], fact_keep)
+                                  tokenizer, fact_align_epochs, seed, [r.image for r in align + tune], fact_keep,
+                                  fact_centre_word)
         stage1 = Mixture(align, encoder, lm_cache, seed=seed)
         projector_file = run / "projector.safetensors"
         if projector_file.is_file():  # stage 1 done in an earlier, interrupted run
@@ -947,7 +959,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
                   "tower_blocks": tower_blocks, "embed_align_epochs": embed_align_epochs,
-                  "fact_align_epochs": fact_align_epochs, "fact_keep": fact_keep,
+                  "fact_align_epochs": fact_align_epochs, "fact_keep": fact_keep, "fact_centre_word": fact_centre_word,
                   **stage0_info,
                   "lora_r": LORA_R, "lora_alpha": LORA_ALPHA,
                   "text_share": text_share, "distil_text": distil_text, "n_chat": len(chat), "repair_steps": repair_steps, "repair_lr": REPAIR_LR,
@@ -1014,6 +1026,8 @@ def parser() -> argparse.ArgumentParser:
                     help="stage 0': epochs teaching the tower's last block + projector each patch's words (0: off)")
     ap.add_argument("--fact-keep", type=float, default=FACT_KEEP,
                     help="stage 0': weight on keeping what the untouched tail's features carry (0: words alone)")
+    ap.add_argument("--fact-centre-word", default=FACT_CENTRE_WORD,
+                    help="stage 0': also say this word on each thing's centre patch, once per thing (counting)")
     ap.add_argument("--tune-lr", type=float, default=TUNE_LR, help="stage 2's learning rate")
     ap.add_argument("--turns-per-image", type=int, default=TURNS_PER_IMAGE,
                     help="stage 2 asks each image up to this many questions (one multi-turn record)")
@@ -1034,7 +1048,8 @@ def main(argv=None) -> None:
                            tower_blocks=args.tower_blocks, tune_lr=args.tune_lr,
                            embed_align_epochs=args.embed_align_epochs, turns_per_image=args.turns_per_image,
                            group_by_length=args.group_by_length, fact_align_epochs=args.fact_align_epochs,
-                           fact_keep=args.fact_keep, pad_to_multiple_of=args.pad_to_multiple_of),
+                           fact_keep=args.fact_keep, pad_to_multiple_of=args.pad_to_multiple_of,
+                           fact_centre_word=args.fact_centre_word),
                      indent=1))
 
 

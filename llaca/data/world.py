@@ -399,18 +399,34 @@ def patch_owners(scene: Scene, grid: int) -> list[Thing | None]:
             if area > best and area >= cell * cell // 4:
                 best, owner[i] = area, t
     for t in scene.things:  # a small thing split over four patches still owns the one under its centre
-        cx, cy = (t.box[0] + t.box[2]) // 2, (t.box[1] + t.box[3]) // 2
-        owner[min(cy // cell, grid - 1) * grid + min(cx // cell, grid - 1)] = t
+        owner[centre_patch(t, grid)] = t
     return owner
 
 
-def patch_words(scene: Scene, grid: int) -> list[list[str]]:
+def centre_patch(thing: Thing, grid: int) -> int:
+    """Row-major index of the patch under the thing's centre, on a grid x grid split of the image."""
+    cell = SIZE // grid
+    cx, cy = (thing.box[0] + thing.box[2]) // 2, (thing.box[1] + thing.box[3]) // 2
+    return min(cy // cell, grid - 1) * grid + min(cx // cell, grid - 1)
+
+
+def patch_words(scene: Scene, grid: int, centre_word: str | None = None) -> list[list[str]]:
     """Row-major per patch: the words that say what it shows, as the instructions name it (a shape's colour and
-    shape, a drawing's name and group; a text scene's word on every patch); [] for background and empty frames."""
+    shape, a drawing's name and group; a text scene's word on every patch); [] for background and empty frames.
+
+    `centre_word`: also said on the patch under each thing's centre, once per thing whatever its size, so that the
+    things can be counted off the patches (the words alone are on every patch a thing covers: two patches of one
+    big star and two small stars read alike)."""
     if scene.kind == "text":
         return [[scene.text]] * (grid * grid)
-    return [[] if t is None else [t.colour, t.shape] if t.kind == "shape" else [t.name, t.group]
-            for t in patch_owners(scene, grid)]
+    owners = patch_owners(scene, grid)
+    words = [[] if t is None else [t.colour, t.shape] if t.kind == "shape" else [t.name, t.group] for t in owners]
+    if centre_word:
+        for t in scene.things:
+            i = centre_patch(t, grid)
+            if owners[i] is t:  # two things centred on one patch: it shows (and counts) the one it belongs to
+                words[i] = words[i] + [centre_word]
+    return words
 
 
 # --------------------------------------------------------------------------- instructions
