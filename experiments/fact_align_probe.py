@@ -31,7 +31,7 @@ def count_reads(model, cache, train: list[str], test: list[str], counts: dict[st
     counting the tokens whose cosine to it passes the threshold that counts `train` best."""
     from llaca.bases.small_build import fact_tokens
 
-    from .kept_share import apply, ridge
+    from .kept_share import count_probe_exact
 
     def tokens_of(images):
         with torch.no_grad():
@@ -41,9 +41,7 @@ def count_reads(model, cache, train: list[str], test: list[str], counts: dict[st
     x_train, x_test = tokens_of(train), tokens_of(test)
     y_train = torch.tensor([float(counts[i]) for i in train], dtype=torch.float64)
     y_test = torch.tensor([float(counts[i]) for i in test], dtype=torch.float64)
-    pooled = lambda x: torch.cat([x.mean(1), x.amax(1)], 1).double()  # noqa: E731
-    guess = apply(ridge(pooled(x_train), y_train[:, None]), pooled(x_test)).squeeze(1).round()
-    out = {"count_ridge_exact": round(100 * (guess == y_test).double().mean().item(), 1)}
+    out = {"count_ridge_exact": count_probe_exact(x_train.double(), y_train, x_test.double(), y_test)}
     if marker is not None:
         cos_train = torch.nn.functional.normalize(x_train, dim=-1) @ marker
         cos_test = torch.nn.functional.normalize(x_test, dim=-1) @ marker

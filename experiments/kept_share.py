@@ -31,6 +31,15 @@ def apply(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([x, torch.ones(len(x), 1, dtype=x.dtype)], 1) @ w
 
 
+def count_probe_exact(x_train: torch.Tensor, y_train: torch.Tensor, x_test: torch.Tensor,
+                      y_test: torch.Tensor) -> float:
+    """Exact-count accuracy (%) on the test images of a ridge fit from each image's mean and max token ((n, tokens, D),
+    float64) to its number of things ((n,), float64), rounded."""
+    pooled = lambda x: torch.cat([x.mean(1), x.amax(1)], 1)  # noqa: E731
+    guess = apply(ridge(pooled(x_train), y_train[:, None]), pooled(x_test)).squeeze(1).round()
+    return round(100 * (guess == y_test).double().mean().item(), 1)
+
+
 def main(argv=None) -> int:
     from safetensors.torch import load_file
 
@@ -79,12 +88,10 @@ def main(argv=None) -> int:
         w = ridge(x_train.flatten(0, 1), ((stack(before, train) - mean) / std).flatten(0, 1).double())
         missed = B.keep_loss(apply(w, x_test.flatten(0, 1)).float(), stack(before, test_images).flatten(0, 1),
                              mean, std)
-        pooled = lambda x: torch.cat([x.mean(1), x.amax(1)], 1)  # noqa: E731
-        wc = ridge(pooled(x_train), torch.tensor([[counts[i]] for i in train], dtype=torch.float64))
-        guess = apply(wc, pooled(x_test)).squeeze(1).round()
-        truth = torch.tensor([counts[i] for i in test_images], dtype=torch.float64)
+        exact = count_probe_exact(x_train, torch.tensor([counts[i] for i in train], dtype=torch.float64), x_test,
+                                  torch.tensor([counts[i] for i in test_images], dtype=torch.float64))
         rows.append({"weights": str(weights), "level": a.level, "kept_share": round(1 - missed.item(), 3),
-                     "count_probe_exact": round(100 * (guess == truth).double().mean().item(), 1)})
+                     "count_probe_exact": exact})
         print(json.dumps(rows[-1]), flush=True)
     atomic_write_json(a.out, {"home": str(home), "train_images": len(train), "test_images": len(test_images),
                               "rows": rows, **machine_stamp()})
