@@ -87,6 +87,34 @@ def test_padding_batches_to_a_multiple_changes_their_shape_not_their_loss(tiny_f
     assert padded.item() == pytest.approx(plain.item(), abs=1e-5)
 
 
+def test_answer_loss_per_record_by_hand():
+    """Three answer tokens, two records (rows 2 and 5): per token the mean of three losses, per record the mean of
+    row 2's one loss and row 5's two-token mean."""
+    import math
+
+    logits = torch.tensor([[0.0, 0.0], [0.0, math.log(3)], [math.log(3), 0.0]])
+    targets, rows = torch.tensor([0, 1, 0]), torch.tensor([2, 5, 5])
+    ln2, ln43 = math.log(2), math.log(4 / 3)  # softmax(0, 0)[0] = 1/2; softmax(0, ln 3)[1] = softmax(ln 3, 0)[0] = 3/4
+    assert small_build.answer_loss(logits, targets, rows).item() == pytest.approx((ln2 + 2 * ln43) / 3, rel=1e-6)
+    assert small_build.answer_loss(logits, targets, rows, "record").item() == pytest.approx((ln2 + ln43) / 2, rel=1e-6)
+    with pytest.raises(ValueError, match="token"):
+        small_build.answer_loss(logits, targets, rows, "sentence")
+
+
+def test_per_record_loss_weighs_a_short_answer_as_much_as_a_long_one(tiny_fastvlm, monkeypatch):
+    """`--answer-loss record` on a batch of a 1-token and a 3-token answer is the mean of each record's own loss."""
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
+    items, features = _rows()
+    short = {"input_ids": items[0]["input_ids"][:7], "labels": items[0]["labels"][:7]}  # one answer token
+    batch, feats = [short, items[0]], [features[0], features[1]]
+    with torch.no_grad():
+        alone = [small_build.step_loss(tiny_fastvlm, [item], [f], pad_id=0).item() for item, f in zip(batch, feats)]
+        per_record = small_build.step_loss(tiny_fastvlm, batch, feats, pad_id=0, per="record").item()
+        per_token = small_build.step_loss(tiny_fastvlm, batch, feats, pad_id=0).item()
+    assert per_record == pytest.approx(sum(alone) / 2, rel=1e-5)
+    assert per_token == pytest.approx((alone[0] + 3 * alone[1]) / 4, rel=1e-5)
+
+
 def test_build_prompts_never_include_a_language_check_prompt():
     check = {p["prompt"].lower() for p in json.loads((ASSETS_DIR / "small" / "text_check.json").read_text())["prompts"]}
     for prompts in (small_build.chat_prompts(0), small_build.repair_prompts(0)):
@@ -494,6 +522,20 @@ def test_the_model_cards_command_repeats_the_build_it_describes(meta_file):
     for key in RECIPE_KEYS:
         assert getattr(args, key) == recipe_value(build, key), key
     assert {"seed", "tune_steps", "fact_align_epochs", "pad_to_multiple_of"} <= set(RECIPE_KEYS)
+
+
+def test_the_answer_loss_is_in_the_command_only_where_a_build_weighed_records():
+    """Builds 1-15 averaged per token (no `answer_loss` in their meta): their commands stay as they were, and a build
+    that weighed records says so in its command and its card's stage-2 row."""
+    from llaca.bases.model_card import _recipe_rows, build_command
+    from llaca.paths import REPO_DIR
+
+    build = json.loads((REPO_DIR / "assets/small/meta.json").read_text())["build"]
+    assert "--answer-loss" not in build_command(build)
+    assert small_build.parser().parse_args(build_command(build).split()[3:]).answer_loss == "token"
+    per_record = {**build, "answer_loss": "record"}
+    assert small_build.parser().parse_args(build_command(per_record).split()[3:]).answer_loss == "record"
+    assert "each record's answer loss weighed equally" in dict(_recipe_rows(per_record))["2, visual instruction tuning"]
 
 
 def test_a_centre_word_is_in_the_command_only_where_a_build_said_one():

@@ -37,6 +37,8 @@ def build_command(build: dict) -> str:
     flags.append("--distil-text" if build.get("distil_text") else "--no-distil-text")
     if build.get("fact_centre_word"):  # no word is the default; a flag only where a build said one
         flags.append(f"--fact-centre-word {build['fact_centre_word']}")
+    if build.get("answer_loss", "token") != "token":  # LLaVA's per-token mean is the default, as for builds 1-15
+        flags.append(f"--answer-loss {build['answer_loss']}")
     return "python -m llaca.bases.small_build " + " ".join(flags)
 
 
@@ -59,7 +61,8 @@ def _recipe_rows(build: dict) -> list[tuple[str, str]]:
             if build.get("text_share") else "")
     rows.append(("2, visual instruction tuning", f"projector + LoRA r={build['lora_r']} (alpha {build['lora_alpha']}) on "
                  f"every LM linear layer, {build['tune_steps']} steps of {build['batch']} records, lr "
-                 f"{build['tune_lr']:g}{text}"))
+                 f"{build['tune_lr']:g}{text}"
+                 + ("; each record's answer loss weighed equally" if build.get("answer_loss") == "record" else "")))
     if build.get("repair_steps"):
         rows.append(("3, language repair", f"{build['repair_steps']} steps, half text (KL), lr {build['repair_lr']:g}"))
     return rows

@@ -94,6 +94,12 @@ GROUP_BY_LENGTH = 1
 # Stage 2 pads each batch to a multiple of this many tokens (a few shapes); 1 = off. Build 12 used 32: its resident
 # memory still grew over stage 2 (to 13.9 GB, as build 11's without it), so the growth is not the batch shapes.
 PAD_TO_MULTIPLE_OF = 1
+# How stage 2 averages the image rows' answer-token loss. "token": over every answer token of the batch, as LLaVA does
+# (builds 1-15): a caption of 15 tokens then weighs 7x a multiple-choice letter + <|im_end|>, and the one-token
+# families (letters, yes/no, counts) were the ones left at chance (build 15: mcq 23.5, yes/no 53.5). "record": each
+# record's mean token loss, then the mean over records, so every question weighs what it weighs in the test.
+ANSWER_LOSS = "token"
+ANSWER_LOSSES = ("token", "record")
 
 
 # --------------------------------------------------------------------------- text-only chat (self-distilled)
@@ -592,8 +598,24 @@ def projector_of(model):
     return inner.model.multi_modal_projector
 
 
+def answer_loss(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, per: str = "token") -> torch.Tensor:
+    """Cross-entropy of answer tokens (`logits` and `targets` of the labelled positions, `rows` their batch row),
+    averaged over tokens, or (`per="record"`) over each row's tokens and then over rows (`ANSWER_LOSS`)."""
+    if per == "token":
+        return torch.nn.functional.cross_entropy(logits, targets)
+    if per != "record":
+        raise ValueError(f"answer loss per {per!r}: choose one of {ANSWER_LOSSES}")
+    token = torch.nn.functional.cross_entropy(logits, targets, reduction="none")
+    _, row_of = torch.unique(rows, return_inverse=True)
+    n_rows = int(row_of.max()) + 1
+    sums = torch.zeros(n_rows, dtype=token.dtype).index_add(0, row_of, token)
+    counts = torch.zeros(n_rows, dtype=token.dtype).index_add(0, row_of, torch.ones_like(token))
+    return (sums / counts).mean()
+
+
 def step_loss(model, items: list[dict], features: list[torch.Tensor | None], pad_id: int,
-              distil_text: bool = False, tower_blocks: int = 0, pad_to_multiple_of: int = 1) -> torch.Tensor:
+              distil_text: bool = False, tower_blocks: int = 0, pad_to_multiple_of: int = 1,
+              per: str = "token") -> torch.Tensor:
     """Mean answer-token loss of a batch; image rows get their cached tower features projected into the <image> slots.
 
     The LM head runs only where a label is: over a 49k vocabulary it is a fifth of the LM's compute per token, and
@@ -602,7 +624,8 @@ def step_loss(model, items: list[dict], features: list[torch.Tensor | None], pad
     student) per answer token, the teacher being this model with its adapters off (peft's `disable_adapter`), so the
     LoRA is pulled back towards SmolLM2 wherever a text answer is, including where SmolLM2 itself hesitates. With
     `tower_blocks` the cached features are the tower's frozen front and its last blocks run here (`tower_tail`).
-    bf16 autocast only where the CPU has it natively (an AVX2-only CPU emulates it ~30x slower).
+    bf16 autocast only where the CPU has it natively (an AVX2-only CPU emulates it ~30x slower). `per`: how the
+    image rows' cross-entropy is averaged (`answer_loss`).
     """
     from ..train.tuner import native_bf16
 
@@ -623,17 +646,18 @@ def step_loss(model, items: list[dict], features: list[torch.Tensor | None], pad
         targets = batch["labels"][:, 1:]
         keep = targets != -100
         logits = inner.lm_head(hidden[:, :-1][keep]).float()
+        rows = keep.nonzero()[:, 0]  # per kept position: its batch row
         if not distil:
-            return torch.nn.functional.cross_entropy(logits, targets[keep])
+            return answer_loss(logits, targets[keep], rows, per)
         with torch.no_grad(), model.disable_adapter():
             teacher = inner.model(input_ids=batch["input_ids"][text], attention_mask=batch["attention_mask"][text])[0]
             teacher = inner.lm_head(teacher[:, :-1][keep[text]]).float()
-    on_text = text[keep.nonzero()[:, 0]]  # per kept position: does it belong to a text row?
+    on_text = text[rows]  # per kept position: does it belong to a text row?
     kl = torch.nn.functional.kl_div(torch.log_softmax(logits[on_text], -1), torch.log_softmax(teacher, -1),
                                     log_target=True, reduction="batchmean")
     if not (~on_text).any():
         return kl
-    return torch.nn.functional.cross_entropy(logits[~on_text], targets[keep][~on_text]) + kl
+    return answer_loss(logits[~on_text], targets[keep][~on_text], rows[~on_text], per) + kl
 
 
 def _save_checkpoint(folder: Path, model, opt, step: int, mixture: "Mixture", log: list) -> None:
@@ -676,7 +700,7 @@ def _load_checkpoint(folder: Path, model, opt, mixture: "Mixture", log: list) ->
 
 def train(model, mixture: "Mixture", batch: int, pad_id: int, steps: int, lr: float, desc: str, log: list,
           checkpoint: Path, warmup: float = 0.05, every: int = CHECKPOINT_EVERY, distil_text: bool = False,
-          tower_blocks: int = 0, pad_to_multiple_of: int = 1) -> None:
+          tower_blocks: int = 0, pad_to_multiple_of: int = 1, per: str = "token") -> None:
     """AdamW + linear warmup + cosine decay over `steps` batches of `mixture`; checkpoints every `every` steps to
     `checkpoint` and resumes from it, so an interrupted build goes on where it stopped."""
     params = [p for p in model.parameters() if p.requires_grad]
@@ -696,7 +720,7 @@ def train(model, mixture: "Mixture", batch: int, pad_id: int, steps: int, lr: fl
     bar = tqdm(range(start, steps), desc=desc, initial=start, total=steps)
     t0 = time.perf_counter()
     for step in bar:
-        loss = step_loss(model, *mixture.batch(batch), pad_id, distil_text, tower_blocks, pad_to_multiple_of)
+        loss = step_loss(model, *mixture.batch(batch), pad_id, distil_text, tower_blocks, pad_to_multiple_of, per)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
@@ -814,14 +838,16 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
           tune_lr: float = TUNE_LR, embed_align_epochs: int = EMBED_ALIGN_EPOCHS,
           turns_per_image: int = TURNS_PER_IMAGE, group_by_length: int = GROUP_BY_LENGTH,
           fact_align_epochs: int = FACT_ALIGN_EPOCHS, fact_keep: float = FACT_KEEP,
-          pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, fact_centre_word: str | None = FACT_CENTRE_WORD) -> dict:
+          pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, fact_centre_word: str | None = FACT_CENTRE_WORD,
+          answer_loss_per: str = ANSWER_LOSS) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3.
     `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images).
     `fact_align_epochs`: stage 0' (`fact_align`) first; the tower's tail it teaches ships in the adapter; `fact_keep`:
     its weight on keeping the untouched tail's features (`fact_align`'s `keep`); `fact_centre_word`: its word on each
     thing's centre patch (`fact_align`'s `centre_word`). `pad_to_multiple_of`: stage 2's
-    batches come in a few lengths (it did not stop the resident memory's growth in build 12)."""
+    batches come in a few lengths (it did not stop the resident memory's growth in build 12). `answer_loss_per`: stage
+    2's image loss averaged per answer token or per record (`ANSWER_LOSS`)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..data.world import ensure_alignment, ensure_mixture
@@ -863,6 +889,10 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         tag += f"-group{group_by_length}"
     if pad_to_multiple_of > 1:
         tag += f"-pad{pad_to_multiple_of}"
+    if answer_loss_per != "token":
+        tag += f"-per-{answer_loss_per}"
+    if answer_loss_per not in ANSWER_LOSSES:
+        raise ValueError(f"--answer-loss {answer_loss_per!r}: choose one of {ANSWER_LOSSES}")
     if group_by_length < 1 or CHECKPOINT_EVERY % group_by_length:
         raise ValueError(f"--group-by-length must divide {CHECKPOINT_EVERY} (the checkpoint interval)")
 
@@ -935,7 +965,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         stage2 = Mixture(tune, encoder, lm_cache, chat=chat, text_share=text_share, seed=seed + 1,
                          group_by_length=group_by_length)
         train(peft_model, stage2, batch, pad_id, tune_steps, tune_lr, "instruct", log, run / "tune-checkpoint",
-              distil_text=distil_text, tower_blocks=tower_blocks, pad_to_multiple_of=pad_to_multiple_of)
+              distil_text=distil_text, tower_blocks=tower_blocks, pad_to_multiple_of=pad_to_multiple_of,
+              per=answer_loss_per)
         timings["tune_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
     # Stage 3: language repair. Half of each batch is text, learned as the untouched LM's distribution (KL), half the
@@ -955,7 +986,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                    for k, v in json.loads((run / f).read_text()).items()}
     build_info = {"world": "v2", "seed": seed, "n_train": n_images, "n_test": 300, "rehearsal": 0.3,
                   "turns_per_image": turns_per_image, "group_by_length": group_by_length,
-                  "pad_to_multiple_of": pad_to_multiple_of,
+                  "pad_to_multiple_of": pad_to_multiple_of, "answer_loss": answer_loss_per,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
                   "tower_blocks": tower_blocks, "embed_align_epochs": embed_align_epochs,
@@ -1035,6 +1066,8 @@ def parser() -> argparse.ArgumentParser:
                     help="stage 2 sorts this many batches' records by length into batches (less padding; 1: off)")
     ap.add_argument("--pad-to-multiple-of", type=int, default=PAD_TO_MULTIPLE_OF,
                     help="stage 2 pads each batch to a multiple of this many tokens (a few shapes; 1: off)")
+    ap.add_argument("--answer-loss", default=ANSWER_LOSS, choices=ANSWER_LOSSES,
+                    help="stage 2's image loss averaged over answer tokens (LLaVA's) or per record, then over records")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
     return ap
@@ -1049,7 +1082,7 @@ def main(argv=None) -> None:
                            embed_align_epochs=args.embed_align_epochs, turns_per_image=args.turns_per_image,
                            group_by_length=args.group_by_length, fact_align_epochs=args.fact_align_epochs,
                            fact_keep=args.fact_keep, pad_to_multiple_of=args.pad_to_multiple_of,
-                           fact_centre_word=args.fact_centre_word),
+                           fact_centre_word=args.fact_centre_word, answer_loss_per=args.answer_loss),
                      indent=1))
 
 
