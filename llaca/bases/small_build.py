@@ -890,10 +890,10 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         tag += f"-group{group_by_length}"
     if pad_to_multiple_of > 1:
         tag += f"-pad{pad_to_multiple_of}"
+    if answer_loss_per not in ANSWER_LOSSES:  # before the build's first hour, not at stage 2's first step
+        raise ValueError(f"--answer-loss {answer_loss_per!r}: choose one of {ANSWER_LOSSES}")
     if answer_loss_per != "token":
         tag += f"-per-{answer_loss_per}"
-    if answer_loss_per not in ANSWER_LOSSES:
-        raise ValueError(f"--answer-loss {answer_loss_per!r}: choose one of {ANSWER_LOSSES}")
     if group_by_length < 1 or CHECKPOINT_EVERY % group_by_length:
         raise ValueError(f"--group-by-length must divide {CHECKPOINT_EVERY} (the checkpoint interval)")
 

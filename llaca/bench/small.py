@@ -56,13 +56,19 @@ def install(home: Path, candidate: Path | None = None) -> dict:
             "assets": str(candidate) if candidate else "assets/small"}
 
 
-def own_test(model, processor, registry) -> dict:
+def own_test_answers(model, processor, registry) -> tuple[list, list[str]]:
+    """(records, greedy answers) of `small`'s own test: what `own_test` scores, kept whole by
+    `bench_results/small/scripts/own_answers.py`."""
     from ..evaluation.evaluate import evaluate
     from .quality import _test_set, base_test_split
 
     test = _test_set(base_test_split(registry, registry.get("small")))
-    result = evaluate(model, processor, test, batch_size=16)
-    return family_scores([r.question for r in test.records], [r.answer for r in test.records], result.predictions)
+    return test.records, evaluate(model, processor, test, batch_size=16).predictions
+
+
+def own_test(model, processor, registry) -> dict:
+    records, predictions = own_test_answers(model, processor, registry)
+    return family_scores([r.question for r in records], [r.answer for r in records], predictions)
 
 
 def family_scores(questions: list[str], golds: list[str], predictions: list[str]) -> dict:
