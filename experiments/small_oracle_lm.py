@@ -72,7 +72,7 @@ class OracleMixture:
     def __init__(self, items: list[dict], seed: int):
         self.items, self.rng = items, random.Random(seed)
 
-    def batch(self, size: int) -> tuple[list[dict], list]:
+    def batch(self, size: int, step: int = 0) -> tuple[list[dict], list]:
         return [self.items[self.rng.randrange(len(self.items))] for _ in range(size)], [None] * size
 
 

@@ -115,6 +115,55 @@ def test_per_record_loss_weighs_a_short_answer_as_much_as_a_long_one(tiny_fastvl
     assert per_token == pytest.approx((alone[0] + 3 * alone[1]) / 4, rel=1e-5)
 
 
+def test_word_grid_tokens_are_their_words_mean_embedding_at_a_words_norm_by_hand():
+    """`with_word_grids`: a labelled token becomes the mean of its words' embeddings, rescaled to the embeddings' mean
+    norm; unlabelled tokens and rows without a grid keep the model's own tokens."""
+    emb = torch.tensor([[3.0, 4.0], [0.0, 2.0], [6.0, 8.0]])  # norms 5, 2, 10: mean norm 17 / 3
+    tokens = torch.arange(12, dtype=torch.float32).reshape(2, 3, 2)
+    out = small_build.with_word_grids(tokens, [[[0, 1], [], [2]], None], emb)
+    mean01 = torch.tensor([1.5, 3.0])  # (emb[0] + emb[1]) / 2, norm sqrt(11.25)
+    assert torch.allclose(out[0, 0], mean01 * (17 / 3) / 11.25 ** 0.5)
+    assert torch.allclose(out[0, 2], torch.tensor([0.6, 0.8]) * 17 / 3)
+    assert torch.equal(out[0, 1], tokens[0, 1]) and torch.equal(out[1], tokens[1])
+
+
+def test_word_grids_fade_out_over_their_share_of_stage_2_and_change_the_loss(tiny_fastvlm, monkeypatch):
+    """Rows carry their word grid with probability 1 - step / grid_until: all at step 0, none from grid_until on; a
+    row on its grid is scored on the ideal tokens (another loss), a row without one exactly as before."""
+    from pathlib import Path
+
+    from llaca.data import Record
+
+    monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
+    items, features = _rows()
+
+    class Encoder:
+        tokenizer = None
+
+        @staticmethod
+        def encode_turns(turns, n_img):
+            return items[0]
+
+    class Cache(dict):
+        def n_tokens(self, image):
+            return 4
+
+    records = [Record(f"r{i}", Path(f"{i}.png"), [("q", "a")]) for i in range(10)]
+    cache = Cache({r.image: features[0] for r in records})
+    grids = {str(r.image): [[2, 3], [], [4], []] for r in records}
+    mixture = small_build.Mixture(records, Encoder, cache, seed=0, word_grids=grids, grid_until=100)
+    share = {step: sum("word_grid" in it for _ in range(20) for it in mixture.batch(10, step)[0]) / 200
+             for step in (0, 50, 100, 150)}
+    assert share[0] == 1.0 and 0.35 < share[50] < 0.65 and share[100] == share[150] == 0.0
+    assert "word_grid" not in small_build.Mixture(records, Encoder, cache, seed=0).batch(10, 0)[0][0]
+    on_grid = {**items[0], "word_grid": grids["0.png"]}
+    with torch.no_grad():
+        plain = small_build.step_loss(tiny_fastvlm, [items[0]], [features[0]], pad_id=0).item()
+        ideal = small_build.step_loss(tiny_fastvlm, [on_grid], [features[0]], pad_id=0).item()
+        again = small_build.step_loss(tiny_fastvlm, [items[0]], [features[0]], pad_id=0).item()
+    assert ideal != pytest.approx(plain, rel=1e-4) and again == plain
+
+
 def test_build_prompts_never_include_a_language_check_prompt():
     check = {p["prompt"].lower() for p in json.loads((ASSETS_DIR / "small" / "text_check.json").read_text())["prompts"]}
     for prompts in (small_build.chat_prompts(0), small_build.repair_prompts(0)):
@@ -308,7 +357,7 @@ def test_an_interrupted_stage_resumes_at_its_checkpoint_as_if_never_stopped(make
         def __init__(self, stop_at: int | None = None):
             self.rng, self.calls, self.stop_at = random.Random(5), 0, stop_at
 
-        def batch(self, size):
+        def batch(self, size, step=0):
             self.calls += 1
             if self.calls == self.stop_at:
                 raise KeyboardInterrupt  # the build killed while it draws step 5's batch
@@ -536,6 +585,23 @@ def test_the_answer_loss_is_in_the_command_only_where_a_build_weighed_records():
     per_record = {**build, "answer_loss": "record"}
     assert small_build.parser().parse_args(build_command(per_record).split()[3:]).answer_loss == "record"
     assert "each record's answer loss weighed equally" in dict(_recipe_rows(per_record))["2, visual instruction tuning"]
+
+
+def test_word_grids_are_in_the_command_only_where_a_build_faded_them():
+    """Builds 1-16 read their own tokens throughout: their commands stay as they were; a build whose stage 2 started
+    from word grids repeats with `--word-grid-until` and its card's stage-2 row says so."""
+    from llaca.bases.model_card import _recipe_rows, build_command
+    from llaca.paths import REPO_DIR
+
+    build = json.loads((REPO_DIR / "assets/small/meta.json").read_text())["build"]
+    assert "--word-grid-until" not in build_command(build)
+    faded = {**build, "word_grid_until": 0.5}
+    assert small_build.parser().parse_args(build_command(faded).split()[3:]).word_grid_until == 0.5
+    assert "over the first 50% of the steps" in dict(_recipe_rows(faded))["2, visual instruction tuning"]
+    with pytest.raises(ValueError, match="--fact-align-epochs"):  # the grids are stage 0's words
+        small_build.build(word_grid_until=0.5, fact_align_epochs=0)
+    with pytest.raises(ValueError, match="share"):
+        small_build.build(word_grid_until=1.5, fact_align_epochs=10)
 
 
 def test_a_centre_word_is_in_the_command_only_where_a_build_said_one():

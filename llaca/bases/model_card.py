@@ -39,6 +39,8 @@ def build_command(build: dict) -> str:
         flags.append(f"--fact-centre-word {build['fact_centre_word']}")
     if build.get("answer_loss", "token") != "token":  # LLaVA's per-token mean is the default, as for builds 1-15
         flags.append(f"--answer-loss {build['answer_loss']}")
+    if build.get("word_grid_until"):  # off in builds 1-16
+        flags.append(f"--word-grid-until {build['word_grid_until']:g}")
     return "python -m llaca.bases.small_build " + " ".join(flags)
 
 
@@ -62,7 +64,10 @@ def _recipe_rows(build: dict) -> list[tuple[str, str]]:
     rows.append(("2, visual instruction tuning", f"projector + LoRA r={build['lora_r']} (alpha {build['lora_alpha']}) on "
                  f"every LM linear layer, {build['tune_steps']} steps of {build['batch']} records, lr "
                  f"{build['tune_lr']:g}{text}"
-                 + ("; each record's answer loss weighed equally" if build.get("answer_loss") == "record" else "")))
+                 + ("; each record's answer loss weighed equally" if build.get("answer_loss") == "record" else "")
+                 + (f"; image rows read stage 0's words for their patches instead of their own tokens, with a chance "
+                    f"falling from 1 to 0 over the first {build['word_grid_until']:.0%} of the steps"
+                    if build.get("word_grid_until") else "")))
     if build.get("repair_steps"):
         rows.append(("3, language repair", f"{build['repair_steps']} steps, half text (KL), lr {build['repair_lr']:g}"))
     return rows
