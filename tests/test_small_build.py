@@ -598,7 +598,7 @@ def test_word_grids_are_in_the_command_only_where_a_build_faded_them():
     faded = {**build, "word_grid_until": 0.5}
     assert small_build.parser().parse_args(build_command(faded).split()[3:]).word_grid_until == 0.5
     assert "over the first 50% of the steps" in dict(_recipe_rows(faded))["2, visual instruction tuning"]
-    with pytest.raises(ValueError, match="--fact-align-epochs"):  # the grids are stage 0's words
+    with pytest.raises(ValueError, match="--fact-align-epochs"):  # the grids are the words stage 0' teaches
         small_build.build(word_grid_until=0.5, fact_align_epochs=0)
     with pytest.raises(ValueError, match="share"):
         small_build.build(word_grid_until=1.5, fact_align_epochs=10)

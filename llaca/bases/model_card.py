@@ -65,7 +65,7 @@ def _recipe_rows(build: dict) -> list[tuple[str, str]]:
                  f"every LM linear layer, {build['tune_steps']} steps of {build['batch']} records, lr "
                  f"{build['tune_lr']:g}{text}"
                  + ("; each record's answer loss weighed equally" if build.get("answer_loss") == "record" else "")
-                 + (f"; image rows read stage 0's words for their patches instead of their own tokens, with a chance "
+                 + (f"; image rows read the words stage 0' teaches for their patches instead of their own tokens, with a chance "
                     f"falling from 1 to 0 over the first {build['word_grid_until']:.0%} of the steps"
                     if build.get("word_grid_until") else "")))
     if build.get("repair_steps"):
