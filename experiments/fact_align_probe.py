@@ -66,9 +66,12 @@ def main(argv=None) -> int:
                    help="one run per word ('-': none) said on each thing's centre patch, each from the base")
     p.add_argument("--images", type=int, default=0, help="the first N of the build's stage-2 images (0: all)")
     p.add_argument("--count-images", type=int, default=1500, help="images of things the count reads are fitted on")
+    p.add_argument("--blocks", type=int, default=0,
+                   help="the tower's last N blocks + head conv that stage 0' teaches (0: the build's FACT_BLOCKS)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True)
     a = p.parse_args(argv)
+    blocks = a.blocks or B.FACT_BLOCKS
     torch.set_num_threads(2)
     home = llaca_home()
     _, tune, test, scenes = build_records(home, a.seed)
@@ -84,18 +87,18 @@ def main(argv=None) -> int:
             t0 = time.time()
             torch.manual_seed(a.seed)
             model, processor = assemble(a.seed)
-            cache = front_cache(home, model, processor, images + [str(r.image) for r in test])
+            cache = front_cache(home, model, processor, images + [str(r.image) for r in test], blocks)
             info = B.fact_align(model, [Path(i) for i in images], [scenes[i] for i in images], cache,
                                 processor.tokenizer, a.epochs, seed=a.seed,
                                 test=([r.image for r in test], [scenes[str(r.image)] for r in test]), keep=keep,
-                                centre_word=word)
+                                centre_word=word, blocks=blocks)
             marker = None
             if word:
                 ids = B.answer_tokens(processor.tokenizer, word)
                 emb = model.get_input_embeddings().weight.detach().float()[ids].mean(0)
                 marker = torch.nn.functional.normalize(emb, dim=0)
-            info.update(count_reads(model, cache, count_train, count_test, counts, B.FACT_BLOCKS, marker))
-            runs.append({"epochs": a.epochs, **info, "count_test_images": len(count_test),
+            info.update(count_reads(model, cache, count_train, count_test, counts, blocks, marker))
+            runs.append({"epochs": a.epochs, "blocks": blocks, **info, "count_test_images": len(count_test),
                          "seconds": round(time.time() - t0, 1)})
             print(json.dumps(runs[-1]), flush=True)
             atomic_write_json(a.out, {"home": str(home), "runs": runs, **machine_stamp()})

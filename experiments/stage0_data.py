@@ -24,12 +24,13 @@ def build_records(home: Path, seed: int = 0):
     return tune_all, tune, test, scenes
 
 
-def front_cache(home: Path, model, processor, images: list):
-    """The build's cache of the tower's frozen front (all blocks but stage 0''s), filled for `images`."""
+def front_cache(home: Path, model, processor, images: list, blocks: int | None = None):
+    """The build's cache of the tower's frozen front (all blocks but the `blocks` stage 0' teaches, by default the
+    build's `FACT_BLOCKS`), filled for `images`."""
     from llaca.bases import small_build as B
     from llaca.models.small import IMAGE_SIZE, TOWER_VARIANT
 
-    front = len(model.model.vision_tower.encoder.blocks) - B.FACT_BLOCKS
+    front = len(model.model.vision_tower.encoder.blocks) - (blocks or B.FACT_BLOCKS)
     cache = B.FeatureCache(home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}-front{front}", model,
                            processor, front)
     cache.fill([Path(i) for i in images])
