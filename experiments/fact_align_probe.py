@@ -1,5 +1,5 @@
-"""Stage 0' alone (`small_build.fact_align`), no LM pass: how its figures move with epochs, images, `keep` and a
-centre word.
+"""Stage 0' alone (`small_build.fact_align`), no LM pass: how its figures move with epochs, images, `keep`, a
+centre word and how many of the tower's blocks it teaches (`--blocks`).
 
 A build costs ~1.5-2 h on 2 cores; stage 0' alone a few minutes, on the build's own stage-2 images and cached tower
 fronts (the home must hold a build's mixture and front cache: `$LLACA_HOME/cache/small-tower-*-front20`). Reports
