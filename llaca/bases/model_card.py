@@ -65,8 +65,8 @@ def _recipe_rows(build: dict) -> list[tuple[str, str]]:
                  f"every LM linear layer, {build['tune_steps']} steps of {build['batch']} records, lr "
                  f"{build['tune_lr']:g}{text}"
                  + ("; each record's answer loss weighed equally" if build.get("answer_loss") == "record" else "")
-                 + (f"; image rows read the words stage 0' teaches for their patches instead of their own tokens, with a chance "
-                    f"falling from 1 to 0 over the first {build['word_grid_until']:.0%} of the steps"
+                 + (f"; image rows read the words stage 0' teaches for their patches instead of their own tokens, "
+                    f"with a chance falling from 1 to 0 over the first {build['word_grid_until']:.0%} of the steps"
                     if build.get("word_grid_until") else "")))
     if build.get("repair_steps"):
         rows.append(("3, language repair", f"{build['repair_steps']} steps, half text (KL), lr {build['repair_lr']:g}"))
