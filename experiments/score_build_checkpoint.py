@@ -22,14 +22,14 @@ import torch
 from llaca.paths import atomic_write_json, llaca_home
 
 
-def merged_checkpoint(model, run: Path):
-    """`model` with the run's stage-2 checkpoint (LoRA + projector, and a taught tower tail) put on and merged."""
+def merged_checkpoint(model, run: Path, name: str = "tune-checkpoint"):
+    """`model` with the run's stage-2 checkpoint `name` (LoRA + projector, and a taught tower tail) put on and merged."""
     from peft import LoraConfig, get_peft_model
     from safetensors.torch import load_file
 
     from llaca.bases import small_build as B
 
-    checkpoint = run / "tune-checkpoint"
+    checkpoint = run / name
     saved = ["multi_modal_projector"]
     if (run / "fact_align.safetensors").is_file():
         model.load_state_dict(load_file(str(run / "fact_align.safetensors")), strict=False)
@@ -59,6 +59,9 @@ def main(argv=None) -> int:
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument("--run", type=Path, help="the build's run folder ($LLACA_HOME/cache/small-build-...)")
     which.add_argument("--adapter", type=Path, help="a finished build's adapter folder (small_build's --out)")
+    p.add_argument("--checkpoint", default="tune-checkpoint",
+                   help="the stage-2 checkpoint in --run, named by the build's stage-2 options "
+                        "(small_build.run_folders), e.g. tune-checkpoint-group10-pad32")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--n-test", type=int, default=300)
     p.add_argument("--out", type=Path, required=True)
@@ -70,7 +73,7 @@ def main(argv=None) -> int:
         merged, state = merge_adapter(model, a.adapter).eval(), {"step": "end", "log": json.loads(
             (a.adapter.parent / "train_log.json").read_text())}
     else:
-        merged, state = merged_checkpoint(model, a.run)
+        merged, state = merged_checkpoint(model, a.run, a.checkpoint)
     root = ensure_mixture(Registry(llaca_home()), a.seed, 16000, 300, splits=("test",), rehearsal=0.3)
     test = D.load_instruction_set(root / "base" / "test")
     records = test.records[:a.n_test]

@@ -115,6 +115,20 @@ def test_per_record_loss_weighs_a_short_answer_as_much_as_a_long_one(tiny_fastvl
     assert per_token == pytest.approx((alone[0] + 3 * alone[1]) / 4, rel=1e-5)
 
 
+def _mixture_stand_ins(n_tokens: int, encode):
+    """What `Mixture` asks of the record encoder (a tokenizer, each record's token ids from `encode(turns, n_img)`) and
+    of the feature cache (a dict of image -> features that knows each image's token count), without tower or template."""
+    class Encoder:
+        tokenizer = None
+        encode_turns = staticmethod(encode)
+
+    class Cache(dict):
+        def n_tokens(self, image):
+            return n_tokens
+
+    return Encoder, Cache
+
+
 def test_word_grid_tokens_are_their_words_mean_embedding_at_a_words_norm_by_hand():
     """`with_word_grids`: a labelled token becomes the mean of its words' embeddings, rescaled to the embeddings' mean
     norm; unlabelled tokens and rows without a grid keep the model's own tokens."""
@@ -137,16 +151,7 @@ def test_word_grids_fade_out_over_their_share_of_stage_2_and_change_the_loss(tin
     monkeypatch.setattr("llaca.train.tuner.native_bf16", lambda device_type=None: False)
     items, features = _rows()
 
-    class Encoder:
-        tokenizer = None
-
-        @staticmethod
-        def encode_turns(turns, n_img):
-            return items[0]
-
-    class Cache(dict):
-        def n_tokens(self, image):
-            return 4
+    Encoder, Cache = _mixture_stand_ins(4, lambda turns, n_img: items[0])
 
     records = [Record(f"r{i}", Path(f"{i}.png"), [("q", "a")]) for i in range(10)]
     cache = Cache({r.image: features[0] for r in records})
@@ -312,16 +317,8 @@ def test_grouped_batches_pad_less_and_resume_at_the_checkpoint_interval():
 
     from llaca.data import Record
 
-    class Encoder:  # what `Mixture` asks of the record encoder: a tokenizer and each record's token ids
-        tokenizer = None
-
-        @staticmethod
-        def encode_turns(turns, n_img):
-            return {"input_ids": torch.zeros(n_img + 10 * len(turns), dtype=torch.long)}
-
-    class Cache(dict):
-        def n_tokens(self, image):
-            return 49
+    Encoder, Cache = _mixture_stand_ins(
+        49, lambda turns, n_img: {"input_ids": torch.zeros(n_img + 10 * len(turns), dtype=torch.long)})
 
     records = [Record(f"r{i}", Path(f"{i}.png"), [("q", "a")] * (1 + i % 3)) for i in range(60)]
     cache = Cache({r.image: torch.zeros(1) for r in records})
@@ -659,3 +656,37 @@ def test_fact_align_on_a_twin_head_tower_teaches_only_the_second_copy(make_tiny_
     assert not hooks_left  # the masks act during stage 0' only
     with pytest.raises(ValueError, match="twin-head"):  # earlier blocks feed both copies: teaching them is refused
         small_build.fact_align(model, images, scenes, cache, tokenizer, epochs=1, batch=2, blocks=2, grid=2)
+
+
+def test_run_folders_share_stages_0_and_1_between_builds_that_differ_in_stage_2_alone(tmp_path):
+    """The run folder holds stages 0'-1, so it is named by what changes them; the stage-2 checkpoint carries the rest.
+    A folder named the earlier way (every option in it) is resumed where it exists and the new one does not."""
+    base = dict(seed=0, align_steps=150, tune_steps=550, batch=16, readout="twin", tower_blocks=0,
+                tune_lr=small_build.TUNE_LR, embed_align_epochs=0, fact_align_epochs=10, fact_keep=0.0,
+                fact_centre_word="one", turns_per_image=1, group_by_length=10, pad_to_multiple_of=32,
+                answer_loss_per="token", text_share=small_build.TEXT_SHARE, distil_text=small_build.DISTIL_TEXT,
+                word_grid_until=0.0)
+    run, suffix = small_build.run_folders(tmp_path, **base)
+    assert run == tmp_path / "small-build-seed0-a150-t550-b16-twin-facts10-centre-one"
+    assert suffix == "-group10-pad32"
+    others = [dict(base, tune_lr=1e-4), dict(base, group_by_length=1), dict(base, answer_loss_per="record"),
+              dict(base, text_share=0.125), dict(base, word_grid_until=0.5)]
+    suffixes = {suffix}
+    for options in others:
+        other_run, other_suffix = small_build.run_folders(tmp_path, **options)
+        assert other_run == run
+        suffixes.add(other_suffix)
+    assert len(suffixes) == 1 + len(others)
+    for changes_stage_0_or_1 in (dict(base, tune_steps=700), dict(base, fact_centre_word=None),
+                                 dict(base, readout="head"), dict(base, tower_blocks=1)):
+        assert small_build.run_folders(tmp_path, **changes_stage_0_or_1)[0] != run
+    # the default recipe's folder keeps build 5's name
+    plain = dict(base, readout="head", fact_align_epochs=0, fact_centre_word=None, group_by_length=1,
+                 pad_to_multiple_of=1)
+    assert small_build.run_folders(tmp_path, **plain) == (tmp_path / "small-build-seed0-a150-t550-b16", "")
+    legacy = tmp_path / "small-build-seed0-a150-t550-b16-twin-facts10-centre-one-group10-pad32"
+    legacy.mkdir()
+    assert small_build.run_folders(tmp_path, **base) == (legacy, "")
+    assert small_build.run_folders(tmp_path, **dict(base, word_grid_until=0.5)) == (legacy, "-grid0.5")
+    run.mkdir()
+    assert small_build.run_folders(tmp_path, **base) == (run, "-group10-pad32")

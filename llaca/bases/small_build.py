@@ -866,6 +866,38 @@ def fact_stage(model, run: Path, tune: list[D.Record], scenes_of, test: list[D.R
     return TailFeatures(cache, model, FACT_BLOCKS, lm_images)
 
 
+def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, batch: int, readout: str,
+                tower_blocks: int, tune_lr: float, embed_align_epochs: int, fact_align_epochs: int, fact_keep: float,
+                fact_centre_word: str | None, turns_per_image: int, group_by_length: int, pad_to_multiple_of: int,
+                answer_loss_per: str, text_share: float, distil_text: bool,
+                word_grid_until: float) -> tuple[Path, str]:
+    """(the run folder, the suffix of its stage-2 and stage-3 checkpoints).
+
+    The folder is named by what changes stages 0'-1 (its draws, read-out, tower and stage-0 options), the
+    checkpoints by what changes stage 2 alone (rate, batching, loss, text rows, word grids), so builds that differ
+    only in stage 2 share stages 0'-1 (~23 min). A run folder named the earlier way (every option in the folder's
+    name; builds 1-18) is used as it is when it exists and the new one does not, so interrupted builds still resume.
+    """
+    readout_tag = "" if readout == "head" else f"-{readout}"  # build 2's cache keeps its name
+    facts = (f"-facts{fact_align_epochs}" + (f"-keep{fact_keep:g}" if fact_keep else "")
+             + (f"-centre-{fact_centre_word}" if fact_centre_word else "")) if fact_align_epochs else ""
+    before = (f"-e{embed_align_epochs}" if embed_align_epochs else "") + facts \
+        + (f"-turns{turns_per_image}" if turns_per_image > 1 else "")
+    stage2 = ((f"-group{group_by_length}" if group_by_length > 1 else "")
+              + (f"-pad{pad_to_multiple_of}" if pad_to_multiple_of > 1 else "")
+              + (f"-per-{answer_loss_per}" if answer_loss_per != "token" else ""))
+    text = (f"-text{text_share}{'-kl' if distil_text else ''}"
+            if (text_share, distil_text) != (TEXT_SHARE, DISTIL_TEXT) else "")
+    grid = f"-grid{word_grid_until:g}" if word_grid_until else ""
+    stem = f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}{readout_tag}"
+    run = cache / (stem + (f"-tower{tower_blocks}" if tower_blocks else "") + before)
+    legacy = cache / (stem + (f"-tower{tower_blocks}-lr{tune_lr:g}" if tower_blocks or tune_lr != TUNE_LR else "")
+                      + before + stage2 + text)
+    if legacy != run and legacy.is_dir() and not run.is_dir():
+        return legacy, grid
+    return run, (f"-lr{tune_lr:g}" if tune_lr != TUNE_LR else "") + stage2 + text + grid
+
+
 def draw_records(tune_all: list[D.Record], seed: int, align_steps: int = ALIGN_STEPS, tune_steps: int = TUNE_STEPS,
                  batch: int = BATCH) -> tuple[list[int], list[D.Record]]:
     """A build's draws: stage 1's indices into the N_ALIGN alignment records, then stage 2's records of `tune_all`,
@@ -926,23 +958,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     front = n_blocks - tower_blocks if tower_blocks else n_blocks - FACT_BLOCKS if fact_align_epochs else None
     cache = FeatureCache(registry.home / "cache" / (f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{tag}"
                                                     + (f"-front{front}" if front else "")), model, processor, front)
-    if tower_blocks or tune_lr != TUNE_LR:  # the run's checkpoints are named by what changes its weights
-        tag += f"-tower{tower_blocks}-lr{tune_lr:g}"
-    if embed_align_epochs:
-        tag += f"-e{embed_align_epochs}"
-    if fact_align_epochs:
-        tag += (f"-facts{fact_align_epochs}" + (f"-keep{fact_keep:g}" if fact_keep else "")
-                + (f"-centre-{fact_centre_word}" if fact_centre_word else ""))
-    if turns_per_image > 1:
-        tag += f"-turns{turns_per_image}"
-    if group_by_length > 1:
-        tag += f"-group{group_by_length}"
-    if pad_to_multiple_of > 1:
-        tag += f"-pad{pad_to_multiple_of}"
     if answer_loss_per not in ANSWER_LOSSES:  # before the build's first hour, not at stage 2's first step
         raise ValueError(f"--answer-loss {answer_loss_per!r}: choose one of {ANSWER_LOSSES}")
-    if answer_loss_per != "token":
-        tag += f"-per-{answer_loss_per}"
     if group_by_length < 1 or CHECKPOINT_EVERY % group_by_length:
         raise ValueError(f"--group-by-length must divide {CHECKPOINT_EVERY} (the checkpoint interval)")
 
@@ -964,6 +981,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             if (Path(from_adapter).parent / "train_log.json").is_file() else []
         run = registry.home / "cache" / f"small-repair-{_folder_digest(Path(from_adapter))}-r{repair_steps}-b{batch}"
         run.mkdir(parents=True, exist_ok=True)
+        stage2_suffix = ""
     else:
         kind, prompts = ("repair", repair_prompts(seed)) if distil_text else ("distilled", chat_prompts(seed))
         chat = _distilled(registry.home / "cache" / f"small-chat-{kind}-seed{seed}.json", model, tokenizer,
@@ -977,9 +995,13 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         # Stage 1: the projector alone (LM and tower frozen).
         for name, p in model.named_parameters():
             p.requires_grad = "multi_modal_projector" in name
-        run = registry.home / "cache" / (f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}{tag}"
-                                         + (f"-text{text_share}{'-kl' if distil_text else ''}"
-                                            if (text_share, distil_text) != (TEXT_SHARE, DISTIL_TEXT) else ""))
+        run, stage2_suffix = run_folders(
+            registry.home / "cache", seed=seed, align_steps=align_steps, tune_steps=tune_steps, batch=batch,
+            readout=readout, tower_blocks=tower_blocks, tune_lr=tune_lr, embed_align_epochs=embed_align_epochs,
+            fact_align_epochs=fact_align_epochs, fact_keep=fact_keep, fact_centre_word=fact_centre_word,
+            turns_per_image=turns_per_image, group_by_length=group_by_length, pad_to_multiple_of=pad_to_multiple_of,
+            answer_loss_per=answer_loss_per, text_share=text_share, distil_text=distil_text,
+            word_grid_until=word_grid_until)
         run.mkdir(parents=True, exist_ok=True)
         lm_cache = cache
         if fact_align_epochs:  # stage 0': the tower's tail + projector put the scene's words on its tokens
@@ -1020,9 +1042,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         stage2 = Mixture(tune, encoder, lm_cache, chat=chat, text_share=text_share, seed=seed + 1,
                          group_by_length=group_by_length, word_grids=grids,
                          grid_until=round(word_grid_until * tune_steps))
-        # the grids change stage 2 alone: its checkpoint says so, and stages 0'-1 of the same run are shared
-        tune_checkpoint = run / ("tune-checkpoint" + (f"-grid{word_grid_until:g}" if word_grid_until else ""))
-        train(peft_model, stage2, batch, pad_id, tune_steps, tune_lr, "instruct", log, tune_checkpoint,
+        train(peft_model, stage2, batch, pad_id, tune_steps, tune_lr, "instruct", log,
+              run / f"tune-checkpoint{stage2_suffix}",
               distil_text=distil_text, tower_blocks=tower_blocks, pad_to_multiple_of=pad_to_multiple_of,
               per=answer_loss_per)
         timings["tune_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
@@ -1033,7 +1054,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     if repair_steps:
         stage3 = Mixture(tune[:repair_steps * batch], encoder, cache, chat=repair_chat, text_share=REPAIR_TEXT_SHARE,
                          seed=seed + 2)
-        train(peft_model, stage3, batch, pad_id, repair_steps, REPAIR_LR, "language", log, run / "repair-checkpoint",
+        train(peft_model, stage3, batch, pad_id, repair_steps, REPAIR_LR, "language", log,
+              run / f"repair-checkpoint{stage2_suffix}",
               distil_text=True, tower_blocks=tower_blocks)
         timings["repair_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
