@@ -24,14 +24,15 @@ def build_records(home: Path, seed: int = 0):
     return tune_all, tune, test, scenes
 
 
-def front_cache(home: Path, model, processor, images: list, blocks: int | None = None):
+def front_cache(home: Path, model, processor, images: list, blocks: int | None = None, readout: str = "head"):
     """The build's cache of the tower's frozen front (all blocks but the `blocks` stage 0' teaches, by default the
-    build's `FACT_BLOCKS`), filled for `images`."""
+    build's `FACT_BLOCKS`) for a tower of `readout` (named as `small_build.build` names it), filled for `images`."""
     from llaca.bases import small_build as B
     from llaca.models.small import IMAGE_SIZE, TOWER_VARIANT
 
     front = len(model.model.vision_tower.encoder.blocks) - (blocks or B.FACT_BLOCKS)
-    cache = B.FeatureCache(home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}-front{front}", model,
+    tag = "" if readout == "head" else f"-{readout}"
+    cache = B.FeatureCache(home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{tag}-front{front}", model,
                            processor, front)
     cache.fill([Path(i) for i in images])
     return cache
