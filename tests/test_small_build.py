@@ -601,6 +601,25 @@ def test_word_grids_are_in_the_command_only_where_a_build_faded_them():
         small_build.build(word_grid_until=1.5, fact_align_epochs=10)
 
 
+def test_a_kept_fact_projector_is_in_the_command_and_the_card_drops_stage_1():
+    """Builds 1-18 retrain the projector in stages 1-2; a build that keeps stage 0''s repeats with
+    `--keep-fact-projector`, and its card lists no stage 1 and a LoRA-only stage 2. It needs stage 0'."""
+    from llaca.bases.model_card import _recipe_rows, build_command
+    from llaca.paths import REPO_DIR
+
+    build = json.loads((REPO_DIR / "assets/small/meta.json").read_text())["build"]
+    assert "--keep-fact-projector" not in build_command(build)
+    assert "1, feature alignment" in dict(_recipe_rows(build))
+    kept = {**build, "keep_fact_projector": True, "fact_align_epochs": 10}
+    assert small_build.parser().parse_args(build_command(kept).split()[3:]).keep_fact_projector
+    rows = dict(_recipe_rows(kept))
+    assert "1, feature alignment" not in rows
+    assert rows["2, visual instruction tuning"].startswith("LoRA r=")
+    assert "the projector stays as stage 0' taught it" in rows["2, visual instruction tuning"]
+    with pytest.raises(ValueError, match="--fact-align-epochs"):
+        small_build.build(keep_fact_projector=True, fact_align_epochs=0)
+
+
 def test_a_centre_word_is_in_the_command_only_where_a_build_said_one():
     """`--fact-centre-word` has no value by default: the card's command names it only for a build that used one, and
     `small_build` refuses it without stage 0', whose target it is."""
@@ -670,7 +689,7 @@ def test_run_folders_share_stages_0_and_1_between_builds_that_differ_in_stage_2_
     assert run == tmp_path / "small-build-seed0-a150-t550-b16-twin-facts10-centre-one"
     assert suffix == "-group10-pad32"
     others = [dict(base, tune_lr=1e-4), dict(base, group_by_length=1), dict(base, answer_loss_per="record"),
-              dict(base, text_share=0.125), dict(base, word_grid_until=0.5)]
+              dict(base, text_share=0.125), dict(base, word_grid_until=0.5), dict(base, keep_fact_projector=True)]
     suffixes = {suffix}
     for options in others:
         other_run, other_suffix = small_build.run_folders(tmp_path, **options)
@@ -688,5 +707,6 @@ def test_run_folders_share_stages_0_and_1_between_builds_that_differ_in_stage_2_
     legacy.mkdir()
     assert small_build.run_folders(tmp_path, **base) == (legacy, "")
     assert small_build.run_folders(tmp_path, **dict(base, word_grid_until=0.5)) == (legacy, "-grid0.5")
+    assert small_build.run_folders(tmp_path, **dict(base, keep_fact_projector=True)) == (legacy, "-fact-projector")
     run.mkdir()
     assert small_build.run_folders(tmp_path, **base) == (run, "-group10-pad32")

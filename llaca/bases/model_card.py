@@ -41,6 +41,8 @@ def build_command(build: dict) -> str:
         flags.append(f"--answer-loss {build['answer_loss']}")
     if build.get("word_grid_until"):  # off in builds 1-16
         flags.append(f"--word-grid-until {build['word_grid_until']:g}")
+    if build.get("keep_fact_projector"):  # off in builds 1-18
+        flags.append("--keep-fact-projector")
     return "python -m llaca.bases.small_build " + " ".join(flags)
 
 
@@ -56,18 +58,22 @@ def _recipe_rows(build: dict) -> list[tuple[str, str]]:
     if build.get("embed_align_epochs"):
         rows.append(("0 (no LM pass)", f"the projector aimed at the LM's word embeddings: {build['embed_align_epochs']} "
                      "epochs"))
-    rows.append(("1, feature alignment", f"the projector alone, {build['align_steps']} steps of {build['batch']} "
-                 f"captions and labels, lr {build['align_lr']:g}"))
+    if not build.get("keep_fact_projector"):
+        rows.append(("1, feature alignment", f"the projector alone, {build['align_steps']} steps of {build['batch']} "
+                     f"captions and labels, lr {build['align_lr']:g}"))
     text = (f"; {build['text_share']:.0%} of each batch text-only chat"
             + (" learning the untouched SmolLM2's distribution (KL)" if build.get("distil_text") else "")
             if build.get("text_share") else "")
-    rows.append(("2, visual instruction tuning", f"projector + LoRA r={build['lora_r']} (alpha {build['lora_alpha']}) on "
+    learner = "LoRA" if build.get("keep_fact_projector") else "projector + LoRA"
+    rows.append(("2, visual instruction tuning", f"{learner} r={build['lora_r']} (alpha {build['lora_alpha']}) on "
                  f"every LM linear layer, {build['tune_steps']} steps of {build['batch']} records, lr "
                  f"{build['tune_lr']:g}{text}"
                  + ("; each record's answer loss weighed equally" if build.get("answer_loss") == "record" else "")
                  + (f"; image rows read the words stage 0' teaches for their patches instead of their own tokens, "
                     f"with a chance falling from 1 to 0 over the first {build['word_grid_until']:.0%} of the steps"
-                    if build.get("word_grid_until") else "")))
+                    if build.get("word_grid_until") else "")
+                 + ("; the projector stays as stage 0' taught it (no stage 1)" if build.get("keep_fact_projector")
+                    else "")))
     if build.get("repair_steps"):
         rows.append(("3, language repair", f"{build['repair_steps']} steps, half text (KL), lr {build['repair_lr']:g}"))
     return rows

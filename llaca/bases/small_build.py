@@ -110,6 +110,11 @@ ANSWER_LOSSES = ("token", "record")
 # 17 (build 15 + 0.5) scored 48.7% against 49.3: the LM learns the tasks fast on the grids and none of it carries to
 # the real tokens (docs/base-models.md, build 17).
 WORD_GRID_UNTIL = 0.0
+# With stage 0': keep the projector as stage 0' leaves it, so the LM reads the words it put on the tokens. Stage 1
+# trains the projector alone on captions: on build 15's test images the things' tokens whose nearest LM word is one of
+# their patch's fell from 66.7% (stage 0') to 12.1% after stage 1 and 20.2% in the finished build
+# (`experiments.projector_drift_probe`). True: stage 1 is skipped and stage 2 trains the LoRA alone. False: builds 1-18.
+KEEP_FACT_PROJECTOR = False
 
 
 # --------------------------------------------------------------------------- text-only chat (self-distilled)
@@ -870,7 +875,7 @@ def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, ba
                 tower_blocks: int, tune_lr: float, embed_align_epochs: int, fact_align_epochs: int, fact_keep: float,
                 fact_centre_word: str | None, turns_per_image: int, group_by_length: int, pad_to_multiple_of: int,
                 answer_loss_per: str, text_share: float, distil_text: bool,
-                word_grid_until: float) -> tuple[Path, str]:
+                word_grid_until: float, keep_fact_projector: bool = False) -> tuple[Path, str]:
     """(the run folder, the suffix of its stage-2 and stage-3 checkpoints).
 
     The folder is named by what changes stages 0'-1 (its draws, read-out, tower and stage-0 options), the
@@ -888,7 +893,7 @@ def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, ba
               + (f"-per-{answer_loss_per}" if answer_loss_per != "token" else ""))
     text = (f"-text{text_share}{'-kl' if distil_text else ''}"
             if (text_share, distil_text) != (TEXT_SHARE, DISTIL_TEXT) else "")
-    grid = f"-grid{word_grid_until:g}" if word_grid_until else ""
+    grid = (f"-grid{word_grid_until:g}" if word_grid_until else "") + ("-fact-projector" if keep_fact_projector else "")
     stem = f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}{readout_tag}"
     run = cache / (stem + (f"-tower{tower_blocks}" if tower_blocks else "") + before)
     legacy = cache / (stem + (f"-tower{tower_blocks}-lr{tune_lr:g}" if tower_blocks or tune_lr != TUNE_LR else "")
@@ -915,7 +920,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
           turns_per_image: int = TURNS_PER_IMAGE, group_by_length: int = GROUP_BY_LENGTH,
           fact_align_epochs: int = FACT_ALIGN_EPOCHS, fact_keep: float = FACT_KEEP,
           pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, fact_centre_word: str | None = FACT_CENTRE_WORD,
-          answer_loss_per: str = ANSWER_LOSS, word_grid_until: float = WORD_GRID_UNTIL) -> dict:
+          answer_loss_per: str = ANSWER_LOSS, word_grid_until: float = WORD_GRID_UNTIL,
+          keep_fact_projector: bool = KEEP_FACT_PROJECTOR) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3.
     `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images).
@@ -924,7 +930,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     thing's centre patch (`fact_align`'s `centre_word`). `pad_to_multiple_of`: stage 2's
     batches come in a few lengths (it did not stop the resident memory's growth in build 12). `answer_loss_per`: stage
     2's image loss averaged per answer token or per record (`ANSWER_LOSS`). `word_grid_until`: the share of stage 2
-    over which image rows fade from their ideal word grids to their own tokens (`WORD_GRID_UNTIL`)."""
+    over which image rows fade from their ideal word grids to their own tokens (`WORD_GRID_UNTIL`).
+    `keep_fact_projector`: the projector stays as stage 0' taught it (`KEEP_FACT_PROJECTOR`)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..data.world import ensure_alignment, ensure_mixture
@@ -940,6 +947,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                          "--fact-align-epochs")
     if not 0 <= word_grid_until <= 1:
         raise ValueError(f"--word-grid-until {word_grid_until}: a share of stage 2's steps, from 0 (off) to 1")
+    if keep_fact_projector and not fact_align_epochs:
+        raise ValueError("--keep-fact-projector keeps the projector stage 0' teaches: it needs --fact-align-epochs")
     if fact_centre_word and not fact_align_epochs:
         raise ValueError("--fact-centre-word is a target of stage 0': it needs --fact-align-epochs")
     if fact_align_epochs and (tower_blocks or embed_align_epochs or from_adapter or turns_per_image > 1):
@@ -1001,7 +1010,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             fact_align_epochs=fact_align_epochs, fact_keep=fact_keep, fact_centre_word=fact_centre_word,
             turns_per_image=turns_per_image, group_by_length=group_by_length, pad_to_multiple_of=pad_to_multiple_of,
             answer_loss_per=answer_loss_per, text_share=text_share, distil_text=distil_text,
-            word_grid_until=word_grid_until)
+            word_grid_until=word_grid_until, keep_fact_projector=keep_fact_projector)
         run.mkdir(parents=True, exist_ok=True)
         lm_cache = cache
         if fact_align_epochs:  # stage 0': the tower's tail + projector put the scene's words on its tokens
@@ -1011,7 +1020,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                                   fact_centre_word)
         stage1 = Mixture(align, encoder, lm_cache, seed=seed)
         projector_file = run / "projector.safetensors"
-        if projector_file.is_file():  # stage 1 done in an earlier, interrupted run
+        if keep_fact_projector:  # stage 1 trains the projector alone: skipped, so it stays as stage 0' taught it
+            pass
+        elif projector_file.is_file():  # stage 1 done in an earlier, interrupted run
             from safetensors.torch import load_file
 
             model.model.multi_modal_projector.load_state_dict(load_file(str(projector_file)))
@@ -1034,6 +1045,10 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         saved = ["multi_modal_projector"] + (fact_tail_modules(n_blocks) if fact_align_epochs else [])
         peft_model = get_peft_model(model, LoraConfig(r=LORA_R, lora_alpha=LORA_ALPHA, lora_dropout=0.05,
                                                       target_modules=targets, modules_to_save=saved))
+        if keep_fact_projector:  # saved whole in the adapter (stage 0' taught it), not learning in stage 2
+            for name, p in peft_model.named_parameters():
+                if "multi_modal_projector" in name:
+                    p.requires_grad = False
         grids = None
         if word_grid_until:  # the targets of stage 0' for each stage-2 image, on the map the LM reads
             scenes = mixture_scenes_of(tune_all, seed, n_images)
@@ -1067,7 +1082,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     build_info = {"world": "v2", "seed": seed, "n_train": n_images, "n_test": 300, "rehearsal": 0.3,
                   "turns_per_image": turns_per_image, "group_by_length": group_by_length,
                   "pad_to_multiple_of": pad_to_multiple_of, "answer_loss": answer_loss_per,
-                  "word_grid_until": word_grid_until,
+                  "word_grid_until": word_grid_until, "keep_fact_projector": keep_fact_projector,
                   "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
                   "tower_blocks": tower_blocks, "embed_align_epochs": embed_align_epochs,
@@ -1152,6 +1167,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--word-grid-until", type=float, default=WORD_GRID_UNTIL,
                     help="stage 2's image rows fade from the words stage 0' teaches (ideal perception) to their own "
                          "tokens over this share of its steps (0: off; needs --fact-align-epochs)")
+    ap.add_argument("--keep-fact-projector", action="store_true", default=KEEP_FACT_PROJECTOR,
+                    help="the projector stays as stage 0' teaches it: stage 1 skipped, stage 2 trains the LoRA alone "
+                         "(needs --fact-align-epochs)")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
     return ap
@@ -1167,7 +1185,7 @@ def main(argv=None) -> None:
                            group_by_length=args.group_by_length, fact_align_epochs=args.fact_align_epochs,
                            fact_keep=args.fact_keep, pad_to_multiple_of=args.pad_to_multiple_of,
                            fact_centre_word=args.fact_centre_word, answer_loss_per=args.answer_loss,
-                           word_grid_until=args.word_grid_until),
+                           word_grid_until=args.word_grid_until, keep_fact_projector=args.keep_fact_projector),
                      indent=1))
 
 
