@@ -114,6 +114,8 @@ WORD_GRID_UNTIL = 0.0
 # trains the projector alone on captions: on build 15's test images the things' tokens whose nearest LM word is one of
 # their patch's fell from 66.7% (stage 0') to 12.1% after stage 1 and 20.2% in the finished build
 # (`experiments.projector_drift_probe`). True: stage 1 is skipped and stage 2 trains the LoRA alone. False: builds 1-18.
+# Build 19 (build 15 + True) scored 48.7% against 49.3: yes/no 53.5 -> 72.1, counting 56.2 -> 45.8, multiple choice
+# still at chance (docs/base-models.md, build 19).
 KEEP_FACT_PROJECTOR = False
 
 
@@ -879,7 +881,8 @@ def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, ba
     """(the run folder, the suffix of its stage-2 and stage-3 checkpoints).
 
     The folder is named by what changes stages 0'-1 (its draws, read-out, tower and stage-0 options), the
-    checkpoints by what changes stage 2 alone (rate, batching, loss, text rows, word grids), so builds that differ
+    checkpoints by what changes stage 2 alone (rate, batching, loss, text rows, word grids, a kept stage-0' projector,
+    which skips stage 1 without changing what it would write), so builds that differ
     only in stage 2 share stages 0'-1 (~23 min). A run folder named the earlier way (every option in the folder's
     name; builds 1-18) is used as it is when it exists and the new one does not, so interrupted builds still resume.
     """
@@ -893,14 +896,16 @@ def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, ba
               + (f"-per-{answer_loss_per}" if answer_loss_per != "token" else ""))
     text = (f"-text{text_share}{'-kl' if distil_text else ''}"
             if (text_share, distil_text) != (TEXT_SHARE, DISTIL_TEXT) else "")
-    grid = (f"-grid{word_grid_until:g}" if word_grid_until else "") + ("-fact-projector" if keep_fact_projector else "")
+    # options added after the earlier naming: a folder named that way never ran them, so they name its checkpoints too
+    newer = ((f"-grid{word_grid_until:g}" if word_grid_until else "")
+             + ("-fact-projector" if keep_fact_projector else ""))
     stem = f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}{readout_tag}"
     run = cache / (stem + (f"-tower{tower_blocks}" if tower_blocks else "") + before)
     legacy = cache / (stem + (f"-tower{tower_blocks}-lr{tune_lr:g}" if tower_blocks or tune_lr != TUNE_LR else "")
                       + before + stage2 + text)
     if legacy != run and legacy.is_dir() and not run.is_dir():
-        return legacy, grid
-    return run, (f"-lr{tune_lr:g}" if tune_lr != TUNE_LR else "") + stage2 + text + grid
+        return legacy, newer
+    return run, (f"-lr{tune_lr:g}" if tune_lr != TUNE_LR else "") + stage2 + text + newer
 
 
 def draw_records(tune_all: list[D.Record], seed: int, align_steps: int = ALIGN_STEPS, tune_steps: int = TUNE_STEPS,
