@@ -9,7 +9,8 @@ targets + random words): things' tokens whose nearest word is one of theirs, wri
 
     LLACA_HOME=bench_results/small_build15/work/home PYTHONPATH=. python -m experiments.projector_drift_probe \\
         --run $LLACA_HOME/cache/small-build-seed0-a150-t550-b16-twin-facts10-centre-one-group10-pad32 \\
-        --adapter bench_results/small_build15/work/adapter --readout twin --out bench_results/small/projector_drift_build15.json
+        --adapter bench_results/small_build15/work/adapter --readout twin \\
+        --out bench_results/small/projector_drift_build15.json
 """
 from __future__ import annotations
 

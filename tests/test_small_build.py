@@ -117,7 +117,7 @@ def test_per_record_loss_weighs_a_short_answer_as_much_as_a_long_one(tiny_fastvl
 
 def _mixture_stand_ins(n_tokens: int, encode):
     """What `Mixture` asks of the record encoder (a tokenizer, each record's token ids from `encode(turns, n_img)`) and
-    of the feature cache (a dict of image -> features that knows each image's token count), without tower or template."""
+    of the feature cache (a dict of image -> features that knows each image's token count): no tower, no template."""
     class Encoder:
         tokenizer = None
         encode_turns = staticmethod(encode)
