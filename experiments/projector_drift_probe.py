@@ -25,13 +25,10 @@ from llaca.paths import atomic_write_json, llaca_home
 
 def adapter_projector(adapter: Path) -> dict[str, torch.Tensor]:
     """The projector's weights in a stored build adapter (saved whole, as peft's modules_to_save)."""
-    from safetensors.torch import load_file
+    from llaca.bases.small import adapter_tensors
 
-    weights = {}
-    for shard in sorted(adapter.glob("*.safetensors")):
-        weights.update(load_file(str(shard)))
     return {k.split("multi_modal_projector.")[-1].replace("modules_to_save.default.", ""): v.float()
-            for k, v in weights.items() if "multi_modal_projector" in k}
+            for k, v in adapter_tensors(adapter).items() if "multi_modal_projector" in k}
 
 
 def main(argv=None) -> int:

@@ -30,21 +30,31 @@ def store_adapter(folder: Path, max_shard_size: str | int = ADAPTER_SHARD_SIZE) 
                           max_shard_size=max_shard_size, metadata={"format": "pt"})
 
 
+def adapter_tensors(folder: Path) -> dict:
+    """Every tensor of a built adapter in `folder`, sharded (`store_adapter`) or as peft wrote it."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    if not (folder / ADAPTER_INDEX).is_file():
+        return load_file(folder / "adapter_model.safetensors")
+    tensors = {}
+    for shard in sorted(set(json.loads((folder / ADAPTER_INDEX).read_text())["weight_map"].values())):
+        tensors.update(load_file(folder / shard))
+    return tensors
+
+
 @contextmanager
 def joined_adapter(folder: Path):
     """A folder peft can load: peft reads one `adapter_model.safetensors`, so a sharded adapter is joined into a
     temporary folder (config + the shards' union); an unsharded one is used as it is."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import save_file
 
     folder = Path(folder)
     if not (folder / ADAPTER_INDEX).is_file():
         yield folder
         return
-    tensors = {}
-    for shard in sorted(set(json.loads((folder / ADAPTER_INDEX).read_text())["weight_map"].values())):
-        tensors.update(load_file(folder / shard))
     with tempfile.TemporaryDirectory() as tmp:
-        save_file(tensors, Path(tmp) / "adapter_model.safetensors", metadata={"format": "pt"})
+        save_file(adapter_tensors(folder), Path(tmp) / "adapter_model.safetensors", metadata={"format": "pt"})
         shutil.copy(folder / "adapter_config.json", tmp)
         yield Path(tmp)
 
