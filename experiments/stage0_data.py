@@ -31,8 +31,7 @@ def front_cache(home: Path, model, processor, images: list, blocks: int | None =
     from llaca.models.small import IMAGE_SIZE, TOWER_VARIANT
 
     front = len(model.model.vision_tower.encoder.blocks) - (blocks or B.FACT_BLOCKS)
-    tag = "" if readout == "head" else f"-{readout}"
-    cache = B.FeatureCache(home / "cache" / f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{tag}-front{front}", model,
-                           processor, front)
+    name = f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{B.readout_tag(readout)}-front{front}"
+    cache = B.FeatureCache(home / "cache" / name, model, processor, front)
     cache.fill([Path(i) for i in images])
     return cache

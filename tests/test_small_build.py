@@ -602,7 +602,7 @@ def test_word_grids_are_in_the_command_only_where_a_build_faded_them():
 
 
 def test_a_kept_fact_projector_is_in_the_command_and_the_card_drops_stage_1():
-    """Builds 1-18 retrain the projector in stages 1-2; a build that keeps stage 0''s repeats with
+    """Builds 1-18 retrain the projector in stages 1-2; a build that keeps the one stage 0' taught repeats with
     `--keep-fact-projector`, and its card lists no stage 1 and a LoRA-only stage 2. It needs stage 0'."""
     from llaca.bases.model_card import _recipe_rows, build_command
     from llaca.paths import REPO_DIR

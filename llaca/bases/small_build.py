@@ -873,6 +873,11 @@ def fact_stage(model, run: Path, tune: list[D.Record], scenes_of, test: list[D.R
     return TailFeatures(cache, model, FACT_BLOCKS, lm_images)
 
 
+def readout_tag(readout: str) -> str:
+    """The read-out's part of a cache or run folder name: none for the head map, so build 2's caches keep their name."""
+    return "" if readout == "head" else f"-{readout}"
+
+
 def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, batch: int, readout: str,
                 tower_blocks: int, tune_lr: float, embed_align_epochs: int, fact_align_epochs: int, fact_keep: float,
                 fact_centre_word: str | None, turns_per_image: int, group_by_length: int, pad_to_multiple_of: int,
@@ -886,7 +891,6 @@ def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, ba
     only in stage 2 share stages 0'-1 (~23 min). A run folder named the earlier way (every option in the folder's
     name; builds 1-18) is used as it is when it exists and the new one does not, so interrupted builds still resume.
     """
-    readout_tag = "" if readout == "head" else f"-{readout}"  # build 2's cache keeps its name
     facts = (f"-facts{fact_align_epochs}" + (f"-keep{fact_keep:g}" if fact_keep else "")
              + (f"-centre-{fact_centre_word}" if fact_centre_word else "")) if fact_align_epochs else ""
     before = (f"-e{embed_align_epochs}" if embed_align_epochs else "") + facts \
@@ -899,7 +903,7 @@ def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, ba
     # options added after the earlier naming: a folder named that way never ran them, so they name its checkpoints too
     newer = ((f"-grid{word_grid_until:g}" if word_grid_until else "")
              + ("-fact-projector" if keep_fact_projector else ""))
-    stem = f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}{readout_tag}"
+    stem = f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}{readout_tag(readout)}"
     run = cache / (stem + (f"-tower{tower_blocks}" if tower_blocks else "") + before)
     legacy = cache / (stem + (f"-tower{tower_blocks}-lr{tune_lr:g}" if tower_blocks or tune_lr != TUNE_LR else "")
                       + before + stage2 + text)
@@ -967,10 +971,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     tokenizer = processor.tokenizer
     pad_id = tokenizer.pad_token_id
     encoder = D.RecordEncoder(processor)
-    tag = "" if readout == "head" else f"-{readout}"  # build 2's cache keeps its name
     n_blocks = len(model.model.vision_tower.encoder.blocks)
     front = n_blocks - tower_blocks if tower_blocks else n_blocks - FACT_BLOCKS if fact_align_epochs else None
-    cache = FeatureCache(registry.home / "cache" / (f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{tag}"
+    cache = FeatureCache(registry.home / "cache" / (f"small-tower-{TOWER_VARIANT}-{IMAGE_SIZE}{readout_tag(readout)}"
                                                     + (f"-front{front}" if front else "")), model, processor, front)
     if answer_loss_per not in ANSWER_LOSSES:  # before the build's first hour, not at stage 2's first step
         raise ValueError(f"--answer-loss {answer_loss_per!r}: choose one of {ANSWER_LOSSES}")
