@@ -620,6 +620,40 @@ def test_a_kept_fact_projector_is_in_the_command_and_the_card_drops_stage_1():
         small_build.build(keep_fact_projector=True, fact_align_epochs=0)
 
 
+def test_a_split_projector_learns_only_its_columns_on_the_imagenet_half(make_tiny_fastvlm):
+    """`--split-fact-projector`: after AdamW steps on a loss that reads both halves of the twin map, the first layer's
+    columns on the first (ImageNet) half have moved and its columns on the taught half, its bias and the second layer
+    are exactly as they were; the command and the card say so, and the option needs stage 0' on the twin map."""
+    from llaca.bases.model_card import _recipe_rows, build_command
+
+    projector = small_build.projector_of(make_tiny_fastvlm())
+    before = {n: p.detach().clone() for n, p in projector.named_parameters()}
+    hook = small_build.only_imagenet_columns_learn(projector)
+    learning = [p for p in projector.parameters() if p.requires_grad]
+    assert learning == [projector.linear_1.weight]
+    opt = torch.optim.AdamW(learning, lr=1e-2, weight_decay=0.0)
+    features = torch.randn(2, 4, projector.linear_1.in_features)
+    for _ in range(3):
+        projector(features).pow(2).sum().backward()
+        opt.step()
+        opt.zero_grad()
+    hook.remove()
+    half = projector.linear_1.in_features // 2
+    w, w0 = projector.linear_1.weight.detach(), before["linear_1.weight"]
+    assert not torch.equal(w[:, :half], w0[:, :half])
+    assert torch.equal(w[:, half:], w0[:, half:])
+    for name in ("linear_1.bias", "linear_2.weight", "linear_2.bias"):
+        assert torch.equal(dict(projector.named_parameters())[name].detach(), before[name])
+    build = {**json.loads((ASSETS_DIR / "small/meta.json").read_text())["build"], "split_fact_projector": True,
+             "fact_align_epochs": 10, "readout": "twin"}
+    assert small_build.parser().parse_args(build_command(build).split()[3:]).split_fact_projector
+    assert "ImageNet half learn" in dict(_recipe_rows(build))["2, visual instruction tuning"]
+    for wrong in (dict(fact_align_epochs=0, readout="twin"), dict(fact_align_epochs=10, readout="head"),
+                  dict(fact_align_epochs=10, readout="twin", keep_fact_projector=True)):
+        with pytest.raises(ValueError, match="--split-fact-projector"):
+            small_build.build(split_fact_projector=True, **wrong)
+
+
 def test_a_centre_word_is_in_the_command_only_where_a_build_said_one():
     """`--fact-centre-word` has no value by default: the card's command names it only for a build that used one, and
     `small_build` refuses it without stage 0', whose target it is."""
@@ -689,7 +723,8 @@ def test_run_folders_share_stages_0_and_1_between_builds_that_differ_in_stage_2_
     assert run == tmp_path / "small-build-seed0-a150-t550-b16-twin-facts10-centre-one"
     assert suffix == "-group10-pad32"
     others = [dict(base, tune_lr=1e-4), dict(base, group_by_length=1), dict(base, answer_loss_per="record"),
-              dict(base, text_share=0.125), dict(base, word_grid_until=0.5), dict(base, keep_fact_projector=True)]
+              dict(base, text_share=0.125), dict(base, word_grid_until=0.5), dict(base, keep_fact_projector=True),
+              dict(base, split_fact_projector=True)]
     suffixes = {suffix}
     for options in others:
         other_run, other_suffix = small_build.run_folders(tmp_path, **options)
@@ -708,5 +743,6 @@ def test_run_folders_share_stages_0_and_1_between_builds_that_differ_in_stage_2_
     assert small_build.run_folders(tmp_path, **base) == (legacy, "")
     assert small_build.run_folders(tmp_path, **dict(base, word_grid_until=0.5)) == (legacy, "-grid0.5")
     assert small_build.run_folders(tmp_path, **dict(base, keep_fact_projector=True)) == (legacy, "-fact-projector")
+    assert small_build.run_folders(tmp_path, **dict(base, split_fact_projector=True)) == (legacy, "-split-projector")
     run.mkdir()
     assert small_build.run_folders(tmp_path, **base) == (run, "-group10-pad32")

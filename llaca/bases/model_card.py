@@ -43,6 +43,8 @@ def build_command(build: dict) -> str:
         flags.append(f"--word-grid-until {build['word_grid_until']:g}")
     if build.get("keep_fact_projector"):  # off in builds 1-18
         flags.append("--keep-fact-projector")
+    if build.get("split_fact_projector"):  # off in builds 1-19
+        flags.append("--split-fact-projector")
     return "python -m llaca.bases.small_build " + " ".join(flags)
 
 
@@ -73,7 +75,9 @@ def _recipe_rows(build: dict) -> list[tuple[str, str]]:
                     f"with a chance falling from 1 to 0 over the first {build['word_grid_until']:.0%} of the steps"
                     if build.get("word_grid_until") else "")
                  + ("; the projector stays as stage 0' taught it (no stage 1)" if build.get("keep_fact_projector")
-                    else "")))
+                    else "")
+                 + ("; only the projector's columns on the twin map's ImageNet half learn (stages 1-2)"
+                    if build.get("split_fact_projector") else "")))
     if build.get("repair_steps"):
         rows.append(("3, language repair", f"{build['repair_steps']} steps, half text (KL), lr {build['repair_lr']:g}"))
     return rows

@@ -117,6 +117,11 @@ WORD_GRID_UNTIL = 0.0
 # Build 19 (build 15 + True) scored 48.7% against 49.3: yes/no 53.5 -> 72.1, counting 56.2 -> 45.8, multiple choice
 # still at chance (docs/base-models.md, build 19).
 KEEP_FACT_PROJECTOR = False
+# With stage 0' on the twin map: keep the projector's columns that read the taught (word) half as stage 0' leaves them
+# and let stages 1-2 train only the columns that read the untouched ImageNet half (`only_imagenet_columns_learn`), so
+# the tokens keep the words (build 19's yes/no) and the projector can still add what ImageNet's map carries and the
+# words do not (build 15's counting). False: builds 1-19.
+SPLIT_FACT_PROJECTOR = False
 
 
 # --------------------------------------------------------------------------- text-only chat (self-distilled)
@@ -615,6 +620,21 @@ def projector_of(model):
     return inner.model.multi_modal_projector
 
 
+def only_imagenet_columns_learn(projector) -> torch.utils.hooks.RemovableHandle:
+    """Freeze the projector except its first layer's columns that read a twin map's first, untouched ImageNet half
+    (`efficientnet_lite_twin_tower`; the taught copy is the second half, `twin_learning_masks`): its bias, its second
+    layer and its columns on the taught half keep their values, because their gradient is zeroed by the returned hook
+    (remove it when the stage ends) and AdamW without weight decay never moves a weight whose gradient is always 0
+    (`SPLIT_FACT_PROJECTOR`)."""
+    for p in projector.parameters():
+        p.requires_grad = False
+    weight = projector.linear_1.weight
+    weight.requires_grad = True
+    mask = torch.zeros_like(weight)
+    mask[:, :weight.shape[1] // 2] = 1.0
+    return weight.register_hook(lambda g: g * mask.to(g.dtype))
+
+
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, per: str = "token") -> torch.Tensor:
     """Cross-entropy of answer tokens (`logits` and `targets` of the labelled positions, `rows` their batch row),
     averaged over tokens, or (`per="record"`) over each row's tokens and then over rows (`ANSWER_LOSS`)."""
@@ -882,7 +902,8 @@ def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, ba
                 tower_blocks: int, tune_lr: float, embed_align_epochs: int, fact_align_epochs: int, fact_keep: float,
                 fact_centre_word: str | None, turns_per_image: int, group_by_length: int, pad_to_multiple_of: int,
                 answer_loss_per: str, text_share: float, distil_text: bool,
-                word_grid_until: float, keep_fact_projector: bool = False) -> tuple[Path, str]:
+                word_grid_until: float, keep_fact_projector: bool = False,
+                split_fact_projector: bool = False) -> tuple[Path, str]:
     """(the run folder, the suffix of its stage-2 and stage-3 checkpoints).
 
     The folder is named by what changes stages 0'-1 (its draws, read-out, tower and stage-0 options), the
@@ -902,7 +923,8 @@ def run_folders(cache: Path, *, seed: int, align_steps: int, tune_steps: int, ba
             if (text_share, distil_text) != (TEXT_SHARE, DISTIL_TEXT) else "")
     # options added after the earlier naming: a folder named that way never ran them, so they name its checkpoints too
     newer = ((f"-grid{word_grid_until:g}" if word_grid_until else "")
-             + ("-fact-projector" if keep_fact_projector else ""))
+             + ("-fact-projector" if keep_fact_projector else "")
+             + ("-split-projector" if split_fact_projector else ""))
     stem = f"small-build-seed{seed}-a{align_steps}-t{tune_steps}-b{batch}{readout_tag(readout)}"
     run = cache / (stem + (f"-tower{tower_blocks}" if tower_blocks else "") + before)
     legacy = cache / (stem + (f"-tower{tower_blocks}-lr{tune_lr:g}" if tower_blocks or tune_lr != TUNE_LR else "")
@@ -930,7 +952,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
           fact_align_epochs: int = FACT_ALIGN_EPOCHS, fact_keep: float = FACT_KEEP,
           pad_to_multiple_of: int = PAD_TO_MULTIPLE_OF, fact_centre_word: str | None = FACT_CENTRE_WORD,
           answer_loss_per: str = ANSWER_LOSS, word_grid_until: float = WORD_GRID_UNTIL,
-          keep_fact_projector: bool = KEEP_FACT_PROJECTOR) -> dict:
+          keep_fact_projector: bool = KEEP_FACT_PROJECTOR,
+          split_fact_projector: bool = SPLIT_FACT_PROJECTOR) -> dict:
     """Train projector (stage 1), projector + LoRA (stage 2), then repair the LM's language (stage 3); write the
     adapter to `out`; return the meta. `from_adapter`: start from a built adapter (stages 1-2 done) and run stage 3.
     `turns_per_image` > 1: the mixture's `n_train` questions are asked as that many per image (n_train / k images).
@@ -940,7 +963,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
     batches come in a few lengths (it did not stop the resident memory's growth in build 12). `answer_loss_per`: stage
     2's image loss averaged per answer token or per record (`ANSWER_LOSS`). `word_grid_until`: the share of stage 2
     over which image rows fade from their ideal word grids to their own tokens (`WORD_GRID_UNTIL`).
-    `keep_fact_projector`: the projector stays as stage 0' taught it (`KEEP_FACT_PROJECTOR`)."""
+    `keep_fact_projector`: the projector stays as stage 0' taught it (`KEEP_FACT_PROJECTOR`); `split_fact_projector`:
+    only its columns on the ImageNet half of the twin map learn in stages 1-2 (`SPLIT_FACT_PROJECTOR`)."""
     from peft import LoraConfig, PeftModel, get_peft_model
 
     from ..data.world import ensure_alignment, ensure_mixture
@@ -958,6 +982,9 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         raise ValueError(f"--word-grid-until {word_grid_until}: a share of stage 2's steps, from 0 (off) to 1")
     if keep_fact_projector and not fact_align_epochs:
         raise ValueError("--keep-fact-projector keeps the projector stage 0' teaches: it needs --fact-align-epochs")
+    if split_fact_projector and (keep_fact_projector or not fact_align_epochs or readout != "twin"):
+        raise ValueError("--split-fact-projector keeps the columns stage 0' taught on the twin map's word half: it "
+                         "needs --fact-align-epochs and --readout twin, and not --keep-fact-projector")
     if fact_centre_word and not fact_align_epochs:
         raise ValueError("--fact-centre-word is a target of stage 0': it needs --fact-align-epochs")
     if fact_align_epochs and (tower_blocks or embed_align_epochs or from_adapter or turns_per_image > 1):
@@ -1018,7 +1045,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             fact_align_epochs=fact_align_epochs, fact_keep=fact_keep, fact_centre_word=fact_centre_word,
             turns_per_image=turns_per_image, group_by_length=group_by_length, pad_to_multiple_of=pad_to_multiple_of,
             answer_loss_per=answer_loss_per, text_share=text_share, distil_text=distil_text,
-            word_grid_until=word_grid_until, keep_fact_projector=keep_fact_projector)
+            word_grid_until=word_grid_until, keep_fact_projector=keep_fact_projector,
+            split_fact_projector=split_fact_projector)
         run.mkdir(parents=True, exist_ok=True)
         lm_cache = cache
         if fact_align_epochs:  # stage 0': the tower's tail + projector put the scene's words on its tokens
@@ -1027,25 +1055,29 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                                   tokenizer, fact_align_epochs, seed, [r.image for r in align + tune], fact_keep,
                                   fact_centre_word)
         stage1 = Mixture(align, encoder, lm_cache, seed=seed)
-        projector_file = run / "projector.safetensors"
+        split = "-split" if split_fact_projector else ""  # stage 1 of a split projector: its own file in the folder
+        projector_file = run / f"projector{split}.safetensors"
+        hook = only_imagenet_columns_learn(projector_of(model)) if split_fact_projector else None
         if keep_fact_projector:  # stage 1 trains the projector alone: skipped, so it stays as stage 0' taught it
             pass
         elif projector_file.is_file():  # stage 1 done in an earlier, interrupted run
             from safetensors.torch import load_file
 
             model.model.multi_modal_projector.load_state_dict(load_file(str(projector_file)))
-            log += json.loads((run / "align_log.json").read_text())
+            log += json.loads((run / f"align_log{split}.json").read_text())
         else:
             if embed_align_epochs:  # stage 0: towards the LM's embeddings of the short answers (no LM pass)
                 stage0 = embed_align(model, naming_turns(align + tune), cache, tokenizer, embed_align_epochs,
                                      seed=seed)
                 atomic_write_json(run / "embed_align.json", stage0)
-            train(model, stage1, batch, pad_id, align_steps, ALIGN_LR, "align", log, run / "align-checkpoint",
+            train(model, stage1, batch, pad_id, align_steps, ALIGN_LR, "align", log, run / f"align-checkpoint{split}",
                   tower_blocks=tower_blocks)
             from safetensors.torch import save_file
 
             save_file(model.model.multi_modal_projector.state_dict(), str(projector_file))
-            atomic_write_json(run / "align_log.json", log)
+            atomic_write_json(run / f"align_log{split}.json", log)
+        if hook:
+            hook.remove()
         timings["align_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
         # Stage 2: LoRA on every LM Linear + the projector (saved whole, as peft's modules_to_save).
@@ -1057,6 +1089,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             for name, p in peft_model.named_parameters():
                 if "multi_modal_projector" in name:
                     p.requires_grad = False
+        hook = only_imagenet_columns_learn(projector_of(peft_model).modules_to_save["default"]) \
+            if split_fact_projector else None
         grids = None
         if word_grid_until:  # the targets of stage 0' for each stage-2 image, on the map the LM reads
             scenes = mixture_scenes_of(tune_all, seed, n_images)
@@ -1069,6 +1103,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
               run / f"tune-checkpoint{stage2_suffix}",
               distil_text=distil_text, tower_blocks=tower_blocks, pad_to_multiple_of=pad_to_multiple_of,
               per=answer_loss_per)
+        if hook:
+            hook.remove()
         timings["tune_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
     # Stage 3: language repair. Half of each batch is text, learned as the untouched LM's distribution (KL), half the
@@ -1091,7 +1127,8 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                   "turns_per_image": turns_per_image, "group_by_length": group_by_length,
                   "pad_to_multiple_of": pad_to_multiple_of, "answer_loss": answer_loss_per,
                   "word_grid_until": word_grid_until, "keep_fact_projector": keep_fact_projector,
-                  "data_version": base_world.DATA_VERSION, "align_steps": align_steps, "tune_steps": tune_steps,
+                  "split_fact_projector": split_fact_projector, "data_version": base_world.DATA_VERSION,
+                  "align_steps": align_steps, "tune_steps": tune_steps,
                   "batch": batch, "align_lr": ALIGN_LR, "tune_lr": tune_lr,
                   "tower_blocks": tower_blocks, "embed_align_epochs": embed_align_epochs,
                   "fact_align_epochs": fact_align_epochs, "fact_keep": fact_keep, "fact_centre_word": fact_centre_word,
@@ -1178,6 +1215,9 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--keep-fact-projector", action="store_true", default=KEEP_FACT_PROJECTOR,
                     help="the projector stays as stage 0' teaches it: stage 1 skipped, stage 2 trains the LoRA alone "
                          "(needs --fact-align-epochs)")
+    ap.add_argument("--split-fact-projector", action="store_true", default=SPLIT_FACT_PROJECTOR,
+                    help="stages 1-2 train only the projector's columns on the twin map's ImageNet half; those on the "
+                         "half stage 0' taught stay (needs --fact-align-epochs, --readout twin)")
     ap.add_argument("--from-adapter", type=Path, default=None,
                     help="a built adapter (e.g. a copy of assets/small/adapter): skip stages 1-2, run stage 3 on it")
     return ap
@@ -1193,7 +1233,8 @@ def main(argv=None) -> None:
                            group_by_length=args.group_by_length, fact_align_epochs=args.fact_align_epochs,
                            fact_keep=args.fact_keep, pad_to_multiple_of=args.pad_to_multiple_of,
                            fact_centre_word=args.fact_centre_word, answer_loss_per=args.answer_loss,
-                           word_grid_until=args.word_grid_until, keep_fact_projector=args.keep_fact_projector),
+                           word_grid_until=args.word_grid_until, keep_fact_projector=args.keep_fact_projector,
+                           split_fact_projector=args.split_fact_projector),
                      indent=1))
 
 
