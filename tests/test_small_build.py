@@ -647,7 +647,9 @@ def test_a_split_projector_learns_only_its_columns_on_the_imagenet_half(make_tin
     build = {**json.loads((ASSETS_DIR / "small/meta.json").read_text())["build"], "split_fact_projector": True,
              "fact_align_epochs": 10, "readout": "twin"}
     assert small_build.parser().parse_args(build_command(build).split()[3:]).split_fact_projector
-    assert "ImageNet half learn" in dict(_recipe_rows(build))["2, visual instruction tuning"]
+    rows = dict(_recipe_rows(build))
+    assert "ImageNet half learn" in rows["2, visual instruction tuning"]
+    assert rows["1, feature alignment"].startswith("the projector's columns on the twin map's ImageNet half alone")
     for wrong in (dict(fact_align_epochs=0, readout="twin"), dict(fact_align_epochs=10, readout="head"),
                   dict(fact_align_epochs=10, readout="twin", keep_fact_projector=True)):
         with pytest.raises(ValueError, match="--split-fact-projector"):

@@ -61,7 +61,9 @@ def _recipe_rows(build: dict) -> list[tuple[str, str]]:
         rows.append(("0 (no LM pass)", f"the projector aimed at the LM's word embeddings: {build['embed_align_epochs']} "
                      "epochs"))
     if not build.get("keep_fact_projector"):
-        rows.append(("1, feature alignment", f"the projector alone, {build['align_steps']} steps of {build['batch']} "
+        learner = ("the projector's columns on the twin map's ImageNet half alone" if build.get("split_fact_projector")
+                   else "the projector alone")
+        rows.append(("1, feature alignment", f"{learner}, {build['align_steps']} steps of {build['batch']} "
                      f"captions and labels, lr {build['align_lr']:g}"))
     text = (f"; {build['text_share']:.0%} of each batch text-only chat"
             + (" learning the untouched SmolLM2's distribution (KL)" if build.get("distil_text") else "")

@@ -120,7 +120,9 @@ KEEP_FACT_PROJECTOR = False
 # With stage 0' on the twin map: keep the projector's columns that read the taught (word) half as stage 0' leaves them
 # and let stages 1-2 train only the columns that read the untouched ImageNet half (`only_imagenet_columns_learn`), so
 # the tokens keep the words (build 19's yes/no) and the projector can still add what ImageNet's map carries and the
-# words do not (build 15's counting). False: builds 1-19.
+# words do not (build 15's counting). False: builds 1-19. Build 20 (build 18 + True) scored 53.0% against 52.0: yes/no
+# 72.1 and reading 80.0 kept, counting 43.8 ("1" to 45 of 48), and stage 1 on those columns alone barely learns (its
+# loss 6.2 -> 5.8, the whole projector's 6.2 -> 1.0; docs/base-models.md, build 20).
 SPLIT_FACT_PROJECTOR = False
 
 
