@@ -1056,7 +1056,6 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                                   test_records, lambda: mixture_scenes_of(test_records, seed, 300, "test"), cache,
                                   tokenizer, fact_align_epochs, seed, [r.image for r in align + tune], fact_keep,
                                   fact_centre_word)
-        stage1 = Mixture(align, encoder, lm_cache, seed=seed)
         split = "-split" if split_fact_projector else ""  # stage 1 of a split projector: its own file in the folder
         projector_file = run / f"projector{split}.safetensors"
         hook = only_imagenet_columns_learn(projector_of(model)) if split_fact_projector else None
@@ -1072,6 +1071,7 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                 stage0 = embed_align(model, naming_turns(align + tune), cache, tokenizer, embed_align_epochs,
                                      seed=seed)
                 atomic_write_json(run / "embed_align.json", stage0)
+            stage1 = Mixture(align, encoder, lm_cache, seed=seed)  # built only where stage 1 runs
             train(model, stage1, batch, pad_id, align_steps, ALIGN_LR, "align", log, run / f"align-checkpoint{split}",
                   tower_blocks=tower_blocks)
             from safetensors.torch import save_file
