@@ -624,20 +624,24 @@ def test_a_split_projector_learns_only_its_columns_on_the_imagenet_half(make_tin
     """`--split-fact-projector`: after AdamW steps on a loss that reads both halves of the twin map, the first layer's
     columns on the first (ImageNet) half have moved and its columns on the taught half, its bias and the second layer
     are exactly as they were; the command and the card say so, and the option needs stage 0' on the twin map."""
+    from peft import LoraConfig, get_peft_model
+
     from llaca.bases.model_card import _recipe_rows, build_command
 
-    projector = small_build.projector_of(make_tiny_fastvlm())
+    # as stage 2 wraps it: LoRA on the LM, the projector a copy peft trains and saves
+    wrapped = get_peft_model(make_tiny_fastvlm(), LoraConfig(r=4, target_modules=small_build.LORA_TARGETS,
+                                                             modules_to_save=["multi_modal_projector"]))
+    projector = small_build.projector_of(wrapped).modules_to_save["default"]
     before = {n: p.detach().clone() for n, p in projector.named_parameters()}
-    hook = small_build.only_imagenet_columns_learn(projector)
-    learning = [p for p in projector.parameters() if p.requires_grad]
-    assert learning == [projector.linear_1.weight]
-    opt = torch.optim.AdamW(learning, lr=1e-2, weight_decay=0.0)
-    features = torch.randn(2, 4, projector.linear_1.in_features)
-    for _ in range(3):
-        projector(features).pow(2).sum().backward()
-        opt.step()
-        opt.zero_grad()
-    hook.remove()
+    with small_build.only_imagenet_columns_learn(projector):
+        learning = [p for p in projector.parameters() if p.requires_grad]
+        assert learning == [projector.linear_1.weight]
+        opt = torch.optim.AdamW(learning, lr=1e-2, weight_decay=0.0)
+        features = torch.randn(2, 4, projector.linear_1.in_features)
+        for _ in range(3):
+            projector(features).pow(2).sum().backward()
+            opt.step()
+            opt.zero_grad()
     half = projector.linear_1.in_features // 2
     w, w0 = projector.linear_1.weight.detach(), before["linear_1.weight"]
     assert not torch.equal(w[:, :half], w0[:, :half])

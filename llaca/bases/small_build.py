@@ -36,6 +36,7 @@ import json
 import math
 import random
 import time
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,8 @@ from .. import data as D
 from ..data import world as base_world
 from ..evaluation.evaluate import evaluate
 from ..models.small import IMAGE_SIZE, READOUT, READOUTS, SMALL_ASSETS, TOWER_VARIANT, assemble
-from ..models.vision import efficientnet_front, efficientnet_tail, only_the_taught_copy_learns, twin_learning_masks
+from ..models.vision import (efficientnet_front, efficientnet_tail, gradients_masked, only_the_taught_copy_learns,
+                             twin_learning_masks)
 from ..paths import atomic_dir, atomic_write_json, llaca_home
 from ..train.tuner import LM_LINEAR_LAYERS
 from .model_card import write_model_card
@@ -622,11 +624,12 @@ def projector_of(model):
     return inner.model.multi_modal_projector
 
 
-def only_imagenet_columns_learn(projector) -> torch.utils.hooks.RemovableHandle:
-    """Freeze the projector except its first layer's columns that read a twin map's first, untouched ImageNet half
-    (`efficientnet_lite_twin_tower`; the taught copy is the second half, `twin_learning_masks`): its bias, its second
-    layer and its columns on the taught half keep their values, because their gradient is zeroed by the returned hook
-    (remove it when the stage ends) and AdamW without weight decay never moves a weight whose gradient is always 0
+@contextmanager
+def only_imagenet_columns_learn(projector):
+    """Within it, of the projector only its first layer's columns that read a twin map's first, untouched ImageNet
+    half learn (`efficientnet_lite_twin_tower`; the taught copy is the second half, `twin_learning_masks`): its other
+    parameters are frozen (and stay so) and the first layer's gradient on the taught half is zeroed
+    (`gradients_masked`), so its bias, its second layer and its columns on the taught half keep their values
     (`SPLIT_FACT_PROJECTOR`)."""
     for p in projector.parameters():
         p.requires_grad = False
@@ -634,7 +637,8 @@ def only_imagenet_columns_learn(projector) -> torch.utils.hooks.RemovableHandle:
     weight.requires_grad = True
     mask = torch.zeros_like(weight)
     mask[:, :weight.shape[1] // 2] = 1.0
-    return weight.register_hook(lambda g: g * mask.to(g.dtype))
+    with gradients_masked(projector, {"linear_1.weight": mask}):
+        yield
 
 
 def answer_loss(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, per: str = "token") -> torch.Tensor:
@@ -1058,7 +1062,6 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                                   fact_centre_word)
         split = "-split" if split_fact_projector else ""  # stage 1 of a split projector: its own file in the folder
         projector_file = run / f"projector{split}.safetensors"
-        hook = only_imagenet_columns_learn(projector_of(model)) if split_fact_projector else None
         if keep_fact_projector:  # stage 1 trains the projector alone: skipped, so it stays as stage 0' taught it
             pass
         elif projector_file.is_file():  # stage 1 done in an earlier, interrupted run
@@ -1072,14 +1075,13 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
                                      seed=seed)
                 atomic_write_json(run / "embed_align.json", stage0)
             stage1 = Mixture(align, encoder, lm_cache, seed=seed)  # built only where stage 1 runs
-            train(model, stage1, batch, pad_id, align_steps, ALIGN_LR, "align", log, run / f"align-checkpoint{split}",
-                  tower_blocks=tower_blocks)
+            with only_imagenet_columns_learn(projector_of(model)) if split_fact_projector else nullcontext():
+                train(model, stage1, batch, pad_id, align_steps, ALIGN_LR, "align", log,
+                      run / f"align-checkpoint{split}", tower_blocks=tower_blocks)
             from safetensors.torch import save_file
 
             save_file(model.model.multi_modal_projector.state_dict(), str(projector_file))
             atomic_write_json(run / f"align_log{split}.json", log)
-        if hook:
-            hook.remove()
         timings["align_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
         # Stage 2: LoRA on every LM Linear + the projector (saved whole, as peft's modules_to_save).
@@ -1091,8 +1093,6 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
             for name, p in peft_model.named_parameters():
                 if "multi_modal_projector" in name:
                     p.requires_grad = False
-        hook = only_imagenet_columns_learn(projector_of(peft_model).modules_to_save["default"]) \
-            if split_fact_projector else None
         grids = None
         if word_grid_until:  # the targets of stage 0' for each stage-2 image, on the map the LM reads
             scenes = mixture_scenes_of(tune_all, seed, n_images)
@@ -1101,12 +1101,13 @@ def build(out: Path = SMALL_ASSETS / "adapter", seed: int = 0, align_steps: int 
         stage2 = Mixture(tune, encoder, lm_cache, chat=chat, text_share=text_share, seed=seed + 1,
                          group_by_length=group_by_length, word_grids=grids,
                          grid_until=round(word_grid_until * tune_steps))
-        train(peft_model, stage2, batch, pad_id, tune_steps, tune_lr, "instruct", log,
-              run / f"tune-checkpoint{stage2_suffix}",
-              distil_text=distil_text, tower_blocks=tower_blocks, pad_to_multiple_of=pad_to_multiple_of,
-              per=answer_loss_per)
-        if hook:
-            hook.remove()
+        learning = only_imagenet_columns_learn(projector_of(peft_model).modules_to_save["default"]) \
+            if split_fact_projector else nullcontext()  # the projector's copy peft trains and saves
+        with learning:
+            train(peft_model, stage2, batch, pad_id, tune_steps, tune_lr, "instruct", log,
+                  run / f"tune-checkpoint{stage2_suffix}",
+                  distil_text=distil_text, tower_blocks=tower_blocks, pad_to_multiple_of=pad_to_multiple_of,
+                  per=answer_loss_per)
         timings["tune_seconds"] = round(time.time() - t0 - sum(timings.values()), 1)
 
     # Stage 3: language repair. Half of each batch is text, learned as the untouched LM's distribution (KL), half the

@@ -567,13 +567,20 @@ def twin_learning_masks(tower) -> dict[str, torch.Tensor]:
 
 
 @contextmanager
-def only_the_taught_copy_learns(tower):
-    """Within it, a twin-head tower's gradients are multiplied by `twin_learning_masks` (no-op for other towers);
-    the hooks are gone afterwards, however the block is left."""
-    named = dict(tower.named_parameters())
-    hooks = [named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)) for n, m in twin_learning_masks(tower).items()]
+def gradients_masked(module, masks: dict[str, torch.Tensor]):
+    """Within it, the gradient of each of `module`'s parameters named in `masks` is multiplied by its 0/1 mask (with
+    weight decay 0, Adam then leaves every masked weight exactly as it was); the hooks are gone afterwards, however
+    the block is left."""
+    named = dict(module.named_parameters())
+    hooks = [named[n].register_hook(lambda g, m=m: g * m.to(g.dtype)) for n, m in masks.items()]
     try:
         yield
     finally:
         for hook in hooks:
             hook.remove()
+
+
+def only_the_taught_copy_learns(tower):
+    """A context in which a twin-head tower's gradients are multiplied by `twin_learning_masks` (no-op for other
+    towers)."""
+    return gradients_masked(tower, twin_learning_masks(tower))
