@@ -227,6 +227,23 @@ def test_a_centre_word_marks_each_thing_once_whatever_its_size():
     assert bw.patch_words(bw.Scene("text", "plain", text="owl"), grid=2, centre_word="one") == [["owl"]] * 4
 
 
+def test_a_count_word_says_the_scenes_number_of_things_on_every_patch_a_thing_owns():
+    """With `count_word`, each patch of each of three stars also says "three" (what every counting question of the
+    world answers); background patches stay empty and a text scene keeps its word alone."""
+    def star(box):
+        return bw.Thing("shape", "star", "shape", box, colour="red", shape="star")
+
+    scene = bw.Scene("objects", "plain", things=[star((0, 0, 32, 32)), star((40, 0, 52, 12)), star((40, 40, 52, 52))])
+    words = bw.patch_words(scene, grid=4, count_word=True)
+    assert [i for i, w in enumerate(words) if w] == [0, 1, 2, 4, 5, 10]
+    assert all(w == ["red", "star", "three"] for w in words if w)
+    one = bw.Scene("objects", "plain", things=[star((0, 0, 32, 32))])
+    assert [w for w in bw.patch_words(one, grid=2, count_word=True) if w] == [["red", "star", "one"]]
+    assert bw.patch_words(bw.Scene("text", "plain", text="owl"), grid=2, count_word=True) == [["owl"]] * 4
+    both = bw.patch_words(scene, grid=4, centre_word="one", count_word=True)
+    assert both[2] == ["red", "star", "three", "one"] and both[0] == ["red", "star", "three"]
+
+
 def test_mixture_scenes_are_the_scenes_of_the_written_records(tmp_path):
     """Replaying the mixture without pixels gives, record for record, the written question, answer and image."""
     from llaca.data import load_image, load_instruction_set

@@ -675,6 +675,25 @@ def test_a_centre_word_is_in_the_command_only_where_a_build_said_one():
         small_build.build(fact_centre_word="one", fact_align_epochs=0)
 
 
+def test_a_count_word_is_in_the_command_and_the_card_only_where_a_build_said_it():
+    """`--fact-count-word` is off by default: the card's command and its stage-0' row name it only for a build that
+    used it, the command parses back to it, and `small_build` refuses it without stage 0'."""
+    from llaca.bases.model_card import _recipe_rows, build_command
+    from llaca.paths import REPO_DIR
+
+    build = json.loads((REPO_DIR / "bench_results/small/build15/meta.json").read_text())["build"]
+    assert "--fact-count-word" not in build_command(build)
+    assert not small_build.parser().parse_args(build_command(build).split()[3:]).fact_count_word
+    counted = {**build, "fact_count_word": True}
+    args = small_build.parser().parse_args(build_command(counted).split()[3:])
+    assert args.fact_count_word and args.fact_centre_word == build["fact_centre_word"]
+    row = dict(_recipe_rows(counted))["0' (no LM pass)"]
+    assert row.endswith("the scene's number of things on every patch a thing owns")
+    assert "number of things" not in dict(_recipe_rows(build))["0' (no LM pass)"]
+    with pytest.raises(ValueError, match="--fact-count-word"):
+        small_build.build(fact_count_word=True, fact_align_epochs=0)
+
+
 def test_fact_align_on_a_twin_head_tower_teaches_only_the_second_copy(make_tiny_fastvlm, monkeypatch):
     """`efficientnet_lite_twin_tower` keeps the ImageNet head map in its first half: `fact_align` multiplies the tail's
     gradients by `twin_learning_masks`, so the kept copy's weights and the zero blocks between the copies come out
@@ -737,7 +756,9 @@ def test_run_folders_share_stages_0_and_1_between_builds_that_differ_in_stage_2_
         assert other_run == run
         suffixes.add(other_suffix)
     assert len(suffixes) == 1 + len(others)
+    assert small_build.run_folders(tmp_path, **dict(base, fact_count_word=True))[0].name.endswith("-one-count")
     for changes_stage_0_or_1 in (dict(base, tune_steps=700), dict(base, fact_centre_word=None),
+                                 dict(base, fact_count_word=True),
                                  dict(base, readout="head"), dict(base, tower_blocks=1)):
         assert small_build.run_folders(tmp_path, **changes_stage_0_or_1)[0] != run
     # the default recipe's folder keeps build 5's name

@@ -37,6 +37,8 @@ def build_command(build: dict) -> str:
     flags.append("--distil-text" if build.get("distil_text") else "--no-distil-text")
     if build.get("fact_centre_word"):  # no word is the default; a flag only where a build said one
         flags.append(f"--fact-centre-word {build['fact_centre_word']}")
+    if build.get("fact_count_word"):  # off in builds 1-20
+        flags.append("--fact-count-word")
     if build.get("answer_loss", "token") != "token":  # LLaVA's per-token mean is the default, as for builds 1-15
         flags.append(f"--answer-loss {build['answer_loss']}")
     if build.get("word_grid_until"):  # off in builds 1-16
@@ -56,7 +58,9 @@ def _recipe_rows(build: dict) -> list[tuple[str, str]]:
                      f"each patch's words on its image token: {build['fact_align_epochs']} epochs over "
                      f"{build.get('fact_align_images', 0):,} images ({build.get('fact_align_steps', '?')} steps)"
                      + (f"; \"{build['fact_centre_word']}\" also on each thing's centre patch"
-                        if build.get("fact_centre_word") else "")))
+                        if build.get("fact_centre_word") else "")
+                     + ("; the scene's number of things on every patch a thing owns"
+                        if build.get("fact_count_word") else "")))
     if build.get("embed_align_epochs"):
         rows.append(("0 (no LM pass)", f"the projector aimed at the LM's word embeddings: {build['embed_align_epochs']} "
                      "epochs"))

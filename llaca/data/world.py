@@ -410,17 +410,24 @@ def centre_patch(thing: Thing, grid: int) -> int:
     return min(cy // cell, grid - 1) * grid + min(cx // cell, grid - 1)
 
 
-def patch_words(scene: Scene, grid: int, centre_word: str | None = None) -> list[list[str]]:
+def patch_words(scene: Scene, grid: int, centre_word: str | None = None, count_word: bool = False) -> list[list[str]]:
     """Row-major per patch: the words that say what it shows, as the instructions name it (a shape's colour and
     shape, a drawing's name and group; a text scene's word on every patch); [] for background and empty frames.
 
     `centre_word`: also said on the patch under each thing's centre, once per thing whatever its size, so that the
     things can be counted off the patches (the words alone are on every patch a thing covers: two patches of one
-    big star and two small stars read alike)."""
+    big star and two small stars read alike).
+
+    `count_word`: every patch a thing owns also says how many things the scene has ("three"), the answer every
+    counting question of the world asks (`count`, `count_all`: a scene of copies or all of it), so a count is read
+    off any one token instead of summed over 49."""
     if scene.kind == "text":
         return [[scene.text]] * (grid * grid)
     owners = patch_owners(scene, grid)
     words = [[] if t is None else [t.colour, t.shape] if t.kind == "shape" else [t.name, t.group] for t in owners]
+    if count_word:
+        number = NUMBER_WORDS[len(scene.things)]
+        words = [w + [number] if w else w for w in words]
     if centre_word:
         for t in scene.things:
             i = centre_patch(t, grid)
