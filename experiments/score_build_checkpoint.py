@@ -8,7 +8,9 @@ at the end. Mid-run the learning rate has not decayed yet: the figure is where t
     LLACA_HOME=<the build's home> PYTHONPATH=. python -m experiments.score_build_checkpoint \\
         --run <home>/cache/small-build-seed0-a150-t550-b16-facts10 --out bench_results/small/build9/checkpoint.json
 
-A finished build: `--adapter <its --out folder>` instead of `--run` (merged as `install_small` merges it).
+A finished build: `--adapter <its --out folder>` instead of `--run` (merged as `install_small` merges it). The tower
+is assembled with the build's read-out (a twin-head tower for `--readout twin`): a finished build's meta says it, a run
+folder's name carries it (`small_build.readout_tag`).
 """
 from __future__ import annotations
 
@@ -20,6 +22,17 @@ from pathlib import Path
 import torch
 
 from llaca.paths import atomic_write_json, llaca_home
+
+
+def readout_of(run: Path | None = None, adapter: Path | None = None) -> str:
+    """The build's tower read-out (`llaca.models.small.READOUTS`): from a finished build's meta beside its adapter, or
+    from the run folder's name, where `small_build.readout_tag` put it ("-twin"; nothing for the head map)."""
+    from llaca.models.small import READOUTS
+
+    if adapter is not None:
+        return json.loads((adapter.parent / "meta.json").read_text())["build"].get("readout", "head")
+    name = run.name + "-"
+    return next((r for r in READOUTS if r != "head" and f"-{r}-" in name), "head")
 
 
 def merged_checkpoint(model, run: Path, name: str = "tune-checkpoint"):
@@ -68,7 +81,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     torch.set_num_threads(2)
     t0 = time.time()
-    model, processor = assemble(a.seed)
+    model, processor = assemble(a.seed, readout=readout_of(a.run, a.adapter))
     if a.adapter:
         merged, state = merge_adapter(model, a.adapter).eval(), {"step": "end", "log": json.loads(
             (a.adapter.parent / "train_log.json").read_text())}
