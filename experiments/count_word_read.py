@@ -35,16 +35,13 @@ def number_word_reads(tokens: torch.Tensor, numbers: torch.Tensor, temperature: 
 
 
 def main(argv=None) -> int:
-    from safetensors.torch import load_file
-
     from llaca.bases import small_build as B
     from llaca.bench.small import machine_stamp
     from llaca.data.world import NUMBER_WORDS
-    from llaca.models.small import assemble
 
     from .fact_align_probe import count_reads
     from .score_build_checkpoint import readout_of
-    from .stage0_data import build_records, front_cache
+    from .stage0_data import build_records, front_cache, stage0_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, required=True, help="a build's run folder holding fact_align.safetensors")
@@ -57,9 +54,7 @@ def main(argv=None) -> int:
     home = llaca_home()
     _, tune, test, scenes = build_records(home, a.seed)
     readout = readout_of(a.run)
-    model, processor = assemble(a.seed, readout=readout)
-    model.load_state_dict(load_file(str(a.run / "fact_align.safetensors")), strict=False)
-    model.eval()
+    model, processor = stage0_model(a.run, a.seed, readout)
     things = lambda pool: [i for i in pool if scenes[i].kind == "objects"]  # noqa: E731
     images = sorted({str(r.image) for r in tune})
     count_train = sorted(random.Random(a.seed).sample(things(images), min(a.count_images, len(things(images)))))

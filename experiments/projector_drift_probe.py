@@ -36,9 +36,8 @@ def main(argv=None) -> int:
 
     from llaca.bases import small_build as B
     from llaca.bench.small import machine_stamp
-    from llaca.models.small import assemble
 
-    from .stage0_data import build_records, front_cache
+    from .stage0_data import build_records, front_cache, stage0_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, required=True, help="the build's run folder (stages 0'-1 and checkpoints)")
@@ -53,9 +52,7 @@ def main(argv=None) -> int:
     home = llaca_home()
     centre = None if a.centre_word == "-" else a.centre_word
     _, tune, test, scenes = build_records(home, a.seed)
-    model, processor = assemble(a.seed, readout=a.readout)
-    model.load_state_dict(load_file(str(a.run / "fact_align.safetensors")), strict=False)
-    model.eval()
+    model, processor = stage0_model(a.run, a.seed, a.readout)
     test_images = [r.image for r in test]
     cache = front_cache(home, model, processor, [str(i) for i in test_images], readout=a.readout)
     grid = cache[test_images[0]].shape[-1]

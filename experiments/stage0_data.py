@@ -35,3 +35,15 @@ def front_cache(home: Path, model, processor, images: list, blocks: int | None =
     cache = B.FeatureCache(home / "cache" / name, model, processor, front)
     cache.fill([Path(i) for i in images])
     return cache
+
+
+def stage0_model(run: Path, seed: int = 0, readout: str = "twin"):
+    """(model, processor): `small` assembled with `readout` and the run folder's stage-0' weights (its taught tower
+    tail and projector, `fact_align.safetensors`), in eval mode, as a build's stage 1 starts from them."""
+    from safetensors.torch import load_file
+
+    from llaca.models.small import assemble
+
+    model, processor = assemble(seed, readout=readout)
+    model.load_state_dict(load_file(str(run / "fact_align.safetensors")), strict=False)
+    return model.eval(), processor
