@@ -39,9 +39,8 @@ def main(argv=None) -> int:
     from llaca.bench.small import machine_stamp
     from llaca.data.world import NUMBER_WORDS
 
-    from .fact_align_probe import count_reads
-    from .score_build_checkpoint import readout_of
-    from .stage0_data import build_records, front_cache, stage0_model
+    from .fact_align_probe import count_reads, image_tokens, word_direction
+    from .stage0_data import build_records, front_cache, readout_of, stage0_model
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", type=Path, required=True, help="a build's run folder holding fact_align.safetensors")
@@ -61,16 +60,13 @@ def main(argv=None) -> int:
     count_test = things(sorted({str(r.image) for r in test}))
     counts = {i: len(scenes[i].things) for i in count_train + count_test}
     cache = front_cache(home, model, processor, count_train + count_test, readout=readout)
-    out = count_reads(model, cache, count_train, count_test, counts, B.FACT_BLOCKS, marker=None)
-
-    emb = model.get_input_embeddings().weight.detach().float()
-    numbers = torch.stack([torch.nn.functional.normalize(emb[B.answer_tokens(processor.tokenizer, w)].mean(0), dim=0)
-                           for w in NUMBER_WORDS[1:]])
-    with torch.no_grad():
-        tokens = torch.cat([B.fact_tokens(model, torch.stack([cache[Path(i)] for i in count_test[k:k + 64]]).float(),
-                                          B.FACT_BLOCKS) for k in range(0, len(count_test), 64)])
+    tokens = image_tokens(model, cache, count_test, B.FACT_BLOCKS)  # the test's tokens, read both ways below
+    test_counts = [counts[i] for i in count_test]
+    out = count_reads(image_tokens(model, cache, count_train, B.FACT_BLOCKS), tokens,
+                      [counts[i] for i in count_train], test_counts, marker=None)
+    numbers = torch.stack([word_direction(model, processor.tokenizer, w) for w in NUMBER_WORDS[1:]])
     max_read, bag_read = number_word_reads(tokens, numbers)
-    truth = torch.tensor([counts[i] for i in count_test])
+    truth = torch.tensor(test_counts)
     prior = collections.Counter(truth.tolist())
     out.update({"count_word_max_exact": round(100 * (max_read == truth).float().mean().item(), 1),
                 "count_word_bag_exact": round(100 * (bag_read == truth).float().mean().item(), 1),

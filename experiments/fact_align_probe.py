@@ -25,22 +25,33 @@ import torch
 from llaca.paths import atomic_write_json, llaca_home
 
 
-def count_reads(model, cache, train: list[str], test: list[str], counts: dict[str, int], blocks: int,
-                marker: torch.Tensor | None) -> dict:
-    """Exact-count accuracy (%) on `test` of the ridge read and, given the centre word's unit embedding `marker`, of
-    counting the tokens whose cosine to it passes the threshold that counts `train` best."""
+def image_tokens(model, cache, images: list, blocks: int) -> torch.Tensor:
+    """(n, tokens, D): the image tokens the LM would read for `images` (cached fronts -> tail -> projector), 64 at a
+    time, no gradients."""
     from llaca.bases.small_build import fact_tokens
 
+    with torch.no_grad():
+        return torch.cat([fact_tokens(model, torch.stack([cache[i] for i in images[k:k + 64]]).float(), blocks)
+                          for k in range(0, len(images), 64)])
+
+
+def word_direction(model, tokenizer, word: str) -> torch.Tensor:
+    """The unit vector of `word`'s mean token embedding: where stage 0' puts a token that says it."""
+    from llaca.bases.small_build import answer_tokens
+
+    emb = model.get_input_embeddings().weight.detach().float()[answer_tokens(tokenizer, word)].mean(0)
+    return torch.nn.functional.normalize(emb, dim=0)
+
+
+def count_reads(x_train: torch.Tensor, x_test: torch.Tensor, train_counts: list[int], test_counts: list[int],
+                marker: torch.Tensor | None) -> dict:
+    """Exact-count accuracy (%) on the test images' tokens `x_test` of the ridge read and, given the centre word's unit
+    embedding `marker`, of counting the tokens whose cosine to it passes the threshold that counts the train images'
+    tokens `x_train` best."""
     from .kept_share import count_probe_exact
 
-    def tokens_of(images):
-        with torch.no_grad():
-            return torch.cat([fact_tokens(model, torch.stack([cache[i] for i in images[k:k + 64]]).float(), blocks)
-                              for k in range(0, len(images), 64)])
-
-    x_train, x_test = tokens_of(train), tokens_of(test)
-    y_train = torch.tensor([float(counts[i]) for i in train], dtype=torch.float64)
-    y_test = torch.tensor([float(counts[i]) for i in test], dtype=torch.float64)
+    y_train = torch.tensor(train_counts, dtype=torch.float64)
+    y_test = torch.tensor(test_counts, dtype=torch.float64)
     out = {"count_ridge_exact": count_probe_exact(x_train.double(), y_train, x_test.double(), y_test)}
     if marker is not None:
         cos_train = torch.nn.functional.normalize(x_train, dim=-1) @ marker
@@ -92,12 +103,10 @@ def main(argv=None) -> int:
                                 processor.tokenizer, a.epochs, seed=a.seed,
                                 test=([r.image for r in test], [scenes[str(r.image)] for r in test]), keep=keep,
                                 centre_word=word, blocks=blocks)
-            marker = None
-            if word:
-                ids = B.answer_tokens(processor.tokenizer, word)
-                emb = model.get_input_embeddings().weight.detach().float()[ids].mean(0)
-                marker = torch.nn.functional.normalize(emb, dim=0)
-            info.update(count_reads(model, cache, count_train, count_test, counts, blocks, marker))
+            marker = word_direction(model, processor.tokenizer, word) if word else None
+            info.update(count_reads(image_tokens(model, cache, count_train, blocks),
+                                    image_tokens(model, cache, count_test, blocks),
+                                    [counts[i] for i in count_train], [counts[i] for i in count_test], marker))
             runs.append({"epochs": a.epochs, "blocks": blocks, **info, "count_test_images": len(count_test),
                          "seconds": round(time.time() - t0, 1)})
             print(json.dumps(runs[-1]), flush=True)

@@ -24,17 +24,6 @@ import torch
 from llaca.paths import atomic_write_json, llaca_home
 
 
-def readout_of(run: Path | None = None, adapter: Path | None = None) -> str:
-    """The build's tower read-out (`llaca.models.small.READOUTS`): from a finished build's meta beside its adapter, or
-    from the run folder's name, where `small_build.readout_tag` put it ("-twin"; nothing for the head map)."""
-    from llaca.models.small import READOUTS
-
-    if adapter is not None:
-        return json.loads((adapter.parent / "meta.json").read_text())["build"].get("readout", "head")
-    name = run.name + "-"
-    return next((r for r in READOUTS if r != "head" and f"-{r}-" in name), "head")
-
-
 def merged_checkpoint(model, run: Path, name: str = "tune-checkpoint"):
     """`model` with the run's stage-2 checkpoint `name` (LoRA + projector, and a taught tower tail) put on and merged."""
     from peft import LoraConfig, get_peft_model
@@ -67,6 +56,8 @@ def main(argv=None) -> int:
     from llaca.evaluation.evaluate import evaluate
     from llaca.models.small import assemble
     from llaca.versions import Registry
+
+    from .stage0_data import readout_of
 
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     which = p.add_mutually_exclusive_group(required=True)

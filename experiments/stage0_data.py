@@ -1,6 +1,7 @@
 """What the stage-0' experiments read from a build's home: its v2 mixture, the scenes behind it, the tower fronts."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 # The experiments on stage 0' were measured on build 9's stage-2 draws (550 steps of 16), whatever the module's default.
@@ -35,6 +36,17 @@ def front_cache(home: Path, model, processor, images: list, blocks: int | None =
     cache = B.FeatureCache(home / "cache" / name, model, processor, front)
     cache.fill([Path(i) for i in images])
     return cache
+
+
+def readout_of(run: Path | None = None, adapter: Path | None = None) -> str:
+    """The build's tower read-out (`llaca.models.small.READOUTS`): from a finished build's meta beside its adapter, or
+    from the run folder's name, where `small_build.readout_tag` put it ("-twin"; nothing for the head map)."""
+    from llaca.models.small import READOUTS
+
+    if adapter is not None:
+        return json.loads((adapter.parent / "meta.json").read_text())["build"].get("readout", "head")
+    name = run.name + "-"
+    return next((r for r in READOUTS if r != "head" and f"-{r}-" in name), "head")
 
 
 def stage0_model(run: Path, seed: int = 0, readout: str = "twin"):
